@@ -1,0 +1,1 @@
+"""Checkpoint formats: detection, key maps and loading for every component."""
