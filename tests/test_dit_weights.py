@@ -3,6 +3,7 @@
 import json
 import math
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,11 +12,13 @@ from safetensors.torch import save_file
 from liveavatar_core.config import DiTConfig
 from liveavatar_core.errors import WeightsError
 from liveavatar_core.weights.dit import (FORMAT_PREFIX, OFFICIAL_INDEX, describe_dit, expected_dit_keys,
-                                         from_canonical, infer_dit_config, load_dit_checkpoint, to_canonical)
+                                         from_canonical, infer_dit_config, load_dit_checkpoint, load_into_module,
+                                         to_canonical)
 from liveavatar_core.weights.fp8_scaled import quantize_scaled_fp8
 from liveavatar_core.weights.io import open_checkpoint
 
-AUDIO_PREFIXES = ("casual_audio_encoder.", "audio_injector.", "frame_packer.", "cond_encoder.", "trainable_cond_mask.")
+AUDIO_PREFIXES = ("casual_audio_encoder.", "audio_injector.", "frame_packer.", "cond_encoder.",
+                  "trainable_cond_mask.")
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +170,38 @@ def test_release_width_shapes_give_release_config():
     table = expected_dit_keys(DiTConfig.wan_s2v_14b())
     assert infer_dit_config(table) == DiTConfig.wan_s2v_14b()
     assert describe_dit(table, "bf16") == "Wan2.2-S2V DiT (14B), bf16, 1260 tensors"
+
+
+def _module_from_table(table, device, dtype):
+    """An nn.Module whose parameter names and shapes are exactly `table` (stands in for the DiT)."""
+    root = torch.nn.Module()
+    for name, shape in table.items():
+        owner = root
+        *path, leaf = name.split(".")
+        for part in path:
+            if not hasattr(owner, part):
+                owner.add_module(part, torch.nn.Module())
+            owner = getattr(owner, part)
+        owner.register_parameter(leaf, torch.nn.Parameter(torch.empty(shape, device=device, dtype=dtype)))
+    return root
+
+
+@pytest.mark.parametrize("device", ["meta", "cpu"])
+def test_load_into_module_streams_and_casts(official, base_tensors, device):
+    module = _module_from_table(expected_dit_keys(official.config), device, torch.float32)
+    load_into_module(module, official.state_dict)
+    params = dict(module.named_parameters())
+    assert set(params) == set(base_tensors)
+    for name, param in params.items():
+        assert param.device.type == "cpu" and param.dtype == torch.float32
+        assert torch.equal(param, base_tensors[name].float())
+
+
+def test_load_into_module_refuses_other_architectures(official):
+    table = expected_dit_keys(replace(official.config, num_layers=official.config.num_layers + 1))
+    extra = len(table) - len(official.state_dict)
+    with pytest.raises(WeightsError, match=rf"{extra} model parameters missing from the checkpoint"):
+        load_into_module(_module_from_table(table, "meta", torch.float32), official.state_dict)
 
 
 # --- refusals -------------------------------------------------------------------------------------

@@ -384,3 +384,35 @@ def load_dit_checkpoint(path: str | Path, input_name: str = INPUT_NAME) -> DiTCh
     else:
         fmt = "comfyui_fp8_scaled" if scaled else "comfyui"
     return DiTCheckpoint(view, cfg, detection.description, source_dtype, fmt, weights_path)
+
+
+def load_into_module(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
+                     device: torch.device | str | None = None, input_name: str = INPUT_NAME) -> None:
+    """Copy a (lazy) state dict into `module` one tensor at a time, casting to each parameter's dtype.
+
+    `module.load_state_dict` would first materialise the whole mapping, i.e. a second full copy of
+    the model. Parameters on the meta device are replaced by real ones on `device`.
+    """
+    params = dict(module.named_parameters())
+    missing = [k for k in params if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in params]
+    if missing or unexpected:
+        raise WeightsError(input_name, f"the checkpoint and the model disagree: {len(missing)} model parameters "
+                           f"missing from the checkpoint ({_examples(missing) or 'none'}), {len(unexpected)} "
+                           f"checkpoint tensors unknown to the model ({_examples(unexpected) or 'none'}).",
+                           "load a checkpoint of the same architecture as the model config.")
+    with torch.no_grad():
+        for name, param in params.items():
+            tensor = state_dict[name]
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise WeightsError(input_name, f"{name} has shape {tuple(tensor.shape)} in the checkpoint but "
+                                   f"{tuple(param.shape)} in the model.",
+                                   "load a checkpoint of the same architecture as the model config.")
+            if param.is_meta:
+                owner_name, _, leaf = name.rpartition(".")
+                owner = module.get_submodule(owner_name)
+                target = device if device is not None else "cpu"
+                real = tensor.to(device=target, dtype=param.dtype)
+                owner.register_parameter(leaf, torch.nn.Parameter(real, requires_grad=param.requires_grad))
+            else:
+                param.copy_(tensor)

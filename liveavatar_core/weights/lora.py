@@ -91,8 +91,8 @@ def parse_lora_keys(keys, input_name: str = INPUT_NAME) -> LoraKeyPlan:
                            f"merged from a LoRA file): {_examples(foreign)}.",
                            "use the LiveAvatar LoRA file (liveavatar.safetensors), which holds only lora_A/lora_B.")
     if len(adapters) > 1:
-        raise WeightsError(input_name, f"the file mixes several adapters ({', '.join(sorted(a or '<none>' for a in adapters))}).",
-                           "export a single adapter.")
+        names = ", ".join(sorted(a or "<none>" for a in adapters))
+        raise WeightsError(input_name, f"the file mixes several adapters ({names}).", "export a single adapter.")
     unpaired = [f"{w[:-len('.weight')]} (only {next(iter(s))})" for w, s in factors.items() if len(s) != 2]
     if unpaired:
         raise WeightsError(input_name, f"{len(unpaired)} LoRA factors have no partner: {_examples(unpaired)}.",
