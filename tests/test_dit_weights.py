@@ -166,6 +166,12 @@ def test_release_width_single_file_needs_no_config(tmp_path):
     assert ckpt.format == "comfyui"
 
 
+def test_describe_lazy_checkpoint(ckpt_dir, base_tensors):
+    lazy = open_checkpoint(ckpt_dir / OFFICIAL_INDEX)
+    assert describe_dit(lazy) == describe_dit(lazy.shapes(), "bf16")
+    assert describe_dit(lazy).endswith(f", bf16, {len(base_tensors)} tensors")
+
+
 def test_release_width_shapes_give_release_config():
     table = expected_dit_keys(DiTConfig.wan_s2v_14b())
     assert infer_dit_config(table) == DiTConfig.wan_s2v_14b()

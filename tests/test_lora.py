@@ -101,9 +101,13 @@ def test_full_weights_are_refused(tmp_path, model, base, factors):
         load_lora(_write(tmp_path / "l.safetensors", factors, extra=extra), model.shapes())
 
 
-def test_model_checkpoint_as_lora_is_refused(model, ckpt_dir):
-    with pytest.raises(WeightsError, match="not LoRA factors"):
-        load_lora(ckpt_dir / "diffusion_pytorch_model.safetensors.index.json", model.shapes())
+@pytest.mark.parametrize("relative, what", [
+    ("diffusion_pytorch_model.safetensors.index.json", "Wan2.2-S2V DiT"),
+    ("Wan2.1_VAE.pth", "a Wan video VAE"),
+])
+def test_model_checkpoint_as_lora_is_refused(model, ckpt_dir, relative, what):
+    with pytest.raises(WeightsError, match=f"is {what}.*not a LoRA file"):
+        load_lora(ckpt_dir / relative, model.shapes())
 
 
 def test_unpaired_factor_is_refused(tmp_path, model, factors):

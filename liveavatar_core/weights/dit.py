@@ -169,7 +169,6 @@ def _canonical_names(keys, input_name: str) -> dict[str, str]:
 # --- detection ------------------------------------------------------------------------------------
 
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
-_INJECTOR_RE = re.compile(r"^audio_injector\.injector\.(\d+)\.")
 _LORA_RE = re.compile(r"(^|\.)(lora_A|lora_B|lora_down|lora_up)(\.|$)")
 
 # Markers of Wan DiT variants that are not S2V (names as in the official/ComfyUI checkpoints).
@@ -200,7 +199,14 @@ def _size_name(dim: int) -> str:
 
 
 def detect_dit(keys_shapes: Mapping[str, tuple], dtype: str | None = None) -> DiTDetection:
-    """Classify a checkpoint by keys and shapes (prefixes allowed) and describe it in words."""
+    """Classify a checkpoint by keys and shapes (prefixes allowed) and describe it in words.
+
+    `keys_shapes` maps names to shapes; a lazy checkpoint (anything with `.shapes()`) works too.
+    """
+    if hasattr(keys_shapes, "shapes"):
+        if dtype is None and hasattr(keys_shapes, "dtype_summary"):
+            dtype = keys_shapes.dtype_summary()
+        keys_shapes = keys_shapes.shapes()
     shapes = {to_canonical(k): tuple(v) for k, v in keys_shapes.items()}
     n = len(shapes)
     tail = f", {dtype}, {n} tensors" if dtype else f", {n} tensors"

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..errors import WeightsError
+from .dit import detect_dit
 from .io import open_checkpoint
 
 INPUT_NAME = "lora"
@@ -168,6 +169,10 @@ def load_lora(path: str | Path, model_shapes: Mapping[str, tuple], require_all_t
     """Read and validate a LoRA file against `model_shapes` (canonical DiT names -> shapes)."""
     path = Path(path)
     lazy = open_checkpoint(path, input_name)
+    keys = [_strip_prefixes(k) for k in lazy]
+    if not any(_FACTOR_RE.match(k) or _ALPHA_RE.match(k) for k in keys):
+        raise WeightsError(input_name, f"{path.name} is {detect_dit(lazy).description}, not a LoRA file.",
+                           "select the LiveAvatar LoRA (liveavatar.safetensors).")
     plan = parse_lora_keys(list(lazy), input_name)
     rank = check_lora_shapes(plan, lazy.shapes(), model_shapes, require_all_targets, input_name)
     pairs = {w: (lazy[a], lazy[b]) for w, (a, b) in plan.pairs.items()}
