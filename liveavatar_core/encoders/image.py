@@ -1,0 +1,202 @@
+"""Reference image -> `[3, H, W]` float32 in [-1, 1] at the output size (spec/pipeline.md 2.1-2.2).
+
+The size argument only selects a pixel *area*; the aspect ratio comes from the image, and the output
+(H, W) is the official 64-multiple bucket search. The pixels then follow torchvision's
+`Resize(min(H, W))` + `CenterCrop((H, W))` + `ToTensor()*2-1`, reproduced with PIL and numpy.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import InputError
+
+logger = logging.getLogger("liveavatar")
+
+# Official `--size` choices for s2v-14B (wan_2_2/configs MAX_AREA_CONFIGS) plus the transposed
+# spellings users type; only W*H matters. Other "W*H" strings are accepted as custom areas.
+SIZE_PRESETS: tuple[str, ...] = (
+    "1280*720", "720*1280", "1280*704", "704*1280", "480*832", "832*480", "1024*704", "704*1024",
+    "704*384", "384*704", "720*400", "400*720", "688*368", "368*688", "384*256", "256*384",
+)
+DEFAULT_SIZE = "704*384"
+DIVISOR = 64
+# The DiT patchifies 16-px squares (8x VAE, 2x patch); a smaller image has no content to place.
+MIN_IMAGE_SIDE = 16
+_SEARCH_STEPS = 100
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*[*xX×]\s*(\d+)\s*$")
+
+
+def parse_size(size: str | tuple[int, int], input_name: str = "size") -> tuple[int, int]:
+    """'704*384', '704x384', '704×384', '704 X 384' (spaces allowed) -> (W, H); W*H is the target area."""
+    if isinstance(size, tuple) and len(size) == 2 and all(isinstance(v, int) for v in size):
+        w, h = size
+    else:
+        match = _SIZE_RE.match(size) if isinstance(size, str) else None
+        if match is None:
+            raise InputError(input_name, f"cannot read {size!r} as a size.",
+                             "write it as W*H, WxH, W×H or 'W X H', e.g. one of " + ", ".join(SIZE_PRESETS) + ".")
+        w, h = int(match.group(1)), int(match.group(2))
+    if w * h < DIVISOR * DIVISOR:
+        raise InputError(input_name, f"{w}*{h} is below the smallest output area {DIVISOR}*{DIVISOR}.",
+                         f"use a larger area, e.g. {DEFAULT_SIZE}.")
+    return w, h
+
+
+def target_area(size: str | tuple[int, int] | int, input_name: str = "size") -> int:
+    """Pixel area selected by a size string, a (W, H) pair or a plain area."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        if size < DIVISOR * DIVISOR:
+            raise InputError(input_name, f"area {size} is below the smallest output area {DIVISOR}*{DIVISOR}.",
+                             f"use a larger area, e.g. {DEFAULT_SIZE}.")
+        return size
+    w, h = parse_size(size, input_name)
+    return w * h
+
+
+def format_size(size: tuple[int, int]) -> str:
+    """(W, H) -> the normalised 'W*H' spelling."""
+    return f"{size[0]}*{size[1]}"
+
+
+def output_size(img_h: int, img_w: int, max_area: int) -> tuple[int, int]:
+    """(H, W), multiples of 64, the official `get_size_less_than_area` search (spec 2.1).
+
+    Scales from the no-padding scale down towards the maximum-padding scale in 100 steps and takes
+    the first whose 64-padded size fits `max_area`; images are never upscaled.
+    """
+    if img_h * img_w <= max_area:
+        s_hi, s_lo = 1.0, 0.1
+    else:
+        d = DIVISOR - 1
+        a = img_h * img_w
+        b = d * (img_h + img_w)
+        c = d * d - max_area
+        # The official solution uses 2ac where the quadratic formula has 4ac; kept, since it moves the
+        # search range and therefore the chosen size.
+        s_lo = (-b + math.sqrt(b * b - 2 * a * c)) / (2 * a)
+        s_hi = math.sqrt(max_area / (img_h * img_w))
+    for i in range(_SEARCH_STEPS):
+        scale = s_hi - (s_hi - s_lo) * i / _SEARCH_STEPS
+        h = _ceil_to(int(img_h * scale), DIVISOR)
+        w = _ceil_to(int(img_w * scale), DIVISOR)
+        if h * w <= max_area:
+            return h, w
+    ratio = img_w / img_h
+    w = int((max_area * ratio) ** 0.5 // DIVISOR * DIVISOR)
+    h = int((max_area / ratio) ** 0.5 // DIVISOR * DIVISOR)
+    if w >= img_w or h >= img_h:
+        w = int(img_w // DIVISOR * DIVISOR)
+        h = int(img_h // DIVISOR * DIVISOR)
+    return h, w
+
+
+def _ceil_to(x: int, m: int) -> int:
+    return x + (m - x % m) % m
+
+
+def load_image(source, input_name: str = "image") -> Image.Image:
+    """RGB PIL image from a path, PIL image, uint8 array [H,W,C] or ComfyUI IMAGE [B,H,W,C] in [0,1]."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise InputError(input_name, f"file not found: {path}.", "check the path of the reference image.")
+        try:
+            with Image.open(path) as img:
+                img.load()
+                image = img.copy()
+        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            raise InputError(input_name, f"cannot read {path.name} as an image ({exc}).",
+                             "use a PNG, JPEG or WebP file.") from None
+    elif isinstance(source, Image.Image):
+        image = source
+    elif isinstance(source, torch.Tensor):
+        image = Image.fromarray(_comfy_to_uint8(source, input_name))
+    elif isinstance(source, np.ndarray):
+        image = Image.fromarray(_array_to_uint8(source, input_name))
+    else:
+        raise InputError(input_name, f"expected a file path, PIL image, uint8 array or IMAGE tensor, got "
+                         f"{type(source).__name__}.", "connect a Load Image node.")
+    if image.mode != "RGB":
+        # RGBA/LA/P drop alpha the way PIL's convert('RGB') does in the official pipeline.
+        image = image.convert("RGB")
+    if image.width < MIN_IMAGE_SIDE or image.height < MIN_IMAGE_SIDE:
+        raise InputError(input_name, f"the image is {image.width}x{image.height} px, smaller than one "
+                         f"{MIN_IMAGE_SIDE}-px patch in at least one side.", "use a larger reference image.")
+    return image
+
+
+def _comfy_to_uint8(image: torch.Tensor, input_name: str) -> np.ndarray:
+    """ComfyUI IMAGE (batch 0) -> uint8 with round(x*255), how spec 2.2 undoes LoadImage's /255."""
+    if image.ndim == 3:
+        image = image[None]
+    if image.ndim != 4 or image.shape[0] == 0 or image.shape[-1] not in (1, 3, 4):
+        raise InputError(input_name, f"an IMAGE tensor must be [batch, height, width, channels], got shape "
+                         f"{tuple(image.shape)}.", "connect a Load Image node.")
+    x = image[0].detach().to("cpu", torch.float32).clamp(0, 1)
+    return _squeeze_gray(torch.round(x * 255).to(torch.uint8).numpy())
+
+
+def _array_to_uint8(array: np.ndarray, input_name: str) -> np.ndarray:
+    if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (1, 3, 4)):
+        raise InputError(input_name, f"a numpy image must be uint8 [H, W] or [H, W, 1|3|4], got {array.dtype} "
+                         f"{array.shape}.", "convert it with np.asarray(pil_image).")
+    return _squeeze_gray(array)
+
+
+def _squeeze_gray(array: np.ndarray) -> np.ndarray:
+    return array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array
+
+
+def resize_and_crop(image: Image.Image, height: int, width: int) -> np.ndarray:
+    """torchvision `Resize(min(H, W))` then `CenterCrop((H, W))` on a PIL image, as uint8 [H, W, 3].
+
+    Resize: the shorter side becomes min(H, W), the longer floor(min * long / short), PIL bilinear
+    (PIL's own antialiasing). Crop: zero padding where the image is smaller, left/top = deficit//2,
+    otherwise offset round((size - crop) / 2) (spec 2.2).
+    """
+    target = min(height, width)
+    w0, h0 = image.size
+    short, long = (w0, h0) if w0 <= h0 else (h0, w0)
+    new_short, new_long = target, int(target * long / short)
+    new_w, new_h = (new_short, new_long) if w0 <= h0 else (new_long, new_short)
+    if (new_w, new_h) != (w0, h0):
+        image = image.resize((new_w, new_h), Image.BILINEAR)
+    pixels = np.asarray(image, dtype=np.uint8)
+
+    pad_h, pad_w = max(height - new_h, 0), max(width - new_w, 0)
+    if pad_h or pad_w:
+        pixels = np.pad(pixels, ((pad_h // 2, (pad_h + 1) // 2), (pad_w // 2, (pad_w + 1) // 2), (0, 0)))
+    top = int(round((pixels.shape[0] - height) / 2.0))
+    left = int(round((pixels.shape[1] - width) / 2.0))
+    return pixels[top:top + height, left:left + width]
+
+
+def preprocess_reference(source, size: str | tuple[int, int] | int = DEFAULT_SIZE,
+                         input_name: str = "image") -> tuple[torch.Tensor, tuple[int, int]]:
+    """Reference image -> (`[3, H, W]` float32 in [-1, 1], (H, W)).
+
+    `size` selects the area (a `parse_size` string, (W, H) or an int area); (H, W) comes from `output_size` on the image's own
+    aspect ratio. Cast to the VAE dtype is left to the caller.
+    """
+    area = target_area(size)
+    image = load_image(source, input_name)
+    height, width = output_size(image.height, image.width, area)
+    if height < DIVISOR or width < DIVISOR:
+        raise InputError(input_name, f"a {image.width}x{image.height} image is too elongated for the area "
+                         f"{area}: no {DIVISOR}-multiple size keeps its aspect ratio.",
+                         "crop the image closer to the subject or choose a larger size.")
+    pixels = resize_and_crop(image, height, width)
+    # ToTensor divides by 255 (not a multiply by 1/255); then *2-1, as the official pipeline does.
+    tensor = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).to(torch.float32).div(255)
+    logger.info("reference image %dx%d, area %d -> output %dx%d (W x H)", image.width, image.height, area,
+                width, height)
+    return tensor * 2 - 1, (height, width)
