@@ -155,15 +155,27 @@ def test_fp8_scaled_file_dequantises_lazily(tmp_path, ckpt_dir, official, base_t
             assert torch.equal(got, v)
 
 
-def test_release_width_single_file_needs_no_config(tmp_path):
+@pytest.mark.parametrize("scaled", [False, True])
+def test_release_width_single_file_needs_no_config(tmp_path, scaled):
     table = expected_dit_keys(DiTConfig.wan_s2v_14b())
-    path = _header_only_file(tmp_path / "wan2.2_s2v_14B_bf16.safetensors",
-                             {"model.diffusion_model." + k: s for k, s in table.items()},
-                             {"model.diffusion_model." + k: "BF16" for k in table})
-    ckpt = load_dit_checkpoint(path)
+    prefix = "model.diffusion_model."
+    shapes, dtypes = {}, {}
+    if scaled:
+        shapes["scaled_fp8"], dtypes["scaled_fp8"] = (0,), "F8_E4M3"
+    for key, shape in table.items():
+        quantised = scaled and key.startswith("blocks.") and len(shape) == 2
+        shapes[prefix + key], dtypes[prefix + key] = shape, "F8_E4M3" if quantised else "BF16"
+        if quantised:
+            scale_key = prefix + key.removesuffix(".weight") + ".scale_weight"
+            shapes[scale_key], dtypes[scale_key] = (1,), "F32"
+    name = "wan2.2_s2v_14B_fp8_scaled.safetensors" if scaled else "wan2.2_s2v_14B_bf16.safetensors"
+    ckpt = load_dit_checkpoint(_header_only_file(tmp_path / name, shapes, dtypes))
     assert ckpt.config == DiTConfig.wan_s2v_14b()
-    assert ckpt.description == "Wan2.2-S2V DiT (14B), bf16, 1260 tensors"
-    assert ckpt.format == "comfyui"
+    word = "fp8_e4m3fn scaled" if scaled else "bf16"
+    assert ckpt.description == f"Wan2.2-S2V DiT (14B), {word}, 1260 tensors"
+    assert ckpt.format == ("comfyui_fp8_scaled" if scaled else "comfyui")
+    assert ckpt.source_dtype == (torch.float8_e4m3fn if scaled else torch.bfloat16)
+    assert ckpt.shapes() == table
 
 
 def test_describe_lazy_checkpoint(ckpt_dir, base_tensors):
