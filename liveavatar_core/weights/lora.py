@@ -186,12 +186,15 @@ def load_lora(path: str | Path, model_shapes: Mapping[str, tuple], require_all_t
 def _ieee_fp32_matmul():
     """The reference merge is plain fp32 (no TF32), whatever the host application configured."""
     matmul = torch.backends.cuda.matmul
-    previous = matmul.fp32_precision
-    matmul.fp32_precision = "ieee"
+    # torch >= 2.9 spells the switch fp32_precision; older releases (still common in ComfyUI
+    # installs) only have allow_tf32.
+    attr, strict = ("fp32_precision", "ieee") if hasattr(matmul, "fp32_precision") else ("allow_tf32", False)
+    previous = getattr(matmul, attr)
+    setattr(matmul, attr, strict)
     try:
         yield
     finally:
-        matmul.fp32_precision = previous
+        setattr(matmul, attr, previous)
 
 
 def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
