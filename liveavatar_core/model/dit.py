@@ -1,0 +1,338 @@
+"""The Live Avatar causal S2V DiT (Wan2.2-S2V-14B architecture + LiveAvatar LoRA), plain PyTorch.
+
+Two entry points (spec/dit.md 3.0):
+* `sink(...)` embeds the reference latent and the FramePack motion tokens, runs them through every
+  block with t = 0 and stores each layer's un-rotated keys and values in a `CondCache`.
+* `denoise_block(...)` denoises one block of latent frames for one sampler step: only the block's
+  tokens are queries; history and condition tokens enter through the step's `KVCache`.
+
+Parameter names are the Wan-native ones, so the official checkpoint loads with `load_weights`
+(strict). RoPE values are computed per call, never stored: the state_dict holds exactly the
+checkpoint's tensors. The parameters' dtype is the compute dtype: fp32 for parity, bf16 for use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import DiTConfig
+from ..errors import InputError, WeightsError
+from ..ops.attention import AttentionFn, get_attention
+from .audio import AudioInjector, CausalAudioEncoder
+from .blocks import DiTBlock, modulate
+from .cache import CondCache, KVCache, TextCache, tokens_per_frame
+from .framepack import FramePacker
+from .layers import Attention, Fp32Linear, Linear, layer_norm
+from .offset import reference_time
+from .rope import RopeFreqs, TokenGrid, apply_rope
+
+# trainable_cond_mask rows (spec 3.2 / 3.8)
+_NOISY, _REF, _MOTION = 0, 1, 2
+
+
+def sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Wan time sinusoid in float64 (cos half first), returned as fp32 `[N, dim]`."""
+    half = dim // 2
+    pos = t.to(torch.float64).flatten()
+    freqs = torch.pow(10000, -torch.arange(half, device=pos.device).to(pos).div(half))
+    s = torch.outer(pos, freqs)
+    return torch.cat([torch.cos(s), torch.sin(s)], dim=1).float()
+
+
+class Head(nn.Module):
+    """Output projection modulated by the un-projected time embedding, computed in fp32."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.eps = cfg.eps
+        self.modulation = nn.Parameter(torch.zeros(1, 2, cfg.dim))
+        patch = cfg.patch_size[0] * cfg.patch_size[1] * cfg.patch_size[2]
+        self.head = Fp32Linear(cfg.dim, patch * cfg.out_dim)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """x `[B, F*fs, D]`, e `[B, F, D]` fp32 -> `[B, F*fs, 64]` in x's dtype."""
+        mod = self.modulation.float().unsqueeze(1) + e.unsqueeze(2)  # [B, F, 2, D]
+        shift, scale = mod[:, :, 0:1], mod[:, :, 1:2]
+        y = modulate(layer_norm(x, self.eps).to(x.dtype).float(), shift, scale)
+        return self.head(y).to(x.dtype)
+
+
+class LiveAvatarDiT(nn.Module):
+    """Causal S2V DiT. Build from a `DiTConfig`; inject the attention kernel by name or function."""
+
+    def __init__(self, cfg: DiTConfig, attention: str | AttentionFn = "sdpa"):
+        super().__init__()
+        self.cfg = cfg
+        attn = get_attention(attention) if isinstance(attention, str) else attention
+        d = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.cond_encoder = nn.Conv3d(cfg.cond_dim, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.trainable_cond_mask = nn.Embedding(3, d)
+        self.text_embedding = nn.Sequential(Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), Linear(d, d))
+        self.time_embedding = nn.Sequential(Fp32Linear(cfg.freq_dim, d), nn.SiLU(), Fp32Linear(d, d))
+        self.time_projection = nn.Sequential(nn.SiLU(), Fp32Linear(d, 6 * d))
+        self.blocks = nn.ModuleList([DiTBlock(cfg, attn) for _ in range(cfg.num_layers)])
+        self.head = Head(cfg)
+        self.frame_packer = FramePacker(cfg)
+        self.casual_audio_encoder = CausalAudioEncoder(cfg)
+        self.audio_injector = AudioInjector(cfg, attn)
+        self.rope = RopeFreqs(cfg.head_dim, cfg.rope_theta)
+
+    # ----------------------------------------------------------------------------------------
+    # helpers
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Compute dtype (that of the non-quantised weights)."""
+        return self.patch_embedding.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.patch_embedding.weight.device
+
+    def set_attention(self, attention: str | AttentionFn) -> None:
+        """Swap the attention kernel of every attention layer."""
+        attn = get_attention(attention) if isinstance(attention, str) else attention
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.attn = attn
+
+    def _patchify(self, conv: nn.Conv3d, lat: torch.Tensor) -> torch.Tensor:
+        return conv(lat.to(device=self.device, dtype=conv.weight.dtype)).flatten(2).transpose(1, 2)
+
+    def _time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 time embedding e `[N, D]` and projection e0 `[N, 6, D]` (spec 3.2 step 4)."""
+        e = self.time_embedding(sinusoid(t, self.cfg.freq_dim).to(self.device))
+        return e, self.time_projection(e).unflatten(1, (6, self.cfg.dim))
+
+    def _grid(self, lat_h: int, lat_w: int) -> tuple[int, int]:
+        _, ph, pw = self.cfg.patch_size
+        return lat_h // ph, lat_w // pw
+
+    def block_grid(self, frame0: int, frames: int, lat_h: int, lat_w: int) -> TokenGrid:
+        """RoPE positions of a block's noisy tokens: absolute latent frames, full patch grid."""
+        hp, wp = self._grid(lat_h, lat_w)
+        return TokenGrid(tuple(range(frame0, frame0 + frames)), tuple(range(hp)), tuple(range(wp)))
+
+    @torch.no_grad()
+    def encode_text(self, context) -> TextCache:
+        """Embed the umT5 context and compute every layer's cross-attention keys/values once.
+
+        `context`: `[L, text_dim]`, `[B, L, text_dim]` or a list of `[L_i, text_dim]`; each is
+        zero-padded to `text_len` rows, all of which are attended (as in the official model).
+        """
+        items = [context] if torch.is_tensor(context) and context.dim() == 2 else list(context)
+        rows = []
+        for u in items:
+            if u.dim() != 2 or u.shape[1] != self.cfg.text_dim:
+                raise InputError("context", f"expected [tokens, {self.cfg.text_dim}] text embeddings, "
+                                 f"got {tuple(u.shape)}.", "pass the umT5 encoder output.")
+            if u.shape[0] > self.cfg.text_len:
+                raise InputError("context", f"{u.shape[0]} text tokens exceed text_len {self.cfg.text_len}.",
+                                 "shorten the prompt.")
+            rows.append(torch.cat([u, u.new_zeros(self.cfg.text_len - u.shape[0], u.shape[1])]))
+        text = self.text_embedding(torch.stack(rows).to(self.device))
+        return TextCache(text, [blk.text_kv(text) for blk in self.blocks])
+
+    def _text(self, context_or_text_cache) -> TextCache:
+        if isinstance(context_or_text_cache, TextCache):
+            return context_or_text_cache
+        return self.encode_text(context_or_text_cache)
+
+    # ----------------------------------------------------------------------------------------
+    # sink
+
+    @torch.no_grad()
+    def sink(self, ref_latents: torch.Tensor, motion_latents: torch.Tensor, context,
+             caches: KVCache | Sequence[KVCache] = ()) -> CondCache:
+        """Fill the condition cache from the reference latent and the motion latents.
+
+        ref_latents `[B, 16, 1, H_l, W_l]`, motion_latents `[B, 16, T_m, H_l, W_l]` (the last
+        sum(zip_frame_buckets) frames are used). The returned `CondCache` is attached to every
+        given step cache (they share it).
+        """
+        cfg = self.cfg
+        if ref_latents.dim() != 5 or ref_latents.shape[1] != cfg.in_dim or ref_latents.shape[2] != 1:
+            raise InputError("ref_latents", f"expected [B, {cfg.in_dim}, 1, H, W], got {tuple(ref_latents.shape)}.",
+                             "pass the VAE latent of the reference image.")
+        if (motion_latents.dim() != 5 or motion_latents.shape[1] != cfg.in_dim
+                or motion_latents.shape[3:] != ref_latents.shape[3:] or motion_latents.shape[0] != ref_latents.shape[0]):
+            raise InputError("motion_latents", f"expected [B, {cfg.in_dim}, T, H, W] matching the reference "
+                             f"latent {tuple(ref_latents.shape)}, got {tuple(motion_latents.shape)}.",
+                             "encode the motion frames at the reference's size.")
+        lat_h, lat_w = ref_latents.shape[3:]
+        if lat_h % 8 or lat_w % 8:
+            raise InputError("ref_latents", f"latent size {lat_h}x{lat_w} is not a multiple of 8 "
+                             "(FramePack's 4x patches).", "use pixel sizes that are multiples of 64.")
+        b = ref_latents.shape[0]
+        hp, wp = self._grid(lat_h, lat_w)
+
+        # 1. Condition tokens: reference then FramePack post / 2x / 4x, with their mask rows.
+        ref = self._patchify(self.patch_embedding, ref_latents)
+        mot = self.frame_packer(motion_latents.to(self.device))
+        x = torch.cat([ref, mot], dim=1)
+        rows = torch.tensor([_REF] * ref.shape[1] + [_MOTION] * mot.shape[1], device=self.device)
+        x = x + self.trainable_cond_mask(rows).to(x.dtype)
+
+        # 2. RoPE positions (reference at its fixed index, motion at negative times) and t = 0.
+        ref_grid = TokenGrid((cfg.ref_rope_index,), tuple(range(hp)), tuple(range(wp)))
+        motion_grids = self.frame_packer.grids(lat_h, lat_w)
+        rope = self.rope.sequence([ref_grid, *motion_grids], device=self.device)
+        _, e0 = self._time(torch.zeros(1))
+        e0 = e0.view(1, 1, 6, -1).expand(b, 1, 6, -1)
+        text = self._text(context)
+
+        # 3. Blocks: store un-rotated keys and values; attend bidirectionally among cond tokens.
+        ks, vs = [], []
+
+        def store(k_rot, k, v):
+            ks.append(k)
+            vs.append(v)
+            return k_rot, v
+
+        for i, block in enumerate(self.blocks):
+            x = block(x, e0, rope, store, text.kv[i])
+        cond = CondCache(ks, vs, ref_grid, motion_grids)
+        for cache in ([caches] if isinstance(caches, KVCache) else caches):
+            cache.cond = cond
+        return cond
+
+    # ----------------------------------------------------------------------------------------
+    # inference
+
+    @torch.no_grad()
+    def denoise_block(self, x: torch.Tensor, t, context_or_text_cache, audio: torch.Tensor,
+                      cond_states: torch.Tensor | None, cache: KVCache, current_start: int,
+                      ref_offset: int) -> torch.Tensor:
+        """Flow prediction for one block of noisy latents at one sampler step.
+
+        x `[B, 16, F, H_l, W_l]`; t: per-frame timesteps `[B, F]` (or a scalar); audio
+        `[B, layers, C_a, 4F]` wav2vec2 states of the block's video frames; cond_states pose
+        latents like x or None (zeros); cache: this step's `KVCache` with its cond part filled;
+        current_start: token offset of the block (absolute latent frame * fs); ref_offset: this
+        call's reference distance `d` (see offset.py). Returns `[B, 16, F, H_l, W_l]` in the
+        model dtype.
+        """
+        cfg = self.cfg
+        dt = self.dtype
+        b, c, f, lat_h, lat_w = self._check_block(x, audio, cond_states, cache, current_start)
+        hp, wp = self._grid(lat_h, lat_w)
+        fs = hp * wp
+        frame0 = current_start // fs
+
+        # 1. Audio tokens: prepend copies of the first frame as motion context, encode causally,
+        #    drop the context frames (spec 3.5).
+        a = audio.to(self.device)
+        a = torch.cat([a[..., :1].expand(*a.shape[:-1], cfg.motion_frames[0]), a], dim=-1)
+        glob, local = self.casual_audio_encoder(a)
+        audio_tokens = local[:, cfg.motion_frames[1]:].to(dt)
+        audio_global = glob[:, cfg.motion_frames[1]:, 0].to(dt)
+        if audio_tokens.shape[1] != f:
+            raise InputError("audio", f"{audio.shape[-1]} audio frames give {audio_tokens.shape[1]} latent "
+                             f"frames of audio tokens, the block has {f}.",
+                             "pass 4 video frames of wav2vec2 states per latent frame.")
+
+        # 2. Noisy tokens (+ pose latents, zeros -> the cond_encoder bias only) and mask row 0.
+        h = self._patchify(self.patch_embedding, x)
+        if cond_states is None:
+            h = h + self.cond_encoder.bias.to(h.dtype)
+        else:
+            h = h + self._patchify(self.cond_encoder, cond_states)
+        h = h + self.trainable_cond_mask.weight[_NOISY].to(h.dtype)
+
+        # 3. Text and per-frame time modulation.
+        text = self._text(context_or_text_cache)
+        t = torch.as_tensor(t, dtype=torch.float32).reshape(-1)
+        t = (t.expand(b * f) if t.numel() == 1 else t).reshape(b, f)
+        e, e0 = self._time(t)
+        e0 = e0.view(b, f, 6, -1)
+
+        # 4. RoPE: block tokens at their absolute frames; cached reference keys moved by d.
+        rope = self.rope.sequence([self.block_grid(frame0, f, lat_h, lat_w)], device=self.device)
+        cond = cache.cond
+        cond_cos, cond_sin = cond.rope(self.rope, reference_time(cfg.ref_rope_index, frame0, ref_offset),
+                                       device=self.device)
+
+        # 5. Blocks with the step cache, audio injection after the listed layers.
+        for i, block in enumerate(self.blocks):
+            def self_kv(k_rot, k, v, i=i):
+                hist_k, hist_v = cache.update(i, current_start, k_rot, v)
+                ck = apply_rope(cond.k[i], cond_cos, cond_sin).to(v.dtype)
+                return torch.cat([hist_k, ck], dim=1), torch.cat([hist_v, cond.v[i]], dim=1)
+
+            h = block(h, e0, rope, self_kv, text.kv[i])
+            h = self.audio_injector(i, h, audio_tokens, audio_global)
+
+        # 6. Head (fp32) and unpatchify: channel index (q*2 + r)*16 + c -> latent [c, f, 2h+q, 2w+r].
+        out = self.head(h, e.view(b, f, -1))
+        _, ph, pw = cfg.patch_size
+        out = out.view(b, f, hp, wp, ph, pw, cfg.out_dim).permute(0, 6, 1, 2, 4, 3, 5)
+        return out.reshape(b, cfg.out_dim, f, lat_h, lat_w)
+
+    def _check_block(self, x, audio, cond_states, cache, current_start):
+        cfg = self.cfg
+        if x.dim() != 5 or x.shape[1] != cfg.in_dim:
+            raise InputError("x", f"expected noisy latents [B, {cfg.in_dim}, F, H, W], got {tuple(x.shape)}.",
+                             "pass one block of latents with a batch dimension.")
+        b, c, f, lat_h, lat_w = x.shape
+        if lat_h % 2 or lat_w % 2:
+            raise InputError("x", f"latent size {lat_h}x{lat_w} is not even.", "use pixel sizes that are multiples of 64.")
+        if cond_states is not None and cond_states.shape != (b, cfg.cond_dim, f, lat_h, lat_w):
+            raise InputError("cond_states", f"expected {(b, cfg.cond_dim, f, lat_h, lat_w)}, "
+                             f"got {tuple(cond_states.shape)}.", "pass pose latents shaped like x, or None.")
+        if audio.dim() != 4 or audio.shape[0] != b or audio.shape[1:3] != (cfg.num_wav2vec_layers, cfg.audio_dim):
+            raise InputError("audio", f"expected [{b}, {cfg.num_wav2vec_layers}, {cfg.audio_dim}, T] wav2vec2 "
+                             f"states, got {tuple(audio.shape)}.",
+                             "pass all hidden states of the audio encoder for this block, one batch row per video.")
+        if cache.cond is None:
+            raise InputError("kv_cache", "the condition cache is empty.", "call sink() for this stream first.")
+        if cache.cond.patch_grid != self._grid(lat_h, lat_w) or cache.cond.k[0].shape[0] != b:
+            raise InputError("kv_cache", f"the condition cache was filled for a {cache.cond.patch_grid} patch "
+                             f"grid, the block has {self._grid(lat_h, lat_w)} (batch {b}).",
+                             "re-run sink() with latents of this size.")
+        fs = tokens_per_frame(cfg, lat_h, lat_w)
+        if current_start % fs:
+            raise InputError("current_start", f"{current_start} is not a multiple of the {fs} tokens per frame.",
+                             "pass absolute latent frame index * tokens per frame.")
+        if cache.length % fs or cache.k.shape[0] != cfg.num_layers:
+            raise InputError("kv_cache", f"cache of {cache.length} rows does not hold whole frames of {fs} tokens.",
+                             "allocate it with make_step_caches for this latent size.")
+        cache.window(current_start, f * fs)
+        return b, c, f, lat_h, lat_w
+
+
+def load_weights(model: LiveAvatarDiT, state_dict: Mapping[str, torch.Tensor],
+                 dtype: torch.dtype | None = None, device=None) -> None:
+    """Load a full DiT state dict strictly; tensors are cast to `dtype` (default: the model's).
+
+    Works on a model built on the meta device (weights are assigned, not copied). Raises
+    WeightsError listing missing, unexpected or mis-shaped keys before touching the model.
+    """
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    shape_of = state_dict.shape if hasattr(state_dict, "shape") else (lambda k: tuple(state_dict[k].shape))
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong = [f"{k} {tuple(shape_of(k))} != {expected[k]}" for k in expected
+             if k in state_dict and tuple(shape_of(k)) != expected[k]]
+    if missing or unexpected or wrong:
+        def show(items):
+            return ", ".join(items[:8]) + (f" (+{len(items) - 8} more)" if len(items) > 8 else "")
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing: {show(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected: {show(unexpected)}")
+        if wrong:
+            parts.append(f"{len(wrong)} with wrong shape: {show(wrong)}")
+        raise WeightsError("dit_weights", "the state dict does not match the DiT built from the config; "
+                           + "; ".join(parts) + ".",
+                           "load the Wan2.2-S2V-14B checkpoint with the config.json of the same folder.")
+    dtype = dtype or model.dtype
+    if device is None:
+        device = model.device if model.device.type != "meta" else torch.device("cpu")
+    tensors = {k: state_dict[k].to(device=device, dtype=dtype) for k in expected}
+    model.load_state_dict(tensors, strict=True, assign=True)

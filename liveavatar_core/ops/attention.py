@@ -1,0 +1,117 @@
+"""Attention backends behind one signature, chosen once and injected into the model.
+
+Every backend computes exact softmax(QK^T / sqrt(d)) V without a mask (spec/dit.md 3.1: any
+exact-softmax kernel is mathematically equivalent to the official cuDNN / FlashAttention calls).
+Tensors use the `[B, L, H, D]` layout of the model; the result comes back in the query's dtype,
+as the official `flash_attention` wrapper does.
+
+Optional kernels are imported only when chosen, so a missing wheel never breaks the import of the
+pack; choosing one that is not installed raises an `InputError` naming the package to install.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    dtype = v.dtype
+    out = F.scaled_dot_product_attention(q.to(dtype).transpose(1, 2), k.to(dtype).transpose(1, 2),
+                                         v.transpose(1, 2))
+    return out.transpose(1, 2).to(q.dtype)
+
+
+def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(QK^T / sqrt(d)) V spelled out in fp32: the form the golden fixtures were made with.
+
+    A reference for parity tests and debugging; it materialises the full score matrix.
+    """
+    qh, kh, vh = (t.float().transpose(1, 2) for t in (q, k, v))
+    scores = (qh @ kh.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    return (scores.softmax(dim=-1) @ vh).transpose(1, 2).to(q.dtype)
+
+
+def _half_inputs(q, k, v):
+    # The fused kernels take fp16/bf16 only; like the official wrapper, fp32 inputs go in as bf16.
+    dtype = v.dtype if v.dtype in _HALF else torch.bfloat16
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def _make_flash2(module) -> AttentionFn:
+    def run(q, k, v):
+        out = module.flash_attn_func(*_half_inputs(q, k, v))
+        return out.to(q.dtype)
+    return run
+
+
+def _make_flash3(module) -> AttentionFn:
+    def run(q, k, v):
+        out = module.flash_attn_func(*_half_inputs(q, k, v))
+        # Some FA3 releases return (out, softmax_lse).
+        if isinstance(out, tuple):
+            out = out[0]
+        return out.to(q.dtype)
+    return run
+
+
+def _make_sage(module) -> AttentionFn:
+    def run(q, k, v):
+        out = module.sageattn(*_half_inputs(q, k, v), tensor_layout="NHD", is_causal=False)
+        return out.to(q.dtype)
+    return run
+
+
+@dataclass(frozen=True)
+class _Backend:
+    module: str | None  # Python module imported lazily; None for built-in backends
+    pip_name: str
+    build: Callable[..., AttentionFn]
+    needs_cuda: bool
+
+
+_BACKENDS: dict[str, _Backend] = {
+    "sdpa": _Backend(None, "", lambda _mod: _sdpa, needs_cuda=False),
+    "math": _Backend(None, "", lambda _mod: _math, needs_cuda=False),
+    "flash2": _Backend("flash_attn", "flash-attn", _make_flash2, needs_cuda=True),
+    "flash3": _Backend("flash_attn_interface", "flash-attn 3 (hopper build)", _make_flash3, needs_cuda=True),
+    "sage": _Backend("sageattention", "sageattention", _make_sage, needs_cuda=True),
+}
+
+DEFAULT_BACKEND = "sdpa"
+
+
+def attention_backends() -> tuple[str, ...]:
+    """Names accepted by `get_attention`, default first."""
+    return tuple(_BACKENDS)
+
+
+def get_attention(name: str = DEFAULT_BACKEND) -> AttentionFn:
+    """Return the attention function called `name`; raise InputError if unknown or not installed."""
+    backend = _BACKENDS.get(name)
+    if backend is None:
+        raise InputError("attention", f"unknown attention backend '{name}'.",
+                         f"choose one of: {', '.join(_BACKENDS)}.")
+    if backend.module is None:
+        return backend.build(None)
+    if backend.needs_cuda and not torch.cuda.is_available():
+        raise InputError("attention", f"'{name}' needs a CUDA GPU and none is available.",
+                         f"use '{DEFAULT_BACKEND}'.")
+    try:
+        module = importlib.import_module(backend.module)
+    except ImportError as exc:
+        raise InputError("attention", f"'{name}' was chosen but {backend.module} is not importable ({exc}).",
+                         f"install {backend.pip_name} for your torch/CUDA version, or use '{DEFAULT_BACKEND}'."
+                         ) from None
+    return backend.build(module)
