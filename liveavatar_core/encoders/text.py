@@ -15,11 +15,15 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import InputError, WeightsError
-from ..weights.t5 import TIED_KEY, load_t5_weights
+from ..weights.t5 import TIED_KEY, T5StateDict, load_t5_weights
+
+if TYPE_CHECKING:
+    from transformers import UMT5Config, UMT5EncoderModel
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +102,8 @@ class PromptTokenizer:
 class TextEncoder:
     """umT5 encoder loaded once; `encode(prompt)` reuses it (and memoises the last few prompts)."""
 
-    def __init__(self, model, tokenizer: PromptTokenizer, description: str, memo_size: int = 4):
+    def __init__(self, model: UMT5EncoderModel, tokenizer: PromptTokenizer, description: str,
+                 memo_size: int = 4):
         self.model = model
         self.tokenizer = tokenizer
         self.description = description
@@ -149,7 +154,8 @@ class TextEncoder:
     def tokenize(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         """`input_ids` and `attention_mask`, `[1, text_len]` int64, exactly as the official tokenizer."""
         if not isinstance(prompt, str):
-            raise InputError("prompt", f"expected text, got {type(prompt).__name__}.", "pass the prompt as a string.")
+            raise InputError("prompt", f"expected text, got {type(prompt).__name__}.",
+                             "pass the prompt as a string.")
         return self.tokenizer(prompt)
 
     @torch.no_grad()
@@ -184,7 +190,8 @@ def _check_device(device: str | torch.device) -> torch.device:
     return device
 
 
-def _resolve_tokenizer(weights_path: Path, tokenizer_path, text_len: int) -> PromptTokenizer:
+def _resolve_tokenizer(weights_path: Path, tokenizer_path: str | Path | None,
+                       text_len: int) -> PromptTokenizer:
     if tokenizer_path is not None:
         if not Path(tokenizer_path).exists():
             raise WeightsError("tokenizer_path", f"{tokenizer_path} does not exist.",
@@ -200,7 +207,7 @@ def _resolve_tokenizer(weights_path: Path, tokenizer_path, text_len: int) -> Pro
     return PromptTokenizer.from_folder(folder, text_len)
 
 
-def _build_model(state_dict, config, device: torch.device):
+def _build_model(state_dict: T5StateDict, config: UMT5Config, device: torch.device) -> UMT5EncoderModel:
     """Build `UMT5EncoderModel` without allocating random weights, then move each tensor in once."""
     from transformers import UMT5EncoderModel
 

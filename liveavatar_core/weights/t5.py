@@ -21,12 +21,16 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import WeightsError
 from .fp8_scaled import ScaledFP8View, is_scaled_fp8
 from .io import open_checkpoint
+
+if TYPE_CHECKING:
+    from transformers import UMT5Config
 
 INPUT_NAME = "t5_checkpoint"
 
@@ -87,7 +91,7 @@ def hf_to_official(name: str) -> str:
     return _HF_TO_OFFICIAL_GLOBAL[name]
 
 
-def expected_t5_shapes(config) -> dict[str, tuple[int, ...]]:
+def expected_t5_shapes(config: UMT5Config) -> dict[str, tuple[int, ...]]:
     """Every tensor of the official umT5 encoder file with its shape (spec/pipeline.md 1.1)."""
     d, inner, ff = config.d_model, config.num_heads * config.d_kv, config.d_ff
     per_block = {
@@ -109,7 +113,7 @@ def expected_t5_shapes(config) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _umt5_config(**fields):
+def _umt5_config(**fields) -> UMT5Config:
     from transformers import UMT5Config
 
     # Eager attention reproduces the official numerics: bf16 scores plus bias, softmax computed in
@@ -157,7 +161,7 @@ class T5StateDict(Mapping):
 
 
 def load_t5_weights(path: str | Path, dtype: torch.dtype | None = None,
-                    input_name: str = INPUT_NAME) -> tuple[T5StateDict, object, str]:
+                    input_name: str = INPUT_NAME) -> tuple[T5StateDict, UMT5Config, str]:
     """Open a umT5 encoder file of any supported format.
 
     Returns `(state_dict, UMT5Config, description)`: the lazy state dict in `UMT5EncoderModel`
@@ -231,7 +235,7 @@ def _hf_names(shapes: Mapping[str, tuple]) -> dict[str, str] | None:
             continue
         local = key[len(prefix):]
         if local.startswith(("decoder.", "lm_head.")) or local.endswith(SPIECE_KEY):
-            continue  # a full encoder-decoder umT5 file: the decoder is not needed
+            continue  # the decoder of a full umT5 file, ComfyUI's embedded tokenizer: not weights we need
         if not has_encoder and local != "shared.weight":
             local = "encoder." + local
         names[local if _is_canonical(local) else "?" + local] = key
@@ -249,7 +253,7 @@ def _is_canonical(name: str) -> bool:
 
 
 def _check_and_build_config(names: dict[str, str], shapes: Mapping[str, tuple], source: Path,
-                            input_name: str):
+                            input_name: str) -> UMT5Config:
     """Recognise T5 relatives, read the architecture from shapes and check every tensor against it."""
     def shape(canonical: str) -> tuple[int, ...] | None:
         return tuple(shapes[names[canonical]]) if canonical in names else None
@@ -283,7 +287,8 @@ def _check_and_build_config(names: dict[str, str], shapes: Mapping[str, tuple], 
              if k in names and shape(k) != s]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} tensors missing (e.g. {', '.join(hf_to_official(k) for k in missing[:_EXAMPLES])})")
+        examples = ", ".join(hf_to_official(k) for k in missing[:_EXAMPLES])
+        problems.append(f"{len(missing)} tensors missing (e.g. {examples})")
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected tensors (e.g. {', '.join(unexpected[:_EXAMPLES])})")
     if wrong:
@@ -295,7 +300,7 @@ def _check_and_build_config(names: dict[str, str], shapes: Mapping[str, tuple], 
     return config
 
 
-def _is_xxl(config) -> bool:
+def _is_xxl(config: UMT5Config) -> bool:
     return (config.vocab_size, config.d_model, config.num_layers, config.num_heads, config.d_ff) == (
         _XXL["vocab"], _XXL["d_model"], _XXL["layers"], _XXL["heads"], _XXL["d_ff"])
 
