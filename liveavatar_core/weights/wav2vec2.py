@@ -246,7 +246,8 @@ def arch_from_shapes(shapes: Mapping[str, tuple[int, ...]], num_heads: int | Non
     if num_heads is None:
         if hidden % 64:
             raise WeightsError(input_name, f"hidden size {hidden} is not a multiple of 64, so the head count "
-                               "cannot be inferred.", "use the folder with its config.json.")
+                               "cannot be inferred from the weights.",
+                               "pass the model's config.json (config argument) or use the official folder.")
         num_heads = hidden // 64
     # Per-layer LayerNorm in the conv stack ("layer") is only used by the stable-layer-norm models
     # (large-lv60, XLSR); the group-norm stack has a norm on the first conv only.
@@ -293,15 +294,20 @@ def arch_from_config(config: Mapping, input_name: str = "audio_encoder") -> Wav2
     )
 
 
-def check_arch(arch: Wav2Vec2Arch, shapes: Mapping[str, tuple[int, ...]], input_name: str = "audio_encoder") -> None:
-    """Refuse encoders the DiT cannot use, and configs that contradict the weights."""
-    if arch.num_layers != REQUIRED_LAYERS:
-        guess = {12: " (looks like wav2vec2-base)"}.get(arch.num_layers, "")
-        raise WeightsError(input_name, f"this wav2vec2 has {arch.num_layers} transformer layers{guess}, hidden "
-                           f"{arch.hidden_size}; Live Avatar's DiT mixes exactly {REQUIRED_LAYERS + 1} hidden "
+def check_layer_count(num_layers: int, hidden_size: int, input_name: str = "audio_encoder") -> None:
+    """Refuse encoders whose hidden-state count the DiT cannot mix (checked first: it is the usual mistake)."""
+    if num_layers != REQUIRED_LAYERS:
+        guess = {12: " (looks like wav2vec2-base)"}.get(num_layers, "")
+        raise WeightsError(input_name, f"this wav2vec2 has {num_layers} transformer layers{guess}, hidden "
+                           f"{hidden_size}; Live Avatar's DiT mixes exactly {REQUIRED_LAYERS + 1} hidden "
                            f"states, so it needs a {REQUIRED_LAYERS}-layer encoder.",
                            "use wav2vec2-large-xlsr-53-english (the folder shipped in Wan2.2-S2V-14B/, or "
                            "ComfyUI's wav2vec2_large_english_fp16.safetensors).")
+
+
+def check_arch(arch: Wav2Vec2Arch, shapes: Mapping[str, tuple[int, ...]], input_name: str = "audio_encoder") -> None:
+    """Refuse encoders the DiT cannot use, and configs that contradict the weights."""
+    check_layer_count(arch.num_layers, arch.hidden_size, input_name)
     from_weights = arch_from_shapes(shapes, num_heads=arch.num_heads, input_name=input_name)
     mismatched = [f"{f}: config {getattr(arch, f)} vs weights {getattr(from_weights, f)}"
                   for f in ("hidden_size", "num_layers", "intermediate_size", "conv_dim", "pos_conv_kernel",
@@ -348,6 +354,8 @@ def load_wav2vec2(path: str | os.PathLike, config: str | os.PathLike | Mapping |
     layout = detect_layout(lazy.keys(), input_name)
     shapes = {canonical_key(k, layout): s for k, s in lazy.shapes().items()}
     shapes.pop(None, None)
+    layers = {k.split(".")[2] for k in shapes if k.startswith("encoder.layers.")}
+    check_layer_count(len(layers), shapes.get(_ANCHOR, (0,))[0], input_name)
 
     if isinstance(config, Mapping):
         config_dict = dict(config)
