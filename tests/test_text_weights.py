@@ -90,23 +90,29 @@ def test_config_and_description_from_shapes(official, manifest):
     assert f"bf16, {2 + 10 * tiny['encoder_layers']} tensors (official Wan layout)" in description
 
 
-@pytest.mark.parametrize("dtype,prefix,with_encoder,extras", [
-    (torch.float16, "", True, False),
-    (torch.bfloat16, "", True, True),
-    (torch.bfloat16, "text_encoders.umt5xxl.transformer.", True, False),
-    (torch.bfloat16, "", False, False),
-], ids=["fp16", "bf16+tied+spiece", "bf16-prefixed", "bf16-no-encoder-prefix"])
+@pytest.mark.parametrize("dtype,prefix,with_encoder,extra", [
+    (torch.float16, "", True, None),
+    (torch.bfloat16, "", True, "tied+spiece"),
+    (torch.bfloat16, "", True, "decoder"),
+    (torch.bfloat16, "text_encoders.umt5xxl.transformer.", True, None),
+    (torch.bfloat16, "", False, None),
+], ids=["fp16", "bf16+tied+spiece", "bf16+decoder", "bf16-prefixed", "bf16-no-encoder-prefix"])
 def test_comfyui_single_file_loads_and_encodes(tmp_path, hf_tensors, tokenizer_dir, golden, prompt, dtype,
-                                               prefix, with_encoder, extras):
+                                               prefix, with_encoder, extra):
     tensors = {}
     for key, tensor in hf_tensors.items():
         name = key if with_encoder else key.removeprefix("encoder.")
         tensors[prefix + name] = tensor.to(dtype)
-    if extras:
+    if extra == "tied+spiece":
         # HF exports repeat the tied embedding; ComfyUI files may embed their SentencePiece model.
         tensors[TIED_KEY] = hf_tensors["shared.weight"].to(dtype).clone()
         tensors["spiece_model"] = torch.frombuffer(bytearray((tokenizer_dir / "spiece.model").read_bytes()),
                                                    dtype=torch.uint8)
+    if extra == "decoder":
+        # A full encoder-decoder umT5 export: the decoder and LM head are skipped.
+        tensors.update({"decoder." + k.removeprefix("encoder."): v.to(dtype).clone()
+                        for k, v in hf_tensors.items() if k.startswith("encoder.block.0.")})
+        tensors["lm_head.weight"] = hf_tensors["shared.weight"].to(dtype).clone()
     path = tmp_path / "umt5_xxl.safetensors"
     save_file(tensors, path)
     encoder, context = _encode_file(path, tokenizer_dir, golden, prompt)

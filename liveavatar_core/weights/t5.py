@@ -223,10 +223,12 @@ def _official_names(shapes: Mapping[str, tuple]) -> dict[str, str] | None:
 
 def _hf_names(shapes: Mapping[str, tuple]) -> dict[str, str] | None:
     """Canonical -> file key for HF T5 names, with an optional prefix and optional `encoder.`."""
-    anchor = next((k for k in shapes if k.endswith("block.0.layer.0.SelfAttention.q.weight")), None)
+    tail = "block.0.layer.0.SelfAttention.q.weight"
+    # A full umT5 file has the same block names under `decoder.`; the encoder's decide the prefix.
+    anchor = next((k for k in shapes if k.endswith(tail) and not k.endswith("decoder." + tail)), None)
     if anchor is None:
         return None
-    stem = anchor[: -len("block.0.layer.0.SelfAttention.q.weight")]
+    stem = anchor[: -len(tail)]
     has_encoder = stem.endswith("encoder.")
     prefix = stem[: -len("encoder.")] if has_encoder else stem
     names = {}
