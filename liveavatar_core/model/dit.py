@@ -17,7 +17,6 @@ from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..config import DiTConfig
 from ..errors import InputError, WeightsError

@@ -49,7 +49,8 @@ class RopeFreqs:
         pairs = head_dim // 2
         # Official split of the complex pairs: time gets the remainder, h and w a third each.
         self.part_pairs = (pairs - 2 * (pairs // 3), pairs // 3, pairs // 3)
-        self._inv = [1.0 / torch.pow(theta, torch.arange(0, 2 * p, 2).to(torch.float64).div(2 * p))
+        # Always on the CPU in float64, also when the model is built on the meta device.
+        self._inv = [1.0 / torch.pow(theta, torch.arange(0, 2 * p, 2, device="cpu").to(torch.float64).div(2 * p))
                      for p in self.part_pairs]
 
     def part(self, axis: int, positions) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,7 +59,7 @@ class RopeFreqs:
         Negative positions rotate by the negative angle: the official code conjugates the
         positive-position entry, so cos is even and sin odd bit for bit.
         """
-        pos = torch.as_tensor(positions, dtype=torch.int64)
+        pos = torch.as_tensor(positions, dtype=torch.int64, device="cpu")
         angles = torch.outer(pos.abs().to(torch.float64), self._inv[axis])
         rot = torch.polar(torch.ones_like(angles), angles)
         # complex128 -> complex32 in the official code goes through complex64.

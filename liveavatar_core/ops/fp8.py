@@ -1,0 +1,98 @@
+"""FP8 (e4m3) linear layers as used by the official `--fp8` flag (spec/dit.md section 5).
+
+Weights are quantised once, per tensor; activations are quantised per call, per tensor, over the
+whole 2-D input. Scale rule: `s = min(448 / max(amax, 1e-12), 448)` (tensors with amax < 1 are not
+stretched to the full range). `X * s` is computed in fp32 and rounded to e4m3 once, as the
+official `torch.compile`d quantiser does. The matmul is `torch._scaled_mm` with fast accumulation
+and a fused bf16 bias; the result is cast to the input's dtype.
+
+`convert_to_fp8(model)` is a transformation on a built (and LoRA-merged) model. It refuses to run
+where FP8 matmuls are unavailable instead of silently keeping bf16.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..errors import InputError
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+# Module names containing any of these stay in high precision (official ignore list).
+IGNORE = ("text_embedding", "time_embedding", "time_projection", "head.head",
+          "casual_audio_encoder.encoder.final_linear")
+
+
+def fp8_scale(x: torch.Tensor) -> torch.Tensor:
+    """Per-tensor quantisation scale `s` (fp32 scalar) of the official rule."""
+    amax = x.detach().abs().max().float()
+    return torch.clamp(E4M3_MAX / torch.clamp(amax, min=1e-12), max=E4M3_MAX)
+
+
+def quantize_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise a whole tensor: (e4m3 codes, fp32 dequantisation factor 1/s)."""
+    s = fp8_scale(x)
+    codes = torch.clamp(x.float() * s, -E4M3_MAX, E4M3_MAX).to(E4M3)
+    return codes, (1.0 / s).float()
+
+
+class FP8Linear(nn.Module):
+    """Linear with an e4m3 weight and per-call e4m3 activations (needs `torch._scaled_mm`)."""
+
+    def __init__(self, weight_codes: torch.Tensor, weight_scale_inv: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features = weight_codes.shape[1]
+        self.out_features = weight_codes.shape[0]
+        self.weight = nn.Parameter(weight_codes, requires_grad=False)
+        self.register_buffer("weight_scale_inv", weight_scale_inv.reshape(()))
+        self.bias = None if bias is None else nn.Parameter(bias.to(torch.bfloat16), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "FP8Linear":
+        codes, inv = quantize_e4m3(linear.weight.data)
+        bias = None if linear.bias is None else linear.bias.data
+        return cls(codes, inv, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        xq, x_inv = quantize_e4m3(flat)
+        out = torch._scaled_mm(xq, self.weight.t(), scale_a=x_inv, scale_b=self.weight_scale_inv,
+                               bias=self.bias, out_dtype=torch.bfloat16, use_fast_accum=True)
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+def fp8_targets(model: nn.Module) -> list[str]:
+    """Names of the Linear layers `convert_to_fp8` replaces (460 on the 14B model)."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and not any(tag in name for tag in IGNORE)]
+
+
+def check_fp8_support(device: torch.device) -> None:
+    """Raise InputError unless `device` can run e4m3 `_scaled_mm` (CUDA, compute capability >= 8.9)."""
+    fix = "turn FP8 off (bf16 weights), or run on an Ada/Hopper/Blackwell GPU."
+    if not hasattr(torch, "_scaled_mm"):
+        raise InputError("fp8", f"this PyTorch ({torch.__version__}) has no torch._scaled_mm.", fix)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise InputError("fp8", f"FP8 matmuls need a CUDA GPU; the model is on '{device}'.", fix)
+    cap = torch.cuda.get_device_capability(device)
+    if cap < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        raise InputError("fp8", f"{name} (compute capability {cap[0]}.{cap[1]}) has no FP8 tensor cores "
+                         "(needs 8.9 or newer).", fix)
+
+
+@torch.no_grad()
+def convert_to_fp8(model: nn.Module) -> int:
+    """Replace every eligible Linear by an `FP8Linear` in place; returns how many were replaced.
+
+    Run after the LoRA merge (the merged bf16 weights are what gets quantised).
+    """
+    device = next(model.parameters()).device
+    check_fp8_support(device)
+    names = fp8_targets(model)
+    for name in names:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, leaf, FP8Linear.from_linear(getattr(parent, leaf)))
+    return len(names)
