@@ -1,0 +1,88 @@
+"""Safe, non-overwriting output file names inside a chosen folder."""
+
+from __future__ import annotations
+
+import os
+import re
+import unicodedata
+from pathlib import Path
+
+from ..errors import InputError
+
+DEFAULT_STEM = "liveavatar"
+_MAX_STEM_CHARS = 80
+# Leaves room for "_00001" and the extension under the 255-byte limit most file systems have
+# per name, whatever the script of the prompt (UTF-8 uses up to 4 bytes per character).
+_MAX_STEM_BYTES = 200
+# Characters Windows forbids in names, plus both separators; replaced so a prompt never picks
+# a folder and a file written on Linux can still be copied to Windows.
+_FORBIDDEN = re.compile(r'[<>:"/\\|?*]')
+_WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
+
+
+def sanitize_stem(text: str, max_chars: int = _MAX_STEM_CHARS) -> str:
+    """A file-name stem from free text (a prefix or a prompt): one path component, never empty.
+
+    Keeps letters and digits of any script (NFC-normalised), turns whitespace, separators and
+    control or formatting characters into "_", and removes leading dots, so ".." or "../x"
+    cannot name a parent folder or a hidden file.
+    """
+    text = unicodedata.normalize("NFC", str(text))
+    chars = []
+    for ch in text:
+        category = unicodedata.category(ch)
+        if ch.isspace() or category[0] in "CZ" or _FORBIDDEN.match(ch):
+            chars.append("_")
+        else:
+            chars.append(ch)
+    stem = re.sub(r"_+", "_", "".join(chars)).strip("_. ")
+    stem = stem[:max_chars]
+    while len(stem.encode("utf-8")) > _MAX_STEM_BYTES:
+        stem = stem[:-1]
+    stem = stem.rstrip("_. ")
+    if not stem:
+        return DEFAULT_STEM
+    if stem.split(".")[0].lower() in _WINDOWS_RESERVED:
+        stem = "_" + stem
+    return stem
+
+
+def _writable_folder(folder: str | os.PathLike) -> Path:
+    path = Path(folder).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise InputError("output folder", f"{path} exists and is not a folder.", "Choose a folder path.") from None
+    except OSError as exc:
+        raise InputError("output folder", f"cannot create {path}: {exc.strerror}.",
+                         "Choose a folder you can write to.") from None
+    if not path.is_dir():
+        raise InputError("output folder", f"{path} is not a folder.", "Choose a folder path.")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise InputError("output folder", f"{path} is not writable.", "Choose a folder you can write to.")
+    return path.resolve()
+
+
+def safe_output_path(folder: str | os.PathLike, stem: str, ext: str = ".mp4") -> Path:
+    """A new path `folder/<stem>_<NNNNN><ext>` that does not exist yet.
+
+    The folder is created if needed. The stem is sanitised (`sanitize_stem`), so the result is
+    always directly inside `folder`; the counter continues after the highest one already used
+    for this stem (as ComfyUI numbers its outputs), so earlier results are never overwritten.
+    """
+    if not re.fullmatch(r"\.[A-Za-z0-9]{1,8}", ext):
+        raise InputError("extension", f"{ext!r} is not a file extension.", "Use something like '.mp4'.")
+    base = _writable_folder(folder)
+    stem = sanitize_stem(stem)
+    pattern = re.compile(re.escape(stem) + r"_(\d{5,})" + re.escape(ext) + r"$")
+    used = [int(m.group(1)) for entry in os.scandir(base) if (m := pattern.match(entry.name))]
+    counter = max(used, default=0) + 1
+    while True:
+        candidate = base / f"{stem}_{counter:05d}{ext}"
+        # lexists: a dangling symlink with this name would send the write somewhere else.
+        if not os.path.lexists(candidate):
+            break
+        counter += 1
+    if candidate.parent != base:
+        raise InputError("file name", f"{stem!r} would leave the output folder.", "Use a plain name.")
+    return candidate
