@@ -106,7 +106,7 @@ def test_lossy_formats_decode_to_the_same_signal(tmp_path, wav_path, reference, 
     assert np.corrcoef(got[:n], reference)[0, 1] > 0.95
 
 
-def test_comfy_audio_dict_equals_file(wav_path, stereo_44k, reference):
+def test_comfy_audio_dict_equals_file(wav_path, stereo_44k):
     for path in (wav_path, stereo_44k):
         pcm, rate = read_wav(path)
         audio = {"waveform": torch.from_numpy(pcm.astype(np.float32) / 32768)[None], "sample_rate": rate}

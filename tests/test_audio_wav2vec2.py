@@ -134,7 +134,7 @@ def test_12_layer_file_refused_before_loading(tmp_path, loaded):
         AudioEncoder.from_pretrained(path)
 
 
-def test_config_contradicting_weights_refused(tmp_path, folder, official):
+def test_config_contradicting_weights_refused(folder):
     config = json.loads((folder / "config.json").read_text())
     config["intermediate_size"] *= 2
     with pytest.raises(WeightsError, match="intermediate_size"):

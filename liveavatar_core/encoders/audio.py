@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import av
 import numpy as np
 import soxr
 import torch
@@ -74,7 +75,8 @@ def load_audio(source, input_name: str = "audio") -> np.ndarray:
         raise InputError(input_name, f"expected a file path or a ComfyUI AUDIO dict, got {type(source).__name__}.",
                          "connect a Load Audio node or pass the path of a wav/flac/mp3/ogg/m4a file.")
     if channels.shape[-1] == 0:
-        raise InputError(input_name, "the audio has no samples (zero length).", "use an audio file that contains speech.")
+        raise InputError(input_name, "the audio has no samples (zero length).",
+                         "use an audio file that contains speech.")
     mono = np.mean(channels, axis=0) if channels.shape[0] > 1 else channels[0]
     if not np.all(np.isfinite(mono)):
         raise InputError(input_name, "the audio contains NaN or infinite samples.", "re-export the audio file.")
@@ -100,8 +102,6 @@ def resample(y: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
 
 
 def _decode_file(path: Path, input_name: str) -> tuple[np.ndarray, int]:
-    import av
-
     if not path.exists():
         raise InputError(input_name, f"file not found: {path}.", "check the path of the audio file.")
     if path.is_dir():

@@ -184,8 +184,8 @@ def preprocess_reference(source, size: str | tuple[int, int] | int = DEFAULT_SIZ
                          input_name: str = "image") -> tuple[torch.Tensor, tuple[int, int]]:
     """Reference image -> (`[3, H, W]` float32 in [-1, 1], (H, W)).
 
-    `size` selects the area (a `parse_size` string, (W, H) or an int area); (H, W) comes from `output_size` on the image's own
-    aspect ratio. Cast to the VAE dtype is left to the caller.
+    `size` selects the area (a `parse_size` string, (W, H) or an int area); (H, W) comes from
+    `output_size` on the image's own aspect ratio. Cast to the VAE dtype is left to the caller.
     """
     area = target_area(size)
     image = load_image(source, input_name)
