@@ -8,6 +8,7 @@ from liveavatar_core.errors import InputError, WeightsError
 from liveavatar_core.model.cache import KVCache, make_step_caches, tokens_per_frame
 from liveavatar_core.model.dit import LiveAvatarDiT, load_weights
 from liveavatar_core.model.offset import reference_time
+from liveavatar_core.ops.attention import attention_backends, get_attention
 from liveavatar_core.weights.dit import expected_dit_keys, load_dit_checkpoint
 from liveavatar_core.weights.io import open_checkpoint
 
@@ -190,26 +191,41 @@ def test_rope_matches_the_official_45000_table_bit_for_bit(tiny):
         assert torch.equal(ncos, cos[:100]) and torch.equal(nsin, -sin[:100])
 
 
-def test_bf16_path_runs_close_to_fp32(ckpt_dir, tiny):
+def _compare_bf16(tiny, ckpt_dir, device, attention):
     cfg = tiny.cfg
     f = cfg.num_frames_per_block
     lat_hw = (8, 16)
     fs = tokens_per_frame(cfg, *lat_hw)
     inp = _inputs(cfg, *lat_hw, f, seed=3)
     ckpt = load_dit_checkpoint(ckpt_dir)
-    bf16 = LiveAvatarDiT(cfg)
-    load_weights(bf16, ckpt.state_dict, dtype=torch.bfloat16)
+    bf16 = LiveAvatarDiT(cfg, attention=attention)
+    load_weights(bf16, ckpt.state_dict, dtype=torch.bfloat16, device=device)
     preds = []
     for model in (tiny, bf16):
-        cache = _stream(model, inp, lat_hw, f)
+        cache = make_step_caches(cfg, *lat_hw, num_steps=1, cache_frames=2 * f, dtype=model.dtype,
+                                 device=model.device)[0]
         model.sink(inp["ref"], inp["motion"], inp["context"], cache)
         preds.append([model.denoise_block(inp["x"], 900.0, inp["context"], inp["audio"].to(model.dtype), None,
                                           cache, b * f * fs, 9) for b in range(2)])
         assert cache.k.dtype == model.dtype and cache.cond.k[0].dtype == model.dtype
     for ref, low in zip(*preds):
-        assert low.dtype == torch.bfloat16
-        rel = (low.float() - ref).norm() / ref.norm()
+        assert low.dtype == torch.bfloat16 and low.device == bf16.device
+        rel = (low.float().cpu() - ref).norm() / ref.norm()
         assert rel < 0.05, rel
+
+
+def test_bf16_path_runs_close_to_fp32(ckpt_dir, tiny):
+    _compare_bf16(tiny, ckpt_dir, "cpu", "sdpa")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", attention_backends())
+def test_bf16_on_gpu_close_to_fp32_reference(ckpt_dir, tiny, backend):
+    try:
+        get_attention(backend)
+    except InputError as exc:
+        pytest.skip(str(exc))
+    _compare_bf16(tiny, ckpt_dir, "cuda", backend)
 
 
 def test_denoise_refuses_bad_inputs_before_work(tiny):

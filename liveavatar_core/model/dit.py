@@ -333,5 +333,7 @@ def load_weights(model: LiveAvatarDiT, state_dict: Mapping[str, torch.Tensor],
     dtype = dtype or model.dtype
     if device is None:
         device = model.device if model.device.type != "meta" else torch.device("cpu")
-    tensors = {k: state_dict[k].to(device=device, dtype=dtype) for k in expected}
+    # copy=True: parameters must own their memory, never alias a memory-mapped file (LoRA merges
+    # and FP8 conversion modify them in place).
+    tensors = {k: state_dict[k].to(device=device, dtype=dtype, copy=True) for k in expected}
     model.load_state_dict(tensors, strict=True, assign=True)
