@@ -45,6 +45,10 @@ def to_uint8_frames(frames: torch.Tensor | np.ndarray, input_name: str = "frames
             f"got shape {tuple(frames.shape)}.",
             "Drop the batch dimension (frames[0]) or permute to [3, n, H, W].",
         )
-    x = frames.detach().to(device="cpu", dtype=torch.float32).clamp(-1.0, 1.0)
-    x = ((x + 1.0) / _OFFICIAL_RANGE * 255.0).to(torch.uint8)  # truncation, as the official code
-    return np.ascontiguousarray(x.permute(1, 2, 3, 0).numpy())
+    # One float32 working copy, then the official operations in their order, in place.
+    x = frames.detach().to(device="cpu", dtype=torch.float32, copy=True)
+    if torch.isnan(x).any():
+        raise InputError(input_name, "contains NaN values.", "Check the VAE decode that produced these frames.")
+    x.clamp_(-1.0, 1.0).add_(1.0).div_(_OFFICIAL_RANGE).mul_(255.0)
+    x = x.permute(1, 2, 3, 0).to(torch.uint8, memory_format=torch.contiguous_format)  # truncation
+    return x.numpy()
