@@ -7,6 +7,7 @@ from liveavatar_core.config import DiTConfig
 from liveavatar_core.errors import InputError, WeightsError
 from liveavatar_core.model.cache import KVCache, make_step_caches, tokens_per_frame
 from liveavatar_core.model.dit import LiveAvatarDiT, load_weights
+from liveavatar_core.model.layers import Attention
 from liveavatar_core.model.offset import reference_time
 from liveavatar_core.ops.attention import attention_backends, get_attention
 from liveavatar_core.weights.dit import expected_dit_keys, load_dit_checkpoint
@@ -245,3 +246,30 @@ def test_denoise_refuses_bad_inputs_before_work(tiny):
                            None, cache, 0, 4)
     with pytest.raises(InputError, match="text_len"):
         tiny.encode_text(torch.zeros(cfg.text_len + 1, cfg.text_dim))
+
+
+def test_offset_only_matters_once_the_reference_moves(tiny):
+    """d changes nothing for the first block (reference stays at its index) and moves it later."""
+    cfg = tiny.cfg
+    f = cfg.num_frames_per_block
+    fs = tokens_per_frame(cfg, 8, 16)
+    inp = _inputs(cfg, 8, 16, f, seed=4)
+    text = tiny.encode_text(inp["context"])
+
+    def pred(frame0, d):
+        cache = _stream(tiny, inp, (8, 16), f)
+        tiny.sink(inp["ref"], inp["motion"], text, cache)
+        return tiny.denoise_block(inp["x"], 600.0, text, inp["audio"], None, cache, frame0 * fs, d)
+
+    assert torch.equal(pred(0, 4), pred(0, 30))
+    assert torch.equal(pred(cfg.ref_rope_index, 7), pred(cfg.ref_rope_index, 7))
+    assert not torch.equal(pred(cfg.ref_rope_index, 4), pred(cfg.ref_rope_index, 30))
+
+
+def test_attention_kernel_is_swapped_everywhere(tiny):
+    tiny.set_attention("math")
+    kernels = {m.attn for m in tiny.modules() if isinstance(m, Attention)}
+    assert kernels == {get_attention("math")}
+    tiny.set_attention("sdpa")
+    with pytest.raises(InputError, match="unknown attention backend"):
+        tiny.set_attention("nope")
