@@ -1,0 +1,151 @@
+"""Command line: `python -m liveavatar_core {generate,demo}`.
+
+`generate` keeps the official flag names where they make sense and validates every input before
+loading anything. `demo` writes a tiny synthetic checkpoint in the official layout and runs the
+whole pipeline on it (CPU, seconds), producing a real MP4 with audio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import LiveAvatarError
+
+log = logging.getLogger("liveavatar")
+
+
+def _positive(value: str) -> int:
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m liveavatar_core", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate a video from an image, an audio file and a prompt")
+    gen.add_argument("--ckpt_dir", required=True, help="official Wan2.2-S2V-14B folder")
+    gen.add_argument("--lora_path_dmd", help="liveavatar.safetensors (Quark-Vision/Live-Avatar)")
+    _common(gen)
+    gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    gen.add_argument("--fp8", action="store_true", help="FP8 GEMMs (Ada/Hopper GPUs)")
+    gen.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                     help="compute precision (fp32 for CPU parity runs)")
+    gen.add_argument("--attention", default="sdpa", help="attention backend: sdpa, flash2, flash3, sage")
+
+    demo = sub.add_parser("demo", help="run the whole pipeline on a tiny synthetic checkpoint (CPU)")
+    demo.add_argument("--save_file", type=Path, default=Path("output/liveavatar_demo.mp4"))
+    demo.add_argument("--workdir", type=Path, help="where to write the tiny checkpoint (default: a temp dir)")
+    demo.add_argument("--num_clip", type=_positive, default=0, help="clips to generate (0 = as long as the audio)")
+    demo.add_argument("--mode", choices=["streaming", "official"], default="streaming")
+    demo.add_argument("--audio_seconds", type=float, default=3.0)
+    return parser
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image", required=True, help="reference image")
+    p.add_argument("--audio", required=True, help="audio file (wav, flac, mp3, ogg, m4a)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--size", default="704*384", help="target area, e.g. 704*384 or 704x384")
+    p.add_argument("--num_clip", type=_positive, default=0, help="clips to generate (0 = as long as the audio)")
+    p.add_argument("--infer_frames", type=int, default=48, help="video frames per clip (multiple of 12)")
+    p.add_argument("--sample_steps", type=int, default=4)
+    p.add_argument("--base_seed", type=int, default=420)
+    p.add_argument("--mode", choices=["streaming", "official"], default="streaming")
+    p.add_argument("--enable_online_decode", action="store_true",
+                   help="official mode only: Mode S+ (sink refreshed from clip 0 before clip 1)")
+    p.add_argument("--save_file", type=Path, default=Path("output/liveavatar.mp4"))
+
+
+def run_generation(ckpt_dir: Path, lora: Path | None, image, audio, prompt: str, save_file: Path, *,
+                   size: str, num_clip: int, infer_frames: int, sample_steps: int, seed: int, mode: str,
+                   online_decode: bool, device: str, precision: str, attention: str) -> Path:
+    """Validate everything, load the models, stream the video into `save_file`."""
+    from .encoders.audio import AudioEncoder, check_frames_per_clip, load_audio
+    from .encoders.image import load_image, target_area
+    from .encoders.text import TextEncoder
+    from .loading import load_generator, official_folder
+    from .pipeline import GenerationSettings, generate, write_mp4
+    from .video.naming import safe_output_path
+
+    # 1. Cheap validation of every input before any weight is read.
+    settings = GenerationSettings(size=size, seed=seed, num_clips=num_clip, frames_per_clip=infer_frames,
+                                  sample_steps=sample_steps, mode=mode, online_decode=online_decode)
+    target_area(size)
+    check_frames_per_clip(infer_frames)
+    folder = official_folder(ckpt_dir)
+    load_image(image)
+    waveform = load_audio(audio)
+    out = safe_output_path(save_file.parent, save_file.stem, save_file.suffix or ".mp4")
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+
+    # 2. Encoders, then the generator.
+    t0 = time.perf_counter()
+    text = TextEncoder.from_pretrained(folder.t5, device=device, dtype=dtype).encode(prompt)
+    features = AudioEncoder.from_pretrained(folder.wav2vec2, device=device, dtype=dtype).encode(
+        audio, frames_per_clip=infer_frames, num_clips=num_clip or None)
+    model = load_generator(folder.dit, folder.vae, lora, precision=precision, attention=attention,
+                           dit_device=device)
+    log.info("loaded in %.1f s: %s", time.perf_counter() - t0, model.description)
+
+    # 3. Stream: every block is decoded and appended to the MP4 as soon as it is sampled.
+    stream = generate(model, text.to(device), features, image, settings)
+    log.info("output %dx%d, %d clips, %d frames", stream.width, stream.height, stream.num_clips,
+             stream.total_frames)
+
+    def report(chunk):
+        s = chunk.stats
+        log.info("clip %d block %d: %d frames, %.2f fps, first frame after %.1f s", chunk.clip, chunk.block,
+                 s.frames_done, s.fps, s.first_frame_s or 0.0)
+
+    return write_mp4(stream, out, waveform, on_chunk=report)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if args.command == "demo":
+            return _demo(args)
+        path = run_generation(Path(args.ckpt_dir), Path(args.lora_path_dmd) if args.lora_path_dmd else None,
+                              args.image, args.audio, args.prompt, args.save_file, size=args.size,
+                              num_clip=args.num_clip, infer_frames=args.infer_frames,
+                              sample_steps=args.sample_steps, seed=args.base_seed, mode=args.mode,
+                              online_decode=args.enable_online_decode, device=args.device,
+                              precision="fp8" if args.fp8 else args.precision, attention=args.attention)
+        print(f"wrote {path}")
+        return 0
+    except LiveAvatarError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _demo(args) -> int:
+    from .synthetic import write_tiny_checkpoint
+    from .video.probe import probe_mp4
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.workdir or Path(tmp)
+        t0 = time.perf_counter()
+        tiny = write_tiny_checkpoint(root, audio_seconds=args.audio_seconds)
+        log.info("tiny synthetic checkpoint written to %s in %.1f s", root, time.perf_counter() - t0)
+        args.save_file.parent.mkdir(parents=True, exist_ok=True)
+        path = run_generation(tiny.ckpt_dir, tiny.lora, tiny.image, tiny.audio, tiny.prompt, args.save_file,
+                              size="128*128", num_clip=args.num_clip, infer_frames=48, sample_steps=4, seed=420,
+                              mode=args.mode, online_decode=False, device="cpu", precision="fp32",
+                              attention="sdpa")
+    info = probe_mp4(path)
+    print(f"wrote {path}: {info.frame_count} frames {info.width}x{info.height} at {info.fps} fps, "
+          f"{info.duration_s:.2f} s, audio {info.audio_duration_s:.2f} s, "
+          f"total {time.perf_counter() - t0:.1f} s")
+    return 0

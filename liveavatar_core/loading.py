@@ -1,0 +1,117 @@
+"""Loading the generator (DiT + LoRA + optional FP8, VAE) as ordered, documented steps.
+
+Order, as in the official pipeline (spec/pipeline.md 1.2): base weights -> LoRA merge (fp32,
+rounded once) -> FP8 conversion -> placement. Each step validates its inputs before any tensor
+is read, so a wrong file fails in seconds with a message naming it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import InputError, WeightsError
+from .model.dit import LiveAvatarDiT
+from .ops.attention import get_attention
+from .ops.fp8 import check_fp8_support, convert_to_fp8
+from .pipeline import LiveAvatarModel
+from .vae.loader import load_vae
+from .weights.dit import load_dit_checkpoint, load_into_module
+from .weights.lora import DEFAULT_SCALE, load_lora, merge_lora
+
+log = logging.getLogger("liveavatar")
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.bfloat16}
+
+# File names inside the official `Wan2.2-S2V-14B` folder (spec/pipeline.md 1.1).
+T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
+VAE_FILE = "Wan2.1_VAE.pth"
+WAV2VEC2_DIR = "wav2vec2-large-xlsr-53-english"
+
+
+@dataclass(frozen=True)
+class OfficialFolder:
+    """Component paths of an official `Wan2.2-S2V-14B` checkpoint folder."""
+
+    root: Path
+
+    @property
+    def dit(self) -> Path:
+        return self.root
+
+    @property
+    def t5(self) -> Path:
+        return self.root / T5_FILE
+
+    @property
+    def vae(self) -> Path:
+        return self.root / VAE_FILE
+
+    @property
+    def wav2vec2(self) -> Path:
+        return self.root / WAV2VEC2_DIR
+
+
+def official_folder(path: str | Path, input_name: str = "ckpt_dir") -> OfficialFolder:
+    """Check that `path` is an official checkpoint folder; name every missing part."""
+    root = Path(path)
+    if not root.is_dir():
+        raise WeightsError(input_name, f"{root} is not a folder.",
+                           "pass the Wan2.2-S2V-14B folder downloaded from Wan-AI/Wan2.2-S2V-14B.")
+    folder = OfficialFolder(root)
+    wanted = {"config.json": root / "config.json", T5_FILE: folder.t5, VAE_FILE: folder.vae,
+              WAV2VEC2_DIR + "/": folder.wav2vec2, "google/umt5-xxl/": root / "google" / "umt5-xxl"}
+    missing = [name for name, p in wanted.items() if not p.exists()]
+    if not any(root.glob("diffusion_pytorch_model*.safetensors*")):
+        missing.insert(0, "diffusion_pytorch_model-*.safetensors")
+    if missing:
+        raise WeightsError(input_name, f"{root} lacks {', '.join(missing)}.",
+                           "download the complete Wan-AI/Wan2.2-S2V-14B repository into that folder.")
+    return folder
+
+
+def load_generator(dit_path: str | Path, vae_path: str | Path, lora_path: str | Path | None = None, *,
+                   precision: str = "bf16", attention: str = "sdpa", dit_device: str | torch.device = "cpu",
+                   vae_device: str | torch.device | None = None, vae_dtype: torch.dtype | None = None,
+                   lora_scale: float = DEFAULT_SCALE) -> LiveAvatarModel:
+    """Load, merge, convert and place the DiT and the VAE.
+
+    dit_path: official folder, shard index or single file; lora_path: `liveavatar.safetensors`
+    (None: base model only, which is not the distilled 4-step model); precision: bf16, fp8
+    (bf16 compute with FP8 GEMMs) or fp32 (CPU parity).
+    """
+    if precision not in PRECISIONS:
+        raise InputError("precision", f"unknown precision '{precision}'.", f"choose one of {', '.join(PRECISIONS)}.")
+    dit_device = torch.device(dit_device)
+    vae_device = torch.device(vae_device) if vae_device is not None else dit_device
+    if precision == "fp8":
+        check_fp8_support(dit_device)
+    attention_fn = get_attention(attention)
+    dtype = PRECISIONS[precision]
+
+    # 1. Base weights (validated against the config before any tensor is read).
+    ckpt = load_dit_checkpoint(dit_path)
+    log.info("DiT: %s", ckpt.description)
+    lora = load_lora(lora_path, ckpt.shapes()) if lora_path else None
+    with torch.device("meta"):
+        dit = LiveAvatarDiT(ckpt.config, attention=attention_fn).to(dtype)
+    load_into_module(dit, ckpt.state_dict, device=dit_device)  # one tensor at a time, cast to dtype
+    dit.eval().requires_grad_(False)
+    # 2. LoRA merge in place on the DiT's device: fp32 delta, one rounding to the weight dtype.
+    if lora:
+        merged = merge_lora(dit, lora, scale=lora_scale)
+        log.info("LoRA: %s; merged %d pairs at scale %g", lora.description, merged, lora_scale)
+    else:
+        log.warning("no LoRA given: the base Wan2.2-S2V model is not the 4-step distilled Live Avatar model")
+    # 3. FP8 GEMMs after the merge (the merged weights are what is quantised).
+    if precision == "fp8":
+        log.info("FP8: %d Linear layers converted", convert_to_fp8(dit))
+    vae = load_vae(vae_path, device=vae_device, dtype=vae_dtype or (torch.float32 if precision == "fp32"
+                                                                     else torch.bfloat16))
+    log.info("VAE: %s", vae.description)
+    return LiveAvatarModel(dit, vae, f"{ckpt.description}; {lora.description if lora else 'no LoRA'}; "
+                                     f"{precision}; {vae.description}")
+
