@@ -255,10 +255,11 @@ def test_offset_only_matters_once_the_reference_moves(tiny):
     fs = tokens_per_frame(cfg, 8, 16)
     inp = _inputs(cfg, 8, 16, f, seed=4)
     text = tiny.encode_text(inp["context"])
+    cond = tiny.sink(inp["ref"], inp["motion"], text)
 
     def pred(frame0, d):
         cache = _stream(tiny, inp, (8, 16), f)
-        tiny.sink(inp["ref"], inp["motion"], text, cache)
+        cache.cond = cond
         return tiny.denoise_block(inp["x"], 600.0, text, inp["audio"], None, cache, frame0 * fs, d)
 
     assert torch.equal(pred(0, 4), pred(0, 30))
