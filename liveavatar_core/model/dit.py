@@ -297,9 +297,10 @@ class LiveAvatarDiT(nn.Module):
         if current_start % fs:
             raise InputError("current_start", f"{current_start} is not a multiple of the {fs} tokens per frame.",
                              "pass absolute latent frame index * tokens per frame.")
-        if cache.length % fs or cache.k.shape[0] != cfg.num_layers:
-            raise InputError("kv_cache", f"cache of {cache.length} rows does not hold whole frames of {fs} tokens.",
-                             "allocate it with make_step_caches for this latent size.")
+        if cache.length % fs or cache.k.shape[0] != cfg.num_layers or cache.k.shape[1] != b:
+            raise InputError("kv_cache", f"cache {tuple(cache.k.shape)} does not fit {cfg.num_layers} layers, "
+                             f"batch {b} and whole frames of {fs} tokens.",
+                             "allocate it with make_step_caches for this model, batch and latent size.")
         cache.window(current_start, f * fs)
         return b, c, f, lat_h, lat_w
 
