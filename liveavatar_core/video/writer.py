@@ -136,7 +136,7 @@ class StreamingMP4Writer:
         if not path.parent.is_dir():
             raise InputError("output path", f"folder {path.parent} does not exist.",
                              "Create it first, or use safe_output_path, which does.")
-        self.path = path
+        self.path = path.resolve()  # the state must still point here from another working folder
         self.width, self.height = width, height
         self.fps = _as_fps(fps)
         self.settings = settings
@@ -204,16 +204,16 @@ class StreamingMP4Writer:
             chunk = pictures[start:min(start + gop, keep)]
             video = encode_gop(self._video_cfg, chunk, self.frames_written, self._timescale, self._extradata)
             runs = [TrackRun(VIDEO_TRACK_ID, self.frames_written * self._frame_ticks, video)]
-            self.frames_written += len(chunk)
             if self._audio is not None:
-                # Audio in whole AAC frames up to the video written so far; the rest waits.
-                end = min(self._video_end_sample(), self._audio.length)
+                # Audio in whole AAC frames up to the end of this chunk; the rest waits.
+                end = min(self._video_end_sample(self.frames_written + len(chunk)), self._audio.length)
                 runs.append(self._audio_run((end // AAC_FRAME) * AAC_FRAME, final=False))
             self._write(runs)
+            self.frames_written += len(chunk)
         return keep
 
-    def _video_end_sample(self) -> int:
-        return math.floor(Fraction(self.frames_written) * self._audio.sample_rate / self.fps)
+    def _video_end_sample(self, frames: int) -> int:
+        return math.floor(Fraction(frames) * self._audio.sample_rate / self.fps)
 
     def _audio_run(self, stop: int, final: bool) -> TrackRun:
         first_pts, samples = self._aac.take(stop, final)
@@ -224,8 +224,7 @@ class StreamingMP4Writer:
     def _write(self, runs: list[TrackRun]) -> None:
         if not any(r.samples for r in runs):
             return
-        self._sequence += 1
-        data = bytearray(fragment(self._sequence, runs))
+        data = bytearray(fragment(self._sequence + 1, runs))
         # Readers give up on the whole file when its last `moof` is cut short, which a kill in
         # the middle of this write could leave. So the fragment goes out typed as a `free` box
         # (skipped by every reader, whole or cut) and becomes a `moof` only once all of it is in
@@ -234,6 +233,7 @@ class StreamingMP4Writer:
         self._file.write(data)
         self._file.flush()  # hand it to the OS now: the data outlives a killed process
         os.pwrite(self._file.fileno(), b"moof", self._bytes + 4)
+        self._sequence += 1
         self._bytes += len(data)
 
     # --- finishing -------------------------------------------------------------------------
@@ -245,7 +245,7 @@ class StreamingMP4Writer:
         self._closed = True
         try:
             if self._audio is not None:
-                end = min(self._video_end_sample(), self._audio.length)
+                end = min(self._video_end_sample(self.frames_written), self._audio.length)
                 self._write([self._audio_run(end, final=True)])
             self._file.flush()
             os.fsync(self._file.fileno())
