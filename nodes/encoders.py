@@ -1,0 +1,147 @@
+"""Text (umT5) and audio (wav2vec2) encoder nodes."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from ..liveavatar_core.encoders.audio import DEFAULT_FRAMES_PER_CLIP, FRAMES_PER_BLOCK, AudioEncoder
+from ..liveavatar_core.encoders.text import TOKENIZER_SUBDIR, TextEncoder
+from ..liveavatar_core.errors import InputError
+from . import host
+
+T5_MEMBER = "models_t5_umt5-xxl-enc-bf16.pth"
+WAV2VEC2_MEMBER = "wav2vec2-large-xlsr-53-english"
+TEXT_EMBEDS = "LIVEAVATAR_TEXT_EMBEDS"
+AUDIO_FEATURES = "LIVEAVATAR_AUDIO_FEATURES"
+
+
+class _Loaded:
+    """The last encoder of each kind, so a new prompt or audio does not reload it from disk.
+
+    ComfyUI re-runs an encoder node whenever any of its inputs changes (the prompt included);
+    keying on the file's identity and the device keeps the weights across such runs.
+    """
+
+    def __init__(self):
+        self._items: OrderedDict[tuple, object] = OrderedDict()
+
+    def get(self, kind: str, path: Path, device: torch.device, load):
+        stat = path.stat()
+        key = (kind, str(path), stat.st_mtime_ns, stat.st_size, str(device))
+        for old in [k for k in self._items if k[0] == kind and k != key]:
+            del self._items[old]
+        if key not in self._items:
+            self._items[key] = load()
+        return self._items[key]
+
+
+LOADED = _Loaded()
+
+
+def t5_choices() -> list[str]:
+    return host.list_files("text_encoders") + host.own_entries(T5_MEMBER, want_dir=True)
+
+
+def wav2vec2_choices() -> list[str]:
+    return host.list_files("audio_encoders") + host.own_entries(WAV2VEC2_MEMBER, want_dir=True)
+
+
+def _tokenizer_for(weights: Path) -> Path | None:
+    """The umT5 tokenizer beside the weights, else the one of an official folder in models/liveavatar."""
+    if (weights.parent / TOKENIZER_SUBDIR).is_dir():
+        return None  # TextEncoder finds it by itself
+    for entry in host.own_entries(TOKENIZER_SUBDIR.as_posix(), want_dir=True):
+        return host.resolve(host.OWN_FOLDER, entry, "t5_encoder", TOKENIZER_SUBDIR.as_posix())
+    raise InputError("t5_encoder", f"no umT5 tokenizer for {weights.name}: ComfyUI's text encoder files do not "
+                     "carry the official tokenizer.",
+                     f"put the google/umt5-xxl folder of the Wan2.2-S2V-14B download into "
+                     f"models/{host.OWN_FOLDER}/Wan2.2-S2V-14B/google/umt5-xxl.")
+
+
+class LiveAvatarTextEncode:
+    DESCRIPTION = ("Encodes the prompt with umT5-XXL. The encoder stays loaded, so changing only the prompt "
+                   "re-encodes without reading the weights again.")
+    CATEGORY = "LiveAvatar/encoders"
+    FUNCTION = "encode"
+    RETURN_TYPES = (TEXT_EMBEDS,)
+    RETURN_NAMES = ("text_embeds",)
+    OUTPUT_TOOLTIPS = ("umT5 embedding of the prompt, for the Live Avatar sampler.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "prompt": ("STRING", {"multiline": True, "default": "A person talking to the camera, natural "
+                                  "expressions, soft light.",
+                                  "tooltip": "What the video shows; the speech itself comes from the audio."}),
+            "t5_encoder": (t5_choices(), {"tooltip": "umT5-XXL encoder: a file in models/text_encoders, or the "
+                                          "official Wan2.2-S2V-14B folder in models/liveavatar."}),
+            "device": (list(host.DEVICE_CHOICES), {"default": "auto", "tooltip": "Where the encoder runs; "
+                                                   "it moves back to the CPU after encoding."}),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, device):
+        try:
+            host.check_device(device, "device")
+        except InputError as exc:
+            return str(exc)
+        return True
+
+    def encode(self, prompt: str, t5_encoder: str, device: str):
+        weights = host.resolve("text_encoders", t5_encoder, "t5_encoder", T5_MEMBER)
+        tokenizer = _tokenizer_for(weights)
+        dev = host.torch_device(device, "device")
+        encoder = LOADED.get("t5", weights, torch.device("cpu"),
+                             lambda: TextEncoder.from_pretrained(weights, tokenizer, device="cpu"))
+        try:
+            context = encoder.to(dev).encode(prompt)
+        finally:
+            encoder.to("cpu")  # the 11 GB encoder must not sit on the GPU during sampling
+        return (context.cpu(),)
+
+
+class LiveAvatarAudioEncode:
+    DESCRIPTION = ("Turns speech into the 25 fps wav2vec2 features that drive the avatar, and keeps the "
+                   "audio for the MP4.")
+    CATEGORY = "LiveAvatar/encoders"
+    FUNCTION = "encode"
+    RETURN_TYPES = (AUDIO_FEATURES, "INT")
+    RETURN_NAMES = ("audio_features", "num_clips")
+    OUTPUT_TOOLTIPS = ("Audio features (and the 16 kHz audio) for the Live Avatar sampler.",
+                       "How many clips the audio covers.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "audio": ("AUDIO", {"tooltip": "The speech, e.g. from Load Audio; resampled to 16 kHz mono."}),
+            "audio_encoder": (wav2vec2_choices(), {"tooltip": "wav2vec2-large-xlsr-53-english: a file in "
+                                                   "models/audio_encoders, or the official Wan2.2-S2V-14B folder "
+                                                   "in models/liveavatar."}),
+            "device": (list(host.DEVICE_CHOICES), {"default": "auto", "tooltip": "Where wav2vec2 runs."}),
+            "frames_per_clip": ("INT", {"default": DEFAULT_FRAMES_PER_CLIP, "min": FRAMES_PER_BLOCK, "max": 480,
+                                        "step": FRAMES_PER_BLOCK,
+                                        "tooltip": "Video frames per clip; must equal the sampler's (48 = "
+                                                   "trained value)."}),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, device):
+        try:
+            host.check_device(device, "device")
+        except InputError as exc:
+            return str(exc)
+        return True
+
+    def encode(self, audio, audio_encoder: str, device: str, frames_per_clip: int):
+        path = host.resolve("audio_encoders", audio_encoder, "audio_encoder", WAV2VEC2_MEMBER)
+        dev = host.torch_device(device, "device")
+        # bf16 is what the official pipeline runs on GPU; CPUs get fp32.
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        encoder = LOADED.get("wav2vec2", path, dev,
+                             lambda: AudioEncoder.from_pretrained(path, device=dev, dtype=dtype,
+                                                                  input_name="audio_encoder"))
+        features = encoder.encode(audio, frames_per_clip=frames_per_clip)
+        return (features, features.num_clips)
