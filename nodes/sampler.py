@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..liveavatar_core.encoders.audio import DEFAULT_FRAMES_PER_CLIP, FRAMES_PER_BLOCK
-from ..liveavatar_core.encoders.image import DEFAULT_SIZE, SIZE_PRESETS
+from ..liveavatar_core.encoders.image import DEFAULT_SIZE, SIZE_PRESETS, parse_size
 from ..liveavatar_core.errors import InputError
 from ..liveavatar_core.model.offset import D_MAX, D_MIN
 from ..liveavatar_core.pipeline import GenerationSettings, generate
@@ -29,6 +29,7 @@ def settings_from_widgets(size: str, custom_width: int, custom_height: int, seed
         raise InputError("ref_offset_mode", f"unknown mode '{ref_offset_mode}'.",
                          f"choose one of {', '.join(REF_OFFSET_MODES)}.")
     area = f"{custom_width}*{custom_height}" if size == CUSTOM_SIZE else size
+    parse_size(area)
     settings = GenerationSettings(
         size=area, seed=seed, num_clips=num_clips, frames_per_clip=frames_per_clip, sample_steps=sample_steps,
         mode=mode, ref_offset_mode=None if ref_offset_mode == "default" else ref_offset_mode,
