@@ -181,13 +181,17 @@ def test_file_cut_at_any_byte_still_opens_with_every_complete_fragment(tmp_path)
     data = path.read_bytes()
     boxes = list(top_level_boxes(data))
     # (moof offset, moof size, end of its mdat) for each fragment, in file order.
-    fragments = [(o, s, boxes[j + 1][1] + boxes[j + 1][2]) for j, (kind, o, s) in enumerate(boxes) if kind == b"moof"]
+    fragments = [
+        (offset, size, boxes[j + 1][1] + boxes[j + 1][2])
+        for j, (kind, offset, size) in enumerate(boxes) if kind == b"moof"
+    ]
     frames_before = np.cumsum([0] + BLOCKS[:4])
     cut_file = tmp_path / "cut.mp4"
     for index, (offset, size, end) in enumerate(fragments[:4]):
         in_flight = bytearray(data[offset:end])
         in_flight[4:8] = b"free"  # how the writer emits a fragment before it is complete
-        for cut in sorted({0, 3, 8, 20, size // 2, size, size + 8, (size + len(in_flight)) // 2, len(in_flight) - 1}):
+        length = len(in_flight)
+        for cut in sorted({0, 3, 8, 20, size // 2, size, size + 8, (size + length) // 2, length - 1}):
             cut_file.write_bytes(data[:offset] + bytes(in_flight[:cut]))
             assert probe_mp4(cut_file).frame_count == frames_before[index], (index, cut)
 
@@ -294,7 +298,8 @@ def test_memory_stays_flat_however_many_blocks(tmp_path):
                 baseline = rss()
         growth = rss() - baseline
     passed_through = (blocks - 3) * frames.nbytes  # ~160 MB that a frame-keeping writer would hold
-    assert growth < 24 * 2 ** 20, f"RSS grew {growth / 2 ** 20:.1f} MiB over {passed_through / 2 ** 20:.0f} MiB of frames"
+    mib = 2 ** 20
+    assert growth < 24 * mib, f"RSS grew {growth / mib:.1f} MiB over {passed_through / mib:.0f} MiB of frames"
 
 
 @pytest.mark.parametrize("size", [(127, 64), (128, 63), (0, 64)])

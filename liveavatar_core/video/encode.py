@@ -127,7 +127,8 @@ class AudioSource:
             )
         if offset >= audio.shape[1]:
             raise InputError(
-                "audio_offset_frames", f"the offset skips {offset} samples but the audio has only {audio.shape[1]}.",
+                "audio_offset_frames",
+                f"the offset skips {offset} samples but the audio has only {audio.shape[1]}.",
                 "Use a smaller offset.",
             )
         self.samples = audio
@@ -140,7 +141,8 @@ class AudioSource:
         for start in range(0, audio.shape[1], 1 << 20):
             chunk = np.ascontiguousarray(audio[:, start:start + (1 << 20)], dtype=np.float32)
             if not np.isfinite(chunk).all():
-                raise InputError(input_name, "contains NaN or infinite samples.", "Check the audio decoder output.")
+                raise InputError(input_name, "contains NaN or infinite samples.",
+                                 "Check the audio decoder output.")
             crc = zlib.crc32(chunk.tobytes(), crc)
         self.crc32 = crc
 

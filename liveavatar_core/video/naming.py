@@ -17,7 +17,7 @@ _MAX_STEM_BYTES = 200
 # Characters Windows forbids in names, plus both separators; replaced so a prompt never picks
 # a folder and a file written on Linux can still be copied to Windows.
 _FORBIDDEN = re.compile(r'[<>:"/\\|?*]')
-_WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
+_WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"{port}{i}" for port in ("com", "lpt") for i in range(1, 10))}
 
 
 def sanitize_stem(text: str, max_chars: int = _MAX_STEM_CHARS) -> str:

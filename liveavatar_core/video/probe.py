@@ -40,7 +40,8 @@ def _open(path: str | os.PathLike) -> av.container.InputContainer:
     try:
         return av.open(os.fspath(path))
     except (OSError, av.error.FFmpegError) as exc:
-        raise InputError("video file", f"cannot open {path}: {exc}.", "Check that the path is an MP4 file.") from None
+        raise InputError("video file", f"cannot open {path}: {exc}.",
+                         "Check that the path is an MP4 file.") from None
 
 
 def probe_mp4(path: str | os.PathLike, max_frames: int = 8, decode_audio: bool = False) -> ProbeResult:

@@ -19,6 +19,7 @@ reads the audio through a view of the caller's array.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import asdict, dataclass
 from fractions import Fraction
@@ -38,12 +39,23 @@ from .encode import (
     encode_gop,
     video_extradata,
 )
-from .fmp4 import AUDIO_TRACK_ID, VIDEO_TRACK_ID, AudioTrack, TrackRun, VideoTrack, fragment, init_segment, parameter_sets
+from .fmp4 import (
+    AUDIO_TRACK_ID,
+    VIDEO_TRACK_ID,
+    AudioTrack,
+    TrackRun,
+    VideoTrack,
+    fragment,
+    init_segment,
+    parameter_sets,
+)
 from .frames import to_uint8_frames
 
 _STATE_FORMAT = "liveavatar-streaming-mp4"
 _STATE_VERSION = 1
-_X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow", "placebo")
+_X264_PRESETS = (
+    "ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow", "placebo",
+)
 _TRIM_POLICIES = ("shortest", "video")
 
 
@@ -83,7 +95,7 @@ class WriterSettings:
             ("preset", self.preset in _X264_PRESETS, f"Use one of {', '.join(_X264_PRESETS)}."),
             ("threads", self.threads >= 1, "Use 1 or more."),
             ("max_gop_frames", self.max_gop_frames >= 1, "Use 1 or more (48 = one clip)."),
-            ("audio_bitrate", self.audio_bitrate >= 8000, "Use at least 8000 bit/s (192000 is the official value)."),
+            ("audio_bitrate", self.audio_bitrate >= 8000, "Use at least 8000 bit/s (192000 is official)."),
             ("audio_preroll_frames", self.audio_preroll_frames >= 1, "Use 1 or more (8 is the default)."),
             ("trim", self.trim in _TRIM_POLICIES, f"Use one of {', '.join(_TRIM_POLICIES)}."),
         ]
@@ -128,11 +140,12 @@ class StreamingMP4Writer:
 
     def _configure(self, path: Path, width: int, height: int, fps, audio, sample_rate, settings: WriterSettings):
         for name, value in (("width", width), ("height", height)):
-            if not isinstance(value, int) or value <= 0 or value % 2:
+            if not isinstance(value, numbers.Integral) or value <= 0 or value % 2:
                 raise InputError(
                     name, f"{value!r} is not a positive even number of pixels; H.264 4:2:0 needs even sizes.",
                     "Use the pipeline's output size (a multiple of 64) or crop one pixel.",
                 )
+        width, height = int(width), int(height)
         if not path.parent.is_dir():
             raise InputError("output path", f"folder {path.parent} does not exist.",
                              "Create it first, or use safe_output_path, which does.")
@@ -302,7 +315,8 @@ class StreamingMP4Writer:
         state was taken) is discarded, so the finished file equals an uninterrupted run.
         """
         if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
-            raise InputError("state", "is not a Live Avatar video writer state.", "Pass the dict from writer.state().")
+            raise InputError("state", "is not a Live Avatar video writer state.",
+                             "Pass the dict from writer.state().")
         if state.get("version") != _STATE_VERSION:
             raise InputError("state", f"has version {state.get('version')!r}; this build reads {_STATE_VERSION}.",
                              "Start a new video.")
@@ -321,12 +335,14 @@ class StreamingMP4Writer:
                                  "Pass the same samples and sample rate.")
         size = self.path.stat().st_size if self.path.is_file() else -1
         if size < state["bytes"]:
-            raise InputError("state", f"{self.path} is missing or shorter than the recorded {state['bytes']} bytes.",
+            raise InputError("state",
+                             f"{self.path} is missing or shorter than the recorded {state['bytes']} bytes.",
                              "The partial video was moved or damaged; start a new video.")
         self._file = open(self.path, "r+b")
         if self._file.read(len(self._init)) != self._init:
             self._file.close()
-            raise InputError("state", f"the header of {self.path} does not match these settings or this encoder build.",
+            raise InputError("state",
+                             f"the header of {self.path} does not match these settings or this encoder build.",
                              "Resume with the same software, or start a new video.")
         self._file.truncate(state["bytes"])
         self._file.seek(state["bytes"])

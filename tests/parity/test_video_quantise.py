@@ -3,7 +3,6 @@
 import math
 
 import av
-import librosa
 import numpy as np
 from safetensors.torch import load_file
 
@@ -23,7 +22,7 @@ def test_official_video_and_audio_through_the_writer(fixtures, manifest, tmp_pat
     video = load_file(fixtures / "golden" / "08_rollout_offline.safetensors")["video_uint8"]
     frames = np.ascontiguousarray(video.permute(1, 2, 3, 0).numpy())
     fps = manifest["settings"]["sample_fps"]
-    audio, sr = librosa.load(fixtures / manifest["inputs"]["audio"], sr=16000)
+    audio, sr = read_wav(fixtures / manifest["inputs"]["audio"])
     path = tmp_path / "official.mp4"
     with StreamingMP4Writer(path, frames.shape[2], frames.shape[1], fps, audio=audio, sample_rate=sr) as writer:
         writer.append(frames)
@@ -44,3 +43,13 @@ def test_official_video_and_audio_through_the_writer(fixtures, manifest, tmp_pat
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return 10 * np.log10(255.0 ** 2 / np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+
+
+def read_wav(path) -> tuple[np.ndarray, int]:
+    """Mono float samples at the pipeline's 16 kHz, decoded with PyAV (the official mux reads the file
+    with FFmpeg too)."""
+    resampler = av.AudioResampler(format="fltp", layout="mono", rate=16000)
+    with av.open(str(path)) as container:
+        chunks = [f.to_ndarray()[0] for frame in container.decode(audio=0) for f in resampler.resample(frame)]
+    chunks += [f.to_ndarray()[0] for f in resampler.resample(None)]
+    return np.concatenate(chunks), 16000
