@@ -106,6 +106,18 @@ def test_same_seed_same_blocks_other_seed_other_blocks(model, inputs):
     assert not any(torch.equal(x, y) for x, y in zip(a, c))
 
 
+def test_bf16_model_gives_bf16_blocks_and_caches(ckpt_dir, inputs):
+    ckpt = load_dit_checkpoint(ckpt_dir)
+    m = LiveAvatarDiT(ckpt.config)
+    load_weights(m, ckpt.state_dict, dtype=torch.bfloat16)
+    text = m.encode_text(torch.randn(5, m.cfg.text_dim))
+    sampler = BlockSampler(m, text, inputs["ref"], inputs["motion"], SamplerConfig(dtype="bfloat16", **FAST))
+    blocks = list(sampler.run(_audio(inputs, 1)))
+    assert {b.latents.dtype for b in blocks} == {torch.bfloat16}
+    assert all(torch.isfinite(b.latents.float()).all() for b in blocks)
+    assert {c.k.dtype for c in sampler.caches} == {c.cond.k[0].dtype for c in sampler.caches} == {torch.bfloat16}
+
+
 # --- clip counts ----------------------------------------------------------------------------------
 
 def _clips(blocks):

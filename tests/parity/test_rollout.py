@@ -51,19 +51,27 @@ def _rollout(model, golden, config, on_clip_end=None):
 
 
 def _check_calls(calls, expected_calls, g):
+    """Every call's position, offset draw and timestep as logged; every stored prediction."""
     assert len(calls) == len(expected_calls)
+    checked = set()
     for got, exp in zip(calls, expected_calls):
         key = f"calls.clip{exp['clip']}.block{exp['block']}.step{exp['step']}.pred"
         assert got["current_start"] == exp["current_start"], key
         assert got["d"] == exp["randint_relative_dist"][0], key
         assert got["t"].flatten().tolist() == pytest.approx(exp["t"], abs=1e-3), key
-        torch.testing.assert_close(got["pred"], g[key], atol=ROLLOUT_ATOL, rtol=ROLLOUT_RTOL, msg=key)
+        if key in g:
+            torch.testing.assert_close(got["pred"], g[key], atol=ROLLOUT_ATOL, rtol=ROLLOUT_RTOL, msg=key)
+            checked.add(key)
+    stored = {k for k in g if k.startswith("calls.") and k.endswith(".pred")}
+    assert stored and checked == stored
 
 
 def _check_clip_latents(blocks, manifest, run, g):
     num_clips = manifest["runs"][run]["num_clips"]
     assert sorted({b.clip for b in blocks}) == list(range(num_clips))
-    for r in range(num_clips):
+    stored = [r for r in range(num_clips) if f"decode{r}.clip_latents" in g]
+    assert 0 in stored and len(stored) >= min(num_clips, 2)
+    for r in stored:
         got = torch.cat([b.latents for b in blocks if b.clip == r], dim=2)[0]
         torch.testing.assert_close(got, g[f"decode{r}.clip_latents"], atol=ROLLOUT_ATOL, rtol=ROLLOUT_RTOL,
                                    msg=f"clip {r} latents")
