@@ -58,6 +58,7 @@ class GenerationSettings:
     mode: str = "streaming"
     ref_offset_mode: str | None = None  # None = the mode's default ("seeded" / "official")
     ref_offset: int = 30  # used by ref_offset_mode "fixed"
+    ref_offset_seed: int | None = None  # None = seed
     online_decode: bool = False  # official mode only: Mode S+
     fps: int = 25
 
@@ -76,7 +77,8 @@ class GenerationSettings:
                              seed=self.seed, num_clips=self.num_clips or None,
                              online_decode=self.online_decode,
                              sink_refresh="caller" if self.online_decode else None,
-                             ref_offset=self.ref_offset_mode, ref_offset_value=self.ref_offset)
+                             ref_offset=self.ref_offset_mode, ref_offset_seed=self.ref_offset_seed,
+                             ref_offset_value=self.ref_offset)
 
 
 @dataclass
