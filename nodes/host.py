@@ -260,7 +260,8 @@ def check_device(choice: str, input_name: str) -> None:
     import torch
 
     if choice not in DEVICE_CHOICES:
-        raise InputError(input_name, f"'{choice}' is not a device choice.", f"choose one of {', '.join(DEVICE_CHOICES)}.")
+        raise InputError(input_name, f"'{choice}' is not a device choice.",
+                         f"choose one of {', '.join(DEVICE_CHOICES)}.")
     if choice.startswith("cuda:"):
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if int(choice.split(":")[1]) >= count:
