@@ -99,8 +99,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
-        # Same as F.normalize(x, dim=1) (eps 1e-12 on the norm), several times faster on CPU.
-        return x * torch.rsqrt(x.square().sum(1, keepdim=True).clamp_min(1e-24)) * self.scale * self.gamma
+        # F.normalize(x, dim=1) (eps 1e-12 on the norm) with sqrt(C) folded into the per-pixel
+        # factor: two full-size multiplies instead of four, equal up to float rounding.
+        factor = torch.rsqrt(x.square().sum(1, keepdim=True).clamp_min(1e-24)) * self.scale
+        return x * factor * self.gamma
 
 
 class Upsample2x(nn.Module):
