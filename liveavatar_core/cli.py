@@ -1,4 +1,4 @@
-"""Command line: `python -m liveavatar_core {generate,demo}`.
+"""Command line: `python -m liveavatar_core {generate,inspect,demo}`.
 
 `generate` keeps the official flag names where they make sense and validates every input before
 loading anything. `demo` writes a tiny synthetic checkpoint in the official layout and runs the
@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
                      help="compute precision (fp32 for CPU parity runs)")
     gen.add_argument("--attention", default="sdpa", help="attention backend: sdpa, flash2, flash3, sage")
+
+    ins = sub.add_parser("inspect", help="say what a weight file or official folder is")
+    ins.add_argument("paths", nargs="+", type=Path)
 
     demo = sub.add_parser("demo", help="run the whole pipeline on a tiny synthetic checkpoint (CPU)")
     demo.add_argument("--save_file", type=Path, default=Path("output/liveavatar_demo.mp4"))
@@ -117,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return _demo(args)
+        if args.command == "inspect":
+            from .weights.detect import identify
+
+            for p in args.paths:
+                print(f"{p}: {identify(p)}" if not p.is_dir() else identify(p))
+            return 0
         path = run_generation(Path(args.ckpt_dir), Path(args.lora_path_dmd) if args.lora_path_dmd else None,
                               args.image, args.audio, args.prompt, args.save_file, size=args.size,
                               num_clip=args.num_clip, infer_frames=args.infer_frames,

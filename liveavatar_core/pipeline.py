@@ -71,6 +71,7 @@ class GenerationSettings:
         if self.online_decode and self.mode != "official":
             raise InputError("online_decode", "only the official mode has the online-decode variant; "
                              "streaming mode always decodes online.", "turn online_decode off.")
+        self.sampler_config()  # validates steps, frames per clip and the offset options up front
 
     def sampler_config(self) -> SamplerConfig:
         return SamplerConfig(mode=self.mode, frames_per_clip=self.frames_per_clip, steps=self.sample_steps,
