@@ -81,9 +81,11 @@ class CausalConv3d(nn.Conv3d):
         return self._conv_forward(x, self.weight, self.bias)
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        if (not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.float32
+                and torch.backends.mkldnn.is_available()):
             # PyTorch's CPU heuristic sends batch-1 3-D convs with few channels (narrow test
             # models) to its reference kernel, ~15x slower than oneDNN on the same shapes.
+            # Compiled graphs keep the standard op (fake tensors cannot run this one).
             return torch.ops.aten.mkldnn_convolution(x.contiguous(), weight, bias, list(self.padding),
                                                      list(self.stride), list(self.dilation), self.groups)
         return super()._conv_forward(x, weight, bias)
