@@ -102,7 +102,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
         # F.normalize(x, dim=1) (eps 1e-12 on the norm) with sqrt(C) folded into the per-pixel
-        # factor: two full-size multiplies instead of four, equal up to float rounding.
+        # factor: two full-size multiplies instead of three, equal up to float rounding.
         factor = torch.rsqrt(x.square().sum(1, keepdim=True).clamp_min(1e-24)) * self.scale
         return x * factor * self.gamma
 
