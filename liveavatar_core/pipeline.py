@@ -153,6 +153,7 @@ class VideoStream:
 
     def __iter__(self) -> Iterator[FrameChunk]:
         start = time.perf_counter()
+        self.stats = Stats()
         dit = self.model.dit
         with torch.no_grad():
             ref_lat, motion_lat, decoder = self._condition()
