@@ -1,0 +1,713 @@
+"""Run plan: what goes where, how much memory each device needs, and whether it fits.
+
+`plan_run(...)` is called before anything is loaded (loader node, CLI, benchmarks). It turns the
+chosen settings into an itemised estimate per device, computed from exact tensor counts:
+
+* DiT weights from `expected_dit_keys` (FP8 layers as 1 byte per weight + a scale, the rest bf16);
+  with block swap, the blocks kept resident plus two staging slots;
+* one KV ring per denoising step: latent frames per clip x tokens per frame x layers x heads x
+  head_dim x 2 (k and v) x bytes (spec/pipeline.md 3.4); on the host when streamed, plus the GPU
+  staging buffers;
+* the condition cache (reference + FramePack tokens, 2.5 x tokens per frame at the release
+  buckets) and the per-layer text keys/values;
+* the activation peak of one block call, the VAE weights, its streaming state and decode peak,
+  and the umT5 / wav2vec2 encoders, placed or offloaded independently.
+
+`offload="auto"` picks the placement that fits and moves the fewest bytes per DiT call; it never
+changes numerics (precision and KV dtype stay as chosen). `RunPlan.validate()` refuses a plan that
+does not fit with the numbers and the cheapest fix.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, replace
+
+from .config import DiTConfig
+from .errors import InputError
+from .ops.fp8 import IGNORE as FP8_IGNORE
+from .weights.dit import expected_dit_keys
+from .weights.vae import DIM_MULT, NUM_RES_BLOCKS, TEMPORAL_DOWNSAMPLE, expected_vae_shapes
+
+GiB = 2 ** 30
+
+PRECISIONS = ("bf16", "fp8", "fp32")
+OFFLOAD_MODES = ("none", "model", "block_swap", "auto")
+KV_LOCATIONS = ("gpu", "cpu")
+KV_DTYPES = ("bf16", "fp32")
+# gpu: resident for the whole run; offload: kept in host memory, on the GPU only while used;
+# cpu: runs on the CPU.
+PLACEMENTS = ("gpu", "offload", "cpu")
+
+_BYTES = {"bf16": 2, "fp32": 4}
+# Phases of a run: the encoders run before generation starts (and, offloaded, leave the GPU).
+_ENCODE, _GENERATE, _ALWAYS = "encode", "generate", "always"
+# Staging slots of block swap and of the streamed KV cache (current + one in flight).
+SWAP_SLOTS = 2
+KV_STREAM_SLOTS = 2
+# Device memory not available to PyTorch's allocator (CUDA context, cuBLAS/cuDNN workspaces).
+CONTEXT_BYTES = GiB
+# Allocator fragmentation allowance on top of the estimated peak.
+FRAGMENTATION = 0.04
+# Audio length assumed for the wav2vec2 estimate when none is given (the encoder sees it all at once).
+DEFAULT_AUDIO_SECONDS = 60.0
+
+# umT5-XXL encoder and wav2vec2-large-xlsr-53 (spec/pipeline.md 1.1), for estimates before loading.
+_UMT5_XXL = {"vocab": 256384, "d_model": 4096, "layers": 24, "heads": 64, "d_kv": 64, "d_ff": 10240, "buckets": 32}
+_WAV2VEC2_LARGE = {"hidden": 1024, "layers": 24, "ffn": 4096, "conv_dim": 512, "pos_kernel": 128, "pos_groups": 16,
+                   "conv_kernels": (10, 3, 3, 3, 3, 2, 2), "heads": 16}
+_WAV2VEC2_FPS = 50  # hidden-state frames per second of 16 kHz audio
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """A device the plan may place work on: `cuda:N` or `cpu`, with its total memory."""
+
+    name: str
+    total_bytes: int
+    label: str = ""
+
+
+def detect_devices() -> list[DeviceSpec]:
+    """The CUDA devices present (empty on CPU-only machines)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    out = []
+    for i in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(i)
+        out.append(DeviceSpec(f"cuda:{i}", int(props.total_memory), props.name))
+    return out
+
+
+def host_device() -> DeviceSpec:
+    """Host RAM as a device (pinned buffers of block swap and streamed KV caches live there)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 0
+    return DeviceSpec("cpu", int(total), "host memory")
+
+
+@dataclass(frozen=True)
+class MemoryItem:
+    """One line of the estimate: `bytes` on `device` during `phase` (encode, generate or always)."""
+
+    device: str
+    name: str
+    bytes: int
+    phase: str = _ALWAYS
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Token counts of one run, derived from the config and the output size (spec/dit.md 1)."""
+
+    height: int
+    width: int
+    frames_per_clip: int
+    steps: int
+    batch: int
+    latent_h: int
+    latent_w: int
+    tokens_per_frame: int
+    cache_frames: int
+    cond_tokens: int
+
+    frames_per_block: int = 3
+
+    @property
+    def block_tokens(self) -> int:
+        return self.tokens_per_frame * self.frames_per_block
+
+    @property
+    def cache_tokens(self) -> int:
+        return self.cache_frames * self.tokens_per_frame
+
+
+def geometry(cfg: DiTConfig, height: int, width: int, frames_per_clip: int = 48, steps: int = 4,
+             batch: int = 1) -> Geometry:
+    """Latent grid, tokens per frame, KV ring length and condition tokens for one output size."""
+    for name, v in (("height", height), ("width", width)):
+        if not isinstance(v, int) or v <= 0 or v % 64:
+            raise InputError("size", f"{name} {v!r} is not a positive multiple of 64.",
+                             "use an output size like 704*384 (both sides multiples of 64).")
+    if frames_per_clip <= 0 or frames_per_clip % 12:
+        raise InputError("frames_per_clip", f"{frames_per_clip} is not a positive multiple of 12.",
+                         "use 48 (the value the model was trained with).")
+    if steps < 1:
+        raise InputError("sample_steps", f"must be positive, got {steps}.", "use 4.")
+    lat_h, lat_w = height // 8, width // 8
+    _, ph, pw = cfg.patch_size
+    fs = (lat_h // ph) * (lat_w // pw)
+    m_video, m_lat = cfg.motion_frames
+    cache_frames = (frames_per_clip + 3 + m_video) // 4 - m_lat
+    n1, n2, n4 = cfg.zip_frame_buckets
+    # Reference frame + FramePack groups at 1x, 2x (2x2x2 merge -> 1/4 tokens per frame, half the
+    # frames) and 4x (4x4x4 -> 1/16 per frame, a quarter of the frames): 2.5 fs for (1, 2, 16).
+    cond = fs + n1 * fs + (n2 // 2) * (fs // 4) + (n4 // 4) * (fs // 16)
+    return Geometry(height, width, frames_per_clip, steps, batch, lat_h, lat_w, fs, cache_frames, cond,
+                    cfg.num_frames_per_block)
+
+
+# ------------------------------------------------------------------------------------------------
+# sizes of the pieces
+
+
+def is_fp8_target(key: str, shape: tuple[int, ...]) -> bool:
+    """True for the weight of a Linear that `ops.fp8.convert_to_fp8` quantises."""
+    return (key.endswith(".weight") and len(shape) == 2 and not key.startswith("trainable_cond_mask")
+            and not any(tag in key for tag in FP8_IGNORE))
+
+
+def _fp8_linears(keys: dict[str, tuple[int, ...]]) -> set[str]:
+    return {k[:-len(".weight")] for k, s in keys.items() if is_fp8_target(k, s)}
+
+
+def dit_tensor_bytes(cfg: DiTConfig, precision: str) -> dict[str, int]:
+    """Bytes of every DiT state tensor on the device under `precision` (FP8 adds a scale per layer)."""
+    keys = expected_dit_keys(cfg)
+    fp8 = _fp8_linears(keys) if precision == "fp8" else set()
+    elem = _BYTES["fp32" if precision == "fp32" else "bf16"]
+    out = {}
+    for k, shape in keys.items():
+        n = math.prod(shape)
+        if k.endswith(".weight") and k[:-len(".weight")] in fp8:
+            out[k] = n + 4  # e4m3 codes + the fp32 dequantisation factor
+        else:
+            out[k] = n * elem
+    return out
+
+
+def unit_of(key: str, cfg: DiTConfig) -> int | None:
+    """Swap unit of a DiT tensor: block i with the audio injector that follows it; None = base."""
+    if key.startswith("blocks."):
+        return int(key.split(".")[1])
+    for prefix in ("audio_injector.injector.", "audio_injector.injector_adain_layers."):
+        if key.startswith(prefix):
+            return cfg.audio_inject_layers[int(key[len(prefix):].split(".")[0])]
+    return None
+
+
+def dit_unit_bytes(cfg: DiTConfig, precision: str) -> tuple[int, list[int]]:
+    """(bytes outside the swap units, bytes of each unit 0..num_layers-1)."""
+    base, units = 0, [0] * cfg.num_layers
+    for k, b in dit_tensor_bytes(cfg, precision).items():
+        u = unit_of(k, cfg)
+        if u is None:
+            base += b
+        else:
+            units[u] += b
+    return base, units
+
+
+def swapped_layers(num_layers: int, blocks_on_gpu: int) -> tuple[int, ...]:
+    """Which units are swapped: spread evenly, so each transfer overlaps resident compute."""
+    n_swap = num_layers - blocks_on_gpu
+    if n_swap <= 0:
+        return ()
+    return tuple(sorted({int((j + 0.5) * num_layers / n_swap) for j in range(n_swap)}))
+
+
+def kv_cache_bytes(cfg: DiTConfig, geo: Geometry, dtype: str) -> int:
+    """One step's KV ring, all layers: k and v `[L, B, frames*fs, H, HD]`."""
+    return 2 * cfg.num_layers * geo.batch * geo.cache_tokens * cfg.dim * _BYTES[dtype]
+
+
+def kv_layer_bytes(cfg: DiTConfig, geo: Geometry, dtype: str) -> int:
+    """k and v of one layer of one step's ring (one streaming staging slot)."""
+    return 2 * geo.batch * geo.cache_tokens * cfg.dim * _BYTES[dtype]
+
+
+def cond_cache_bytes(cfg: DiTConfig, geo: Geometry, dtype: str) -> int:
+    """Un-rotated condition keys and values of every layer, shared by the step caches."""
+    return 2 * cfg.num_layers * geo.batch * geo.cond_tokens * cfg.dim * _BYTES[dtype]
+
+
+def text_cache_bytes(cfg: DiTConfig, geo: Geometry, dtype: str) -> int:
+    """Embedded prompt plus each layer's cross-attention keys/values (computed once per stream)."""
+    return (2 * cfg.num_layers + 1) * geo.batch * cfg.text_len * cfg.dim * _BYTES[dtype]
+
+
+def block_call_activation_bytes(cfg: DiTConfig, geo: Geometry, precision: str) -> int:
+    """Peak transient memory of one block denoising call, steady (full ring) regime.
+
+    Inside a layer: the fp32 residual plus about three fp32 temporaries of the block's tokens
+    (modulation, norms, gates), the FFN hidden state and its GELU, the concatenated history +
+    condition keys and values, and the fp32 rotation of the condition keys. FP8 adds the fp32
+    scaled copy of the widest GEMM input (the FFN hidden state).
+    """
+    b, d, ff = geo.batch, cfg.dim, cfg.ffn_dim
+    act = _BYTES["fp32" if precision == "fp32" else "bf16"]
+    lq = geo.block_tokens
+    lkv = geo.cache_tokens + geo.cond_tokens
+    total = b * lq * d * 4 * 4                     # residual + fp32 temporaries
+    total += b * lq * ff * act * 2                 # FFN hidden + activation
+    total += b * lkv * d * act * 2                 # keys, values (history + condition)
+    total += b * geo.cond_tokens * d * 4 * 2       # condition key rotation in fp32
+    if precision == "fp8":
+        total += b * lq * ff * 4
+    return total
+
+
+def sink_activation_bytes(cfg: DiTConfig, geo: Geometry, precision: str) -> int:
+    """Peak transient memory of the sink pass (condition tokens attend among themselves)."""
+    act = _BYTES["fp32" if precision == "fp32" else "bf16"]
+    lc = geo.cond_tokens * geo.batch
+    return lc * cfg.dim * 4 * 4 + lc * cfg.ffn_dim * act * 2 + lc * cfg.dim * act * 4
+
+
+def vae_weight_bytes(base_dim: int = 96, dtype: str = "bf16") -> int:
+    """Wan 2.1 VAE parameters (127 M at the released width)."""
+    return sum(math.prod(s) for s in expected_vae_shapes(base_dim).values()) * _BYTES[dtype]
+
+
+def vae_decoder_state_bytes(height: int, width: int, base_dim: int = 96, z_dim: int = 16,
+                            dtype: str = "bf16", batch: int = 1) -> int:
+    """Causal history a streaming decoder carries between calls (2 frames per temporal conv).
+
+    Walks the decoder as `vae.model.Decoder3d` builds it: conv1 on latents, the middle blocks, then
+    per stage `num_res_blocks + 1` residual blocks (2 convs each) and an up-sampler whose temporal
+    conv keeps history only when the stage up-samples time; the head conv at full resolution.
+    """
+    e = _BYTES[dtype] * batch
+    dims = [base_dim * m for m in (DIM_MULT[-1], *DIM_MULT[::-1])]
+    temporal_up = TEMPORAL_DOWNSAMPLE[::-1]
+    h, w = height // 8, width // 8
+    total = 2 * z_dim * h * w * e                          # conv1 input
+    total += 4 * 2 * dims[0] * h * w * e                   # middle: two residual blocks, 2 convs each
+    for stage, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
+        if stage > 0:
+            cin //= 2
+        for _ in range(NUM_RES_BLOCKS + 1):
+            total += 2 * (cin + cout) * h * w * e          # two convs, 2 frames of their inputs
+            cin = cout
+        if stage != len(DIM_MULT) - 1:
+            if temporal_up[stage]:
+                total += 2 * cout * h * w * e              # time_conv, before the spatial x2
+            h, w = h * 2, w * 2
+    total += 2 * dims[-1] * h * w * e                      # head conv
+    return total
+
+
+def vae_decode_peak_bytes(height: int, width: int, base_dim: int = 96, dtype: str = "bf16",
+                          batch: int = 1) -> int:
+    """Transient peak of decoding one latent (4 frames) at full resolution.
+
+    The last stage dominates: the conv input with its 2 history frames (6 frames), its output, and
+    the fp32 RMS-norm temporaries of 4 frames.
+    """
+    e = _BYTES[dtype]
+    frame = batch * base_dim * DIM_MULT[0] * height * width
+    return frame * (6 * e + 4 * e + 2 * 4 * 4)
+
+
+def text_encoder_bytes(dtype: str = "bf16") -> int:
+    """umT5-XXL encoder weights (token embedding, 24 blocks with relative position buckets)."""
+    c = _UMT5_XXL
+    d, inner = c["d_model"], c["heads"] * c["d_kv"]
+    block = 2 * d + 4 * d * inner + c["buckets"] * c["heads"] + 3 * d * c["d_ff"]
+    return (c["vocab"] * d + c["layers"] * block + d) * _BYTES[dtype]
+
+
+def audio_encoder_bytes(dtype: str = "bf16") -> int:
+    """wav2vec2-large weights: conv feature extractor, positional conv, 24 transformer layers."""
+    c = _WAV2VEC2_LARGE
+    h, cd = c["hidden"], c["conv_dim"]
+    convs = sum(k * (1 if i == 0 else cd) * cd + 3 * cd for i, k in enumerate(c["conv_kernels"]))
+    proj = 2 * cd + cd * h + h
+    pos = h * (h // c["pos_groups"]) * c["pos_kernel"] + h + 2 * h
+    layer = 4 * (h * h + h) + 2 * h * c["ffn"] + c["ffn"] + h + 4 * h
+    return (convs + proj + pos + c["layers"] * layer + 2 * h) * _BYTES[dtype]
+
+
+def audio_encoder_activation_bytes(seconds: float, dtype: str = "bf16") -> int:
+    """wav2vec2 on the whole audio at once: all 25 hidden states kept, one layer's attention scores."""
+    c = _WAV2VEC2_LARGE
+    t = int(seconds * _WAV2VEC2_FPS) + 1
+    states = (c["layers"] + 1) * t * c["hidden"] * _BYTES[dtype]
+    scores = c["heads"] * t * t * 4
+    return states + scores + t * c["ffn"] * 4
+
+
+# ------------------------------------------------------------------------------------------------
+# FLOPs
+
+
+def flops_per_call(cfg: DiTConfig, geo: Geometry) -> dict[str, float]:
+    """Multiply-add FLOPs (x2) of one steady-state block call: `linear` GEMMs and `attention`."""
+    d, ff, lq = cfg.dim, cfg.ffn_dim, geo.block_tokens * geo.batch
+    lkv = geo.cache_tokens + geo.cond_tokens
+    linear = cfg.num_layers * (2 * lq * d * d * 6 + 2 * 2 * lq * d * ff)  # self qkvo, cross q/o, FFN
+    linear += len(cfg.audio_inject_layers) * 2 * lq * d * d * 2          # injector q/o
+    attention = cfg.num_layers * 4 * lq * d * (lkv + cfg.text_len)
+    attention += len(cfg.audio_inject_layers) * 4 * lq * d * (cfg.num_audio_token + 1)
+    return {"linear": float(linear), "attention": float(attention)}
+
+
+# ------------------------------------------------------------------------------------------------
+# the plan
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A resolved placement with its memory estimate. Build with `plan_run`."""
+
+    cfg: DiTConfig
+    geometry: Geometry
+    precision: str
+    offload: str
+    blocks_on_gpu: int
+    swapped: tuple[int, ...]
+    kv_cache_location: str
+    kv_layers_on_gpu: int
+    kv_cache_dtype: str
+    vae: str
+    text_encoder: str
+    audio_encoder: str
+    dit_device: str
+    devices: tuple[DeviceSpec, ...]
+    host: DeviceSpec
+    memory_cap_bytes: int | None
+    items: tuple[MemoryItem, ...]
+    note: str = ""
+
+    # --- numbers ---------------------------------------------------------------------------
+
+    def device_names(self) -> list[str]:
+        names = [d.name for d in self.devices]
+        return names + ([self.host.name] if self.host.name not in names else [])
+
+    def peak_bytes(self, device: str) -> int:
+        """Estimated allocator peak on `device`: always-resident items + the larger phase."""
+        def total(phase):
+            return sum(i.bytes for i in self.items if i.device == device and i.phase == phase)
+        return total(_ALWAYS) + max(total(_ENCODE), total(_GENERATE))
+
+    def generate_bytes(self, device: str) -> int:
+        """Estimated peak during generation only (what a DiT + VAE benchmark measures)."""
+        return sum(i.bytes for i in self.items if i.device == device and i.phase in (_ALWAYS, _GENERATE))
+
+    def budget_bytes(self, device: str) -> int | None:
+        """Usable bytes on `device` (None: not checked)."""
+        spec = next((d for d in (*self.devices, self.host) if d.name == device), None)
+        if spec is None or spec.total_bytes <= 0:
+            return None
+        if device == "cpu":
+            return spec.total_bytes
+        budget = spec.total_bytes - CONTEXT_BYTES
+        if self.memory_cap_bytes is not None:
+            budget = min(budget, self.memory_cap_bytes)
+        return budget
+
+    def required_bytes(self, device: str) -> int:
+        """Peak plus the fragmentation allowance."""
+        return int(self.peak_bytes(device) * (1 + FRAGMENTATION))
+
+    def transfer_bytes_per_call(self) -> int:
+        """Host-to-GPU bytes one block call moves (swapped weights + streamed KV ring)."""
+        if self.dit_device == "cpu":
+            return 0
+        _, units = dit_unit_bytes(self.cfg, self.precision)
+        moved = sum(units[i] for i in self.swapped)
+        moved += self.streamed_kv_layers() * kv_layer_bytes(self.cfg, self.geometry, self.kv_cache_dtype)
+        return moved
+
+    def streamed_kv_layers(self) -> int:
+        """Layers whose KV rings live in host memory and are streamed to the GPU per call."""
+        return self.cfg.num_layers - self.kv_layers_on_gpu
+
+    def flops_per_call(self) -> dict[str, float]:
+        return flops_per_call(self.cfg, self.geometry)
+
+    def shortfall(self) -> list[tuple[str, int, int]]:
+        """(device, required, budget) for every device that does not fit."""
+        out = []
+        for name in self.device_names():
+            budget = self.budget_bytes(name)
+            need = self.required_bytes(name)
+            if budget is not None and need > budget:
+                out.append((name, need, budget))
+        return out
+
+    def fits(self) -> bool:
+        return not self.shortfall()
+
+    # --- checks and display ----------------------------------------------------------------
+
+    def validate(self) -> "RunPlan":
+        """Return self if every device fits, else raise InputError with the cheapest fix."""
+        short = self.shortfall()
+        if not short:
+            return self
+        name, need, budget = short[0]
+        problem = f"needs {need / GiB:.1f} GiB on {name}, has {budget / GiB:.1f} GiB ({self._describe()})."
+        raise InputError("memory", problem, _suggest_fix(self, name, need))
+
+    def placement_words(self) -> str:
+        """The offload choices in words, for messages."""
+        words = []
+        if self.swapped:
+            words.append(f"block_swap with {self.blocks_on_gpu} blocks on GPU")
+        if self.streamed_kv_layers():
+            words.append(f"kv_cache_location='cpu' with {self.kv_layers_on_gpu} of {self.cfg.num_layers} "
+                         "layers' KV cache on GPU")
+        if not words:
+            words.append("encoders offloaded, everything else on the GPU")
+        return " and ".join(words)
+
+    def _describe(self) -> str:
+        g = self.geometry
+        parts = [f"{g.width}x{g.height}", self.precision]
+        if self.swapped:
+            parts.append(f"block swap {self.blocks_on_gpu}/{self.cfg.num_layers} blocks on GPU")
+        kv = "gpu" if not self.streamed_kv_layers() else f"cpu ({self.kv_layers_on_gpu} layers on GPU)"
+        parts.append(f"KV cache {self.kv_cache_dtype} on {kv}")
+        if self.memory_cap_bytes is not None:
+            parts.append(f"cap {self.memory_cap_bytes / GiB:.1f} GiB")
+        return ", ".join(parts)
+
+    def summary(self) -> str:
+        """A readable table: every item per device, totals against the budget."""
+        g = self.geometry
+        lines = [f"Run plan: {self._describe()}; DiT on {self.dit_device}; VAE {self.vae}; "
+                 f"umT5 {self.text_encoder}; wav2vec2 {self.audio_encoder}",
+                 f"  tokens/frame {g.tokens_per_frame}, block {g.block_tokens}, KV ring {g.cache_tokens}, "
+                 f"condition {g.cond_tokens}; {self.flops_per_call()['linear'] / 1e12 + self.flops_per_call()['attention'] / 1e12:.1f} "
+                 f"TFLOP per block call; host->GPU per call {self.transfer_bytes_per_call() / GiB:.2f} GiB"]
+        if self.note:
+            lines.append(f"  {self.note}")
+        for name in self.device_names():
+            items = [i for i in self.items if i.device == name]
+            if not items:
+                continue
+            lines.append(f"  {name}:")
+            for i in items:
+                phase = "" if i.phase == _ALWAYS else f" [{i.phase}]"
+                note = f"  ({i.note})" if i.note else ""
+                lines.append(f"    {i.name:<34} {i.bytes / GiB:8.2f} GiB{phase}{note}")
+            budget = self.budget_bytes(name)
+            has = f" of {budget / GiB:.1f} GiB usable" if budget is not None else ""
+            verdict = "" if budget is None else ("  OK" if self.required_bytes(name) <= budget else "  DOES NOT FIT")
+            lines.append(f"    {'peak (+' + str(int(FRAGMENTATION * 100)) + '% fragmentation)':<34} "
+                         f"{self.required_bytes(name) / GiB:8.2f} GiB{has}{verdict}")
+        return "\n".join(lines)
+
+
+def _suggest_fix(plan: RunPlan, device: str, need: int) -> str:
+    fixes = []
+    best = _auto(plan)
+    fp8 = _rebuild(plan, precision="fp8") if plan.precision == "bf16" else None
+    if fp8 is not None and fp8.fits():
+        saved = plan.peak_bytes(device) - fp8.peak_bytes(device)
+        fixes.append(f"use fp8 (saves {saved / GiB:.1f} GiB)")
+    if best is not None:
+        fixes.append(f"use {best.placement_words()} (offload='auto' picks it)")
+    elif fp8 is not None:
+        best8 = _auto(fp8)
+        if best8 is not None:
+            fixes.append(f"use fp8 with {best8.placement_words()}")
+    if not fixes:
+        fixes.append("use a smaller output size or a GPU with more memory")
+    return " or ".join(fixes) + "."
+
+
+def _rebuild(plan: RunPlan, **changes) -> RunPlan:
+    args = dict(precision=plan.precision, blocks_on_gpu=plan.blocks_on_gpu,
+                kv_layers_on_gpu=plan.kv_layers_on_gpu,
+                kv_cache_dtype=None if "precision" in changes else plan.kv_cache_dtype,
+                vae=plan.vae, text_encoder=plan.text_encoder, audio_encoder=plan.audio_encoder)
+    args.update(changes)
+    return _build(plan.cfg, plan.geometry, plan.devices, plan.host, plan.memory_cap_bytes, plan.dit_device,
+                  **args)
+
+
+def _auto(plan: RunPlan) -> RunPlan | None:
+    """The fitting placement with the fewest host->GPU bytes per call (numerics unchanged).
+
+    Streaming one layer's KV rings frees `steps` rings on the GPU for one ring moved per call,
+    swapping a block frees its weights for the same bytes moved: so stream KV layers first and
+    swap blocks only when every ring is streamed. Encoders leave the GPU after use, or run on the
+    CPU when even that does not fit.
+    """
+    layers = plan.cfg.num_layers
+    best = None
+    for enc_rank, enc in enumerate(("offload", "cpu")):
+        text = plan.text_encoder if plan.text_encoder == "cpu" else enc
+        audio = plan.audio_encoder if plan.audio_encoder == "cpu" else enc
+        options = [dict(blocks_on_gpu=layers, kv_layers_on_gpu=k) for k in range(layers, -1, -1)]
+        options += [dict(blocks_on_gpu=n, kv_layers_on_gpu=0) for n in range(layers - 1, -1, -1)]
+        for opt in options:
+            cand = _rebuild(plan, text_encoder=text, audio_encoder=audio, **opt)
+            if cand.fits():
+                key = (cand.transfer_bytes_per_call(), enc_rank)
+                if best is None or key < best[0]:
+                    best = (key, cand)
+                break
+    return None if best is None else best[1]
+
+
+def _offloaded(placement: str) -> str:
+    return "offload" if placement == "gpu" else placement
+
+
+def plan_run(cfg: DiTConfig, *, size: str | tuple[int, int] = "704*384", frames_per_clip: int = 48,
+             steps: int = 4, batch: int = 1, devices: list[DeviceSpec] | None = None,
+             host: DeviceSpec | None = None, precision: str = "bf16", offload: str = "none",
+             blocks_on_gpu: int | None = None, kv_cache_location: str = "gpu", kv_layers_on_gpu: int | None = None,
+             kv_cache_dtype: str | None = None, vae: str = "gpu", text_encoder: str = "gpu",
+             audio_encoder: str = "gpu", memory_cap: float | int | None = None,
+             audio_seconds: float = DEFAULT_AUDIO_SECONDS) -> RunPlan:
+    """Resolve settings into a `RunPlan` (not validated: call `.validate()`).
+
+    size: "W*H" (the pipeline's area string) or (height, width) in pixels; devices: the GPUs
+    (default: detected; empty = CPU-only plan); memory_cap: usable bytes per GPU (int) or a
+    fraction of its memory (float <= 1), as `torch.cuda.set_per_process_memory_fraction` imposes;
+    offload: none, model (encoders leave the GPU after use), block_swap (also keep only
+    `blocks_on_gpu` DiT blocks resident) or auto (the cheapest fitting placement);
+    kv_cache_location "cpu" streams the KV rings from pinned host memory, except the first
+    `kv_layers_on_gpu` layers' (default 0).
+    """
+    _choice("precision", precision, PRECISIONS)
+    _choice("offload", offload, OFFLOAD_MODES)
+    _choice("kv_cache_location", kv_cache_location, KV_LOCATIONS)
+    for name, value in (("vae", vae), ("text_encoder", text_encoder), ("audio_encoder", audio_encoder)):
+        _choice(name, value, PLACEMENTS)
+    height, width = parse_size(size)
+    geo = geometry(cfg, height, width, frames_per_clip, steps, batch)
+    devices = tuple(detect_devices() if devices is None else devices)
+    host = host or host_device()
+    dit_device = devices[0].name if devices else "cpu"
+    cap = _cap_bytes(memory_cap, devices)
+    layers = cfg.num_layers
+    for name, value in (("blocks_on_gpu", blocks_on_gpu), ("kv_layers_on_gpu", kv_layers_on_gpu)):
+        if value is not None and (not isinstance(value, int) or not 0 <= value <= layers):
+            raise InputError(name, f"{value!r} is outside 0..{layers}.", f"use a count between 0 and {layers}.")
+    if offload == "block_swap" and blocks_on_gpu is None:
+        raise InputError("blocks_on_gpu", "block_swap needs the number of blocks to keep on the GPU.",
+                         "set blocks_on_gpu, or use offload='auto'.")
+    if offload in ("none", "model") and blocks_on_gpu not in (None, layers):
+        raise InputError("blocks_on_gpu", f"{blocks_on_gpu} blocks on the GPU needs offload='block_swap'.",
+                         "set offload='block_swap' (or 'auto').")
+    if kv_cache_location == "gpu" and kv_layers_on_gpu not in (None, layers):
+        raise InputError("kv_layers_on_gpu", f"{kv_layers_on_gpu} layers on the GPU needs kv_cache_location='cpu'.",
+                         "set kv_cache_location='cpu' to stream the other layers' caches.")
+    if not devices and (kv_cache_location == "cpu" or offload == "block_swap"):
+        raise InputError("offload", "block swap and KV streaming move data between host and GPU; "
+                         "this plan has no GPU.", "use offload='none' and kv_cache_location='gpu' on CPU.")
+    if offload == "model":
+        text_encoder, audio_encoder = _offloaded(text_encoder), _offloaded(audio_encoder)
+    n_blocks = blocks_on_gpu if offload == "block_swap" else layers
+    n_kv = layers if kv_cache_location == "gpu" else (kv_layers_on_gpu or 0)
+    plan = _build(cfg, geo, devices, host, cap, dit_device, precision=precision, blocks_on_gpu=n_blocks,
+                  kv_layers_on_gpu=n_kv, kv_cache_dtype=kv_cache_dtype, vae=vae, text_encoder=text_encoder,
+                  audio_encoder=audio_encoder, audio_seconds=audio_seconds)
+    if offload != "auto" or not devices:
+        return plan
+    if plan.fits():
+        return replace(plan, note="auto: fits without offload")
+    best = _auto(plan)
+    if best is None:
+        return replace(plan, note="auto: no placement fits")
+    return replace(best, note=f"auto: {best.placement_words()}")
+
+
+def _build(cfg: DiTConfig, geo: Geometry, devices: tuple[DeviceSpec, ...], host: DeviceSpec, cap: int | None,
+           dit_device: str, *, precision: str, blocks_on_gpu: int, kv_layers_on_gpu: int,
+           kv_cache_dtype: str | None, vae: str, text_encoder: str, audio_encoder: str,
+           audio_seconds: float = DEFAULT_AUDIO_SECONDS) -> RunPlan:
+    compute = "fp32" if precision == "fp32" else "bf16"
+    kv_dtype = kv_cache_dtype or compute
+    _choice("kv_cache_dtype", kv_dtype, KV_DTYPES)
+    if kv_dtype != compute:
+        raise InputError("kv_cache_dtype", f"the DiT computes in {compute}, the cache was asked for {kv_dtype}.",
+                         "leave kv_cache_dtype unset (the compute dtype).")
+    gpu, cpu = dit_device, "cpu"
+    layers = cfg.num_layers
+    swapped = swapped_layers(layers, blocks_on_gpu)
+    base, units = dit_unit_bytes(cfg, precision)
+    items = [MemoryItem(gpu, "DiT weights (resident)", base + sum(u for i, u in enumerate(units) if i not in swapped),
+                        note=f"{layers - len(swapped)} of {layers} blocks, {precision}")]
+    if swapped:
+        slot = max(units[i] for i in swapped)
+        items.append(MemoryItem(gpu, "block swap staging", SWAP_SLOTS * slot, note=f"{SWAP_SLOTS} slots"))
+        items.append(MemoryItem(cpu, "swapped DiT blocks (pinned)", sum(units[i] for i in swapped),
+                                note=f"{len(swapped)} blocks"))
+    ring = kv_layer_bytes(cfg, geo, kv_dtype)
+    streamed = layers - kv_layers_on_gpu
+    if kv_layers_on_gpu:
+        items.append(MemoryItem(gpu, "KV caches", geo.steps * kv_layers_on_gpu * ring, _GENERATE,
+                                f"{geo.steps} steps x {kv_layers_on_gpu} layers x {ring / GiB:.3f} GiB"))
+    if streamed:
+        items.append(MemoryItem(cpu, "KV caches (pinned)", geo.steps * streamed * ring, _GENERATE,
+                                f"{geo.steps} steps x {streamed} layers"))
+        items.append(MemoryItem(gpu, "KV streaming staging", KV_STREAM_SLOTS * ring, _GENERATE,
+                                f"{KV_STREAM_SLOTS} layers"))
+    items.append(MemoryItem(gpu, "condition cache", cond_cache_bytes(cfg, geo, compute), _GENERATE,
+                            f"{geo.cond_tokens} tokens"))
+    items.append(MemoryItem(gpu, "text keys/values", text_cache_bytes(cfg, geo, compute), _GENERATE))
+    dit_act = max(block_call_activation_bytes(cfg, geo, precision), sink_activation_bytes(cfg, geo, precision))
+    vae_dev = gpu if vae == "gpu" else cpu
+    vae_dtype = compute
+    items.append(MemoryItem(vae_dev, "VAE weights", vae_weight_bytes(dtype=vae_dtype)))
+    items.append(MemoryItem(vae_dev, "VAE streaming state",
+                            vae_decoder_state_bytes(geo.height, geo.width, dtype=vae_dtype, batch=geo.batch),
+                            _GENERATE))
+    vae_act = vae_decode_peak_bytes(geo.height, geo.width, dtype=vae_dtype, batch=geo.batch)
+    if vae_dev == gpu:
+        # Decode runs between block calls on the same stream: the larger of the two transients.
+        items.append(MemoryItem(gpu, "activations (block call | VAE)", max(dit_act, vae_act), _GENERATE))
+    else:
+        items.append(MemoryItem(gpu, "activations (block call)", dit_act, _GENERATE))
+        items.append(MemoryItem(cpu, "VAE decode activations", vae_act, _GENERATE))
+    for name, placement, weights, act in (
+            ("umT5 encoder", text_encoder, text_encoder_bytes(), 0),
+            ("wav2vec2 encoder", audio_encoder, audio_encoder_bytes(), audio_encoder_activation_bytes(audio_seconds))):
+        if placement == "gpu":
+            items.append(MemoryItem(gpu, name, weights))
+        else:
+            items.append(MemoryItem(cpu, name + " (host)", weights))
+            if placement == "offload":
+                items.append(MemoryItem(gpu, name + " (while encoding)", weights, _ENCODE))
+        if act:
+            items.append(MemoryItem(gpu if placement != "cpu" else cpu, name + " activations", act, _ENCODE))
+    if dit_device == "cpu":
+        items = [replace(i, device="cpu") for i in items]
+    return RunPlan(cfg, geo, precision, "block_swap" if swapped else "none", blocks_on_gpu, swapped,
+                   "cpu" if streamed else "gpu", kv_layers_on_gpu, kv_dtype, vae, text_encoder, audio_encoder,
+                   dit_device, devices, host, cap, tuple(items))
+
+
+def parse_size(size: str | tuple[int, int]) -> tuple[int, int]:
+    """(height, width) from "W*H" / "WxH" or a (height, width) pair."""
+    if isinstance(size, str):
+        parts = size.lower().replace("x", "*").split("*")
+        try:
+            w, h = (int(p) for p in parts)
+        except ValueError:
+            raise InputError("size", f"{size!r} is not 'W*H'.", "write the size like 704*384.") from None
+        return h, w
+    h, w = size
+    return int(h), int(w)
+
+
+def _cap_bytes(memory_cap, devices) -> int | None:
+    if memory_cap is None:
+        return None
+    if isinstance(memory_cap, float) and 0 < memory_cap <= 1:
+        if not devices:
+            raise InputError("memory_cap", "a fractional cap needs a GPU to take the fraction of.",
+                             "give the cap in bytes, or leave it unset on CPU.")
+        return int(memory_cap * devices[0].total_bytes)
+    if memory_cap <= 0:
+        raise InputError("memory_cap", f"must be positive, got {memory_cap}.", "give bytes or a fraction in (0, 1].")
+    return int(memory_cap)
+
+
+def _choice(name: str, value, options) -> None:
+    if value not in options:
+        raise InputError(name, f"unknown value {value!r}.", f"choose one of {', '.join(options)}.")
+

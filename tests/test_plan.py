@@ -1,0 +1,207 @@
+"""Run planner: sizes from exact tensor counts, fits and refusals on injected GPUs, auto placement."""
+
+import math
+
+import pytest
+import torch
+
+from liveavatar_core.config import DiTConfig
+from liveavatar_core.errors import InputError
+from liveavatar_core.model.cache import make_step_caches
+from liveavatar_core.model.dit import LiveAvatarDiT
+from liveavatar_core.ops.fp8 import fp8_targets
+from liveavatar_core.plan import (GiB, DeviceSpec, cond_cache_bytes, dit_tensor_bytes, dit_unit_bytes, geometry,
+                                  is_fp8_target, kv_cache_bytes, plan_run, swapped_layers, vae_decoder_state_bytes)
+from liveavatar_core.weights.dit import expected_dit_keys
+
+CFG = DiTConfig.wan_s2v_14b()
+HOST = DeviceSpec("cpu", 256 * GiB, "host")
+
+
+def gpu(gib: float) -> list[DeviceSpec]:
+    return [DeviceSpec("cuda:0", int(gib * GiB), f"test GPU {gib} GiB")]
+
+
+def plan(gib: float = 80, **kw):
+    kw.setdefault("host", HOST)
+    return plan_run(CFG, devices=gpu(gib), **kw)
+
+
+@pytest.fixture(scope="module")
+def meta_model():
+    with torch.device("meta"):
+        return LiveAvatarDiT(CFG)
+
+
+# --- sizes against the spec's figures (spec/dit.md 1, 2, 5; spec/pipeline.md 3.4) ---------------
+
+def test_weight_bytes_match_spec():
+    bf16 = dit_tensor_bytes(CFG, "bf16")
+    assert len(bf16) == 1260
+    assert round(sum(bf16.values()) / 1e9, 1) == 32.6
+    # spec 5: 15,938,355,200 fp8 values + 357,400,409 bf16 values (+ one fp32 scale per FP8 layer).
+    fp8 = dit_tensor_bytes(CFG, "fp8")
+    n_fp8 = sum(1 for k, s in expected_dit_keys(CFG).items() if is_fp8_target(k, s))
+    assert n_fp8 == 460
+    assert sum(fp8.values()) == 15_938_355_200 + 2 * 357_400_409 + 4 * n_fp8
+
+
+def test_fp8_rule_is_the_converters(meta_model):
+    keys = expected_dit_keys(CFG)
+    mine = {k[:-len(".weight")] for k, s in keys.items() if is_fp8_target(k, s)}
+    assert mine == set(fp8_targets(meta_model))
+
+
+def test_cache_sizes_match_spec():
+    geo = geometry(CFG, 384, 704)
+    assert (geo.tokens_per_frame, geo.cache_frames, geo.cache_tokens) == (1056, 12, 12672)
+    assert geo.cond_tokens == 2640 == int(2.5 * geo.tokens_per_frame)
+    assert round(kv_cache_bytes(CFG, geo, "bf16") / 1e9, 1) == 10.4
+    # Official allocation: 2800 condition rows (spec/pipeline.md 3.4) -> 2.3 GB; ours holds 2640.
+    official = cond_cache_bytes(CFG, geo, "bf16") * 2800 // geo.cond_tokens
+    assert round(official / 1e9, 1) == 2.3
+
+
+def test_flops_match_the_issue():
+    p = plan()
+    flops = sum(p.flops_per_call().values())
+    assert 115e12 < flops < 125e12  # "about 120 TFLOP" per block call
+    per_frame = flops * p.geometry.steps / (p.geometry.frames_per_block * 4)
+    assert 38e12 < per_frame < 43e12  # "about 41 TFLOP per output frame"
+
+
+def test_condition_tokens_equal_framepack_output(meta_model):
+    for h, w in [(384, 704), (512, 512), (448, 768)]:
+        geo = geometry(CFG, h, w)
+        motion = torch.empty(1, 16, 19, h // 8, w // 8, device="meta")
+        assert meta_model.frame_packer(motion).shape[1] + geo.tokens_per_frame == geo.cond_tokens
+
+
+def test_kv_bytes_equal_allocated_caches(ckpt_dir):
+    cfg = DiTConfig.from_json(ckpt_dir / "config.json")
+    geo = geometry(cfg, 128, 256, steps=2)
+    caches = make_step_caches(cfg, geo.latent_h, geo.latent_w, num_steps=2, cache_frames=geo.cache_frames,
+                              dtype=torch.bfloat16)
+    real = sum(c.k.nbytes + c.v.nbytes for c in caches)
+    assert real == geo.steps * kv_cache_bytes(cfg, geo, "bf16")
+
+
+def test_vae_state_formula_equals_streaming_decoder(ckpt_dir):
+    from liveavatar_core.vae.loader import load_vae
+
+    vae = load_vae(ckpt_dir / "Wan2.1_VAE.pth")
+    h, w = 64, 128
+    dec = vae.stream_decoder()
+    dec.decode(torch.randn(1, vae.cfg.z_dim, 3, h // 8, w // 8))
+    assert dec.state_bytes() == vae_decoder_state_bytes(h, w, base_dim=vae.cfg.base_dim, dtype="fp32")
+
+
+# --- fits, refusals, auto ---------------------------------------------------------------------
+
+def test_80gib_fits_bf16_and_fp8_with_encoders_offloaded():
+    for precision in ("bf16", "fp8"):
+        p = plan(80, precision=precision, offload="model").validate()
+        assert p.streamed_kv_layers() == 0 and not p.swapped
+        assert p.transfer_bytes_per_call() == 0
+    assert plan(80, precision="fp8").fits()
+    bf16, fp8 = plan(80, offload="model"), plan(80, precision="fp8", offload="model")
+    saved = bf16.peak_bytes("cuda:0") - fp8.peak_bytes("cuda:0")
+    assert saved == sum(dit_tensor_bytes(CFG, "bf16").values()) - sum(dit_tensor_bytes(CFG, "fp8").values())
+
+
+def test_refusal_names_numbers_and_fix():
+    p = plan(48, memory_cap=48 * GiB)
+    with pytest.raises(InputError) as err:
+        p.validate()
+    msg = str(err.value)
+    assert msg.startswith("memory: needs ")
+    assert (f"needs {p.required_bytes('cuda:0') / GiB:.1f} GiB on cuda:0, "
+            f"has {p.budget_bytes('cuda:0') / GiB:.1f} GiB") in msg
+    assert "kv_cache_location='cpu'" in msg and "offload='auto'" in msg
+
+
+def test_refusal_suggests_fp8_when_it_fits_alone():
+    # bf16 without the encoders needs ~74 GiB; fp8 saves ~15 GiB.
+    p = plan(72, offload="model", audio_encoder="cpu", text_encoder="cpu")
+    with pytest.raises(InputError, match=r"use fp8 \(saves 14\.\d GiB\)"):
+        p.validate()
+
+
+def test_refusal_when_nothing_fits():
+    with pytest.raises(InputError, match="smaller output size or a GPU with more memory"):
+        plan(6, precision="fp8").validate()
+
+
+def test_auto_choices_per_budget():
+    full = plan(80, offload="auto")
+    assert full.fits() and full.transfer_bytes_per_call() == 0
+    for cap in (48, 24):
+        for precision in ("bf16", "fp8"):
+            p = plan(80, precision=precision, offload="auto", memory_cap=cap * GiB).validate()
+            assert p.required_bytes("cuda:0") <= cap * GiB
+            assert p.note.startswith("auto:")
+    # 48 GiB: streaming part of the KV rings is enough, no block leaves the GPU.
+    assert not plan(80, offload="auto", memory_cap=48 * GiB).swapped
+    # 24 GiB: bf16 weights alone exceed it, so blocks are swapped; fp8 weights fit.
+    assert plan(80, offload="auto", memory_cap=24 * GiB).swapped
+    assert not plan(80, precision="fp8", offload="auto", memory_cap=24 * GiB).swapped
+
+
+def test_auto_moves_fewest_bytes_among_fitting_placements():
+    best = plan(80, offload="auto", memory_cap=30 * GiB)
+    for n in range(0, 41, 4):
+        for k in range(0, 41, 4):
+            cand = plan(80, offload="block_swap", blocks_on_gpu=n, kv_cache_location="cpu", kv_layers_on_gpu=k,
+                        memory_cap=30 * GiB, text_encoder="offload", audio_encoder="offload")
+            if cand.fits():
+                assert cand.transfer_bytes_per_call() >= best.transfer_bytes_per_call()
+
+
+def test_block_swap_accounting():
+    p = plan(80, offload="block_swap", blocks_on_gpu=24)
+    assert len(p.swapped) == 16 and p.blocks_on_gpu == 24
+    base, units = dit_unit_bytes(CFG, "bf16")
+    assert base + sum(units) == sum(dit_tensor_bytes(CFG, "bf16").values())
+    assert p.transfer_bytes_per_call() == sum(units[i] for i in p.swapped)
+    host = {i.name: i.bytes for i in p.items if i.device == "cpu"}
+    assert host["swapped DiT blocks (pinned)"] == sum(units[i] for i in p.swapped)
+    # Spread evenly: never two swapped blocks in a row when fewer than half are swapped.
+    assert all(b - a > 1 for a, b in zip(p.swapped, p.swapped[1:]))
+    assert swapped_layers(40, 40) == () and swapped_layers(40, 0) == tuple(range(40))
+
+
+def test_memory_cap_fraction():
+    p = plan(80, memory_cap=0.5)
+    assert p.memory_cap_bytes == 40 * GiB and p.budget_bytes("cuda:0") == 40 * GiB
+
+
+def test_cpu_only_plan_is_valid():
+    p = plan_run(CFG, devices=[], host=HOST, size="704*384").validate()
+    assert p.dit_device == "cpu" and {i.device for i in p.items} == {"cpu"}
+    with pytest.raises(InputError, match="no GPU"):
+        plan_run(CFG, devices=[], host=HOST, kv_cache_location="cpu")
+
+
+@pytest.mark.parametrize("kw, name", [
+    (dict(offload="swap"), "offload"),
+    (dict(offload="block_swap"), "blocks_on_gpu"),
+    (dict(offload="block_swap", blocks_on_gpu=41), "blocks_on_gpu"),
+    (dict(blocks_on_gpu=10), "blocks_on_gpu"),
+    (dict(kv_layers_on_gpu=3), "kv_layers_on_gpu"),
+    (dict(kv_cache_dtype="fp32"), "kv_cache_dtype"),
+    (dict(size="700*384"), "size"),
+    (dict(frames_per_clip=50), "frames_per_clip"),
+    (dict(vae="tpu"), "vae"),
+])
+def test_bad_settings_are_refused(kw, name):
+    with pytest.raises(InputError) as err:
+        plan(80, **kw)
+    assert err.value.input_name == name
+
+
+def test_summary_lists_items_and_verdict():
+    text = plan(80, offload="auto", memory_cap=24 * GiB).summary()
+    for word in ("cuda:0:", "cpu:", "DiT weights (resident)", "KV caches (pinned)", "OK", "TFLOP per block call"):
+        assert word in text
+    assert "DOES NOT FIT" in plan(48).summary()
+    assert math.isclose(plan().geometry.block_tokens, 3 * 1056)
