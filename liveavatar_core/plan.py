@@ -363,7 +363,7 @@ class RunPlan:
     blocks_on_gpu: int
     swapped: tuple[int, ...]
     kv_cache_location: str
-    kv_layers_on_gpu: int
+    kv_layers_on_gpu: int  # all or none: partial residency is not implemented by placement/
     kv_cache_dtype: str
     vae: str
     text_encoder: str
@@ -453,8 +453,7 @@ class RunPlan:
         if self.swapped:
             words.append(f"block_swap with {self.blocks_on_gpu} blocks on GPU")
         if self.streamed_kv_layers():
-            words.append(f"kv_cache_location='cpu' with {self.kv_layers_on_gpu} of {self.cfg.num_layers} "
-                         "layers' KV cache on GPU")
+            words.append("kv_cache_location='cpu'")
         if not words:
             words.append("encoders offloaded, everything else on the GPU")
         return " and ".join(words)
@@ -464,8 +463,7 @@ class RunPlan:
         parts = [f"{g.width}x{g.height}", self.precision]
         if self.swapped:
             parts.append(f"block swap {self.blocks_on_gpu}/{self.cfg.num_layers} blocks on GPU")
-        kv = "gpu" if not self.streamed_kv_layers() else f"cpu ({self.kv_layers_on_gpu} layers on GPU)"
-        parts.append(f"KV cache {self.kv_cache_dtype} on {kv}")
+        parts.append(f"KV cache {self.kv_cache_dtype} on {self.kv_cache_location}")
         if self.memory_cap_bytes is not None:
             parts.append(f"cap {self.memory_cap_bytes / GiB:.1f} GiB")
         return ", ".join(parts)
@@ -528,17 +526,17 @@ def _rebuild(plan: RunPlan, **changes) -> RunPlan:
 def _auto(plan: RunPlan) -> RunPlan | None:
     """The fitting placement with the fewest host->GPU bytes per call (numerics unchanged).
 
-    Streaming one layer's KV rings frees `steps` rings on the GPU for one ring moved per call,
-    swapping a block frees its weights for the same bytes moved: so stream KV layers first and
-    swap blocks only when every ring is streamed. Encoders leave the GPU after use, or run on the
-    CPU when even that does not fit.
+    Streaming the KV rings frees `steps` rings on the GPU for one ring moved per call, swapping a
+    block frees its weights for the same bytes moved: so stream the KV cache first and swap blocks
+    only when that is not enough. Encoders leave the GPU after use, or run on the CPU when even
+    that does not fit.
     """
     layers = plan.cfg.num_layers
     best = None
     for enc_rank, enc in enumerate(("offload", "cpu")):
         text = plan.text_encoder if plan.text_encoder == "cpu" else enc
         audio = plan.audio_encoder if plan.audio_encoder == "cpu" else enc
-        options = [dict(blocks_on_gpu=layers, kv_layers_on_gpu=k) for k in range(layers, -1, -1)]
+        options = [dict(blocks_on_gpu=layers, kv_layers_on_gpu=k) for k in (layers, 0)]
         options += [dict(blocks_on_gpu=n, kv_layers_on_gpu=0) for n in range(layers - 1, -1, -1)]
         for opt in options:
             cand = _rebuild(plan, text_encoder=text, audio_encoder=audio, **opt)
@@ -557,8 +555,7 @@ def _offloaded(placement: str) -> str:
 def plan_run(cfg: DiTConfig, *, size: str | tuple[int, int] = "704*384", frames_per_clip: int = 48,
              steps: int = 4, batch: int = 1, devices: list[DeviceSpec] | None = None,
              host: DeviceSpec | None = None, precision: str = "bf16", offload: str = "none",
-             blocks_on_gpu: int | None = None, kv_cache_location: str = "gpu", kv_layers_on_gpu: int | None = None,
-             kv_cache_dtype: str | None = None, vae: str = "gpu", text_encoder: str = "gpu",
+             blocks_on_gpu: int | None = None, kv_cache_location: str = "gpu", kv_cache_dtype: str | None = None, vae: str = "gpu", text_encoder: str = "gpu",
              audio_encoder: str = "gpu", memory_cap: float | int | None = None,
              audio_seconds: float = DEFAULT_AUDIO_SECONDS) -> RunPlan:
     """Resolve settings into a `RunPlan` (not validated: call `.validate()`).
@@ -568,8 +565,8 @@ def plan_run(cfg: DiTConfig, *, size: str | tuple[int, int] = "704*384", frames_
     fraction of its memory (float <= 1), as `torch.cuda.set_per_process_memory_fraction` imposes;
     offload: none, model (encoders leave the GPU after use), block_swap (also keep only
     `blocks_on_gpu` DiT blocks resident) or auto (the cheapest fitting placement);
-    kv_cache_location "cpu" streams the KV rings from pinned host memory, except the first
-    `kv_layers_on_gpu` layers' (default 0).
+    kv_cache_location "cpu" keeps the KV rings in pinned host memory and streams them layer by
+    layer ahead of use.
     """
     _choice("precision", precision, PRECISIONS)
     _choice("offload", offload, OFFLOAD_MODES)
@@ -583,25 +580,22 @@ def plan_run(cfg: DiTConfig, *, size: str | tuple[int, int] = "704*384", frames_
     dit_device = devices[0].name if devices else "cpu"
     cap = _cap_bytes(memory_cap, devices)
     layers = cfg.num_layers
-    for name, value in (("blocks_on_gpu", blocks_on_gpu), ("kv_layers_on_gpu", kv_layers_on_gpu)):
-        if value is not None and (not isinstance(value, int) or not 0 <= value <= layers):
-            raise InputError(name, f"{value!r} is outside 0..{layers}.", f"use a count between 0 and {layers}.")
+    if blocks_on_gpu is not None and (not isinstance(blocks_on_gpu, int) or not 0 <= blocks_on_gpu <= layers):
+        raise InputError("blocks_on_gpu", f"{blocks_on_gpu!r} is outside 0..{layers}.",
+                         f"use a count between 0 and {layers}.")
     if offload == "block_swap" and blocks_on_gpu is None:
         raise InputError("blocks_on_gpu", "block_swap needs the number of blocks to keep on the GPU.",
                          "set blocks_on_gpu, or use offload='auto'.")
     if offload in ("none", "model") and blocks_on_gpu not in (None, layers):
         raise InputError("blocks_on_gpu", f"{blocks_on_gpu} blocks on the GPU needs offload='block_swap'.",
                          "set offload='block_swap' (or 'auto').")
-    if kv_cache_location == "gpu" and kv_layers_on_gpu not in (None, layers):
-        raise InputError("kv_layers_on_gpu", f"{kv_layers_on_gpu} layers on the GPU needs kv_cache_location='cpu'.",
-                         "set kv_cache_location='cpu' to stream the other layers' caches.")
     if not devices and (kv_cache_location == "cpu" or offload == "block_swap"):
         raise InputError("offload", "block swap and KV streaming move data between host and GPU; "
                          "this plan has no GPU.", "use offload='none' and kv_cache_location='gpu' on CPU.")
     if offload == "model":
         text_encoder, audio_encoder = _offloaded(text_encoder), _offloaded(audio_encoder)
     n_blocks = blocks_on_gpu if offload == "block_swap" else layers
-    n_kv = layers if kv_cache_location == "gpu" else (kv_layers_on_gpu or 0)
+    n_kv = layers if kv_cache_location == "gpu" else 0
     plan = _build(cfg, geo, devices, host, cap, dit_device, precision=precision, blocks_on_gpu=n_blocks,
                   kv_layers_on_gpu=n_kv, kv_cache_dtype=kv_cache_dtype, vae=vae, text_encoder=text_encoder,
                   audio_encoder=audio_encoder, audio_seconds=audio_seconds)
