@@ -455,7 +455,8 @@ class RunPlan:
         if self.streamed_kv_layers():
             words.append("kv_cache_location='cpu'")
         if not words:
-            words.append("encoders offloaded, everything else on the GPU")
+            off = [n for n, p in (("umT5", self.text_encoder), ("wav2vec2", self.audio_encoder)) if p != "gpu"]
+            words.append("DiT, caches and VAE on the GPU" + (f"; {', '.join(off)} off it" if off else ""))
         return " and ".join(words)
 
     def _describe(self) -> str:

@@ -1,0 +1,301 @@
+"""End-to-end GPU benchmark of the generator with random full-size weights (no download needed).
+
+For each plan it builds the 14B DiT (random weights, fixed seeds) and the Wan 2.1 VAE, places them
+as the run planner decides (`offload="auto"` under the plan's memory cap), runs the real streaming
+path (`BlockSampler` + the VAE's streaming decoder, frames copied to host uint8) at 704x384 with
+4 steps, and prints per-block latency, output FPS, time to first frame, peak memory against the
+planner's estimate, the ratio to the analytic FLOP limit of the GPU, and the ratio to the official
+single-GPU baseline (spec/baseline.md).
+
+Plans: bf16 and fp8 on the whole GPU; cap48 / cap24: bf16 under a 48 / 24 GiB budget emulated with
+`torch.cuda.set_per_process_memory_fraction` (cap24fp8 / cap48fp8: the same with FP8 GEMMs). Each
+plan runs in its own process so that peaks and caps do not leak between plans.
+
+Usage: python bench/run_bench.py [--plans bf16,fp8,cap48,cap24] [--clips 2] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from liveavatar_core.config import DiTConfig  # noqa: E402
+from liveavatar_core.errors import LiveAvatarError  # noqa: E402
+from liveavatar_core.plan import GiB, RunPlan, detect_devices, plan_run  # noqa: E402
+
+PLANS = {
+    "bf16": ("bf16", None),
+    "fp8": ("fp8", None),
+    "cap48": ("bf16", 48),
+    "cap24": ("bf16", 24),
+    "cap48fp8": ("fp8", 48),
+    "cap24fp8": ("fp8", 24),
+}
+DEFAULT_PLANS = "bf16,fp8,cap48,cap24"
+# spec/baseline.md: official single-GPU path on an H200, bf16, eager, offline decode.
+OFFICIAL = {"fps": 2.91, "first_frame_s": 29.4, "peak_gib": 73.1}
+# Dense bf16 tensor-core peaks (TFLOP/s); FP8 GEMMs run at twice these.
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "H20": 148.0}
+DROPPED_START_FRAMES = 3
+DECODER_WARMUP_LATENTS = 7
+
+
+def peak_tflops(name: str, override: float | None) -> float | None:
+    if override:
+        return override
+    for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):
+        if key in name:
+            return PEAK_BF16_TFLOPS[key]
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# model construction
+
+
+def random_init_(module: torch.nn.Module, gen: torch.Generator) -> None:
+    """Fan-in scaled normal weights, unit norm gains: activations stay O(1) through 40 layers."""
+    for name, p in module.named_parameters():
+        if name.endswith(("norm_q.weight", "norm_k.weight", "norm3.weight", "gamma")):
+            p.data.fill_(1.0)
+        elif p.dim() >= 2:
+            p.data.normal_(0.0, p[0].numel() ** -0.5, generator=gen)
+        else:
+            p.data.normal_(0.0, 0.02, generator=gen)
+
+
+def build_dit(cfg: DiTConfig, plan: RunPlan, attention: str):
+    """The DiT on meta, materialised piece by piece on the GPU, FP8-converted, then placed."""
+    from liveavatar_core.model.dit import LiveAvatarDiT
+    from liveavatar_core.ops.fp8 import convert_to_fp8
+    from liveavatar_core.placement import apply_block_swap
+
+    device = torch.device(plan.dit_device)
+    with torch.device("meta"):
+        model = LiveAvatarDiT(cfg, attention=attention)
+    model = model.to(torch.bfloat16).to_empty(device=device)
+    random_init_(model, torch.Generator(device=device).manual_seed(0))
+    model.eval().requires_grad_(False)
+    if plan.precision == "fp8":
+        # Per unit (same 460 layers as convert_to_fp8 on the whole model) keeps the peak low.
+        n = sum(convert_to_fp8(b) for b in model.blocks) + convert_to_fp8(model.audio_injector)
+        print(f"  FP8: {n} Linear layers converted")
+    swap = None
+    if plan.swapped:
+        swap = apply_block_swap(model, plan.blocks_on_gpu, device, layers=plan.swapped)
+        torch.cuda.empty_cache()
+    return model, swap
+
+
+def build_vae(device: torch.device):
+    from liveavatar_core.vae.config import VAEConfig
+    from liveavatar_core.vae.model import WanVAE
+
+    with torch.device("meta"):
+        vae = WanVAE(VAEConfig())
+    vae = vae.to(torch.bfloat16).to_empty(device=device)
+    random_init_(vae, torch.Generator(device=device).manual_seed(1))
+    return vae.eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------------------------
+# one plan
+
+
+def run_plan(name: str, args) -> dict:
+    from liveavatar_core.placement import make_streamed_step_caches
+    from liveavatar_core.sampling.config import SamplerConfig
+    from liveavatar_core.sampling.generator import BlockSampler
+    from liveavatar_core.video.frames import to_uint8_frames
+
+    precision, cap_gib = PLANS[name]
+    devices = detect_devices()
+    gpu = devices[0]
+    cfg = DiTConfig.wan_s2v_14b()
+    plan = plan_run(cfg, size=args.size, devices=devices, precision=precision, offload="auto",
+                    memory_cap=None if cap_gib is None else cap_gib * GiB, text_encoder="cpu", audio_encoder="cpu")
+    print(plan.summary())
+    plan.validate()
+    device = torch.device(plan.dit_device)
+    torch.manual_seed(0)
+
+    t0 = time.perf_counter()
+    model, swap = build_dit(cfg, plan, args.attention)
+    vae = build_vae(device)
+    print(f"  built in {time.perf_counter() - t0:.1f} s")
+    geo = plan.geometry
+    g = torch.Generator(device="cpu").manual_seed(2)
+    context = torch.randn(30, cfg.text_dim, generator=g).to(device, torch.bfloat16)
+    ref = torch.randn(1, 16, 1, geo.latent_h, geo.latent_w, generator=g).to(device)
+    motion = torch.randn(1, 16, cfg.motion_frames[1], geo.latent_h, geo.latent_w, generator=g).to(device)
+    frames_needed = geo.frames_per_clip * (args.clips + 1)
+    audio = torch.randn(1, cfg.num_wav2vec_layers, cfg.audio_dim, frames_needed, generator=g).to(device,
+                                                                                                 torch.bfloat16)
+    scfg = SamplerConfig(mode="streaming", frames_per_clip=geo.frames_per_clip, steps=geo.steps, seed=420)
+
+    def new_sampler():
+        s = BlockSampler(model, context, ref, motion, scfg)
+        if plan.kv_cache_location == "cpu":
+            # The sampler allocates GPU rings; replace them before the cap is applied.
+            s.caches = make_streamed_step_caches(cfg, geo.latent_h, geo.latent_w, num_steps=geo.steps,
+                                                 cache_frames=s.latent_frames, device=device)
+            torch.cuda.empty_cache()
+        return s
+
+    def stream(sampler, clips, record):
+        decoder = vae.stream_decoder()
+        decoder.decode(motion[:, :, :DECODER_WARMUP_LATENTS])
+        first = True
+        start = time.perf_counter()
+        last = start
+        for block in sampler.run(audio[..., :geo.frames_per_clip * clips], clips):
+            torch.cuda.synchronize()
+            t_dit = time.perf_counter()
+            frames = decoder.decode(block.latents)[0]
+            if first:
+                frames = frames[:, DROPPED_START_FRAMES:]
+            out = to_uint8_frames(frames.cpu())
+            now = time.perf_counter()
+            if record is not None:
+                if first:
+                    record["first_frame_s"] = now - start
+                record["blocks"].append((now - last, now - t_dit, len(out)))
+            first = False
+            last = now
+        return time.perf_counter() - start
+
+    # Warm-up: one clip (kernels, cuBLAS/cuDNN plans, allocator), then a fresh stream is timed.
+    warm = new_sampler()
+    stream(warm, 1, None)
+    del warm
+    sampler = new_sampler()  # before the cap: it briefly holds GPU rings when they are streamed
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    if cap_gib is not None:
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GiB / gpu.total_bytes), device)
+    torch.cuda.reset_peak_memory_stats(device)
+    moved_before = (swap.bytes_moved if swap else 0)
+    record = {"blocks": []}
+    streamer = sampler.caches[0].streamer if plan.kv_cache_location == "cpu" else None
+    kv_before = streamer.bytes_moved if streamer else 0
+    total_s = stream(sampler, args.clips, record)
+
+    blocks = record["blocks"]
+    steady = [b for b in blocks[1:]] or blocks
+    block_s = statistics.median(b[0] for b in steady)
+    vae_s = statistics.median(b[1] for b in steady)
+    frames = sum(b[2] for b in blocks)
+    calls = len(blocks) * geo.steps
+    flops = plan.flops_per_call()
+    frames_per_block = 4 * cfg.num_frames_per_block
+    tflops = peak_tflops(gpu.label, args.peak_tflops)
+    limit_fps = None
+    if tflops:
+        lin_rate = tflops * (2 if precision == "fp8" else 1) * 1e12
+        call_floor = flops["linear"] / lin_rate + flops["attention"] / (tflops * 1e12)
+        limit_fps = frames_per_block / (geo.steps * call_floor)
+    peak = torch.cuda.max_memory_allocated(device)
+    est = plan.generate_bytes(plan.dit_device)
+    moved = (swap.bytes_moved - moved_before if swap else 0) + (streamer.bytes_moved - kv_before if streamer else 0)
+    result = {
+        "plan": name, "gpu": gpu.label, "precision": precision, "cap_gib": cap_gib,
+        "placement": plan.placement_words(), "blocks": len(blocks), "frames": frames,
+        "block_latency_s": block_s, "vae_per_block_s": vae_s, "dit_per_call_s": (block_s - vae_s) / geo.steps,
+        "steady_fps": frames_per_block / block_s, "run_fps": frames / total_s,
+        "first_frame_s": record["first_frame_s"], "peak_gib": peak / GiB,
+        "reserved_gib": torch.cuda.max_memory_reserved(device) / GiB, "estimate_gib": est / GiB,
+        "estimate_error_pct": 100.0 * (est - peak) / peak, "transfer_gib_per_call": moved / calls / GiB,
+        "flop_limit_fps": limit_fps,
+        "flop_limit_ratio": (frames_per_block / block_s) / limit_fps if limit_fps else None,
+        "vs_official_fps": (frames_per_block / block_s) / OFFICIAL["fps"],
+        "vs_official_first_frame": OFFICIAL["first_frame_s"] / record["first_frame_s"],
+    }
+    print(json.dumps(result, indent=1))
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# driver
+
+
+def table(results: list[dict]) -> str:
+    head = (f"{'plan':<9}{'placement':<44}{'block s':>8}{'DiT/call':>9}{'VAE/blk':>8}{'FPS':>7}{'run FPS':>8}"
+            f"{'TTFF s':>7}{'peak GiB':>9}{'est GiB':>8}{'err %':>7}{'%limit':>7}{'x offic':>8}")
+    rows = [head]
+    for r in results:
+        if "error" in r:
+            rows.append(f"{r['plan']:<9}FAILED: {r['error']}")
+            continue
+        lim = f"{100 * r['flop_limit_ratio']:.0f}" if r["flop_limit_ratio"] else "n/a"
+        rows.append(f"{r['plan']:<9}{r['placement'][:43]:<44}{r['block_latency_s']:8.3f}{r['dit_per_call_s']:9.3f}"
+                    f"{r['vae_per_block_s']:8.3f}{r['steady_fps']:7.2f}{r['run_fps']:8.2f}{r['first_frame_s']:7.2f}"
+                    f"{r['peak_gib']:9.1f}{r['estimate_gib']:8.1f}{r['estimate_error_pct']:7.1f}{lim:>7}"
+                    f"{r['vs_official_fps']:8.2f}")
+    rows.append(f"official single-GPU baseline: {OFFICIAL['fps']} FPS, {OFFICIAL['first_frame_s']} s to first frame, "
+                f"{OFFICIAL['peak_gib']} GiB (spec/baseline.md, H200)")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--plans", default=DEFAULT_PLANS, help=f"comma list of {', '.join(PLANS)}")
+    ap.add_argument("--clips", type=int, default=2, help="timed 48-frame clips per plan (after a 1-clip warm-up)")
+    ap.add_argument("--size", default="704*384")
+    ap.add_argument("--attention", default="sdpa", help="sdpa, flash2, flash3, sage")
+    ap.add_argument("--peak-tflops", type=float, help="dense bf16 TFLOP/s of this GPU if not H100/H200")
+    ap.add_argument("--timeout", type=int, default=420, help="seconds per plan")
+    ap.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None,
+                    help="folder for results.json (default $OUT)")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/run_bench.py needs a CUDA GPU (it runs the full 14B model).")
+    if args.clips < 1:
+        sys.exit("--clips must be at least 1")
+    if args.one:
+        try:
+            result = run_plan(args.one, args)
+        except (LiveAvatarError, torch.cuda.OutOfMemoryError) as exc:
+            result = {"plan": args.one, "error": f"{type(exc).__name__}: {exc}"}
+            print(result["error"])
+        print("RESULT " + json.dumps(result))
+        return
+    names = [n.strip() for n in args.plans.split(",") if n.strip()]
+    unknown = [n for n in names if n not in PLANS]
+    if unknown:
+        sys.exit(f"unknown plan(s) {unknown}; choose from {', '.join(PLANS)}")
+    print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
+    results = []
+    for name in names:
+        print(f"\n=== plan {name} ===", flush=True)
+        cmd = [sys.executable, __file__, "--one", name, "--clips", str(args.clips), "--size", args.size,
+               "--attention", args.attention] + (["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else [])
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            output = proc.stdout + proc.stderr
+        except subprocess.TimeoutExpired as exc:
+            output = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+            output += f"\ntimed out after {args.timeout} s"
+        print(output[-4000:], flush=True)
+        line = next((ln for ln in output.splitlines()[::-1] if ln.startswith("RESULT ")), None)
+        results.append(json.loads(line[len("RESULT "):]) if line else {"plan": name, "error": output.strip()
+                                                                          .splitlines()[-1][:200]})
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    print("\n" + table(results))
+
+
+if __name__ == "__main__":
+    main()
