@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from ..liveavatar_core.encoders.audio import DEFAULT_FRAMES_PER_CLIP, FRAMES_PER_BLOCK, AudioEncoder
+from ..liveavatar_core.encoders.audio import (DEFAULT_FRAMES_PER_CLIP, FRAMES_PER_BLOCK, AudioEncoder,
+                                              check_frames_per_clip)
 from ..liveavatar_core.encoders.text import TOKENIZER_SUBDIR, TextEncoder
 from ..liveavatar_core.errors import InputError
 from . import host
@@ -128,9 +129,14 @@ class LiveAvatarAudioEncode:
         }}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, device):
+    def VALIDATE_INPUTS(cls, device=None, frames_per_clip=None):
+        # A widget turned into a linked input arrives as None here; it is checked when the node runs.
         try:
-            host.check_device(device, "device")
+            if device is not None:
+                host.check_device(device, "device")
+            if frames_per_clip is not None:
+                host.check_declared(cls.INPUT_TYPES()["required"], {"frames_per_clip": frames_per_clip})
+                check_frames_per_clip(frames_per_clip)
         except InputError as exc:
             return str(exc)
         return True

@@ -151,6 +151,25 @@ def _inside(path: Path, root: Path) -> bool:
     return os.path.normpath(path).startswith(os.path.normpath(root) + os.sep)
 
 
+def check_declared(spec: dict, values: dict) -> None:
+    """Apply the declared choices and min/max of `spec` (INPUT_TYPES entries) to `values`.
+
+    ComfyUI skips its own range and choice checks for every input a node's VALIDATE_INPUTS
+    receives (execution.py, validate_inputs), so such a node must make them itself.
+    """
+    for name, value in values.items():
+        kind, options = spec[name]
+        if isinstance(kind, list):
+            if value not in kind:
+                raise InputError(name, f"{value!r} is not one of the choices.",
+                                 f"choose one of {', '.join(map(str, kind))}.")
+        elif kind in ("INT", "FLOAT"):
+            low, high = options.get("min"), options.get("max")
+            if (low is not None and value < low) or (high is not None and value > high):
+                raise InputError(name, f"{value} is outside the allowed range {low}..{high}.",
+                                 f"use a value from {low} to {high}.")
+
+
 # --- outputs ---------------------------------------------------------------------------------
 
 
@@ -266,7 +285,7 @@ def check_device(choice: str, input_name: str) -> None:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if int(choice.split(":")[1]) >= count:
             raise InputError(input_name, f"{choice} was chosen but this machine has {count} CUDA GPU(s).",
-                             "choose 'auto', 'cpu' or " + (f"cuda:0..cuda:{count - 1}." if count else "'cpu'."))
+                             "choose 'auto' or 'cpu'" + (f", or cuda:0..cuda:{count - 1}." if count else "."))
 
 
 def torch_device(choice: str, input_name: str):

@@ -92,10 +92,10 @@ class LiveAvatarSampler:
         values = dict(size=size, custom_width=custom_width, custom_height=custom_height, seed=seed,
                       num_clips=num_clips, frames_per_clip=frames_per_clip, sample_steps=sample_steps, mode=mode,
                       ref_offset_mode=ref_offset_mode, ref_offset=ref_offset, online_decode=online_decode)
-        if any(v is None for v in values.values()):
-            return True  # a linked widget: checked when the node runs
         try:
-            settings_from_widgets(**values)
+            if all(v is not None for v in values.values()):  # a linked widget is checked when the node runs
+                settings_from_widgets(**values)
+            host.check_declared(cls.INPUT_TYPES()["required"], {k: v for k, v in values.items() if v is not None})
         except InputError as exc:
             return str(exc)
         return True
