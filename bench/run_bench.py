@@ -114,6 +114,7 @@ def build_vae(device: torch.device):
 
 
 def run_plan(name: str, args) -> dict:
+    from liveavatar_core.model.cache import make_step_caches
     from liveavatar_core.placement import make_streamed_step_caches
     from liveavatar_core.sampling.config import SamplerConfig
     from liveavatar_core.sampling.generator import BlockSampler
@@ -145,13 +146,8 @@ def run_plan(name: str, args) -> dict:
     scfg = SamplerConfig(mode="streaming", frames_per_clip=geo.frames_per_clip, steps=geo.steps, seed=420)
 
     def new_sampler():
-        s = BlockSampler(model, context, ref, motion, scfg)
-        if plan.kv_cache_location == "cpu":
-            # The sampler allocates GPU rings; replace them before the cap is applied.
-            s.caches = make_streamed_step_caches(cfg, geo.latent_h, geo.latent_w, num_steps=geo.steps,
-                                                 cache_frames=s.latent_frames, device=device)
-            torch.cuda.empty_cache()
-        return s
+        factory = make_streamed_step_caches if plan.kv_cache_location == "cpu" else make_step_caches
+        return BlockSampler(model, context, ref, motion, scfg, cache_factory=factory)
 
     def stream(sampler, clips, record):
         decoder = vae.stream_decoder()
@@ -179,7 +175,7 @@ def run_plan(name: str, args) -> dict:
     warm = new_sampler()
     stream(warm, 1, None)
     del warm
-    sampler = new_sampler()  # before the cap: it briefly holds GPU rings when they are streamed
+    sampler = new_sampler()
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     if cap_gib is not None:

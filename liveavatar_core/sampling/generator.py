@@ -57,6 +57,10 @@ def clip_noise(seed: int, clip: int, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.randn(shape, generator=g, dtype=torch.float32)
 
 
+# (cfg, lat_h, lat_w, *, num_steps, cache_frames, dtype, device) -> one KVCache per step
+CacheFactory = Callable[..., list[KVCache]]
+
+
 class BlockSampler:
     """Streaming generator of denoised latent blocks for one avatar stream.
 
@@ -68,7 +72,7 @@ class BlockSampler:
 
     def __init__(self, model: LiveAvatarDiT, context, ref_latents: torch.Tensor, motion_latents: torch.Tensor,
                  config: SamplerConfig | None = None, schedule: FlowMatchSchedule | None = None,
-                 on_clip_end: ClipEndHook | None = None):
+                 on_clip_end: ClipEndHook | None = None, cache_factory: CacheFactory = make_step_caches):
         self.config = config = config or SamplerConfig()
         self.model = model
         cfg = model.cfg
@@ -92,9 +96,11 @@ class BlockSampler:
         self.on_clip_end = on_clip_end
 
         self.text = context if isinstance(context, TextCache) else model.encode_text(context)
-        self.caches: list[KVCache] = make_step_caches(cfg, *self.lat_hw, num_steps=config.steps,
-                                                      cache_frames=self.latent_frames, dtype=self.dtype,
-                                                      device=model.device)
+        # The factory decides where the step caches live (GPU rings, or host memory streamed per
+        # layer by placement.make_streamed_step_caches); the sampler only needs the KVCache interface.
+        self.caches: list[KVCache] = cache_factory(cfg, *self.lat_hw, num_steps=config.steps,
+                                                   cache_frames=self.latent_frames, dtype=self.dtype,
+                                                   device=model.device)
         self.policy = self._new_policy()
         self.ref_latents, self.motion_latents = self._keep(ref_latents, motion_latents)
         self.clip_latents = torch.zeros(1, cfg.out_dim, self.latent_frames, *self.lat_hw,
