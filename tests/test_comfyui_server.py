@@ -1,13 +1,21 @@
 """The pack inside a real ComfyUI server (skipped unless COMFYUI_DIR points at a ComfyUI checkout).
 
-Starts `main.py --cpu` with a temporary base directory: the repository linked into custom_nodes,
-the fixture checkpoints under models/liveavatar, the fixture inputs in input/. COMFYUI_PYTHON
-selects the interpreter (ComfyUI needs torch, torchvision and torchaudio of matching versions).
+Starts `main.py --cpu` on 127.0.0.1 with a temporary base directory: the repository linked into
+custom_nodes, the fixture checkpoints under models/liveavatar, the fixture inputs in input/ (also
+under the names the example workflows use, and a long copy of the speech for the cancel test),
+the database inside it too, so the ComfyUI checkout is left untouched. COMFYUI_PYTHON selects the
+interpreter (ComfyUI needs torch, torchvision and torchaudio of matching versions);
+scripts/comfyui_integration.sh builds such an environment.
+
+The example workflows are taken as the frontend takes them: fetched from ComfyUI's template
+route and turned into prompts with the server's /object_info (widget values by position).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 import os
 import shutil
 import socket
@@ -17,17 +25,31 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
+import wave
 from pathlib import Path
 
 import pytest
 
-from tests.test_nodes_support import REPO, models_tree
+from tests.test_nodes_support import REPO, load_pack, models_tree, pack_module
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run")
 PACK = "liveavatar"
 NODE_IDS = {"LiveAvatarModelLoader", "LiveAvatarTextEncode", "LiveAvatarAudioEncode", "LiveAvatarSampler",
             "LiveAvatarVideoWriter"}
+UI_FILES = sorted((REPO / "example_workflows").glob("*.json"))
+API_DIR = REPO / "workflows" / "api"
+FRONTEND_ONLY = {"MarkdownNote", "Note", "Reroute"}
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
+# Widgets the frontend adds after an input, which hold a slot in `widgets_values` but are not
+# sent to the server: the seed's "control after generate" and the upload button (and, for
+# audio, the player) of LoadImage/LoadAudio.
+EXTRA_SLOTS = {"control_after_generate": 1, "image_upload": 1, "audio_upload": 2}
+SEED_NAMES = ("seed", "noise_seed")
+LONG_AUDIO = "liveavatar_long_speech.wav"
+# Long enough that the tiny model cannot finish before the cancel arrives.
+LONG_AUDIO_S = 60.0
 
 
 def _free_port() -> int:
@@ -49,19 +71,41 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
         return exc.code, json.load(exc)
 
 
+def _tiled_wav(source: Path, target: Path, seconds: float) -> None:
+    """`source` repeated until it lasts at least `seconds` (same rate, width and channels)."""
+    with wave.open(str(source)) as src:
+        params, data = src.getparams(), src.readframes(src.getnframes())
+    repeats = math.ceil(seconds * params.framerate / params.nframes)
+    with wave.open(str(target), "wb") as dst:
+        dst.setparams(params)
+        dst.writeframes(data * repeats)
+
+
+def _example_inputs(base: Path, fixtures: Path) -> None:
+    """The fixture inputs under their own names and under the names the example workflows use."""
+    shutil.copytree(fixtures / "inputs", base / "input")
+    sources = {"LoadImage": fixtures / "inputs" / "ref_image.png", "LoadAudio": fixtures / "inputs" / "audio.wav"}
+    for path in UI_FILES:
+        for node in json.loads(path.read_text())["nodes"]:
+            if node["type"] in sources:
+                shutil.copy(sources[node["type"]], base / "input" / node["widgets_values"][0])
+    _tiled_wav(sources["LoadAudio"], base / "input" / LONG_AUDIO, LONG_AUDIO_S)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, fixtures):
     base = tmp_path_factory.mktemp("comfy_base")
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / PACK).symlink_to(REPO, target_is_directory=True)
     models_tree(base, fixtures)
-    shutil.copytree(fixtures / "inputs", base / "input")
+    _example_inputs(base, fixtures)
     port = _free_port()
     log_path = base / "comfyui.log"
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
     with open(log_path, "w") as log:
         proc = subprocess.Popen([python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-                                 "--base-directory", str(base), "--disable-auto-launch"],
+                                 "--base-directory", str(base), "--disable-auto-launch",
+                                 "--database-url", f"sqlite:///{base / 'comfyui.db'}"],
                                 cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
@@ -82,19 +126,79 @@ def server(tmp_path_factory, fixtures):
         proc.kill()
 
 
-def _small_prompt(name: str, num_clips: int = 1) -> dict:
-    prompt = json.loads((REPO / "workflows" / "api" / name).read_text())
+@pytest.fixture(scope="module")
+def object_info(server):
+    return _get(f"{server[0]}/object_info")
+
+
+def _entries(definition: dict) -> list[tuple[str, str | list, dict]]:
+    """(name, type, options) of a node's inputs in the order the frontend makes its widgets."""
+    spec, order = definition["input"], definition["input_order"]
+    out = []
+    for section in ("required", "optional"):
+        for name in order.get(section, []):
+            entry = spec[section][name]
+            out.append((name, entry[0], entry[1] if len(entry) > 1 else {}))
+    return out
+
+
+def _is_widget(kind) -> bool:
+    return isinstance(kind, list) or kind in WIDGET_TYPES or kind == "COMBO"
+
+
+def ui_to_api(graph: dict, info: dict) -> dict:
+    """The prompt the frontend queues for `graph`, mapping widget values with the server's definitions."""
+    links = {link[0]: link for link in graph["links"]}
+    prompt = {}
+    for node in graph["nodes"]:
+        if node["type"] in FRONTEND_ONLY or node["mode"] in (2, 4):
+            continue
+        assert node["type"] in info, f"the server has no node {node['type']} (the UI would show it missing)"
+        values, inputs = list(node["widgets_values"]), {}
+        for name, kind, options in _entries(info[node["type"]]):
+            if not _is_widget(kind):
+                continue
+            assert values, f"{node['type']}: no widget value left for {name}"
+            inputs[name] = values.pop(0)
+            extra = sum(n for key, n in EXTRA_SLOTS.items() if options.get(key))
+            if kind == "INT" and name in SEED_NAMES and not options.get("control_after_generate"):
+                extra += 1
+            del values[:extra]
+        assert not values, f"{node['type']}: {len(values)} widget values left over"
+        for socket_ in node["inputs"]:
+            if socket_.get("link") is not None:
+                link = links[socket_["link"]]
+                inputs[socket_["name"]] = [str(link[1]), link[2]]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+def _served_graph(url: str, path: Path) -> dict:
+    return _get(f"{url}/api/workflow_templates/{PACK}/{urllib.parse.quote(path.name)}")
+
+
+def _small(prompt: dict, audio: str | None = None, num_clips: int = 1) -> dict:
+    """`prompt` at the smallest area, one DiT block per clip, fp32 (this server runs --cpu)."""
+    pack = load_pack()
+    side = pack_module(pack, "liveavatar_core.encoders.image").DIVISOR
+    block_frames = pack_module(pack, "liveavatar_core.encoders.audio").FRAMES_PER_BLOCK
     for node in prompt.values():
         inputs = node["inputs"]
-        if node["class_type"] == "LoadImage":
-            inputs["image"] = "ref_image.png"
-        elif node["class_type"] == "LoadAudio":
-            inputs["audio"] = "audio.wav"
+        if node["class_type"] == "LoadAudio" and audio is not None:
+            inputs["audio"] = audio
         elif node["class_type"] == "LiveAvatarModelLoader":
             inputs["precision"] = "fp32"
+        elif node["class_type"] == "LiveAvatarAudioEncode":
+            inputs["frames_per_clip"] = block_frames
         elif node["class_type"] == "LiveAvatarSampler":
-            inputs.update(size="custom", custom_width=64, custom_height=64, num_clips=num_clips)
+            inputs.update(size="custom", custom_width=side, custom_height=side, num_clips=num_clips,
+                          frames_per_clip=block_frames)
     return prompt
+
+
+def _writer_id(prompt: dict) -> str:
+    (nid,) = [k for k, v in prompt.items() if v["class_type"] == "LiveAvatarVideoWriter"]
+    return nid
 
 
 def _wait(url: str, prompt_id: str, timeout_s: float = 600) -> dict:
@@ -103,58 +207,194 @@ def _wait(url: str, prompt_id: str, timeout_s: float = 600) -> dict:
         history = _get(f"{url}/history/{prompt_id}")
         if prompt_id in history:
             return history[prompt_id]
-        time.sleep(0.5)
+        time.sleep(0.2)
     pytest.fail(f"prompt {prompt_id} did not finish in {timeout_s} s")
 
 
-def test_pack_loads_and_registers_every_node(server):
-    url, _, log_path = server
-    info = _get(f"{url}/object_info")
-    assert NODE_IDS <= set(info)
-    assert all(info[n]["python_module"] == f"custom_nodes.{PACK}" for n in NODE_IDS)
-    assert "IMPORT FAILED" not in log_path.read_text()
-    assert any(PACK in e for e in _get(f"{url}/extensions"))
-
-
-def test_invalid_setting_is_refused_at_queue_time(server):
-    url, _, _ = server
-    prompt = _small_prompt("liveavatar_basic.json")
-    prompt["6"]["inputs"]["frames_per_clip"] = 50
-    status, body = _post(f"{url}/prompt", {"prompt": prompt})
-    assert status == 400
-    assert "frames_per_clip" in json.dumps(body["node_errors"]["6"])
-
-
-def test_api_workflow_runs_through_prompt_and_history(server):
-    from tests.test_nodes_support import load_pack, pack_module
-
-    url, base, _ = server
-    status, body = _post(f"{url}/prompt", {"prompt": _small_prompt("liveavatar_basic.json")})
-    assert status == 200, body
-    entry = _wait(url, body["prompt_id"])
+def _check_video(url: str, base: Path, entry: dict, writer: str, frames: int | None = None) -> Path:
+    """The writer's ui entry names an MP4 in output/ that /view serves and that plays with audio."""
     assert entry["status"]["status_str"] == "success", entry["status"]
-    (file,) = entry["outputs"]["7"]["images"]
-    data = urllib.request.urlopen(f"{url}/view?{urllib.parse.urlencode(file)}").read()
+    out = entry["outputs"][writer]
+    assert out["animated"] == [True]
+    (file,) = out["images"]
     path = base / "output" / file["subfolder"] / file["filename"]
-    assert path.read_bytes() == data
+    assert urllib.request.urlopen(f"{url}/view?{urllib.parse.urlencode(file)}").read() == path.read_bytes()
     probe = pack_module(load_pack(), "liveavatar_core.video").probe_mp4(path)
-    assert probe.frame_count > 0 and probe.has_audio
+    assert probe.has_audio and probe.frame_count > 0
+    if frames is not None:
+        assert probe.frame_count == frames
+    return path
 
 
-def test_cancel_stops_and_leaves_a_playable_file(server):
-    from tests.test_nodes_support import load_pack, pack_module
+def test_pack_loads_and_registers_every_node(server, object_info):
+    url, _, log_path = server
+    assert NODE_IDS <= set(object_info)
+    assert all(object_info[n]["python_module"] == f"custom_nodes.{PACK}" for n in NODE_IDS)
+    log = log_path.read_text()
+    assert "IMPORT FAILED" not in log and "Live Avatar: node" not in log, log
+    assert "Traceback" not in log.split("Starting server")[0], log
 
+
+def test_web_extension_is_listed_and_served(server):
+    url, _, _ = server
+    ours = [e for e in _get(f"{url}/extensions") if e.startswith(f"/extensions/{PACK}/")]
+    assert sorted(ours) == sorted(f"/extensions/{PACK}/{p.relative_to(REPO / 'web').as_posix()}"
+                                  for p in (REPO / "web").rglob("*.js"))
+    for route in ours:
+        response = urllib.request.urlopen(url + route)
+        assert "javascript" in response.headers["Content-Type"]
+        assert response.read() == (REPO / "web" / route.split("/", 3)[3]).read_bytes()
+
+
+def test_example_workflows_are_offered_as_templates(server):
+    url, _, _ = server
+    assert sorted(_get(f"{url}/workflow_templates")[PACK]) == sorted(p.stem for p in UI_FILES)
+    for path in UI_FILES:
+        assert _served_graph(url, path) == json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+def test_ui_workflow_widgets_are_accepted_by_the_server(server, object_info, path):
+    """Widget values map onto the server's inputs, lie in its choices and ranges, links join
+    matching types, and the result is the API twin we ship."""
+    url, _, _ = server
+    graph = _served_graph(url, path)
+    prompt = ui_to_api(graph, object_info)
+    twin = json.loads((API_DIR / path.name).read_text())
+    assert prompt == {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in twin.items()}
+    for nid, node in prompt.items():
+        for name, kind, options in _entries(object_info[node["class_type"]]):
+            value = node["inputs"].get(name)
+            if isinstance(value, list) and not isinstance(kind, list):
+                source = prompt[value[0]]["class_type"]
+                assert object_info[source]["output"][value[1]] == kind, f"{nid}.{name}: link type"
+            elif isinstance(kind, list):
+                assert value in kind, f"{nid}.{name}: {value!r} is not offered by the server"
+            elif kind in ("INT", "FLOAT"):
+                assert options.get("min", value) <= value <= options.get("max", value), f"{nid}.{name}"
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+def test_ui_workflow_runs_through_prompt_and_history(server, object_info, path):
     url, base, _ = server
-    status, body = _post(f"{url}/prompt", {"prompt": _small_prompt("liveavatar_long_streaming.json", 0)})
+    graph = _served_graph(url, path)
+    prompt = _small(ui_to_api(graph, object_info))
+    status, body = _post(f"{url}/prompt", {"prompt": prompt, "extra_data": {"extra_pnginfo": {"workflow": graph}}})
+    assert status == 200, body
+    pack = load_pack()
+    frames = (pack_module(pack, "liveavatar_core.encoders.audio").FRAMES_PER_BLOCK
+              - pack_module(pack, "liveavatar_core.pipeline").DROPPED_START_FRAMES)
+    _check_video(url, base, _wait(url, body["prompt_id"]), _writer_id(prompt), frames)
+
+
+def test_invalid_settings_are_refused_at_queue_time(server, object_info):
+    """HTTP 400 naming the node and the input, for a rule of ours and for declared ranges that
+    ComfyUI leaves to a node's VALIDATE_INPUTS."""
+    url, _, _ = server
+    prompt = json.loads((API_DIR / UI_FILES[0].name).read_text())
+    by_type = {v["class_type"]: k for k, v in prompt.items()}
+    limits = {name: options for name, _, options in _entries(object_info["LiveAvatarSampler"])}
+    cases = [("LiveAvatarSampler", "frames_per_clip", limits["frames_per_clip"]["step"] + 1),
+             ("LiveAvatarAudioEncode", "frames_per_clip", limits["frames_per_clip"]["step"] + 1),
+             ("LiveAvatarSampler", "ref_offset", limits["ref_offset"]["max"] + 1),
+             ("LiveAvatarSampler", "custom_width", limits["custom_width"]["max"] + limits["custom_width"]["step"])]
+    for class_type, name, value in cases:
+        bad = json.loads(json.dumps(prompt))
+        bad[by_type[class_type]]["inputs"][name] = value
+        status, body = _post(f"{url}/prompt", {"prompt": bad})
+        assert status == 400, (class_type, name, body)
+        errors = body["node_errors"][by_type[class_type]]["errors"]
+        assert errors and all(e["details"].split(" - ", 1)[-1].startswith(name) for e in errors), errors
+
+
+def test_writer_reruns_on_a_cached_stream(server, object_info):
+    """Only the file name changes: ComfyUI reuses every upstream output, the sampler's stream
+    included, and the writer must still produce the whole video again."""
+    url, base, _ = server
+    prompt = _small(ui_to_api(_served_graph(url, UI_FILES[0]), object_info))
+    writer = _writer_id(prompt)
+    paths = []
+    for prefix in ("video/LiveAvatar_first", "video/LiveAvatar_again"):
+        prompt[writer]["inputs"]["filename_prefix"] = prefix
+        status, body = _post(f"{url}/prompt", {"prompt": prompt})
+        assert status == 200, body
+        entry = _wait(url, body["prompt_id"])
+        paths.append(_check_video(url, base, entry, writer))
+    cached = [m[1]["nodes"] for m in entry["status"]["messages"] if m[0] == "execution_cached"]
+    assert cached and set(prompt) - {writer} <= set(cached[0])
+    probe = pack_module(load_pack(), "liveavatar_core.video").probe_mp4
+    assert probe(paths[0]).frame_count == probe(paths[1]).frame_count
+
+
+def test_progress_previews_and_video_reach_the_websocket(server, object_info):
+    aiohttp = pytest.importorskip("aiohttp")
+    url, base, _ = server
+    prompt = _small(ui_to_api(_served_graph(url, UI_FILES[0]), object_info), num_clips=2)
+    writer = _writer_id(prompt)
+    prompt[writer]["inputs"]["filename_prefix"] = "video/LiveAvatar_ws"
+    client_id = uuid.uuid4().hex
+
+    async def run() -> tuple[list[dict], int]:
+        messages, binary = [], 0
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"{url.replace('http', 'ws')}/ws?clientId={client_id}") as ws:
+                status, body = _post(f"{url}/prompt", {"prompt": prompt, "client_id": client_id})
+                assert status == 200, body
+                async for msg in ws:
+                    if msg.type == aiohttp.WSMsgType.BINARY:
+                        binary += 1
+                        continue
+                    data = json.loads(msg.data)
+                    messages.append(data)
+                    if data["type"] in ("execution_success", "execution_error") and \
+                            data["data"]["prompt_id"] == body["prompt_id"]:
+                        return messages, binary
+        raise AssertionError("the websocket closed before the prompt ended")
+
+    messages, previews = asyncio.run(asyncio.wait_for(run(), 600))
+    kinds = [m["type"] for m in messages]
+    assert "execution_success" in kinds, messages[-3:]
+    progress = [m["data"] for m in messages if m["type"] == "progress" and m["data"]["node"] == writer]
+    status = [m["data"] for m in messages if m["type"] == "liveavatar.status"]
+    assert progress and progress[-1]["value"] == progress[-1]["max"] == len(status) >= 2
+    assert previews >= len(status)
+    assert [s["blocks_done"] for s in status] == list(range(1, len(status) + 1))
+    (executed,) = [m["data"] for m in messages if m["type"] == "executed" and m["data"]["node"] == writer]
+    assert executed["output"]["animated"] == [True]
+    assert executed["output"]["images"][0]["filename"].startswith("LiveAvatar_ws")
+
+
+def test_cancel_stops_within_a_block_and_leaves_a_playable_file(server, object_info):
+    url, base, _ = server
+    pack = load_pack()
+    probe_mp4 = pack_module(pack, "liveavatar_core.video").probe_mp4
+    block_frames = pack_module(pack, "liveavatar_core.encoders.audio").FRAMES_PER_BLOCK
+    graph = _served_graph(url, next(p for p in UI_FILES if "long" in p.stem))
+    prompt = _small(ui_to_api(graph, object_info), audio=LONG_AUDIO, num_clips=0)
+    writer = _writer_id(prompt)
+    prompt[writer]["inputs"]["filename_prefix"] = "video/LiveAvatar_cancel"
+    queued = time.time()
+    status, body = _post(f"{url}/prompt", {"prompt": prompt})
     assert status == 200, body
     folder = base / "output" / "video"
     deadline = time.time() + 600
-    while not any(p.stat().st_size > 2048 for p in folder.glob("LiveAvatar_long_*.mp4")):
-        assert time.time() < deadline, "the writer never started"
-        time.sleep(0.2)
+    frames_asked = 0
+    while not frames_asked:  # the fragmented file is readable while it grows
+        assert time.time() < deadline, "the writer never wrote a block"
+        time.sleep(0.1)
+        files = list(folder.glob("LiveAvatar_cancel_*.mp4"))
+        if files and files[0].stat().st_size > 0:
+            frames_asked = probe_mp4(files[0], max_frames=0).frame_count
+    asked = time.time()
     _post(f"{url}/interrupt", {})
     entry = _wait(url, body["prompt_id"], 120)
+    stop_s = time.time() - asked
     events = [m[0] for m in entry["status"]["messages"]]
-    assert "execution_interrupted" in events
-    (path,) = folder.glob("LiveAvatar_long_*.mp4")
-    assert pack_module(load_pack(), "liveavatar_core.video").probe_mp4(path).frame_count > 0
+    assert "execution_interrupted" in events and "execution_success" not in events
+    (path,) = folder.glob("LiveAvatar_cancel_*.mp4")
+    probe = probe_mp4(path, max_frames=0, decode_audio=True)
+    print(f"cancel: first block on disk {asked - queued:.1f} s after queueing; stopped {stop_s:.2f} s after "
+          f"/interrupt with {probe.frame_count - frames_asked} more frames ({probe.frame_count} in all)")
+    # The block being sampled when Cancel came is finished and written, nothing after it.
+    assert frames_asked <= probe.frame_count <= frames_asked + block_frames
+    assert probe.has_audio and abs(probe.audio_duration_s - probe.duration_s) < 0.1
