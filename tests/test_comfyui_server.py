@@ -218,7 +218,9 @@ def _check_video(url: str, base: Path, entry: dict, writer: str, frames: int | N
     assert out["animated"] == [True]
     (file,) = out["images"]
     path = base / "output" / file["subfolder"] / file["filename"]
-    assert urllib.request.urlopen(f"{url}/view?{urllib.parse.urlencode(file)}").read() == path.read_bytes()
+    response = urllib.request.urlopen(f"{url}/view?{urllib.parse.urlencode(file)}")
+    assert response.headers["Content-Type"] == "video/mp4"  # what the node's <video> player needs
+    assert response.read() == path.read_bytes()
     probe = pack_module(load_pack(), "liveavatar_core.video").probe_mp4(path)
     assert probe.has_audio and probe.frame_count > 0
     if frames is not None:
@@ -305,6 +307,22 @@ def test_invalid_settings_are_refused_at_queue_time(server, object_info):
         assert status == 400, (class_type, name, body)
         errors = body["node_errors"][by_type[class_type]]["errors"]
         assert errors and all(e["details"].split(" - ", 1)[-1].startswith(name) for e in errors), errors
+
+
+def test_error_while_running_names_our_node_and_input(server, object_info):
+    """Audio bucketed for other clips than the sampler makes: each is valid alone, so the refusal
+    comes when the sampler runs, as an execution error of that node."""
+    url, _, _ = server
+    prompt = _small(ui_to_api(_served_graph(url, UI_FILES[0]), object_info))
+    (encoder,) = [v for v in prompt.values() if v["class_type"] == "LiveAvatarAudioEncode"]
+    encoder["inputs"]["frames_per_clip"] *= 2
+    status, body = _post(f"{url}/prompt", {"prompt": prompt})
+    assert status == 200, body
+    entry = _wait(url, body["prompt_id"])
+    assert entry["status"]["status_str"] == "error"
+    (error,) = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert error["node_type"] == "LiveAvatarSampler" and error["exception_type"].endswith("InputError")
+    assert error["exception_message"].startswith("frames_per_clip: ") and "Fix: " in error["exception_message"]
 
 
 def test_writer_reruns_on_a_cached_stream(server, object_info):
