@@ -17,6 +17,7 @@ import asyncio
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -246,6 +247,47 @@ def test_web_extension_is_listed_and_served(server):
         response = urllib.request.urlopen(url + route)
         assert "javascript" in response.headers["Content-Type"]
         assert response.read() == (REPO / "web" / route.split("/", 3)[3]).read_bytes()
+
+
+# Stands in for the browser: the frontend's shims read `window.comfyAPI`; this records what our
+# extension registers through them.
+_EXTENSION_HOST = """
+const registered = [];
+globalThis.window = { comfyAPI: {
+  app: { app: { registerExtension: (ext) => registered.push(ext) } },
+  api: { api: { addEventListener: () => {}, apiURL: (p) => p } } } };
+for (const module of process.argv.slice(2)) await import(module);
+console.log(JSON.stringify(registered.map((e) => e.name)));
+"""
+_IMPORT_RE = re.compile(r"""^\s*import\s[^;]*?from\s+["']([^"']+)["']""", re.M)
+
+
+def test_web_extension_modules_resolve_on_the_server(server, tmp_path):
+    """Each extension file, with the modules it imports as the server serves them (the frontend's
+    shims included), links and runs as an ES module and registers an extension."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    url, _, _ = server
+    routes = [e for e in _get(f"{url}/extensions") if e.startswith(f"/extensions/{PACK}/")]
+    pending, saved = list(routes), {}
+    while pending:
+        route = pending.pop()
+        if route in saved:
+            continue
+        text = urllib.request.urlopen(url + route).read().decode()
+        saved[route] = tmp_path / "root" / route.lstrip("/")
+        saved[route].parent.mkdir(parents=True, exist_ok=True)
+        saved[route].with_suffix(".mjs").write_text(re.sub(r"\.js([\"'])", r".mjs\1", text))
+        pending += [urllib.parse.urlparse(urllib.parse.urljoin(url + route, spec)).path
+                    for spec in _IMPORT_RE.findall(text) if spec.startswith(".")]
+    host = tmp_path / "host.mjs"
+    host.write_text(_EXTENSION_HOST)
+    result = subprocess.run([node, str(host), *(saved[r].with_suffix(".mjs").as_uri() for r in routes)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    names = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(names) == len(routes) and all(n.startswith(f"{PACK}.") for n in names), names
 
 
 def test_example_workflows_are_offered_as_templates(server):
