@@ -331,6 +331,26 @@ def test_ui_workflow_runs_through_prompt_and_history(server, object_info, path):
     _check_video(url, base, _wait(url, body["prompt_id"]), _writer_id(prompt), frames)
 
 
+def test_writer_outputs_feed_core_nodes(server, object_info):
+    """VIDEO goes into core SaveVideo (a copy with audio and the same frames), IMAGE into PreviewImage."""
+    url, base, _ = server
+    prompt = _small(ui_to_api(_served_graph(url, UI_FILES[0]), object_info))
+    writer = _writer_id(prompt)
+    prompt[writer]["inputs"].update(filename_prefix="video/LiveAvatar_core", return_frames=2)
+    prompt["save"] = {"class_type": "SaveVideo", "inputs": {"video": [writer, 0], "filename_prefix": "video/core",
+                                                              "format": "auto", "codec": "auto"}}
+    prompt["preview"] = {"class_type": "PreviewImage", "inputs": {"images": [writer, 1]}}
+    status, body = _post(f"{url}/prompt", {"prompt": prompt})
+    assert status == 200, body
+    entry = _wait(url, body["prompt_id"])
+    ours = _check_video(url, base, entry, writer)
+    (saved,) = entry["outputs"]["save"]["images"]
+    probe_mp4 = pack_module(load_pack(), "liveavatar_core.video").probe_mp4
+    copy = probe_mp4(base / "output" / saved["subfolder"] / saved["filename"], max_frames=0)
+    assert copy.has_audio and copy.frame_count == probe_mp4(ours, max_frames=0).frame_count
+    assert len(entry["outputs"]["preview"]["images"]) == 2
+
+
 def test_invalid_settings_are_refused_at_queue_time(server, object_info):
     """HTTP 400 naming the node and the input, for a rule of ours and for declared ranges that
     ComfyUI leaves to a node's VALIDATE_INPUTS."""
