@@ -1,7 +1,9 @@
 """Command line: `python -m liveavatar_core {generate,inspect,demo}`.
 
 `generate` keeps the official flag names where they make sense and validates every input before
-loading anything. `demo` writes a tiny synthetic checkpoint in the official layout and runs the
+loading anything. An interrupted `generate` (Ctrl-C, an error) leaves a playable MP4 of every
+finished block and a resume file next to it (`<video>.resume`); the same command plus
+`--resume <video>.resume` completes that MP4 as if it had never stopped. `demo` writes a tiny synthetic checkpoint in the official layout and runs the
 whole pipeline on it (CPU, seconds), producing a real MP4 with audio.
 """
 
@@ -42,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
                      help="compute precision (fp32 for CPU parity runs)")
     gen.add_argument("--attention", default="sdpa", help="attention backend: sdpa, flash2, flash3, sage")
+    gen.add_argument("--resume", type=Path, help="continue an interrupted run from its resume file (written next "
+                     "to its video as <save_file>.resume); the other arguments must be those of that run")
 
     ins = sub.add_parser("inspect", help="say what a weight file or official folder is")
     ins.add_argument("paths", nargs="+", type=Path)
@@ -72,13 +76,21 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def run_generation(ckpt_dir: Path, lora: Path | None, image, audio, prompt: str, save_file: Path, *,
                    size: str, num_clip: int, infer_frames: int, sample_steps: int, seed: int, mode: str,
-                   online_decode: bool, device: str, precision: str, attention: str) -> Path:
-    """Validate everything, load the models, stream the video into `save_file`."""
+                   online_decode: bool, device: str, precision: str, attention: str,
+                   resume: Path | None = None) -> Path:
+    """Validate everything, load the models, stream the video into `save_file`.
+
+    resume: the resume file of an interrupted run with these arguments; its MP4 is completed
+    (wherever `save_file` points). Any run that stops early saves `<video>.resume` (or `resume`).
+    """
+    from dataclasses import asdict
+
     from .encoders.audio import AudioEncoder, check_frames_per_clip, load_audio
-    from .encoders.image import load_image, target_area
+    from .encoders.image import load_image, preprocess_reference, target_area
     from .encoders.text import TextEncoder
     from .loading import load_generator, official_folder
     from .pipeline import GenerationSettings, generate, write_mp4
+    from .resume import check_resume_state, input_fingerprint, load_resume_state, partial_video
     from .video.naming import safe_output_path
 
     # 1. Cheap validation of every input before any weight is read.
@@ -89,7 +101,15 @@ def run_generation(ckpt_dir: Path, lora: Path | None, image, audio, prompt: str,
     folder = official_folder(ckpt_dir)
     load_image(image)
     waveform = load_audio(audio)
-    out = safe_output_path(save_file.parent, save_file.stem, save_file.suffix or ".mp4")
+    state = None
+    if resume is not None:
+        state = load_resume_state(resume)
+        check_resume_state(state, asdict(settings))
+        out = partial_video(state)
+        log.info("resuming %s from %s", out, resume)
+    else:
+        out = safe_output_path(save_file.parent, save_file.stem, save_file.suffix or ".mp4")
+    resume_file = resume or out.with_name(out.name + ".resume")
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
 
     # 2. Encoders, then the generator.
@@ -97,12 +117,15 @@ def run_generation(ckpt_dir: Path, lora: Path | None, image, audio, prompt: str,
     text = TextEncoder.from_pretrained(folder.t5, device=device, dtype=dtype).encode(prompt)
     features = AudioEncoder.from_pretrained(folder.wav2vec2, device=device, dtype=dtype).encode(
         audio, frames_per_clip=infer_frames, num_clips=num_clip or None)
+    if state is not None:  # the prompt, audio and image are known now; the model only after loading it
+        check_resume_state(state, fingerprint=input_fingerprint(text=text, audio=features.embedding,
+                                                                reference=preprocess_reference(image, size)[0]))
     model = load_generator(folder.dit, folder.vae, lora, precision=precision, attention=attention,
                            dit_device=device)
     log.info("loaded in %.1f s: %s", time.perf_counter() - t0, model.description)
 
     # 3. Stream: every block is decoded and appended to the MP4 as soon as it is sampled.
-    stream = generate(model, text.to(device), features, image, settings)
+    stream = generate(model, text.to(device), features, image, settings, resume_from=state)
     log.info("output %dx%d, %d clips, %d frames", stream.width, stream.height, stream.num_clips,
              stream.total_frames)
 
@@ -111,7 +134,13 @@ def run_generation(ckpt_dir: Path, lora: Path | None, image, audio, prompt: str,
         log.info("clip %d block %d: %d frames, %.2f fps, first frame after %.1f s", chunk.clip, chunk.block,
                  s.frames_done, s.fps, s.first_frame_s or 0.0)
 
-    return write_mp4(stream, out, waveform, on_chunk=report)
+    try:
+        return write_mp4(stream, out, waveform, on_chunk=report, resume_path=resume_file)
+    except KeyboardInterrupt:
+        if resume_file.is_file():
+            log.warning("interrupted: %s plays up to the last finished block; to complete it, run the same "
+                        "command with --resume %s", out, resume_file)
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,12 +160,16 @@ def main(argv: list[str] | None = None) -> int:
                               num_clip=args.num_clip, infer_frames=args.infer_frames,
                               sample_steps=args.sample_steps, seed=args.base_seed, mode=args.mode,
                               online_decode=args.enable_online_decode, device=args.device,
-                              precision="fp8" if args.fp8 else args.precision, attention=args.attention)
+                              precision="fp8" if args.fp8 else args.precision, attention=args.attention,
+                              resume=args.resume)
         print(f"wrote {path}")
         return 0
     except LiveAvatarError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 def _demo(args) -> int:

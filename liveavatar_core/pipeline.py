@@ -13,14 +13,22 @@ holds nothing proportional to the video's length. Two modes share this code path
   reference, 365-frame motion window, each clip decoded from scratch after a 92-latent context that
   is re-encoded from the last 365 decoded frames, audio not shifted. Frames come per clip. It exists
   to reproduce the official video for parity.
+
+Interrupt and resume (resume.py): `write_mp4(..., resume_path=...)` saves the state after the last
+completed block when the stream stops early; `generate(..., resume_from=...)` continues from there
+and `write_mp4` appends to the same MP4. Only then does the stream keep per-block records, and
+those are references to state that later blocks replace rather than modify (no tensor copies,
+except one clip of latents at each clip end).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +38,8 @@ from .encoders.audio import AudioFeatures
 from .encoders.image import preprocess_reference
 from .errors import InputError
 from .model.dit import LiveAvatarDiT
+from .resume import (ResumeState, build_resume_state, check_resume_state, input_fingerprint, load_resume_state,
+                     partial_video, resume_part, save_resume_state)
 from .sampling.config import MODES, SamplerConfig
 from .sampling.generator import BlockSampler, LatentBlock
 from .vae.model import WanVAE
@@ -123,11 +133,22 @@ class FrameChunk:
     stats: Stats = field(default_factory=Stats)
 
 
+@dataclass
+class _Boundary:
+    """The stream right after one completed block: sampler and decoder states, counters."""
+
+    frames_done: int
+    sampler: dict
+    decoder: dict
+    stats: dict
+
+
 class VideoStream:
     """Iterable of `FrameChunk`s; see `generate`."""
 
     def __init__(self, model: LiveAvatarModel, text: torch.Tensor, audio: AudioFeatures, image,
-                 settings: GenerationSettings, should_stop: Callable[[], bool] | None = None):
+                 settings: GenerationSettings, should_stop: Callable[[], bool] | None = None,
+                 resume_from: str | os.PathLike | ResumeState | None = None):
         self.model, self.settings, self.should_stop = model, settings, should_stop
         self.config = settings.sampler_config()
         if audio.frames_per_clip != settings.frames_per_clip:
@@ -146,33 +167,122 @@ class VideoStream:
         self.audio_offset_frames = DROPPED_START_FRAMES if settings.mode == "streaming" else 0
         self.blocks_per_clip = None
         self.stats = Stats()
+        # Set by write_mp4(resume_path=...): keep the last two block boundaries (see _boundary).
+        self.track_resume = False
+        self._boundaries: deque[_Boundary] = deque(maxlen=2)
+        self._restored: ResumeState | None = None
+        if resume_from is not None:
+            state = load_resume_state(resume_from)
+            check_resume_state(state, asdict(settings), self.fingerprint())
+            if state["meta"]["writer"] is not None:
+                partial_video(state)
+            self._restored = state
 
     @property
     def total_frames(self) -> int:
         return self.num_clips * self.settings.frames_per_clip - DROPPED_START_FRAMES
 
+    @property
+    def finished(self) -> bool:
+        """True once every block of the video has been produced."""
+        return self.stats.blocks_total is not None and self.stats.blocks_done >= self.stats.blocks_total
+
+    @property
+    def writer_state(self) -> dict | None:
+        """The MP4 writer state of the interrupted run this stream resumes, if any."""
+        return self._restored["meta"]["writer"] if self._restored is not None else None
+
+    def fingerprint(self) -> dict[str, str]:
+        """Digests of this stream's inputs, stored in resume files and checked on resume."""
+        return input_fingerprint(text=self.text, audio=self.audio.embedding, reference=self.reference,
+                                 model=self.model)
+
     def __iter__(self) -> Iterator[FrameChunk]:
         start = time.perf_counter()
         self.stats = Stats()
-        dit = self.model.dit
+        self._boundaries.clear()
         with torch.no_grad():
-            ref_lat, motion_lat, decoder = self._condition()
-            sampler = BlockSampler(dit, self.text, ref_lat, motion_lat, self.config)
+            sampler, decoder = self._start() if self._restored is None else self._restore(self._restored)
             self.blocks_per_clip = sampler.blocks_per_clip
             self.stats.blocks_total = self.num_clips * sampler.blocks_per_clip
+            earlier_s = self.stats.elapsed_s  # time spent before an interruption
+            if self._restored is not None and self.track_resume:
+                self._boundaries.append(self._boundary(sampler, decoder))
             for block in sampler.run(self.audio, self.num_clips):
                 frames = decoder(sampler, block)
                 self.stats.blocks_done += 1
-                self.stats.elapsed_s = time.perf_counter() - start
+                self.stats.elapsed_s = earlier_s + time.perf_counter() - start
+                chunk = None
                 if frames is not None and len(frames):
                     if self.stats.first_frame_s is None:
                         self.stats.first_frame_s = self.stats.elapsed_s
                     chunk = FrameChunk(frames, block.clip, block.block, self.stats.frames_done, self.stats)
                     self.stats.frames_done += len(frames)
+                if self.track_resume:
+                    self._boundaries.append(self._boundary(sampler, decoder))
+                if chunk is not None:
                     yield chunk
                 if self.should_stop is not None and self.should_stop():
                     log.info("stopped after block %d of clip %d", block.block, block.clip)
                     return
+
+    # --- resume -------------------------------------------------------------------------------
+
+    def _boundary(self, sampler: BlockSampler, decoder) -> _Boundary:
+        """References to the state right after a completed block; no tensor is copied.
+
+        The decoders' states and the sampler's condition and latents are replaced by new tensors,
+        never modified, so references stay valid. The step KV rings are modified in place, but a
+        block writes only its own rows and writes each before reading it, so a ring that a later
+        block has (partly) written resumes that block exactly. The one buffer a later block changes
+        that a resume still needs is the clip-latents buffer after a clip end (the streaming sink
+        refresh reads its first latent), hence the copy at clip ends. Valid while at most one more
+        block has run, which is what `resume_state` selects.
+        """
+        state = sampler.state_dict()
+        if sampler.block == 0:
+            state["tensors"]["clip_latents"] = sampler.clip_latents.clone()
+        return _Boundary(self.stats.frames_done, state, decoder.state(), asdict(self.stats))
+
+    def resume_state(self, writer_state: dict | None = None) -> ResumeState | None:
+        """The state after the last completed block, or None before the first one.
+
+        Needs `track_resume` set before iterating. With `writer_state` (from
+        `StreamingMP4Writer.state()`), the last block whose frames the writer holds is chosen: a
+        chunk being written when the stream stopped is generated again on resume. Tensors are
+        live references: save the state (`resume.save_resume_state`) before iterating on.
+        """
+        on_disk = None if writer_state is None else writer_state["frames_written"] + writer_state["frames_dropped"]
+        for b in reversed(self._boundaries):
+            if on_disk is None or b.frames_done == on_disk:
+                return build_resume_state(settings=asdict(self.settings), fingerprint=self.fingerprint(),
+                                          model_description=self.model.description, stream={"stats": b.stats},
+                                          sampler=b.sampler, decoder=b.decoder, writer=writer_state)
+        return None
+
+    def _start(self):
+        ref_lat, motion_lat, decoder = self._condition()
+        return BlockSampler(self.model.dit, self.text, ref_lat, motion_lat, self.config), decoder
+
+    def _restore(self, state: ResumeState):
+        """Sampler and decoder continuing after the saved block (no VAE encode, no warm-up)."""
+        part = resume_part(state, "sampler")
+        try:
+            t = part["tensors"]
+            sampler = BlockSampler(self.model.dit, self.text, t["ref_latents"], t["motion_latents"], self.config)
+            sampler.load_state_dict(part)
+            decoder_part = resume_part(state, "decoder")
+            if self.settings.mode == "streaming":
+                decoder = _StreamingDecode.restore(self.model.vae, decoder_part)
+            else:
+                decoder = _OfficialDecode.restore(self, decoder_part)
+        except KeyError as exc:
+            raise InputError("resume", f"the resume file lacks the tensor {exc.args[0]}.",
+                             "the file is damaged; start the video again without resuming.") from None
+        except InputError as exc:
+            raise InputError("resume", f"{exc.input_name}: {exc.problem}", exc.fix) from None
+        self.stats = Stats(**state["meta"]["stream"]["stats"])
+        return sampler, decoder
 
     # --- conditioning and decoding per mode -------------------------------------------------
 
@@ -190,18 +300,43 @@ class VideoStream:
             return ref_lat, motion_lat, _StreamingDecode(self.model.vae, motion_lat)
         ref5 = ref.expand(-1, -1, OFFICIAL_REF_REPEAT, -1, -1)
         ref_lat = self._encode(ref5)[:, :, 1:]
-        window = ref5.repeat(1, 1, motion_frames, 1, 1)
+        window = self._official_window()
         motion_lat = self._encode(window)
         return ref_lat, motion_lat, _OfficialDecode(self, window, motion_lat)
+
+    def _official_window(self) -> torch.Tensor:
+        """The first motion window of Mode S: the 5-frame reference clip repeated (spec 3.2)."""
+        ref5 = self.reference[None, :, None].expand(-1, -1, OFFICIAL_REF_REPEAT, -1, -1)
+        return ref5.repeat(1, 1, self.model.dit.cfg.motion_frames[0], 1, 1)
 
 
 class _StreamingDecode:
     """Decodes every block as it arrives with a causal decoder warmed on the static motion clip."""
 
-    def __init__(self, vae: WanVAE, motion_latents: torch.Tensor):
+    def __init__(self, vae: WanVAE, motion_latents: torch.Tensor | None):
         self.decoder = vae.stream_decoder()
-        self.decoder.decode(motion_latents[:, :, :DECODER_WARMUP_LATENTS])  # warm-up frames are discarded
+        if motion_latents is not None:  # None: state restored by `restore`
+            self.decoder.decode(motion_latents[:, :, :DECODER_WARMUP_LATENTS])  # warm-up frames are discarded
         self.first = True
+
+    def state(self) -> dict:
+        cache = self.decoder.cache
+        return {"meta": {"mode": "streaming", "first": self.first, "first_chunk": cache.first_chunk,
+                         "slots": [t is not None for t in cache.slots]},
+                "tensors": {f"slot{i}": t for i, t in enumerate(cache.slots) if t is not None}}
+
+    @classmethod
+    def restore(cls, vae: WanVAE, part: dict) -> "_StreamingDecode":
+        meta, tensors = part["meta"], part["tensors"]
+        if meta.get("mode") != "streaming":
+            raise InputError("resume", f"the file holds a {meta.get('mode')} decoder state.",
+                             "resume in the mode of the interrupted run.")
+        decode = cls(vae, None)
+        decode.decoder.cache.slots = [tensors[f"slot{i}"].to(vae.device) if present else None
+                                    for i, present in enumerate(meta["slots"])]
+        decode.decoder.cache.first_chunk = meta["first_chunk"]
+        decode.first = meta["first"]
+        return decode
 
     def __call__(self, sampler: BlockSampler, block: LatentBlock) -> np.ndarray:
         frames = self.decoder.decode(block.latents)[0]
@@ -219,6 +354,30 @@ class _OfficialDecode:
         self.window = window.float()  # the last 365 frames: reference, then generated
         self.context = motion_latents
         self.clip = 0
+        self.generated = 0  # frames of the window that were generated (the rest is the reference)
+
+    def state(self) -> dict:
+        tail = self.window[:, :, self.window.shape[2] - self.generated:]
+        return {"meta": {"mode": "official", "clip": self.clip, "generated": self.generated},
+                "tensors": {"window_tail": tail, "context": self.context}}
+
+    @classmethod
+    def restore(cls, stream: VideoStream, part: dict) -> "_OfficialDecode":
+        meta, tensors = part["meta"], part["tensors"]
+        if meta.get("mode") != "official":
+            raise InputError("resume", f"the file holds a {meta.get('mode')} decoder state.",
+                             "resume in the mode of the interrupted run.")
+        window = stream._official_window().float()
+        tail = tensors["window_tail"]
+        if tail.shape[:2] != window.shape[:2] or tail.shape[3:] != window.shape[3:] \
+                or not 0 <= tail.shape[2] <= window.shape[2]:
+            raise InputError("resume", f"the saved frame window {tuple(tail.shape)} does not fit this stream's "
+                             f"{tuple(window.shape)}.", "resume with the size of the interrupted run.")
+        vae = stream.model.vae
+        decode = cls(stream, torch.cat([window[:, :, :window.shape[2] - tail.shape[2]], tail.float()], dim=2),
+                     tensors["context"].to(vae.device))
+        decode.clip, decode.generated = int(meta["clip"]), int(meta["generated"])
+        return decode
 
     def __call__(self, sampler: BlockSampler, block: LatentBlock) -> np.ndarray | None:
         if not block.last_in_clip:
@@ -230,38 +389,103 @@ class _OfficialDecode:
             frames = frames[:, :, DROPPED_START_FRAMES:]
         n = min(self.stream.model.dit.cfg.motion_frames[0], frames.shape[2])
         self.window = torch.cat([self.window[:, :, n:], frames[:, :, -n:].to(self.window)], dim=2)
-        self.context = self.stream._encode(self.window)
-        if self.clip == 0 and self.stream.settings.online_decode:
-            sampler.refresh_condition(sampler.clip_latents[:, :, :1].clone(), self.context)
+        self.generated = min(self.window.shape[2], self.generated + n)
         self.clip += 1
+        if self.clip < self.stream.num_clips:  # after the last clip the context would go unused
+            self.context = self.stream._encode(self.window)
+            if self.clip == 1 and self.stream.settings.online_decode:
+                sampler.refresh_condition(sampler.clip_latents[:, :, :1].clone(), self.context)
         return to_uint8_frames(frames[0].cpu())
 
 
 def generate(model: LiveAvatarModel, text: torch.Tensor, audio: AudioFeatures, image,
-             settings: GenerationSettings | None = None,
-             should_stop: Callable[[], bool] | None = None) -> VideoStream:
+             settings: GenerationSettings | None = None, should_stop: Callable[[], bool] | None = None,
+             resume_from: str | os.PathLike | ResumeState | None = None) -> VideoStream:
     """A lazy stream of decoded frames for one avatar video (see the module docstring).
 
     text: umT5 output `[L, 4096]`; audio: `AudioEncoder.encode(...)` result; image: path, PIL
-    image, uint8 array or ComfyUI IMAGE tensor; should_stop: polled after every block (cancel).
+    image, uint8 array or ComfyUI IMAGE tensor; should_stop: polled after every block (cancel);
+    resume_from: a resume file (or its loaded state) of an interrupted run with the same inputs
+    and settings, checked now: the stream continues after its last completed block.
     """
-    return VideoStream(model, text, audio, image, settings or GenerationSettings(), should_stop)
+    return VideoStream(model, text, audio, image, settings or GenerationSettings(), should_stop, resume_from)
 
 
 def write_mp4(stream: VideoStream, path: str | Path, audio: np.ndarray | None = None,
               sample_rate: int = 16000, on_chunk: Callable[[FrameChunk], None] | None = None,
-              writer_settings: WriterSettings | None = None) -> Path:
+              writer_settings: WriterSettings | None = None,
+              resume_path: str | os.PathLike | None = None) -> Path:
     """Append every chunk of `stream` to a fragmented MP4 with the audio muxed in, as it arrives.
 
     The file is playable while it grows and after an interruption (an exception, a cancel, or a
-    killed process): it then holds every chunk finished so far. Returns the path.
+    killed process): it then holds every chunk finished so far. With `resume_path`, a stream that
+    stops early (cancel, exception, Ctrl-C; not a killed process) also leaves there the state after
+    its last completed block, and the file is removed once the video is complete. A stream made
+    with `generate(..., resume_from=...)` appends to the interrupted MP4, which `path` must name.
+    Returns the path.
     """
     settings = replace(writer_settings or WriterSettings(), audio_offset_frames=stream.audio_offset_frames)
     audio = stream.audio.waveform_16k if audio is None else audio
-    with StreamingMP4Writer(path, stream.width, stream.height, stream.fps, audio=audio,
-                            sample_rate=sample_rate, settings=settings) as writer:
+    if resume_path is not None:
+        stream.track_resume = True
+    writer = _open_writer(stream, Path(path), audio, sample_rate, settings)
+    try:
         for chunk in stream:
             writer.append(chunk.frames)
             if on_chunk is not None:
                 on_chunk(chunk)
+    except BaseException:
+        _finish(stream, writer, resume_path, failed=True)
+        raise
+    _finish(stream, writer, resume_path, failed=False)
     return Path(path)
+
+
+def _open_writer(stream: VideoStream, path: Path, audio, sample_rate: int,
+                 settings: WriterSettings) -> StreamingMP4Writer:
+    if stream._restored is None:
+        return StreamingMP4Writer(path, stream.width, stream.height, stream.fps, audio=audio,
+                                  sample_rate=sample_rate, settings=settings)
+    saved = stream.writer_state
+    partial = partial_video(stream._restored)
+    if path.resolve() != partial:
+        raise InputError("resume", f"the interrupted run was writing {partial}, not {path}.",
+                         "pass the path of the interrupted video: it is the file that gets completed.")
+    if asdict(settings) != saved["settings"]:
+        raise InputError("resume", f"the interrupted video was written with {saved['settings']}, now "
+                         f"{asdict(settings)}.", "resume with the writer settings of the interrupted run.")
+    try:
+        return StreamingMP4Writer.resume(saved, audio, sample_rate)
+    except InputError as exc:
+        raise InputError("resume", f"{exc.input_name}: {exc.problem}", exc.fix) from None
+
+
+def _finish(stream: VideoStream, writer: StreamingMP4Writer, resume_path, failed: bool) -> None:
+    """Close the MP4; when asked, save the resume state of an unfinished stream or drop a stale one."""
+    try:
+        if resume_path is not None and not stream.finished:
+            _save_resume(stream, writer, Path(resume_path), failed)
+    finally:
+        writer.close()
+    if resume_path is not None and stream.finished:
+        Path(resume_path).unlink(missing_ok=True)
+
+
+def _save_resume(stream: VideoStream, writer: StreamingMP4Writer, resume_path: Path, failed: bool) -> None:
+    try:
+        # The writer's state before close: resuming truncates the closing audio tail again.
+        state = stream.resume_state(writer.state())
+        if state is None:
+            log.warning("stopped before the first block was written: nothing to resume, %s not written",
+                        resume_path)
+            return
+        save_resume_state(state, resume_path)
+    except Exception:
+        if not failed:
+            raise
+        # Do not hide the error that stopped the stream behind one about saving its state.
+        log.exception("could not save the resume state to %s", resume_path)
+        return
+    s = state["meta"]["stream"]["stats"]
+    log.warning("stopped after %d of %d blocks; %s holds %d frames; resume state saved to %s",
+                s["blocks_done"], s["blocks_total"], writer.path, s["frames_done"], resume_path)

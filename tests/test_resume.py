@@ -1,0 +1,230 @@
+"""Interrupt and resume of a whole generation on the tiny synthetic checkpoint (CPU).
+
+A run stopped after k blocks (a cancel, or Ctrl-C in the middle of a block) leaves a playable MP4
+and a resume file; a new stream resumed from that file yields exactly the chunks the
+uninterrupted run yields after block k, and completes the same MP4 (video frames identical,
+audio as long). Resumes with other settings, other inputs or damaged files are refused.
+"""
+
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from liveavatar_core.encoders.audio import AudioEncoder
+from liveavatar_core.cli import main
+from liveavatar_core.encoders.text import TextEncoder
+from liveavatar_core.errors import InputError
+from liveavatar_core.loading import load_generator, official_folder
+from liveavatar_core.pipeline import GenerationSettings, generate, write_mp4
+from liveavatar_core.synthetic import write_tiny_checkpoint
+from liveavatar_core.video.probe import probe_mp4
+
+# Two clips of two blocks (24 frames per clip) and two steps: stops inside clip 0, at the clip
+# boundary (before the streaming sink refresh) and inside clip 1 (after it).
+CLIPS = 2
+STREAMING = GenerationSettings(size="64*64", seed=5, num_clips=CLIPS, frames_per_clip=24, sample_steps=2)
+# Official Mode S+ (4 steps, one block per clip): per-clip decoding with the re-encoded frame window,
+# sink refreshed by the decoder after clip 0.
+OFFICIAL = replace(STREAMING, mode="official", online_decode=True, sample_steps=4, frames_per_clip=12)
+# The command line runs longer, so that a signal sent once its first block is on disk lands mid-run.
+CLI = replace(STREAMING, num_clips=6)
+CLI_ARGS = ["--size", CLI.size, "--num_clip", str(CLI.num_clips), "--infer_frames", str(CLI.frames_per_clip),
+            "--sample_steps", str(CLI.sample_steps), "--base_seed", str(CLI.seed), "--device", "cpu",
+            "--precision", "fp32"]
+MAX_FRAMES = CLI.num_clips * CLI.frames_per_clip
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), audio_seconds=CLI.num_clips * 24 / 25 + 0.2)
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny):
+    """(model, text, {frames per clip: audio features}), made by the same calls as the command line."""
+    folder = official_folder(tiny.ckpt_dir)
+    text = TextEncoder.from_pretrained(folder.t5, device="cpu", dtype=torch.float32).encode(tiny.prompt)
+    encoder = AudioEncoder.from_pretrained(folder.wav2vec2, device="cpu", dtype=torch.float32)
+    audio = {s.frames_per_clip: encoder.encode(tiny.audio, frames_per_clip=s.frames_per_clip, num_clips=CLIPS)
+             for s in (STREAMING, OFFICIAL)}
+    model = load_generator(folder.dit, folder.vae, tiny.lora, precision="fp32", attention="sdpa", dit_device="cpu")
+    return model, text, audio
+
+
+def _chunk(c):
+    return c.frames.copy(), c.clip, c.block, c.start_frame
+
+
+def _stream(inputs, image, settings, **kw):
+    model, text, audio = inputs
+    return generate(model, text, audio[settings.frames_per_clip], image, settings, **kw)
+
+
+def _run(inputs, image, path, settings, stop_after=None, resume_from=None, resume_path=None):
+    """Chunks written to `path`; `stop_after` blocks (also those without frames), then a cancel."""
+    stream = _stream(inputs, image, settings, resume_from=resume_from,
+                     should_stop=None if stop_after is None else lambda: stream.stats.blocks_done >= stop_after)
+    chunks = []
+    write_mp4(stream, path, on_chunk=lambda c: chunks.append(_chunk(c)), resume_path=resume_path)
+    return chunks, stream
+
+
+@pytest.fixture(scope="module")
+def reference(tiny, inputs, tmp_path_factory):
+    """Uninterrupted runs: mode -> (chunks, mp4 path)."""
+    out = {}
+    for settings in (STREAMING, OFFICIAL):
+        path = tmp_path_factory.mktemp("reference") / f"{settings.mode}.mp4"
+        chunks, _ = _run(inputs, tiny.image, path, settings)
+        out[settings.mode] = chunks, path
+    return out
+
+
+def _same_chunks(a, b) -> bool:
+    return len(a) == len(b) and all(np.array_equal(x[0], y[0]) and x[1:] == y[1:] for x, y in zip(a, b))
+
+
+def _assert_same_video(path, reference_path):
+    a = probe_mp4(reference_path, max_frames=MAX_FRAMES)
+    b = probe_mp4(path, max_frames=MAX_FRAMES)
+    assert b.frame_count == a.frame_count > 0
+    np.testing.assert_array_equal(b.frames, a.frames)
+    assert b.audio_duration_s == pytest.approx(a.audio_duration_s, abs=1e-6)
+
+
+@pytest.mark.parametrize("mode, stop", [("streaming", 1), ("streaming", 2), ("streaming", 3), ("official", 1)])
+def test_stop_save_and_resume_equals_uninterrupted(tiny, inputs, reference, tmp_path, mode, stop):
+    settings = STREAMING if mode == "streaming" else OFFICIAL
+    expected, reference_path = reference[mode]
+    path, state = tmp_path / "video.mp4", tmp_path / "video.mp4.resume"
+
+    head, stream = _run(inputs, tiny.image, path, settings, stop_after=stop, resume_path=state)
+    assert not stream.finished and state.is_file()
+    assert probe_mp4(path).frame_count == sum(len(c[0]) for c in head)  # playable, every finished chunk
+    assert _same_chunks(head, expected[:len(head)])
+
+    tail, resumed = _run(inputs, tiny.image, path, settings, resume_from=state, resume_path=state)
+    assert resumed.finished and not state.exists()  # a finished video leaves no stale resume file
+    assert _same_chunks(head + tail, expected)
+    assert resumed.stats.blocks_done == resumed.stats.blocks_total
+    _assert_same_video(path, reference_path)
+
+
+def test_interrupt_in_the_middle_of_a_block_resumes_exactly(tiny, inputs, reference, tmp_path):
+    # Ctrl-C while clip 1's first block is being denoised: after its sink refresh, with its rows of
+    # the step-0 ring written and the step-1 ring partly written.
+    expected, reference_path = reference["streaming"]
+    model = inputs[0]
+    path, state = tmp_path / "video.mp4", tmp_path / "state.resume"
+    chunks, calls = [], []
+
+    def interrupt(*_):
+        if len(chunks) == 2:
+            calls.append(1)
+            if len(calls) == 3:  # the refresh sink, step 0, then step 1 of the block
+                raise KeyboardInterrupt
+
+    hook = model.dit.blocks[1].register_forward_hook(interrupt)
+    try:
+        stream = _stream(inputs, tiny.image, STREAMING)
+        with pytest.raises(KeyboardInterrupt):
+            write_mp4(stream, path, on_chunk=lambda c: chunks.append(_chunk(c)), resume_path=state)
+    finally:
+        hook.remove()
+    assert len(calls) == 3 and probe_mp4(path).frame_count == sum(len(c[0]) for c in chunks)
+
+    tail, _ = _run(inputs, tiny.image, path, STREAMING, resume_from=state, resume_path=state)
+    assert _same_chunks(chunks + tail, expected)
+    _assert_same_video(path, reference_path)
+
+
+def test_error_while_a_chunk_is_handed_on_regenerates_that_chunk(tiny, inputs, reference, tmp_path):
+    # The consumer fails after block 0 was written: the state is the one after block 0.
+    expected, reference_path = reference["streaming"]
+    path, state = tmp_path / "video.mp4", tmp_path / "state.resume"
+
+    def fail(chunk):
+        raise RuntimeError("display went away")
+
+    with pytest.raises(RuntimeError, match="display"):
+        write_mp4(_stream(inputs, tiny.image, STREAMING), path, on_chunk=fail, resume_path=state)
+    tail, _ = _run(inputs, tiny.image, path, STREAMING, resume_from=state, resume_path=state)
+    assert _same_chunks(expected[:1] + tail, expected)
+    _assert_same_video(path, reference_path)
+
+
+# --- command line -----------------------------------------------------------------------------------------
+
+def _cli(tiny, save_file, *extra) -> list[str]:
+    return ["generate", "--ckpt_dir", str(tiny.ckpt_dir), "--lora_path_dmd", str(tiny.lora), "--image",
+            str(tiny.image), "--audio", str(tiny.audio), "--prompt", tiny.prompt, "--save_file", str(save_file),
+            *CLI_ARGS, *extra]
+
+
+def _frames(path) -> int:
+    """Frames a player finds in `path` now (0 before the file exists)."""
+    if path is None:
+        return 0
+    try:
+        return probe_mp4(path, max_frames=0).frame_count
+    except InputError:
+        return 0
+
+
+def _numbered(folder, pattern) -> Path | None:
+    found = sorted(folder.glob(pattern))
+    return found[0] if found else None
+
+
+def _start(tiny, log, *args) -> subprocess.Popen:
+    with open(log, "w") as f:
+        return subprocess.Popen([sys.executable, "-m", "liveavatar_core", *_cli(tiny, *args)], cwd=REPO,
+                                stdout=f, stderr=subprocess.STDOUT)
+
+
+def _wait_until(proc: subprocess.Popen, ready, log) -> None:
+    deadline = time.monotonic() + 300
+    while not ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the run ended (rc {proc.wait()}) before the awaited point:\n{log.read_text()[-3000:]}")
+        time.sleep(0.05)
+
+
+def test_cli_ctrl_c_then_kill_then_resume(tiny, inputs, tmp_path):
+    out, log = tmp_path / "out" / "clip.mp4", tmp_path / "log.txt"
+    expected, _ = _run(inputs, tiny.image, tmp_path / "uninterrupted.mp4", CLI)
+    total = sum(len(c[0]) for c in expected)
+
+    # Ctrl-C once the first block is in the file: exit code 130, a playable MP4, a resume file
+    # next to it (the command line numbers its outputs: clip_00001.mp4, clip_00001.mp4.resume).
+    proc = _start(tiny, log, out)
+    _wait_until(proc, lambda: _frames(_numbered(out.parent, "clip_*.mp4")) > 0, log)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=300) == 130, log.read_text()[-3000:]
+    video = _numbered(out.parent, "clip_*.mp4")
+    state = video.with_name(video.name + ".resume")
+    assert f"--resume {state}" in log.read_text() and state.is_file()
+    head = _frames(video)
+    assert 0 < head < total
+
+    # The resumed run killed outright: the MP4 still plays, with more frames; no state was written.
+    proc = _start(tiny, log, out, "--resume", str(state))
+    _wait_until(proc, lambda: _frames(video) > head, log)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert _frames(video) > head
+
+    # Resuming again from the same file discards what the killed run added and completes that video
+    # (no new numbered output).
+    assert main(_cli(tiny, out, "--resume", str(state))) == 0
+    assert not state.exists() and sorted(out.parent.iterdir()) == [video]
+    _assert_same_video(video, tmp_path / "uninterrupted.mp4")
