@@ -29,6 +29,7 @@ import urllib.request
 import uuid
 import wave
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -51,6 +52,13 @@ SEED_NAMES = ("seed", "noise_seed")
 LONG_AUDIO = "liveavatar_long_speech.wav"
 # Long enough that the tiny model cannot finish before the cancel arrives.
 LONG_AUDIO_S = 60.0
+
+
+class Server(NamedTuple):
+    url: str
+    base: Path  # the --base-directory
+    log: Path
+    standard: dict[str, str]  # input name -> choice of a file in ComfyUI's standard model folders
 
 
 def _free_port() -> int:
@@ -93,12 +101,39 @@ def _example_inputs(base: Path, fixtures: Path) -> None:
     _tiled_wav(sources["LoadAudio"], base / "input" / LONG_AUDIO, LONG_AUDIO_S)
 
 
+def _standard_folders(base: Path, fixtures: Path) -> dict[str, str]:
+    """The fixture's DiT, LoRA, VAE and T5 as single files in ComfyUI's own model folders, the way
+    users keep them; returns the loader/encoder choices that name them. The DiT shards are merged
+    into one file with its config.json beside it (a non-14B DiT needs one)."""
+    from safetensors.torch import load_file, save_file
+
+    pack = load_pack()
+    official = fixtures / "ckpt" / "Wan2.2-S2V-14B"
+    index = json.loads((official / pack_module(pack, "liveavatar_core.weights.dit").OFFICIAL_INDEX).read_text())
+    merged = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        merged.update(load_file(official / shard))
+    models = base / "models"
+    names = {"dit": "liveavatar_dit.safetensors", "lora": "liveavatar_lora.safetensors",
+             "vae": pack_module(pack, "liveavatar_core.loading").VAE_FILE,
+             "t5_encoder": pack_module(pack, "nodes.encoders").T5_MEMBER}
+    for folder in ("diffusion_models", "loras", "vae", "text_encoders"):
+        (models / folder).mkdir(parents=True)
+    save_file(merged, models / "diffusion_models" / names["dit"])
+    shutil.copy(official / "config.json", models / "diffusion_models" / "liveavatar_dit.json")
+    (models / "loras" / names["lora"]).symlink_to(fixtures / "ckpt" / "LiveAvatar" / "liveavatar.safetensors")
+    (models / "vae" / names["vae"]).symlink_to(official / names["vae"])
+    (models / "text_encoders" / names["t5_encoder"]).symlink_to(official / names["t5_encoder"])
+    return names
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, fixtures):
     base = tmp_path_factory.mktemp("comfy_base")
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / PACK).symlink_to(REPO, target_is_directory=True)
     models_tree(base, fixtures)
+    standard = _standard_folders(base, fixtures)
     _example_inputs(base, fixtures)
     port = _free_port()
     log_path = base / "comfyui.log"
@@ -119,7 +154,7 @@ def server(tmp_path_factory, fixtures):
                 proc.kill()
                 pytest.fail("ComfyUI did not start:\n" + log_path.read_text()[-4000:])
             time.sleep(1)
-    yield url, base, log_path
+    yield Server(url, base, log_path, standard)
     proc.terminate()
     try:
         proc.wait(30)
@@ -129,7 +164,7 @@ def server(tmp_path_factory, fixtures):
 
 @pytest.fixture(scope="module")
 def object_info(server):
-    return _get(f"{server[0]}/object_info")
+    return _get(f"{server.url}/object_info")
 
 
 def _entries(definition: dict) -> list[tuple[str, str | list, dict]]:
@@ -230,7 +265,7 @@ def _check_video(url: str, base: Path, entry: dict, writer: str, frames: int | N
 
 
 def test_pack_loads_and_registers_every_node(server, object_info):
-    url, _, log_path = server
+    url, log_path = server.url, server.log
     assert NODE_IDS <= set(object_info)
     assert all(object_info[n]["python_module"] == f"custom_nodes.{PACK}" for n in NODE_IDS)
     log = log_path.read_text()
@@ -239,7 +274,7 @@ def test_pack_loads_and_registers_every_node(server, object_info):
 
 
 def test_web_extension_is_listed_and_served(server):
-    url, _, _ = server
+    url = server.url
     ours = [e for e in _get(f"{url}/extensions") if e.startswith(f"/extensions/{PACK}/")]
     assert sorted(ours) == sorted(f"/extensions/{PACK}/{p.relative_to(REPO / 'web').as_posix()}"
                                   for p in (REPO / "web").rglob("*.js"))
@@ -268,7 +303,7 @@ def test_web_extension_modules_resolve_on_the_server(server, tmp_path):
     node = shutil.which("node")
     if node is None:
         pytest.skip("node is not installed")
-    url, _, _ = server
+    url = server.url
     routes = [e for e in _get(f"{url}/extensions") if e.startswith(f"/extensions/{PACK}/")]
     pending, saved = list(routes), {}
     while pending:
@@ -291,7 +326,7 @@ def test_web_extension_modules_resolve_on_the_server(server, tmp_path):
 
 
 def test_example_workflows_are_offered_as_templates(server):
-    url, _, _ = server
+    url = server.url
     assert sorted(_get(f"{url}/workflow_templates")[PACK]) == sorted(p.stem for p in UI_FILES)
     for path in UI_FILES:
         assert _served_graph(url, path) == json.loads(path.read_text())
@@ -301,7 +336,7 @@ def test_example_workflows_are_offered_as_templates(server):
 def test_ui_workflow_widgets_are_accepted_by_the_server(server, object_info, path):
     """Widget values map onto the server's inputs, lie in its choices and ranges, links join
     matching types, and the result is the API twin we ship."""
-    url, _, _ = server
+    url = server.url
     graph = _served_graph(url, path)
     prompt = ui_to_api(graph, object_info)
     twin = json.loads((API_DIR / path.name).read_text())
@@ -320,7 +355,7 @@ def test_ui_workflow_widgets_are_accepted_by_the_server(server, object_info, pat
 
 @pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
 def test_ui_workflow_runs_through_prompt_and_history(server, object_info, path):
-    url, base, _ = server
+    url, base = server.url, server.base
     graph = _served_graph(url, path)
     prompt = _small(ui_to_api(graph, object_info))
     status, body = _post(f"{url}/prompt", {"prompt": prompt, "extra_data": {"extra_pnginfo": {"workflow": graph}}})
@@ -333,7 +368,7 @@ def test_ui_workflow_runs_through_prompt_and_history(server, object_info, path):
 
 def test_writer_outputs_feed_core_nodes(server, object_info):
     """VIDEO goes into core SaveVideo (a copy with audio and the same frames), IMAGE into PreviewImage."""
-    url, base, _ = server
+    url, base = server.url, server.base
     prompt = _small(ui_to_api(_served_graph(url, UI_FILES[0]), object_info))
     writer = _writer_id(prompt)
     prompt[writer]["inputs"].update(filename_prefix="video/LiveAvatar_core", return_frames=2)
@@ -354,7 +389,7 @@ def test_writer_outputs_feed_core_nodes(server, object_info):
 def test_invalid_settings_are_refused_at_queue_time(server, object_info):
     """HTTP 400 naming the node and the input, for a rule of ours and for declared ranges that
     ComfyUI leaves to a node's VALIDATE_INPUTS."""
-    url, _, _ = server
+    url = server.url
     prompt = json.loads((API_DIR / UI_FILES[0].name).read_text())
     by_type = {v["class_type"]: k for k, v in prompt.items()}
     limits = {name: options for name, _, options in _entries(object_info["LiveAvatarSampler"])}
@@ -371,10 +406,26 @@ def test_invalid_settings_are_refused_at_queue_time(server, object_info):
         assert errors and all(e["details"].split(" - ", 1)[-1].startswith(name) for e in errors), errors
 
 
+def test_models_from_comfyui_standard_folders(server, object_info):
+    """Single files in diffusion_models, loras, vae and text_encoders are offered and load."""
+    url, base, standard = server.url, server.base, server.standard
+    prompt = _small(ui_to_api(_served_graph(url, UI_FILES[0]), object_info))
+    writer = _writer_id(prompt)
+    prompt[writer]["inputs"]["filename_prefix"] = "video/LiveAvatar_standard"
+    for node in prompt.values():
+        for name, value in standard.items():
+            if name in node["inputs"]:
+                assert value in object_info[node["class_type"]]["input"]["required"][name][0]
+                node["inputs"][name] = value
+    status, body = _post(f"{url}/prompt", {"prompt": prompt})
+    assert status == 200, body
+    _check_video(url, base, _wait(url, body["prompt_id"]), writer)
+
+
 def test_error_while_running_names_our_node_and_input(server, object_info):
     """Audio bucketed for other clips than the sampler makes: each is valid alone, so the refusal
     comes when the sampler runs, as an execution error of that node."""
-    url, _, _ = server
+    url = server.url
     prompt = _small(ui_to_api(_served_graph(url, UI_FILES[0]), object_info))
     (encoder,) = [v for v in prompt.values() if v["class_type"] == "LiveAvatarAudioEncode"]
     encoder["inputs"]["frames_per_clip"] *= 2
@@ -390,7 +441,7 @@ def test_error_while_running_names_our_node_and_input(server, object_info):
 def test_writer_reruns_on_a_cached_stream(server, object_info):
     """Only the file name changes: ComfyUI reuses every upstream output, the sampler's stream
     included, and the writer must still produce the whole video again."""
-    url, base, _ = server
+    url, base = server.url, server.base
     prompt = _small(ui_to_api(_served_graph(url, UI_FILES[0]), object_info))
     writer = _writer_id(prompt)
     paths = []
@@ -408,7 +459,7 @@ def test_writer_reruns_on_a_cached_stream(server, object_info):
 
 def test_progress_previews_and_video_reach_the_websocket(server, object_info):
     aiohttp = pytest.importorskip("aiohttp")
-    url, base, _ = server
+    url, base = server.url, server.base
     prompt = _small(ui_to_api(_served_graph(url, UI_FILES[0]), object_info), num_clips=2)
     writer = _writer_id(prompt)
     prompt[writer]["inputs"]["filename_prefix"] = "video/LiveAvatar_ws"
@@ -445,7 +496,7 @@ def test_progress_previews_and_video_reach_the_websocket(server, object_info):
 
 
 def test_cancel_stops_within_a_block_and_leaves_a_playable_file(server, object_info):
-    url, base, _ = server
+    url, base = server.url, server.base
     pack = load_pack()
     probe_mp4 = pack_module(pack, "liveavatar_core.video").probe_mp4
     block_frames = pack_module(pack, "liveavatar_core.encoders.audio").FRAMES_PER_BLOCK
