@@ -1,10 +1,10 @@
 """The pack inside a real ComfyUI server (skipped unless COMFYUI_DIR points at a ComfyUI checkout).
 
 Starts `main.py --cpu` on 127.0.0.1 with a temporary base directory: the repository linked into
-custom_nodes, the fixture checkpoints under models/liveavatar (and as single files in ComfyUI's
-standard model folders), the fixture inputs in input/ (also
-under the names the example workflows use, and a long copy of the speech for the cancel test),
-the database inside it too, so the ComfyUI checkout is left untouched. COMFYUI_PYTHON selects the
+custom_nodes, the fixture checkpoints under models/liveavatar and as single files in ComfyUI's
+standard model folders, the fixture inputs in input/ (also under the names the example workflows
+use, and a long copy of the speech for the cancel test), and the database, so the ComfyUI
+checkout is left untouched. COMFYUI_PYTHON selects the
 interpreter (ComfyUI needs torch, torchvision and torchaudio of matching versions);
 scripts/comfyui_integration.sh builds such an environment.
 
