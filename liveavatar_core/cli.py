@@ -30,6 +30,14 @@ def _positive(value: str) -> int:
     return n
 
 
+def _str2bool(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{value!r} is not a boolean (use True or False)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m liveavatar_core", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
                      help="compute precision (fp32 for CPU parity runs)")
     gen.add_argument("--attention", default="sdpa", help="attention backend: sdpa, flash2, flash3, sage")
+    gen.add_argument("--offload_model", type=_str2bool, default=False,
+                     help="True: let the run planner pick the cheapest placement that fits this GPU "
+                          "(KV caches streamed from host memory, then block swap); encoders always run "
+                          "before the DiT is loaded")
+    gen.add_argument("--offload_kv_cache", action="store_true",
+                     help="keep the 4 step KV caches in pinned host memory, streamed layer by layer")
+    gen.add_argument("--blocks_on_gpu", type=int, help="block swap: DiT blocks kept resident on the GPU")
     gen.add_argument("--resume", type=Path, help="continue an interrupted run from its resume file (written next "
                      "to its video as <save_file>.resume); the other arguments must be those of that run")
 
@@ -77,7 +92,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 def run_generation(ckpt_dir: Path, lora: Path | None, image, audio, prompt: str, save_file: Path, *,
                    size: str, num_clip: int, infer_frames: int, sample_steps: int, seed: int, mode: str,
                    online_decode: bool, device: str, precision: str, attention: str,
-                   resume: Path | None = None) -> Path:
+                   resume: Path | None = None, offload: str = "none", blocks_on_gpu: int | None = None,
+                   kv_cache_location: str = "gpu") -> Path:
     """Validate everything, load the models, stream the video into `save_file`.
 
     resume: the resume file of an interrupted run with these arguments; its MP4 is completed
@@ -121,7 +137,8 @@ def run_generation(ckpt_dir: Path, lora: Path | None, image, audio, prompt: str,
         check_resume_state(state, fingerprint=input_fingerprint(text=text, audio=features.embedding,
                                                                 reference=preprocess_reference(image, size)[0]))
     model = load_generator(folder.dit, folder.vae, lora, precision=precision, attention=attention,
-                           dit_device=device)
+                           dit_device=device, offload=offload, blocks_on_gpu=blocks_on_gpu,
+                           kv_cache_location=kv_cache_location, plan_size=size, frames_per_clip=infer_frames)
     log.info("loaded in %.1f s: %s", time.perf_counter() - t0, model.description)
 
     # 3. Stream: every block is decoded and appended to the MP4 as soon as it is sampled.
@@ -161,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
                               sample_steps=args.sample_steps, seed=args.base_seed, mode=args.mode,
                               online_decode=args.enable_online_decode, device=args.device,
                               precision="fp8" if args.fp8 else args.precision, attention=args.attention,
+                              offload="block_swap" if args.blocks_on_gpu is not None
+                              else "auto" if args.offload_model else "none",
+                              blocks_on_gpu=args.blocks_on_gpu,
+                              kv_cache_location="cpu" if args.offload_kv_cache else "gpu",
                               resume=args.resume)
         print(f"wrote {path}")
         return 0

@@ -18,6 +18,8 @@ from .model.dit import LiveAvatarDiT
 from .ops.attention import get_attention
 from .ops.fp8 import check_fp8_support, convert_to_fp8
 from .pipeline import LiveAvatarModel
+from .placement import apply_block_swap
+from .plan import RunPlan, detect_devices, plan_run
 from .vae.loader import load_vae
 from .weights.dit import load_dit_checkpoint, load_into_module
 from .weights.lora import DEFAULT_SCALE, load_lora, merge_lora
@@ -76,12 +78,16 @@ def official_folder(path: str | Path, input_name: str = "ckpt_dir") -> OfficialF
 def load_generator(dit_path: str | Path, vae_path: str | Path, lora_path: str | Path | None = None, *,
                    precision: str = "bf16", attention: str = "sdpa", dit_device: str | torch.device = "cpu",
                    vae_device: str | torch.device | None = None, vae_dtype: torch.dtype | None = None,
-                   lora_scale: float = DEFAULT_SCALE) -> LiveAvatarModel:
-    """Load, merge, convert and place the DiT and the VAE.
+                   lora_scale: float = DEFAULT_SCALE, offload: str = "none", blocks_on_gpu: int | None = None,
+                   kv_cache_location: str = "gpu", plan_size: str = "704*384",
+                   frames_per_clip: int = 48) -> LiveAvatarModel:
+    """Plan, load, merge, convert and place the DiT and the VAE.
 
     dit_path: official folder, shard index or single file; lora_path: `liveavatar.safetensors`
     (None: base model only, which is not the distilled 4-step model); precision: bf16, fp8
-    (bf16 compute with FP8 GEMMs) or fp32 (CPU parity).
+    (bf16 compute with FP8 GEMMs) or fp32 (CPU parity); offload: none, block_swap (keep
+    `blocks_on_gpu` blocks resident) or auto (the planner picks the cheapest placement that fits
+    `plan_size`); kv_cache_location: gpu, or cpu (pinned host memory streamed per layer).
     """
     if precision not in PRECISIONS:
         raise InputError("precision", f"unknown precision '{precision}'.", f"choose one of {', '.join(PRECISIONS)}.")
@@ -92,13 +98,22 @@ def load_generator(dit_path: str | Path, vae_path: str | Path, lora_path: str | 
     attention_fn = get_attention(attention)
     dtype = PRECISIONS[precision]
 
-    # 1. Base weights (validated against the config before any tensor is read).
+    # 1. Base weights (validated against the config before any tensor is read), then the run
+    #    plan: memory per device, refused with the cheapest fix before anything is loaded.
     ckpt = load_dit_checkpoint(dit_path)
     log.info("DiT: %s", ckpt.description)
+    plan = _plan(ckpt.config, dit_device, precision, offload, blocks_on_gpu, kv_cache_location, plan_size,
+                 frames_per_clip)
+    swapping = plan.blocks_on_gpu < ckpt.config.num_layers
+    if swapping and precision == "fp8":
+        raise InputError("offload", "block swap with FP8 is not supported yet (FP8 conversion runs on the GPU).",
+                         "use kv_cache_location='cpu' with fp8 (it fits 24 GB at 704*384), or bf16 block swap.")
     lora = load_lora(lora_path, ckpt.shapes()) if lora_path else None
     with torch.device("meta"):
         dit = LiveAvatarDiT(ckpt.config, attention=attention_fn).to(dtype)
-    load_into_module(dit, ckpt.state_dict, device=dit_device)  # one tensor at a time, cast to dtype
+    # Swapped blocks must start in host memory: load everything there, place at the end.
+    load_device = torch.device("cpu") if swapping else dit_device
+    load_into_module(dit, ckpt.state_dict, device=load_device)  # one tensor at a time, cast to dtype
     dit.eval().requires_grad_(False)
     # 2. LoRA merge in place on the DiT's device: fp32 delta, one rounding to the weight dtype.
     if lora:
@@ -109,9 +124,31 @@ def load_generator(dit_path: str | Path, vae_path: str | Path, lora_path: str | 
     # 3. FP8 GEMMs after the merge (the merged weights are what is quantised).
     if precision == "fp8":
         log.info("FP8: %d Linear layers converted", convert_to_fp8(dit))
+    # 4. Placement: block swap from pinned host memory, prefetched one block ahead.
+    if swapping:
+        apply_block_swap(dit, plan.blocks_on_gpu, dit_device, layers=plan.swapped)
+    log.info("placement: %s", plan.placement_words())
     vae = load_vae(vae_path, device=vae_device, dtype=vae_dtype or (torch.float32 if precision == "fp32"
                                                                      else torch.bfloat16))
     log.info("VAE: %s", vae.description)
     return LiveAvatarModel(dit, vae, f"{ckpt.description}; {lora.description if lora else 'no LoRA'}; "
-                                     f"{precision}; {vae.description}")
+                                     f"{precision}; {plan.placement_words()}; {vae.description}",
+                           kv_cache_location=plan.kv_cache_location)
+
+
+def _plan(cfg, device: torch.device, precision: str, offload: str, blocks_on_gpu: int | None,
+          kv_cache_location: str, size: str, frames_per_clip: int) -> RunPlan:
+    """The validated run plan for the DiT's device (CPU runs: a CPU-only plan)."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        devices = [d for d in detect_devices() if d.name == f"cuda:{index}"]
+    else:
+        devices = []
+    if device.type != "cuda" and (offload not in ("none", "auto") or kv_cache_location != "gpu"):
+        raise InputError("offload", f"block swap and KV-cache streaming need a CUDA DiT device, got '{device}'.",
+                         "use offload 'none' and kv_cache_location 'gpu' on the CPU.")
+    plan = plan_run(cfg, size=size, frames_per_clip=frames_per_clip, devices=devices, precision=precision,
+                    offload=offload, blocks_on_gpu=blocks_on_gpu, kv_cache_location=kv_cache_location,
+                    text_encoder="cpu", audio_encoder="cpu")
+    return plan.validate()
 

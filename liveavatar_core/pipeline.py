@@ -37,6 +37,7 @@ import torch
 from .encoders.audio import AudioFeatures
 from .encoders.image import preprocess_reference
 from .errors import InputError
+from .model.cache import make_step_caches
 from .model.dit import LiveAvatarDiT
 from .resume import (ResumeState, build_resume_state, check_resume_state, input_fingerprint, load_resume_state,
                      partial_video, resume_part, save_resume_state)
@@ -99,6 +100,15 @@ class LiveAvatarModel:
     dit: LiveAvatarDiT
     vae: WanVAE
     description: str = ""
+    kv_cache_location: str = "gpu"  # "cpu": pinned host rings streamed per layer (placement/)
+
+    def cache_factory(self):
+        """The step-cache constructor matching `kv_cache_location`."""
+        if self.kv_cache_location == "cpu":
+            from .placement import make_streamed_step_caches
+
+            return make_streamed_step_caches
+        return make_step_caches
 
 
 @dataclass
@@ -171,6 +181,7 @@ class VideoStream:
         self.track_resume = False
         self._boundaries: deque[_Boundary] = deque(maxlen=2)
         self._restored: ResumeState | None = None
+        self._fingerprint: dict[str, str] | None = None
         if resume_from is not None:
             state = load_resume_state(resume_from)
             check_resume_state(state, asdict(settings), self.fingerprint())
@@ -194,8 +205,10 @@ class VideoStream:
 
     def fingerprint(self) -> dict[str, str]:
         """Digests of this stream's inputs, stored in resume files and checked on resume."""
-        return input_fingerprint(text=self.text, audio=self.audio.embedding, reference=self.reference,
-                                 model=self.model)
+        if self._fingerprint is None:  # hashing a long audio embedding takes a moment: once per stream
+            self._fingerprint = input_fingerprint(text=self.text, audio=self.audio.embedding,
+                                                  reference=self.reference, model=self.model)
+        return self._fingerprint
 
     def __iter__(self) -> Iterator[FrameChunk]:
         start = time.perf_counter()
@@ -262,14 +275,16 @@ class VideoStream:
 
     def _start(self):
         ref_lat, motion_lat, decoder = self._condition()
-        return BlockSampler(self.model.dit, self.text, ref_lat, motion_lat, self.config), decoder
+        return BlockSampler(self.model.dit, self.text, ref_lat, motion_lat, self.config,
+                            cache_factory=self.model.cache_factory()), decoder
 
     def _restore(self, state: ResumeState):
         """Sampler and decoder continuing after the saved block (no VAE encode, no warm-up)."""
         part = resume_part(state, "sampler")
         try:
             t = part["tensors"]
-            sampler = BlockSampler(self.model.dit, self.text, t["ref_latents"], t["motion_latents"], self.config)
+            sampler = BlockSampler(self.model.dit, self.text, t["ref_latents"], t["motion_latents"], self.config,
+                                   cache_factory=self.model.cache_factory())
             sampler.load_state_dict(part)
             decoder_part = resume_part(state, "decoder")
             if self.settings.mode == "streaming":
@@ -468,7 +483,19 @@ def _finish(stream: VideoStream, writer: StreamingMP4Writer, resume_path, failed
     finally:
         writer.close()
     if resume_path is not None and stream.finished:
-        Path(resume_path).unlink(missing_ok=True)
+        _drop_stale_resume(Path(resume_path), writer.path)
+
+
+def _drop_stale_resume(resume_path: Path, video: Path) -> None:
+    """Delete the resume file of a video that is now complete (and no other file)."""
+    if not resume_path.is_file():
+        return
+    try:
+        writer = load_resume_state(resume_path)["meta"]["writer"]
+    except InputError:
+        return
+    if writer is not None and Path(writer["path"]) == video:
+        resume_path.unlink()
 
 
 def _save_resume(stream: VideoStream, writer: StreamingMP4Writer, resume_path: Path, failed: bool) -> None:
@@ -486,6 +513,6 @@ def _save_resume(stream: VideoStream, writer: StreamingMP4Writer, resume_path: P
         # Do not hide the error that stopped the stream behind one about saving its state.
         log.exception("could not save the resume state to %s", resume_path)
         return
-    s = state["meta"]["stream"]["stats"]
+    s, w = state["meta"]["stream"]["stats"], state["meta"]["writer"]
     log.warning("stopped after %d of %d blocks; %s holds %d frames; resume state saved to %s",
-                s["blocks_done"], s["blocks_total"], writer.path, s["frames_done"], resume_path)
+                s["blocks_done"], s["blocks_total"], writer.path, w["frames_written"], resume_path)
