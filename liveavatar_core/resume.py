@@ -121,7 +121,9 @@ def load_resume_state(source: str | os.PathLike | ResumeState) -> ResumeState:
                          "pass the .resume file written when the run was interrupted (by default the video's "
                          "path plus '.resume').")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # Memory-mapped: a resumed stream reads each tensor once, straight into its place. Not on
+        # Windows, where a mapped file cannot be replaced or deleted (the next save, the cleanup).
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=os.name != "nt")
     except Exception as exc:  # torch raises several types for damaged or foreign files
         raise InputError("resume", f"{path} is not a readable resume file ({type(exc).__name__}: {exc}).",
                          "it may be truncated or damaged; start the video again without resuming.") from None

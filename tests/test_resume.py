@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from liveavatar_core.encoders.audio import AudioEncoder
 from liveavatar_core.cli import main
@@ -23,7 +24,8 @@ from liveavatar_core.encoders.text import TextEncoder
 from liveavatar_core.errors import InputError
 from liveavatar_core.loading import load_generator, official_folder
 from liveavatar_core.pipeline import GenerationSettings, generate, write_mp4
-from liveavatar_core.synthetic import write_tiny_checkpoint
+from liveavatar_core.synthetic import write_tiny_checkpoint, write_wav
+from liveavatar_core.synthetic_inputs import make_speech_audio
 from liveavatar_core.video.probe import probe_mp4
 
 # Two clips of two blocks (24 frames per clip) and two steps: stops inside clip 0, at the clip
@@ -48,12 +50,18 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def inputs(tiny):
+def encoders(tiny):
+    folder = official_folder(tiny.ckpt_dir)
+    return (TextEncoder.from_pretrained(folder.t5, device="cpu", dtype=torch.float32),
+            AudioEncoder.from_pretrained(folder.wav2vec2, device="cpu", dtype=torch.float32))
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny, encoders):
     """(model, text, {frames per clip: audio features}), made by the same calls as the command line."""
     folder = official_folder(tiny.ckpt_dir)
-    text = TextEncoder.from_pretrained(folder.t5, device="cpu", dtype=torch.float32).encode(tiny.prompt)
-    encoder = AudioEncoder.from_pretrained(folder.wav2vec2, device="cpu", dtype=torch.float32)
-    audio = {s.frames_per_clip: encoder.encode(tiny.audio, frames_per_clip=s.frames_per_clip, num_clips=CLIPS)
+    text = encoders[0].encode(tiny.prompt)
+    audio = {s.frames_per_clip: encoders[1].encode(tiny.audio, frames_per_clip=s.frames_per_clip, num_clips=CLIPS)
              for s in (STREAMING, OFFICIAL)}
     model = load_generator(folder.dit, folder.vae, tiny.lora, precision="fp32", attention="sdpa", dit_device="cpu")
     return model, text, audio
@@ -159,6 +167,77 @@ def test_error_while_a_chunk_is_handed_on_regenerates_that_chunk(tiny, inputs, r
     tail, _ = _run(inputs, tiny.image, path, STREAMING, resume_from=state, resume_path=state)
     assert _same_chunks(expected[:1] + tail, expected)
     _assert_same_video(path, reference_path)
+
+
+# --- refusals ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def stopped(tiny, inputs, tmp_path_factory):
+    """(video, resume file) of a streaming run cancelled after its first block."""
+    folder = tmp_path_factory.mktemp("stopped")
+    video, state = folder / "video.mp4", folder / "video.mp4.resume"
+    _run(inputs, tiny.image, video, STREAMING, stop_after=1, resume_path=state)
+    return video, state
+
+
+def _refused(match: str, make, *args, **kw) -> InputError:
+    with pytest.raises(InputError, match=match) as info:
+        make(*args, **kw)
+    assert info.value.input_name == "resume"
+    return info.value
+
+
+def test_resume_refuses_other_settings_and_inputs(tiny, inputs, encoders, stopped, tmp_path):
+    model, text, audio = inputs
+    _, state = stopped
+    features = audio[STREAMING.frames_per_clip]
+    _refused(r"seed=5 \(now 6\)", _stream, inputs, tiny.image, replace(STREAMING, seed=6), resume_from=state)
+    _refused("mode='streaming'", _stream, inputs, tiny.image, replace(OFFICIAL, frames_per_clip=24),
+             resume_from=state)
+    _refused("prompt", generate, model, encoders[0].encode("Someone else entirely."), features, tiny.image,
+             STREAMING, resume_from=state)
+
+    other_wav = tmp_path / "other.wav"
+    write_wav(other_wav, make_speech_audio(3.0, 16000, seed=1), 16000)
+    other_audio = encoders[1].encode(other_wav, frames_per_clip=STREAMING.frames_per_clip, num_clips=CLIPS)
+    _refused("audio", generate, model, text, other_audio, tiny.image, STREAMING, resume_from=state)
+
+    flipped = tmp_path / "flipped.png"
+    Image.open(tiny.image).transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(flipped)
+    _refused("reference image", generate, model, text, features, flipped, STREAMING, resume_from=state)
+
+    folder = official_folder(tiny.ckpt_dir)
+    bf16 = load_generator(folder.dit, folder.vae, tiny.lora, precision="bf16")
+    _refused("another model: it was .*fp32", generate, bf16, text, features, tiny.image, STREAMING,
+             resume_from=state)
+
+
+def test_resume_refuses_missing_or_damaged_files(tiny, inputs, stopped, tmp_path):
+    video, state = stopped
+    resume = lambda path: _stream(inputs, tiny.image, STREAMING, resume_from=path)  # noqa: E731
+    _refused("does not exist", resume, tmp_path / "nothing.resume")
+    cut = tmp_path / "cut.resume"
+    cut.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    _refused("not a readable resume file", resume, cut)
+    junk = tmp_path / "junk.resume"
+    junk.write_bytes(b"not a resume file at all" * 10)
+    _refused("not a readable resume file", resume, junk)
+    foreign = tmp_path / "foreign.resume"
+    torch.save({"meta": {"format": "liveavatar.block_sampler.v1"}, "tensors": {}}, foreign)
+    _refused("not a Live Avatar stream resume file", resume, foreign)
+
+    # The partial video moved away, or another output path asked of the resumed stream.
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    copy = moved / "video.mp4.resume"
+    copy.write_bytes(state.read_bytes())
+    video.rename(moved / "video.mp4")
+    try:
+        _refused("partial video .* is missing", resume, copy)
+    finally:
+        (moved / "video.mp4").rename(video)
+    _refused("was writing", write_mp4, resume(state), tmp_path / "elsewhere.mp4")
+    assert state.is_file() and probe_mp4(video).frame_count > 0  # refusals touch neither file
 
 
 # --- command line -----------------------------------------------------------------------------------------
