@@ -144,9 +144,11 @@ def _plan(cfg, device: torch.device, precision: str, offload: str, blocks_on_gpu
         devices = [d for d in detect_devices() if d.name == f"cuda:{index}"]
     else:
         devices = []
-    if device.type != "cuda" and (offload not in ("none", "auto") or kv_cache_location != "gpu"):
-        raise InputError("offload", f"block swap and KV-cache streaming need a CUDA DiT device, got '{device}'.",
-                         "use offload 'none' and kv_cache_location 'gpu' on the CPU.")
+        if offload == "block_swap":
+            raise InputError("offload", f"block swap moves DiT blocks between host memory and a GPU; the DiT "
+                             f"runs on '{device}'.", "use offload 'none' or 'auto' on the CPU.")
+        # On a CPU device the caches are in host memory already: nothing to stream.
+        kv_cache_location = "gpu"
     plan = plan_run(cfg, size=size, frames_per_clip=frames_per_clip, devices=devices, precision=precision,
                     offload=offload, blocks_on_gpu=blocks_on_gpu, kv_cache_location=kv_cache_location,
                     text_encoder="cpu", audio_encoder="cpu")

@@ -6,6 +6,7 @@ from ..liveavatar_core.errors import InputError
 from ..liveavatar_core.loading import PRECISIONS, VAE_FILE, load_generator
 from ..liveavatar_core.ops.attention import DEFAULT_BACKEND, attention_backends
 from ..liveavatar_core.ops.fp8 import check_fp8_support
+from ..liveavatar_core.plan import KV_LOCATIONS
 from ..liveavatar_core.weights.dit import OFFICIAL_INDEX
 from . import host
 
@@ -13,6 +14,7 @@ MODEL = "LIVEAVATAR_MODEL"
 LORA_NONE = "none"
 LORA_FILE = r"liveavatar\.safetensors"
 VAE_SAME = "same as DiT"
+OFFLOAD_CHOICES = ("none", "auto", "block_swap")
 
 
 def dit_choices() -> list[str]:
@@ -55,11 +57,25 @@ class LiveAvatarModelLoader:
                                      "device)."}),
             "vae_device": ([VAE_SAME] + devices, {"default": VAE_SAME, "tooltip": "Where the VAE encodes and "
                                                   "decodes: another GPU splits the work, 'cpu' saves VRAM."}),
+        }, "optional": {
+            "offload": (list(OFFLOAD_CHOICES), {"default": "none", "tooltip": "none: everything on the DiT GPU. "
+                        "auto: the run planner picks the cheapest placement that fits this GPU at 704*384 (KV "
+                        "caches streamed from host memory first, then block swap). block_swap: keep only "
+                        "blocks_on_gpu DiT blocks on the GPU, the rest prefetched from pinned host memory."}),
+            "blocks_on_gpu": ("INT", {"default": 20, "min": 0, "max": 40, "tooltip": "With offload=block_swap: "
+                              "DiT blocks kept resident on the GPU (40 = all); fewer saves ~0.8 GB each."}),
+            "kv_cache": (list(KV_LOCATIONS), {"default": "gpu", "tooltip": "Where the 4 step KV caches live "
+                         "(10.4 GB each at 704*384 in bf16): gpu, or cpu = pinned host memory streamed layer by "
+                         "layer ahead of use."}),
         }}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, precision, dit_device, vae_device):
+    def VALIDATE_INPUTS(cls, precision, dit_device, vae_device, offload="none", kv_cache="gpu"):
         try:
+            if offload not in OFFLOAD_CHOICES or kv_cache not in KV_LOCATIONS:
+                raise InputError("offload", f"unknown offload '{offload}' / kv_cache '{kv_cache}'.",
+                                 f"choose offload from {', '.join(OFFLOAD_CHOICES)} and kv_cache from "
+                                 f"{', '.join(KV_LOCATIONS)}.")
             if precision not in PRECISIONS:
                 raise InputError("precision", f"unknown precision '{precision}'.",
                                  f"choose one of {', '.join(PRECISIONS)}.")
@@ -73,7 +89,7 @@ class LiveAvatarModelLoader:
         return True
 
     def load(self, dit: str, lora: str, vae: str, precision: str, attention: str, dit_device: str,
-             vae_device: str):
+             vae_device: str, offload: str = "none", blocks_on_gpu: int = 20, kv_cache: str = "gpu"):
         dit_path = host.resolve("diffusion_models", dit, "dit")
         lora_path = None if lora == LORA_NONE else host.resolve("loras", lora, "lora")
         vae_path = host.resolve("vae", vae, "vae", VAE_FILE)
@@ -81,5 +97,7 @@ class LiveAvatarModelLoader:
         vae_dev = device if vae_device == VAE_SAME else host.torch_device(vae_device, "vae_device")
         host.free_comfy_models()
         model = load_generator(dit_path, vae_path, lora_path, precision=precision, attention=attention,
-                               dit_device=device, vae_device=vae_dev)
+                               dit_device=device, vae_device=vae_dev, offload=offload,
+                               blocks_on_gpu=blocks_on_gpu if offload == "block_swap" else None,
+                               kv_cache_location=kv_cache)
         return (model,)
