@@ -3,8 +3,10 @@
 `generate` keeps the official flag names where they make sense and validates every input before
 loading anything. An interrupted `generate` (Ctrl-C, an error) leaves a playable MP4 of every
 finished block and a resume file next to it (`<video>.resume`); the same command plus
-`--resume <video>.resume` completes that MP4 as if it had never stopped. `demo` writes a tiny synthetic checkpoint in the official layout and runs the
-whole pipeline on it (CPU, seconds), producing a real MP4 with audio.
+`--resume <video>.resume` completes that MP4 as if it had never stopped.
+
+`demo` writes a tiny synthetic checkpoint in the official layout and runs the whole pipeline on it
+(CPU, seconds), producing a real MP4 with audio.
 """
 
 from __future__ import annotations

@@ -242,7 +242,7 @@ class VideoStream:
     # --- resume -------------------------------------------------------------------------------
 
     def _boundary(self, sampler: BlockSampler, decoder) -> _Boundary:
-        """References to the state right after a completed block; no tensor is copied.
+        """References to the state right after a completed block (one copy per clip, see below).
 
         The decoders' states and the sampler's condition and latents are replaced by new tensors,
         never modified, so references stay valid. The step KV rings are modified in place, but a

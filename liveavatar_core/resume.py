@@ -90,7 +90,8 @@ def save_resume_state(state: ResumeState, path: str | os.PathLike) -> Path:
     """Write a state atomically: a kill during the write leaves the previous file (if any) intact."""
     path = Path(path)
     if not path.parent.is_dir():
-        raise InputError("resume", f"folder {path.parent} does not exist.", "save the resume file in an existing folder.")
+        raise InputError("resume", f"folder {path.parent} does not exist.",
+                         "save the resume file in an existing folder.")
     # Views would drag their whole storage into the file (a window slice, a ring row range).
     tensors = {k: v.detach().clone() if _is_view(v) else v.detach() for k, v in state["tensors"].items()}
     tmp = path.with_name(path.name + ".tmp")
@@ -171,5 +172,6 @@ def partial_video(state: ResumeState) -> Path:
     size = path.stat().st_size if path.is_file() else -1
     if size < writer["bytes"]:
         raise InputError("resume", f"the partial video {path} is missing or shorter than the recorded "
-                         f"{writer['bytes']} bytes.", "put the interrupted MP4 back where it was, or start a new video.")
+                         f"{writer['bytes']} bytes.",
+                         "put the interrupted MP4 back where it was, or start a new video.")
     return path

@@ -18,8 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from liveavatar_core.encoders.audio import AudioEncoder
 from liveavatar_core.cli import main
+from liveavatar_core.encoders.audio import AudioEncoder
 from liveavatar_core.encoders.text import TextEncoder
 from liveavatar_core.errors import InputError
 from liveavatar_core.loading import load_generator, official_folder
@@ -154,8 +154,8 @@ def test_interrupt_in_the_middle_of_a_block_resumes_exactly(tiny, inputs, refere
     _assert_same_video(path, reference_path)
 
 
-def test_error_while_a_chunk_is_handed_on_regenerates_that_chunk(tiny, inputs, reference, tmp_path):
-    # The consumer fails after block 0 was written: the state is the one after block 0.
+def test_error_in_the_consumer_keeps_the_chunk_it_was_given(tiny, inputs, reference, tmp_path):
+    # The consumer fails once block 0 is in the file: the state saved is the one after block 0.
     expected, reference_path = reference["streaming"]
     path, state = tmp_path / "video.mp4", tmp_path / "state.resume"
 
@@ -212,9 +212,12 @@ def test_resume_refuses_other_settings_and_inputs(tiny, inputs, encoders, stoppe
              resume_from=state)
 
 
-def test_resume_refuses_missing_or_damaged_files(tiny, inputs, stopped, tmp_path):
+def test_resume_refuses_missing_or_damaged_files(tiny, inputs, stopped, tmp_path, capsys):
     video, state = stopped
-    resume = lambda path: _stream(inputs, tiny.image, STREAMING, resume_from=path)  # noqa: E731
+
+    def resume(path):
+        return _stream(inputs, tiny.image, STREAMING, resume_from=path)
+
     _refused("does not exist", resume, tmp_path / "nothing.resume")
     cut = tmp_path / "cut.resume"
     cut.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
@@ -237,6 +240,12 @@ def test_resume_refuses_missing_or_damaged_files(tiny, inputs, stopped, tmp_path
     finally:
         (moved / "video.mp4").rename(video)
     _refused("was writing", write_mp4, resume(state), tmp_path / "elsewhere.mp4")
+
+    # The command line checks the file and its settings before loading anything.
+    assert main(_cli(tiny, tmp_path / "o.mp4", "--resume", str(tmp_path / "nothing.resume"))) == 2
+    assert "resume: " in capsys.readouterr().err
+    assert main(_cli(tiny, tmp_path / "o.mp4", "--resume", str(state))) == 2
+    assert f"num_clips={CLIPS} (now {CLI.num_clips})" in capsys.readouterr().err
     assert state.is_file() and probe_mp4(video).frame_count > 0  # refusals touch neither file
 
 
