@@ -266,7 +266,7 @@ def _check_video(url: str, base: Path, entry: dict, writer: str, frames: int | N
 
 
 def test_pack_loads_and_registers_every_node(server, object_info):
-    url, log_path = server.url, server.log
+    log_path = server.log
     assert NODE_IDS <= set(object_info)
     assert all(object_info[n]["python_module"] == f"custom_nodes.{PACK}" for n in NODE_IDS)
     log = log_path.read_text()
@@ -369,7 +369,7 @@ def test_ui_workflow_runs_through_prompt_and_history(server, object_info, path):
 
 def test_writer_outputs_feed_core_nodes(server, object_info):
     """VIDEO goes into core SaveVideo (a copy with audio and the same frames), IMAGE into PreviewImage."""
-    url, base = server.url, server.base
+    url = server.url
     prompt = _small(ui_to_api(_served_graph(url, UI_FILES[0]), object_info))
     writer = _writer_id(prompt)
     prompt[writer]["inputs"].update(filename_prefix="video/LiveAvatar_core", return_frames=2)
@@ -442,7 +442,7 @@ def test_error_while_running_names_our_node_and_input(server, object_info):
 def test_writer_reruns_on_a_cached_stream(server, object_info):
     """Only the file name changes: ComfyUI reuses every upstream output, the sampler's stream
     included, and the writer must still produce the whole video again."""
-    url, base = server.url, server.base
+    url = server.url
     prompt = _small(ui_to_api(_served_graph(url, UI_FILES[0]), object_info))
     writer = _writer_id(prompt)
     paths = []
@@ -460,7 +460,7 @@ def test_writer_reruns_on_a_cached_stream(server, object_info):
 
 def test_progress_previews_and_video_reach_the_websocket(server, object_info):
     aiohttp = pytest.importorskip("aiohttp")
-    url, base = server.url, server.base
+    url = server.url
     prompt = _small(ui_to_api(_served_graph(url, UI_FILES[0]), object_info), num_clips=2)
     writer = _writer_id(prompt)
     prompt[writer]["inputs"]["filename_prefix"] = "video/LiveAvatar_ws"

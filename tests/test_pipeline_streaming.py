@@ -6,7 +6,6 @@ same loaders as real weights; the MP4 is decoded again with PyAV.
 
 import gc
 import os
-import resource
 
 import numpy as np
 import pytest

@@ -226,7 +226,7 @@ class BlockSampler:
         mine = self.config.to_dict()
         diff = sorted(k for k, v in saved.to_dict().items() if k != "num_clips" and mine[k] != v)
         if diff:
-            raise InputError("resume_state", f"the saved run used other settings: "
+            raise InputError("resume_state", "the saved run used other settings: "
                              + ", ".join(f"{k}={saved.to_dict()[k]!r} (now {mine[k]!r})" for k in diff) + ".",
                              "resume with the configuration of the saved run.")
         if tuple(meta["lat_hw"]) != self.lat_hw:

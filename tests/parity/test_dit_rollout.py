@@ -11,9 +11,6 @@ import torch
 from safetensors.torch import load_file
 
 from liveavatar_core.model.cache import make_step_caches
-from liveavatar_core.model.dit import LiveAvatarDiT, load_weights
-from liveavatar_core.weights.dit import load_dit_checkpoint
-from liveavatar_core.weights.lora import load_lora, merge_lora
 
 ROLLOUT_ATOL = 2e-3  # fixtures README 7: caches and full rollouts
 ROLLOUT_RTOL = 1e-3
@@ -25,16 +22,9 @@ def _golden(fixtures, name):
 
 
 @pytest.fixture(scope="module")
-def model(fixtures, ckpt_dir, manifest):
-    ckpt = load_dit_checkpoint(ckpt_dir)
-    lora_cfg = manifest["tiny_config"]["lora"]
-    lora = load_lora(fixtures / "ckpt" / "LiveAvatar" / "liveavatar.safetensors", ckpt.shapes())
-    dtype = getattr(torch, manifest["settings"]["param_dtype"])
-    weights = {k: v.to(dtype) for k, v in ckpt.state_dict.items()}
-    merge_lora(weights, lora, scale=lora_cfg["alpha"] / lora_cfg["rank"])
-    m = LiveAvatarDiT(ckpt.config, attention="math").to(dtype)
-    load_weights(m, weights)
-    return m
+def model(tiny_dit):
+    """The fixture DiT as the official run used it (tests/parity/conftest.py)."""
+    return tiny_dit
 
 
 def _replay(model, fixtures, manifest, mode):
