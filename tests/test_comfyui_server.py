@@ -442,7 +442,7 @@ def test_error_while_running_names_our_node_and_input(server, object_info):
 def test_writer_reruns_on_a_cached_stream(server, object_info):
     """Only the file name changes: ComfyUI reuses every upstream output, the sampler's stream
     included, and the writer must still produce the whole video again."""
-    url = server.url
+    url, base = server.url, server.base
     prompt = _small(ui_to_api(_served_graph(url, UI_FILES[0]), object_info))
     writer = _writer_id(prompt)
     paths = []
