@@ -369,7 +369,7 @@ def test_ui_workflow_runs_through_prompt_and_history(server, object_info, path):
 
 def test_writer_outputs_feed_core_nodes(server, object_info):
     """VIDEO goes into core SaveVideo (a copy with audio and the same frames), IMAGE into PreviewImage."""
-    url = server.url
+    url, base = server.url, server.base
     prompt = _small(ui_to_api(_served_graph(url, UI_FILES[0]), object_info))
     writer = _writer_id(prompt)
     prompt[writer]["inputs"].update(filename_prefix="video/LiveAvatar_core", return_frames=2)
