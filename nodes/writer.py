@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
 from PIL import Image
 
 from ..liveavatar_core.pipeline import FrameChunk, Stats, write_mp4
+from ..liveavatar_core.video import WriterSettings
 from . import host
 from .sampler import STREAM
 
@@ -21,6 +24,21 @@ def status_line(stats: Stats) -> str:
     if stats.eta_s is not None:
         parts.append(f"ETA {stats.eta_s:.0f} s")
     return " · ".join(parts)
+
+
+def video_metadata(prompt: dict | None, extra_pnginfo: dict | None) -> dict[str, str]:
+    """The tags core SaveVideo stores: each extra_pnginfo entry (the UI's "workflow") and "prompt".
+
+    Empty when ComfyUI runs with --disable-metadata, as for its own savers.
+    """
+    if host.in_comfyui():
+        from comfy.cli_args import args
+        if args.disable_metadata:
+            return {}
+    tags = dict(extra_pnginfo or {})
+    if prompt is not None:
+        tags["prompt"] = prompt
+    return {key: value if isinstance(value, str) else json.dumps(value) for key, value in tags.items()}
 
 
 class _FirstFrames:
@@ -83,7 +101,8 @@ class LiveAvatarVideoWriter:
                 "first_frame_s": stats.first_frame_s, "eta_s": stats.eta_s, "frames": stats.frames_done
                 + len(chunk.frames), "file": file_info})
 
-        write_mp4(stream, path, on_chunk=on_chunk)
+        settings = WriterSettings(metadata=video_metadata(prompt, extra_pnginfo))
+        write_mp4(stream, path, on_chunk=on_chunk, writer_settings=settings)
         host.raise_if_interrupted()  # a cancelled stream ends cleanly; ComfyUI still reports the cancel
         ui = {"images": [file_info], "animated": [True]}
         return {"ui": ui, "result": (host.video_output(path), first.image(stream.height, stream.width), str(path))}

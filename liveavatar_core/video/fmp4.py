@@ -5,15 +5,16 @@ things that muxer does not expose through PyAV: a fragment that is on disk the m
 been appended (FFmpeg cuts a fragment only when the *next* keyframe arrives), and the ability to
 continue an existing file after a restart with the right fragment numbers and decode times.
 
-Layout: `ftyp` + `moov` (empty sample tables, `mvex`) once, then one `moof` + `mdat` pair per
-fragment. Sample data offsets are relative to the `moof` (default-base-is-moof), so every fragment
-is self-contained and can be appended to any file that starts with the same init segment.
+Layout: `ftyp` + `moov` (empty sample tables, `mvex`, optional `udta` text tags) once, then one
+`moof` + `mdat` pair per fragment. Sample data offsets are relative to the `moof`
+(default-base-is-moof), so every fragment is self-contained and can be appended to any file that
+starts with the same init segment.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 VIDEO_TRACK_ID = 1
@@ -189,8 +190,21 @@ def _trak(track_id: int, timescale: int, handler: bytes, handler_name: bytes, me
     return _box(b"trak", tkhd, edit, _box(b"mdia", mdhd, hdlr, minf))
 
 
-def init_segment(video: VideoTrack, audio: AudioTrack | None) -> bytes:
-    """`ftyp` + `moov` describing the tracks; sample data follows only in fragments."""
+def _udta(metadata: Mapping[str, str]) -> bytes:
+    # The `mdta` key/value form FFmpeg writes with `-movflags use_metadata_tags` (what ComfyUI's
+    # SaveVideo uses): any key name survives, and both FFmpeg and the ComfyUI frontend read it.
+    hdlr = _full_box(b"hdlr", 0, 0, struct.pack(">I", 0), b"mdta", b"\x00" * 12, b"\x00")
+    names = [key.encode() for key in metadata]
+    keys = _full_box(b"keys", 0, 0, struct.pack(">I", len(names)),
+                     *(struct.pack(">I", 8 + len(n)) + b"mdta" + n for n in names))
+    # Item type = 1-based key index; data type 1 = UTF-8 text, locale 0.
+    items = [_box(struct.pack(">I", i), _box(b"data", struct.pack(">II", 1, 0), value.encode()))
+             for i, value in enumerate(metadata.values(), start=1)]
+    return _box(b"udta", _full_box(b"meta", 0, 0, hdlr, keys, _box(b"ilst", *items)))
+
+
+def init_segment(video: VideoTrack, audio: AudioTrack | None, metadata: Mapping[str, str] | None = None) -> bytes:
+    """`ftyp` + `moov` describing the tracks (and text tags); sample data follows only in fragments."""
     ftyp = _box(b"ftyp", b"isom", struct.pack(">I", 0x200), b"isomiso6iso2avc1mp41")
     tracks = [_trak(
         VIDEO_TRACK_ID, video.timescale, b"vide", b"VideoHandler",
@@ -212,7 +226,8 @@ def init_segment(video: VideoTrack, audio: AudioTrack | None) -> bytes:
         b"mvhd", 0, 0, struct.pack(">IIII", 0, 0, 1000, 0), struct.pack(">IH", 0x10000, 0x0100),
         b"\x00" * 10, _UNITY_MATRIX, b"\x00" * 24, struct.pack(">I", len(tracks) + 1),
     )
-    return ftyp + _box(b"moov", mvhd, *tracks, _box(b"mvex", *trex))
+    udta = [_udta(metadata)] if metadata else []
+    return ftyp + _box(b"moov", mvhd, *tracks, _box(b"mvex", *trex), *udta)
 
 
 def _moof(sequence: int, runs: Sequence[TrackRun], data_offsets: Sequence[int]) -> bytes:

@@ -21,7 +21,8 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
@@ -88,6 +89,7 @@ class WriterSettings:
     audio_preroll_frames: int = 8
     trim: str = "shortest"
     audio_offset_frames: int = 0
+    metadata: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         checks = [
@@ -98,6 +100,9 @@ class WriterSettings:
             ("audio_bitrate", self.audio_bitrate >= 8000, "Use at least 8000 bit/s (192000 is official)."),
             ("audio_preroll_frames", self.audio_preroll_frames >= 1, "Use 1 or more (8 is the default)."),
             ("trim", self.trim in _TRIM_POLICIES, f"Use one of {', '.join(_TRIM_POLICIES)}."),
+            ("metadata", isinstance(self.metadata, Mapping) and all(
+                isinstance(k, str) and k and isinstance(v, str) for k, v in self.metadata.items()),
+             "Use a dict of non-empty text keys to text values (JSON-encode other values)."),
         ]
         for name, ok, fix in checks:
             if not ok:
@@ -180,7 +185,7 @@ class StreamingMP4Writer:
             config, self._priming = audio_config(self._audio_cfg)
             self._aac = AacStream(self._audio_cfg, self._audio)
             audio_track = AudioTrack(self._audio.sample_rate, channels, config, self._priming, bitrate)
-        self._init = init_segment(video_track, audio_track)
+        self._init = init_segment(video_track, audio_track, settings.metadata)
 
         self._max_frames = None
         if self._audio is not None and settings.trim == "shortest":
