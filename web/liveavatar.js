@@ -1,5 +1,7 @@
-// Live Avatar: live stats and a player for the MP4 being written, on the Video Writer node.
+// Live Avatar: a player for the MP4 while the Video Writer node is still writing it.
 // Everything essential works without this file (API users never load it); it only adds a view.
+// The live stats (blocks done, fps, first frame, ETA) are the node's progress text, which
+// ComfyUI shows by itself; this view does not repeat them.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -7,69 +9,119 @@ const WRITER = "LiveAvatarVideoWriter";
 const EVENT = "liveavatar.status";
 // Reload the growing file at most this often: the fragmented MP4 plays while it is written.
 const RELOAD_MS = 4000;
+const CAPTION_PX = 18;
+// Height of the player before the first frame's size is known.
+const DEFAULT_VIDEO_PX = 256;
+// ComfyUI's widgets for a node's progress previews (still and animated).
+const BLOCK_PREVIEW_WIDGETS = ["$$canvas-image-preview", "$$comfy_animation_preview"];
 
 function fileUrl(file) {
   const params = new URLSearchParams({ filename: file.filename, subfolder: file.subfolder, type: file.type });
   return api.apiURL(`/view?${params.toString()}`);
 }
 
-function formatStats(d) {
-  const parts = [`block ${d.blocks_done}/${d.blocks_total ?? "?"}`, `${d.fps.toFixed(1)} fps`];
-  if (d.first_frame_s != null) parts.push(`first frame ${d.first_frame_s.toFixed(1)} s`);
-  if (d.eta_s != null) parts.push(`ETA ${Math.round(d.eta_s)} s`);
-  return parts.join(" · ");
+function fitNode(node) {
+  // Grow the node so the player fits below the widgets; shrinking is left to the user.
+  const [, height] = node.computeSize();
+  if (height > node.size[1]) node.setSize([node.size[0], height]);
+  node.setDirtyCanvas(true, true);
 }
 
 function ensureView(node) {
   if (node.liveAvatarView) return node.liveAvatarView;
   const root = document.createElement("div");
-  root.style.cssText = "display:flex;flex-direction:column;gap:4px;width:100%;font:12px sans-serif;";
-  const stats = document.createElement("div");
-  stats.textContent = "idle";
+  root.style.cssText = "display:flex;flex-direction:column;gap:2px;width:100%;font:12px sans-serif;";
+  const caption = document.createElement("div");
+  caption.style.cssText = `height:${CAPTION_PX}px;opacity:0.8;`;
   const video = document.createElement("video");
   video.controls = true;
   video.muted = true;
-  video.style.cssText = "width:100%;max-height:360px;background:#000;display:none;";
-  root.append(stats, video);
-  node.addDOMWidget("liveavatar_live", "liveavatar_live", root, { serialize: false });
-  node.liveAvatarView = { stats, video, lastLoad: 0, url: null };
-  return node.liveAvatarView;
+  video.playsInline = true;
+  video.style.cssText = "width:100%;flex:1;min-height:0;background:#000;object-fit:contain;";
+  root.append(caption, video);
+  const widget = node.addDOMWidget("liveavatar_live", "liveavatar_live", root, { serialize: false, hideOnZoom: false });
+  const view = { caption, video, widget, lastLoad: 0, url: null, pending: null, file: null };
+  widget.computeLayoutSize = () => {
+    const aspect = video.videoWidth ? video.videoHeight / video.videoWidth : 0;
+    const videoPx = aspect ? Math.round((node.size[0] - 20) * aspect) : DEFAULT_VIDEO_PX;
+    return { minHeight: CAPTION_PX + videoPx, minWidth: 0 };
+  };
+  video.addEventListener("loadedmetadata", () => fitNode(node));
+  node.liveAvatarView = view;
+  fitNode(node);
+  return view;
 }
 
-function showFile(view, file) {
-  const now = Date.now();
-  if (now - view.lastLoad < RELOAD_MS) return;
-  const url = fileUrl(file);
-  const keep = view.url === url ? view.video.currentTime : 0;
-  view.video.src = `${url}&t=${now}`;
-  view.video.style.display = "block";
-  view.video.addEventListener("loadedmetadata", () => { view.video.currentTime = keep; }, { once: true });
+function load(node, view) {
+  view.pending = null;
+  view.lastLoad = Date.now();
+  const url = fileUrl(view.file);
+  // Keep the viewer's place and play state across reloads of the growing file.
+  const sameFile = view.url === url;
+  const keep = sameFile ? view.video.currentTime : 0;
+  const playing = sameFile && !view.video.paused;
+  view.video.addEventListener("loadedmetadata", () => {
+    view.video.currentTime = Math.min(keep, view.video.duration || 0);
+    if (playing) view.video.play().catch(() => {});
+  }, { once: true });
+  view.video.src = `${url}&t=${view.lastLoad}`;
   view.url = url;
-  view.lastLoad = now;
+}
+
+function showFile(node, view, file, frames) {
+  view.file = file;
+  view.caption.textContent = `writing ${file.filename}: ${frames} frames so far`;
+  const wait = view.lastLoad + RELOAD_MS - Date.now();
+  if (wait <= 0) load(node, view);
+  // Throttled: load the newest state once the interval is over, so the last block is not missed.
+  else if (!view.pending) view.pending = setTimeout(() => load(node, view), wait);
+}
+
+function remove(node, view) {
+  clearTimeout(view.pending);
+  view.video.pause();
+  view.video.removeAttribute("src");
+  view.video.load();  // let go of the connection to the file
+  const index = node.widgets?.indexOf(view.widget) ?? -1;
+  if (index >= 0) node.widgets.splice(index, 1);
+  view.widget.onRemove?.();
+  delete node.liveAvatarView;
+  node.setDirtyCanvas(true, true);
+}
+
+function dropBlockPreview(node) {
+  // ComfyUI shows a node's progress previews in place of its outputs, so the picture of the last
+  // block would stand where its own player of the finished video belongs.
+  const key = String(node.id);
+  for (const url of app.nodePreviewImages?.[key] ?? []) URL.revokeObjectURL(url);
+  delete app.nodePreviewImages?.[key];
+  node.imgs = undefined;
+  // The widgets that drew those previews would now draw nothing (and fail doing so).
+  for (const name of BLOCK_PREVIEW_WIDGETS) {
+    const index = node.widgets?.findIndex((w) => w.name === name) ?? -1;
+    if (index >= 0) node.widgets.splice(index, 1)[0].onRemove?.();
+  }
+}
+
+function writerNode(detail) {
+  const node = app.graph?.getNodeById(Number(detail.node));
+  return node?.comfyClass === WRITER ? node : null;
 }
 
 app.registerExtension({
   name: "liveavatar.writer",
   async setup() {
     api.addEventListener(EVENT, ({ detail }) => {
-      const node = app.graph?.getNodeById(Number(detail.node));
-      if (!node || node.comfyClass !== WRITER) return;
-      const view = ensureView(node);
-      view.stats.textContent = formatStats(detail);
-      if (detail.file) showFile(view, detail.file);
-      node.setDirtyCanvas(true, false);
+      const node = writerNode(detail);
+      if (!node || !detail.file) return;
+      showFile(node, ensureView(node), detail.file, detail.frames);
     });
     api.addEventListener("executed", ({ detail }) => {
-      const node = app.graph?.getNodeById(Number(detail.node));
-      const file = detail.output?.images?.[0];
-      if (!node || node.comfyClass !== WRITER || !file) return;
+      const node = writerNode(detail);
+      if (!node) return;
       // ComfyUI's own player shows the finished file (the ui "images" + "animated" result).
-      const view = ensureView(node);
-      view.stats.textContent = `done: ${file.filename}`;
-      view.video.pause();
-      view.video.removeAttribute("src");
-      view.video.style.display = "none";
-      view.url = null;
+      if (node.liveAvatarView) remove(node, node.liveAvatarView);
+      dropBlockPreview(node);
     });
   },
 });

@@ -1,0 +1,188 @@
+"""The web extension in a real browser: live stats and a player on the writer node while it runs.
+
+Skipped unless COMFYUI_DIR points at a ComfyUI checkout and a Chromium binary is found (CHROMIUM,
+or chromium / chromium-browser / google-chrome on PATH). The ComfyUI server is started as in
+test_comfyui_server.py; a headless Chromium with a fresh profile talks to it on 127.0.0.1 only
+and is driven over the DevTools protocol with aiohttp (which ComfyUI itself needs). The page
+loads the basic example workflow into the canvas and its small API twin is queued through
+POST /prompt for this page's client id, as the frontend's Queue button does. Screenshots go to
+LIVEAVATAR_SCREENSHOTS when it is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+import urllib.parse
+from pathlib import Path
+
+import pytest
+
+from tests.test_comfyui_server import (  # noqa: F401  (server and object_info are fixtures)
+    COMFYUI_DIR, UI_FILES, _post, _served_graph, _small, _writer_id, object_info, server, ui_to_api,
+)
+
+CHROMIUM = os.environ.get("CHROMIUM") or next(
+    (found for name in ("chromium", "chromium-browser", "google-chrome") if (found := shutil.which(name))), None)
+pytestmark = [
+    pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run"),
+    pytest.mark.skipif(not CHROMIUM, reason="no Chromium binary (set CHROMIUM)"),
+]
+# Flags that keep a headless Chromium off the network: only the pages we open are fetched.
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0", "--window-size=1600,1000")
+START_S = 60
+RUN_S = 600
+WRITER = "LiveAvatarVideoWriter"
+
+
+class Page:
+    """The few DevTools calls the test needs, on one page target."""
+
+    def __init__(self, ws):
+        self.ws, self.last_id = ws, 0
+
+    async def call(self, method: str, **params) -> dict:
+        self.last_id += 1
+        call_id = self.last_id
+        await self.ws.send_json({"id": call_id, "method": method, "params": params})
+        while True:
+            message = await self.ws.receive_json()
+            if message.get("id") == call_id:
+                if "error" in message:
+                    raise AssertionError(f"{method}: {message['error']}")
+                return message["result"]
+
+    async def eval(self, expression: str):
+        """The JSON value of `expression` (awaited if it is a promise)."""
+        result = await self.call("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)
+        if "exceptionDetails" in result:
+            raise AssertionError(f"{expression[:80]}: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    async def until(self, expression: str, timeout_s: float, what: str):
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            value = await self.eval(expression)
+            if value:
+                return value
+            await asyncio.sleep(0.2)
+        await self.screenshot("timeout")
+        raise AssertionError(f"timed out after {timeout_s} s waiting for {what}; the node showed "
+                             f"{await self.eval(VIEW)}")
+
+    async def screenshot(self, name: str) -> None:
+        folder = os.environ.get("LIVEAVATAR_SCREENSHOTS")
+        if folder:
+            data = (await self.call("Page.captureScreenshot", format="png"))["data"]
+            Path(folder, f"{name}.png").write_bytes(base64.b64decode(data))
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """DevTools HTTP address of a headless Chromium with a fresh profile."""
+    profile = tmp_path_factory.mktemp("chromium_profile")
+    proc = subprocess.Popen([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    port_file = profile / "DevToolsActivePort"
+    deadline = time.time() + START_S
+    while not port_file.is_file() or not port_file.read_text().strip():
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"Chromium did not start ({CHROMIUM})")
+        time.sleep(0.2)
+    yield f"http://127.0.0.1:{port_file.read_text().split()[0]}"
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+# What the writer node shows: ComfyUI's progress text (the live stats the node sends), the
+# extension's live player, ComfyUI's own player of the finished file, and whether all fit the node.
+VIEW = f"""(() => {{
+  const node = app.graph.nodes.find(n => n.comfyClass === "{WRITER}");
+  const view = node.liveAvatarView;
+  const video = view?.video;
+  const widget = name => node.widgets?.find(w => w.name === name);
+  const finished = widget("video-preview")?.element?.querySelector("video");
+  return {{
+    stats: widget("$$node-text-preview")?.value ?? null,
+    caption: view ? view.caption.textContent : null,
+    live: view ? {{
+      src: video.getAttribute("src"), ready: video.readyState, duration: video.duration,
+      width: video.getBoundingClientRect().width, height: video.getBoundingClientRect().height,
+    }} : null,
+    finished: finished ? {{ src: finished.getAttribute("src"), ready: finished.readyState }} : null,
+    fits: node.widgets.every(w => w.y + (w.computedHeight ?? 0) <= node.size[1] + 1),
+    outputs: app.nodeOutputs?.[String(node.id)] ?? null,
+  }};
+}})()"""
+
+
+async def _drive(devtools: str, url: str, graph: dict, prompt: dict) -> dict:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        async with session.put(f"{devtools}/json/new?{url}") as response:
+            target = await response.json()
+        async with session.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0) as ws:
+            page = Page(ws)
+            await page.call("Emulation.setDeviceMetricsOverride", width=1600, height=1000, deviceScaleFactor=1,
+                            mobile=False)
+            await page.until("window.app?.graph && window.app.extensions?.some(e => e.name === 'liveavatar.writer')",
+                             START_S, "the UI with the Live Avatar extension")
+            await page.eval(f"app.loadGraphData({json.dumps(graph)})")
+            await page.until(f"app.graph.nodes.some(n => n.comfyClass === '{WRITER}')", 30, "the workflow")
+            await page.screenshot("0_loaded")
+            client_id = await page.eval("window.comfyAPI.api.api.clientId")
+            body = {"prompt": prompt, "client_id": client_id, "extra_data": {"extra_pnginfo": {"workflow": graph}}}
+            queued = await page.eval(f"""fetch("{url}/prompt", {{method: "POST",
+                headers: {{"Content-Type": "application/json"}}, body: JSON.stringify({json.dumps(body)})}})
+                .then(r => r.json())""")
+            assert "prompt_id" in queued, queued
+            running = await page.until(f"(v => v.live && v.live.ready >= 1 && v.live.duration > 0 && v)({VIEW})",
+                                       RUN_S, "live stats and a playable partial MP4 on the writer node")
+            await page.screenshot("1_running")
+            done = await page.until(f"(v => v.finished && v.finished.ready >= 1 && v)({VIEW})", RUN_S,
+                                    "ComfyUI's player of the finished MP4")
+            # A widget that fails to draw stops the whole canvas (the nodes after it vanish).
+            assert await page.eval("(() => { try { app.canvas.draw(true, true); return true; } "
+                                   "catch (e) { return String(e); } })()") is True
+            await page.screenshot("2_done")
+            file = done["outputs"]["images"][0]
+            view_url = f"{url}/view?{urllib.parse.urlencode(file)}"
+            # The frontend's own reader of a dropped MP4, on the file as a drop would hand it over.
+            tags = await page.eval(f"""fetch({json.dumps(view_url)}).then(r => r.blob()).then(b =>
+                window.comfyAPI.isobmff.getFromIsobmffFile(new File([b], {json.dumps(file["filename"])})))""")
+    return {"running": running, "done": done, "tags": tags}
+
+
+def test_writer_node_shows_live_stats_and_player(server, object_info, browser):
+    pytest.importorskip("aiohttp")
+    # A first visit opens the template browser over the canvas; this user has seen it.
+    assert _post(f"{server.url}/settings/Comfy.TutorialCompleted", True)[0] == 200
+    graph = _served_graph(server.url, UI_FILES[0])
+    prompt = _small(ui_to_api(graph, object_info), num_clips=2)
+    prompt[_writer_id(prompt)]["inputs"]["filename_prefix"] = "video/LiveAvatar_browser"
+    seen = asyncio.run(asyncio.wait_for(_drive(browser, server.url, graph, prompt), RUN_S + 2 * START_S))
+    running, done = seen["running"], seen["done"]
+    assert re.fullmatch(r"block \d+/\d+ · [\d.]+ fps · first frame [\d.]+ s · ETA \d+ s", running["stats"])
+    assert "LiveAvatar_browser" in running["live"]["src"] and "frames so far" in running["caption"]
+    assert running["live"]["width"] > 0 and running["live"]["height"] > 0 and running["fits"]
+    file = done["outputs"]["images"][0]
+    assert done["outputs"]["animated"] == [True] and file["filename"] in done["finished"]["src"]
+    # The live player gives way to ComfyUI's own; the final stats stay.
+    assert done["live"] is None and done["stats"].startswith("block") and done["fits"]
+    # What a drop of the file onto the canvas reads: the workflow and prompt the run was queued with.
+    assert seen["tags"]["workflow"] == graph
+    assert {nid: {k: node[k] for k in ("class_type", "inputs")} for nid, node in seen["tags"]["prompt"].items()} \
+        == {nid: {k: node[k] for k in ("class_type", "inputs")} for nid, node in prompt.items()}
