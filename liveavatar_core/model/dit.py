@@ -19,8 +19,9 @@ import torch
 import torch.nn as nn
 
 from ..config import DiTConfig
-from ..errors import InputError, WeightsError
+from ..errors import InputError
 from ..ops.attention import AttentionFn, get_attention
+from ..weights.dit import check_dit_shapes
 from .audio import AudioInjector, CausalAudioEncoder
 from .blocks import DiTBlock, modulate
 from .cache import CondCache, KVCache, TextCache, tokens_per_frame
@@ -312,25 +313,10 @@ def load_weights(model: LiveAvatarDiT, state_dict: Mapping[str, torch.Tensor],
     Works on a model built on the meta device (weights are assigned, not copied). Raises
     WeightsError listing missing, unexpected or mis-shaped keys before touching the model.
     """
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     shape_of = state_dict.shape if hasattr(state_dict, "shape") else (lambda k: tuple(state_dict[k].shape))
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong = [f"{k} {tuple(shape_of(k))} != {expected[k]}" for k in expected
-             if k in state_dict and tuple(shape_of(k)) != expected[k]]
-    if missing or unexpected or wrong:
-        def show(items):
-            return ", ".join(items[:8]) + (f" (+{len(items) - 8} more)" if len(items) > 8 else "")
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing: {show(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected: {show(unexpected)}")
-        if wrong:
-            parts.append(f"{len(wrong)} with wrong shape: {show(wrong)}")
-        raise WeightsError("dit_weights", "the state dict does not match the DiT built from the config; "
-                           + "; ".join(parts) + ".",
-                           "load the Wan2.2-S2V-14B checkpoint with the config.json of the same folder.")
+    check_dit_shapes({k: tuple(shape_of(k)) for k in state_dict}, model.cfg, "the state dict",
+                     input_name="dit_weights")
+    expected = model.state_dict()
     dtype = dtype or model.dtype
     if device is None:
         device = model.device if model.device.type != "meta" else torch.device("cpu")
