@@ -3,12 +3,5 @@
 # synthetic checkpoint. Extra arguments go to `python -m liveavatar_core demo`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${LIVEAVATAR_VENV:-.venv}
-if [[ ! -x "$VENV/bin/python" ]]; then
-  python3 -m venv "$VENV"
-fi
-PY="$VENV/bin/python"
-"$PY" -m pip install -q --upgrade pip
-"$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q torch==2.13.0
-"$PY" -m pip install -q -r requirements.txt
+source scripts/venv.sh requirements.txt
 exec "$PY" -m liveavatar_core demo "$@"

@@ -2,12 +2,5 @@
 # Set up a virtual environment with CPU torch and the test dependencies, then run the whole suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${LIVEAVATAR_VENV:-.venv}
-if [[ ! -x "$VENV/bin/python" ]]; then
-  python3 -m venv "$VENV"
-fi
-PY="$VENV/bin/python"
-"$PY" -m pip install -q --upgrade pip
-"$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q torch==2.13.0
-"$PY" -m pip install -q -r requirements-test.txt
+source scripts/venv.sh requirements-test.txt
 exec "$PY" -m pytest -q "$@"
