@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.timing import cuda_times  # noqa: E402
 from liveavatar_core.config import DiTConfig  # noqa: E402
 from liveavatar_core.model.cache import make_step_caches, tokens_per_frame  # noqa: E402
 from liveavatar_core.model.dit import LiveAvatarDiT  # noqa: E402
@@ -87,15 +88,10 @@ def full_size_block_timing(device: torch.device, iters: int) -> None:
     audio = torch.randn(1, 25, 1024, 12, device=device, dtype=torch.bfloat16, generator=g)
     # Steady state: the ring is full (clip >= 1), so every call attends 12 frames + the cond tokens.
     start = 12 * fs + 3 * fs
-    times = []
-    for i in range(iters + 2):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = model.denoise_block(x, 500.0, text, audio, None, caches[0], start, 17)
-        torch.cuda.synchronize()
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    times.sort()
+    def block_call(_i):
+        return model.denoise_block(x, 500.0, text, audio, None, caches[0], start, 17)
+
+    times, out = cuda_times(block_call, iters, warmup=2)
     med = times[len(times) // 2]
     print(f"full-size block call 704x384 (3 latent frames, {3 * fs} queries, {12 * fs + caches[0].cond.num_tokens} "
           f"keys), bf16 SDPA: median {med:.3f} s, min {times[0]:.3f} s over {len(times)} calls; "
@@ -107,15 +103,7 @@ def full_size_block_timing(device: torch.device, iters: int) -> None:
     # FP8 on the same full-size model: the block output against bf16, and its time.
     ref_out = out.float().clone()
     n = convert_to_fp8(model)
-    times = []
-    for i in range(iters + 2):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out8 = model.denoise_block(x, 500.0, text, audio, None, caches[0], start, 17)
-        torch.cuda.synchronize()
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    times.sort()
+    times, out8 = cuda_times(block_call, iters, warmup=2)
     print(f"full-size FP8 ({n} Linear layers converted): median {times[len(times) // 2]:.3f} s per block call; "
           f"prediction rel L2 vs bf16 over 40 layers: {rel_l2(out8, ref_out):.4f}")
 

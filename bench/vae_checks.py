@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.timing import cuda_times  # noqa: E402
 from liveavatar_core.vae.config import VAEConfig  # noqa: E402
 from liveavatar_core.vae.model import WanVAE  # noqa: E402
 
@@ -44,15 +44,7 @@ def main() -> None:
             dec = vae.stream_decoder(latents_per_pass=lpp)
             blocks = [torch.randn(1, 16, 3, h, w, device=device, generator=g) for _ in range(args.iters + 2)]
             dec.decode(blocks[0])  # first block: the official first chunk (9 frames)
-            times = []
-            for i, z in enumerate(blocks[1:]):
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                frames = dec.decode(z)
-                torch.cuda.synchronize()
-                if i >= 1:
-                    times.append(time.perf_counter() - t0)
-            times.sort()
+            times, frames = cuda_times(lambda i: dec.decode(blocks[1 + i]), args.iters, warmup=1)
             med = times[len(times) // 2]
             print(f"streaming VAE decode, {str(dtype).replace('torch.', '')}, latents_per_pass={lpp}: one block "
                   f"(3 latents -> {frames.shape[2]} frames of {frames.shape[3]}x{frames.shape[4]}) median "
