@@ -75,8 +75,8 @@ def random_init_(module: torch.nn.Module, gen: torch.Generator) -> None:
             p.data.normal_(0.0, 0.02, generator=gen)
 
 
-def build_dit(cfg: DiTConfig, plan: RunPlan, attention: str):
-    """The DiT on meta, materialised piece by piece on the GPU, FP8-converted, then placed."""
+def build_dit(cfg: DiTConfig, plan: RunPlan, attention: str, compile_blocks: bool):
+    """The DiT on meta, materialised piece by piece on the GPU, FP8-converted, placed, compiled."""
     from liveavatar_core.model.dit import LiveAvatarDiT
     from liveavatar_core.ops.fp8 import convert_to_fp8
     from liveavatar_core.placement import apply_block_swap
@@ -95,6 +95,8 @@ def build_dit(cfg: DiTConfig, plan: RunPlan, attention: str):
     if plan.swapped:
         swap = apply_block_swap(model, plan.blocks_on_gpu, device, layers=plan.swapped)
         torch.cuda.empty_cache()
+    if compile_blocks:
+        model.compile_regions()
     return model, swap
 
 
@@ -132,8 +134,10 @@ def run_plan(name: str, args) -> dict:
     torch.manual_seed(0)
 
     t0 = time.perf_counter()
-    model, swap = build_dit(cfg, plan, args.attention)
+    model, swap = build_dit(cfg, plan, args.attention, args.compile == "on")
     vae = build_vae(device)
+    if args.compile == "on":
+        vae.compile_regions()
     print(f"  built in {time.perf_counter() - t0:.1f} s")
     geo = plan.geometry
     g = torch.Generator(device="cpu").manual_seed(2)
@@ -205,7 +209,7 @@ def run_plan(name: str, args) -> dict:
     est = plan.generate_bytes(plan.dit_device)
     moved = (swap.bytes_moved - moved_before if swap else 0) + (streamer.bytes_moved - kv_before if streamer else 0)
     result = {
-        "plan": name, "gpu": gpu.label, "precision": precision, "cap_gib": cap_gib,
+        "plan": name, "gpu": gpu.label, "precision": precision, "cap_gib": cap_gib, "compile": args.compile,
         "placement": plan.placement_words(), "blocks": len(blocks), "frames": frames,
         "block_latency_s": block_s, "vae_per_block_s": vae_s, "dit_per_call_s": (block_s - vae_s) / geo.steps,
         "steady_fps": frames_per_block / block_s, "run_fps": frames / total_s,
@@ -249,6 +253,7 @@ def main() -> None:
     ap.add_argument("--clips", type=int, default=2, help="timed 48-frame clips per plan (after a 1-clip warm-up)")
     ap.add_argument("--size", default="704*384")
     ap.add_argument("--attention", default="sdpa", help="sdpa, flash2, flash3, sage")
+    ap.add_argument("--compile", choices=["on", "off"], default="on", help="regional compilation of the DiT blocks")
     ap.add_argument("--peak-tflops", type=float, help="dense bf16 TFLOP/s of this GPU if not H100/H200")
     ap.add_argument("--timeout", type=int, default=420, help="seconds per plan")
     ap.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None,
@@ -276,7 +281,8 @@ def main() -> None:
     for name in names:
         print(f"\n=== plan {name} ===", flush=True)
         cmd = [sys.executable, __file__, "--one", name, "--clips", str(args.clips), "--size", args.size,
-               "--attention", args.attention] + (["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else [])
+               "--attention", args.attention, "--compile", args.compile]
+        cmd += ["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else []
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
             output = proc.stdout + proc.stderr

@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
                      help="compute precision (fp32 for CPU parity runs)")
     gen.add_argument("--attention", default="sdpa", help="attention backend: sdpa, flash2, flash3, sage")
+    gen.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                     help="regional compilation of the DiT blocks (auto: on for CUDA with Triton); the first "
+                          "call at each size compiles, later runs reuse the on-disk cache")
     gen.add_argument("--offload_model", type=_str2bool, default=False,
                      help="True: let the run planner pick the cheapest placement that fits this GPU "
                           "(KV caches streamed from host memory, then block swap); encoders always run "
@@ -95,7 +98,7 @@ def run_generation(ckpt_dir: Path, lora: Path | None, image, audio, prompt: str,
                    size: str, num_clip: int, infer_frames: int, sample_steps: int, seed: int, mode: str,
                    online_decode: bool, device: str, precision: str, attention: str,
                    resume: Path | None = None, offload: str = "none", blocks_on_gpu: int | None = None,
-                   kv_cache_location: str = "gpu") -> Path:
+                   kv_cache_location: str = "gpu", compile: str = "auto") -> Path:
     """Validate everything, load the models, stream the video into `save_file`.
 
     resume: the resume file of an interrupted run with these arguments; its MP4 is completed
@@ -106,7 +109,7 @@ def run_generation(ckpt_dir: Path, lora: Path | None, image, audio, prompt: str,
     from .encoders.audio import AudioEncoder, check_frames_per_clip, load_audio
     from .encoders.image import load_image, preprocess_reference, target_area
     from .encoders.text import TextEncoder
-    from .loading import load_generator, official_folder
+    from .loading import load_generator, official_folder, resolve_compile
     from .pipeline import GenerationSettings, generate, write_mp4
     from .resume import check_resume_state, input_fingerprint, load_resume_state, partial_video
     from .video.naming import safe_output_path
@@ -117,6 +120,7 @@ def run_generation(ckpt_dir: Path, lora: Path | None, image, audio, prompt: str,
     target_area(size)
     check_frames_per_clip(infer_frames)
     folder = official_folder(ckpt_dir)
+    resolve_compile(compile, torch.device(device))
     load_image(image)
     waveform = load_audio(audio)
     state = None
@@ -140,7 +144,8 @@ def run_generation(ckpt_dir: Path, lora: Path | None, image, audio, prompt: str,
                                                                 reference=preprocess_reference(image, size)[0]))
     model = load_generator(folder.dit, folder.vae, lora, precision=precision, attention=attention,
                            dit_device=device, offload=offload, blocks_on_gpu=blocks_on_gpu,
-                           kv_cache_location=kv_cache_location, plan_size=size, frames_per_clip=infer_frames)
+                           kv_cache_location=kv_cache_location, plan_size=size, frames_per_clip=infer_frames,
+                           compile=compile)
     log.info("loaded in %.1f s: %s", time.perf_counter() - t0, model.description)
 
     # 3. Stream: every block is decoded and appended to the MP4 as soon as it is sampled.
@@ -184,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                               else "auto" if args.offload_model else "none",
                               blocks_on_gpu=args.blocks_on_gpu,
                               kv_cache_location="cpu" if args.offload_kv_cache else "gpu",
-                              resume=args.resume)
+                              resume=args.resume, compile=args.compile)
         print(f"wrote {path}")
         return 0
     except LiveAvatarError as exc:

@@ -27,6 +27,7 @@ from .weights.lora import DEFAULT_SCALE, load_lora, merge_lora
 log = logging.getLogger("liveavatar")
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.bfloat16}
+COMPILE_CHOICES = ("auto", "on", "off")
 
 # File names inside the official `Wan2.2-S2V-14B` folder (spec/pipeline.md 1.1).
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
@@ -80,14 +81,16 @@ def load_generator(dit_path: str | Path, vae_path: str | Path, lora_path: str | 
                    vae_device: str | torch.device | None = None, vae_dtype: torch.dtype | None = None,
                    lora_scale: float = DEFAULT_SCALE, offload: str = "none", blocks_on_gpu: int | None = None,
                    kv_cache_location: str = "gpu", plan_size: str = "704*384",
-                   frames_per_clip: int = 48) -> LiveAvatarModel:
+                   frames_per_clip: int = 48, compile: str = "auto") -> LiveAvatarModel:
     """Plan, load, merge, convert and place the DiT and the VAE.
 
     dit_path: official folder, shard index or single file; lora_path: `liveavatar.safetensors`
     (None: base model only, which is not the distilled 4-step model); precision: bf16, fp8
     (bf16 compute with FP8 GEMMs) or fp32 (CPU parity); offload: none, block_swap (keep
     `blocks_on_gpu` blocks resident) or auto (the planner picks the cheapest placement that fits
-    `plan_size`); kv_cache_location: gpu, or cpu (pinned host memory streamed per layer).
+    `plan_size`); kv_cache_location: gpu, or cpu (pinned host memory streamed per layer);
+    compile: regional compilation of the DiT and of a CUDA VAE (`compile_regions`): on, off, or
+    auto (on for a CUDA DiT when Triton is installed). The first call at each size compiles.
     """
     if precision not in PRECISIONS:
         raise InputError("precision", f"unknown precision '{precision}'.", f"choose one of {', '.join(PRECISIONS)}.")
@@ -97,6 +100,7 @@ def load_generator(dit_path: str | Path, vae_path: str | Path, lora_path: str | 
         check_fp8_support(dit_device)
     attention_fn = get_attention(attention)
     dtype = PRECISIONS[precision]
+    use_compile = resolve_compile(compile, dit_device)
 
     # 1. Base weights (validated against the config before any tensor is read), then the run
     #    plan: memory per device, refused with the cheapest fix before anything is loaded.
@@ -128,12 +132,44 @@ def load_generator(dit_path: str | Path, vae_path: str | Path, lora_path: str | 
     if swapping:
         apply_block_swap(dit, plan.blocks_on_gpu, dit_device, layers=plan.swapped)
     log.info("placement: %s", plan.placement_words())
+    if use_compile:
+        dit.compile_regions()
+        log.info("regional compilation on: the first call at each size compiles (about 15 s on an H200)")
     vae = load_vae(vae_path, device=vae_device, dtype=vae_dtype or (torch.float32 if precision == "fp32"
                                                                      else torch.bfloat16))
     log.info("VAE: %s", vae.description)
+    if use_compile and vae_device.type == "cuda":
+        vae.compile_regions()
     return LiveAvatarModel(dit, vae, f"{ckpt.description}; {lora.description if lora else 'no LoRA'}; "
-                                     f"{precision}; {plan.placement_words()}; {vae.description}",
+                                     f"{precision}{', compiled' if use_compile else ''}; "
+                                     f"{plan.placement_words()}; {vae.description}",
                            kv_cache_location=plan.kv_cache_location)
+
+
+def resolve_compile(choice: str, device: torch.device) -> bool:
+    """Whether to compile the DiT's blocks: `choice` is on, off or auto (on for CUDA with Triton)."""
+    if choice not in COMPILE_CHOICES:
+        raise InputError("compile", f"unknown choice '{choice}'.", f"choose one of {', '.join(COMPILE_CHOICES)}.")
+    if choice == "off":
+        return False
+    problem = None
+    if device.type != "cuda":
+        problem = f"the DiT runs on '{device}'; compiled blocks are built for CUDA GPUs"
+    elif not _has_triton():
+        problem = "Triton, which torch.compile needs on CUDA, is not installed"
+    if problem is None:
+        return True
+    if choice == "on":
+        raise InputError("compile", f"{problem}.", "set compile to 'auto' or 'off' (or install triton).")
+    return False
+
+
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _plan(cfg, device: torch.device, precision: str, offload: str, blocks_on_gpu: int | None,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..liveavatar_core.errors import InputError
-from ..liveavatar_core.loading import PRECISIONS, VAE_FILE, load_generator
+from ..liveavatar_core.loading import COMPILE_CHOICES, PRECISIONS, VAE_FILE, load_generator, resolve_compile
 from ..liveavatar_core.ops.attention import DEFAULT_BACKEND, attention_backends
 from ..liveavatar_core.ops.fp8 import check_fp8_support
 from ..liveavatar_core.plan import KV_LOCATIONS
@@ -67,10 +67,13 @@ class LiveAvatarModelLoader:
             "kv_cache": (list(KV_LOCATIONS), {"default": "gpu", "tooltip": "Where the 4 step KV caches live "
                          "(10.4 GB each at 704*384 in bf16): gpu, or cpu = pinned host memory streamed layer by "
                          "layer ahead of use."}),
+            "compile": (list(COMPILE_CHOICES), {"default": "auto", "tooltip": "Regional compilation of the DiT "
+                        "blocks: about 1.4x faster per call. auto = on for a CUDA GPU with Triton. The first run "
+                        "at each size compiles for about 15 s; later runs reuse the on-disk cache."}),
         }}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, precision, dit_device, vae_device, offload="none", kv_cache="gpu"):
+    def VALIDATE_INPUTS(cls, precision, dit_device, vae_device, offload="none", kv_cache="gpu", compile="auto"):
         try:
             if offload not in OFFLOAD_CHOICES or kv_cache not in KV_LOCATIONS:
                 raise InputError("offload", f"unknown offload '{offload}' / kv_cache '{kv_cache}'.",
@@ -84,12 +87,14 @@ class LiveAvatarModelLoader:
                 host.check_device(vae_device, "vae_device")
             if precision == "fp8":
                 check_fp8_support(device)
+            resolve_compile(compile, device)
         except InputError as exc:
             return str(exc)
         return True
 
     def load(self, dit: str, lora: str, vae: str, precision: str, attention: str, dit_device: str,
-             vae_device: str, offload: str = "none", blocks_on_gpu: int = 20, kv_cache: str = "gpu"):
+             vae_device: str, offload: str = "none", blocks_on_gpu: int = 20, kv_cache: str = "gpu",
+             compile: str = "auto"):
         dit_path = host.resolve("diffusion_models", dit, "dit")
         lora_path = None if lora == LORA_NONE else host.resolve("loras", lora, "lora")
         vae_path = host.resolve("vae", vae, "vae", VAE_FILE)
@@ -99,5 +104,5 @@ class LiveAvatarModelLoader:
         model = load_generator(dit_path, vae_path, lora_path, precision=precision, attention=attention,
                                dit_device=device, vae_device=vae_dev, offload=offload,
                                blocks_on_gpu=blocks_on_gpu if offload == "block_swap" else None,
-                               kv_cache_location=kv_cache)
+                               kv_cache_location=kv_cache, compile=compile)
         return (model,)

@@ -107,6 +107,7 @@ class AudioInjector(nn.Module):
         self.injector = nn.ModuleList([Attention(cfg.dim, cfg.num_heads, cfg.eps, attn) for _ in range(n)])
         self.injector_adain_layers = nn.ModuleList([AdaLayerNorm(cfg.dim, cfg.adain_eps) for _ in range(n)])
         self.slot = {layer: i for i, layer in enumerate(cfg.audio_inject_layers)}
+        self.inject = inject  # or its compiled version (LiveAvatarDiT.compile_regions)
 
     def forward(self, layer: int, x: torch.Tensor, tokens: torch.Tensor, global_emb: torch.Tensor) -> torch.Tensor:
         """Inject after block `layer` if it is listed; x `[B, F*fs, D]`, tokens `[B, F, n, D]`,
@@ -114,10 +115,17 @@ class AudioInjector(nn.Module):
         slot = self.slot.get(layer)
         if slot is None:
             return x
-        b, length, d = x.shape
-        frames = tokens.shape[1]
-        xf = x.reshape(b * frames, length // frames, d)
-        y = self.injector_adain_layers[slot](xf, global_emb.reshape(b * frames, d))
-        k, v = self.injector[slot].key_value(tokens.flatten(0, 1))
-        r = self.injector[slot].output(self.injector[slot].query(y), k, v)
-        return (xf.float() + r.float()).to(x.dtype).view(b, length, d)
+        return self.inject(self.injector_adain_layers[slot], self.injector[slot], x, tokens, global_emb)
+
+
+def inject(adain: AdaLayerNorm, attn: Attention, x: torch.Tensor, tokens: torch.Tensor,
+           global_emb: torch.Tensor) -> torch.Tensor:
+    """One injection: each latent frame's tokens attend to that frame's audio tokens (pure tensor
+    code, so `LiveAvatarDiT.compile_regions` can compile it)."""
+    b, length, d = x.shape
+    frames = tokens.shape[1]
+    xf = x.reshape(b * frames, length // frames, d)
+    y = adain(xf, global_emb.reshape(b * frames, d))
+    k, v = attn.key_value(tokens.flatten(0, 1))
+    r = attn.output(attn.query(y), k, v)
+    return (xf.float() + r.float()).to(x.dtype).view(b, length, d)

@@ -50,6 +50,9 @@ class DiTBlock(nn.Module):
         self.norm3 = AffineLayerNorm(d, cfg.eps)
         self.cross_attn = Attention(d, cfg.num_heads, cfg.eps, attn)
         self.ffn = nn.Sequential(Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), Linear(cfg.ffn_dim, d))
+        # (attn_inputs, attn_outputs) as plain functions of (block, ...): eager, or their compiled
+        # versions shared by all blocks (LiveAvatarDiT.compile_regions).
+        self.regions: tuple[Callable, Callable] = (DiTBlock.attn_inputs, DiTBlock.attn_outputs)
 
     def text_kv(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This block's cross-attention keys/values of the embedded text `[B, 512, D]`."""
@@ -58,27 +61,45 @@ class DiTBlock(nn.Module):
     def forward(self, x: torch.Tensor, e0: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 self_kv: SelfKV, text_kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x `[B, L, D]` (model dtype); e0 `[B, G, 6, D]` fp32 time projection per token group;
-        rope = (cos, sin) `[L, HD/2]` of the query tokens."""
-        dt = x.dtype
-        # 1. Six modulation rows: shift/scale/gate for attention, then for the FFN (spec 3.3).
-        mod = (self.modulation.float().unsqueeze(1) + e0).unsqueeze(3).unbind(2)
-        shift1, scale1, gate1, shift2, scale2, gate2 = mod
+        rope = (cos, sin) `[L, HD/2]` of the query tokens.
 
-        # 2. Self-attention; LN output is rounded to the model dtype before modulation.
+        The cache strategy `self_kv` and the attention kernel run between two pure tensor
+        functions, `attn_inputs` and `attn_outputs`, which `LiveAvatarDiT.compile_regions` compiles
+        once for all 40 blocks: their shapes depend only on the query tokens, never on the cache length.
+        """
+        inputs, outputs = self.regions
+        q_rot, k_rot, k, v = inputs(self, x, e0, *rope)
+        keys, values = self_kv(k_rot, k, v)
+        return outputs(self, x, e0, self.self_attn.attn(q_rot, keys, values), *text_kv)
+
+    def attn_inputs(self, x: torch.Tensor, e0: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Self-attention inputs: rotated queries and keys, un-rotated keys, values `[B, L, H, HD]`."""
+        dt = x.dtype
+        shift1, scale1 = self._modulation(e0)[:2]
+        # LN output is rounded to the model dtype before modulation.
         u = modulate(layer_norm(x, self.eps).to(dt).float(), shift1, scale1).to(dt)
         q = self.self_attn.query(u)
         k, v = self.self_attn.key_value(u)
-        cos, sin = rope
-        q_rot = apply_rope(q, cos, sin).to(v.dtype)
-        k_rot = apply_rope(k, cos, sin).to(v.dtype)
-        keys, values = self_kv(k_rot, k, v)
-        x = x.float() + gated(self.self_attn.output(q_rot, keys, values), gate1)
+        return apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype), k, v
 
-        # 3. Text cross-attention: the official code rounds the residual to bf16 before norm3 in
-        #    every precision (spec 3.9 step 5, fixtures README 5).
+    def attn_outputs(self, x: torch.Tensor, e0: torch.Tensor, attended: torch.Tensor,
+                     text_k: torch.Tensor, text_v: torch.Tensor) -> torch.Tensor:
+        """The rest of the block from the self-attention kernel's output `[B, L, H, HD]`."""
+        dt = x.dtype
+        _, _, gate1, shift2, scale2, gate2 = self._modulation(e0)
+        x = x.float() + gated(self.self_attn.o(attended.flatten(2)), gate1)
+
+        # Text cross-attention: the official code rounds the residual to bf16 before norm3 in
+        # every precision (spec 3.9 step 5, fixtures README 5).
         c = self.norm3(x.to(torch.bfloat16)).to(torch.bfloat16).to(dt)
-        x = x + self.cross_attn(c, *text_kv).float()
+        x = x + self.cross_attn(c, text_k, text_v).float()
 
-        # 4. FFN; norm2 input stays fp32 (no rounding here, spec 6.14).
+        # FFN; norm2 input stays fp32 (no rounding here, spec 6.14).
         u2 = modulate(layer_norm(x, self.eps), shift2, scale2).to(dt)
         return (x + gated(self.ffn(u2), gate2)).to(dt)
+
+    def _modulation(self, e0: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Six fp32 rows `[B, G, 1, D]`: shift/scale/gate for attention, then for the FFN (spec 3.3)."""
+        return (self.modulation.float().unsqueeze(1) + e0).unsqueeze(3).unbind(2)
+

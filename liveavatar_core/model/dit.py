@@ -22,7 +22,7 @@ from ..config import DiTConfig
 from ..errors import InputError
 from ..ops.attention import AttentionFn, get_attention
 from ..weights.dit import check_dit_shapes
-from .audio import AudioInjector, CausalAudioEncoder
+from .audio import AudioInjector, CausalAudioEncoder, inject
 from .blocks import DiTBlock, modulate
 from .cache import CondCache, KVCache, TextCache, tokens_per_frame
 from .framepack import FramePacker
@@ -41,6 +41,26 @@ def sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
     freqs = torch.pow(10000, -torch.arange(half, device=pos.device).to(pos).div(half))
     s = torch.outer(pos, freqs)
     return torch.cat([torch.cos(s), torch.sin(s)], dim=1).float()
+
+
+def join_condition(hist_k: torch.Tensor, hist_v: torch.Tensor, cond_k: torch.Tensor, cond_v: torch.Tensor,
+                   cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values a block attends to: its history, then the condition tokens with their keys
+    rotated to this call's positions (official order; spec/dit.md 3.9 step 3)."""
+    ck = apply_rope(cond_k, cos, sin).to(hist_v.dtype)
+    return torch.cat([hist_k, ck], dim=1), torch.cat([hist_v, cond_v], dim=1)
+
+
+_COMPILED_FNS: dict[tuple, object] = {}
+
+
+def _compiled(name: str, fn, options: dict):
+    """One compiled version of `fn` per option set, shared by every layer and model in the process."""
+    options = {"dynamic": False, **options}
+    key = (name, *sorted(options.items()))
+    if key not in _COMPILED_FNS:
+        _COMPILED_FNS[key] = torch.compile(fn, **options)
+    return _COMPILED_FNS[key]
 
 
 class Head(nn.Module):
@@ -81,6 +101,7 @@ class LiveAvatarDiT(nn.Module):
         self.casual_audio_encoder = CausalAudioEncoder(cfg)
         self.audio_injector = AudioInjector(cfg, attn)
         self.rope = RopeFreqs(cfg.head_dim, cfg.rope_theta)
+        self._join = join_condition  # or its compiled version (compile_regions)
 
     # ----------------------------------------------------------------------------------------
     # helpers
@@ -101,8 +122,37 @@ class LiveAvatarDiT(nn.Module):
             if isinstance(m, Attention):
                 m.attn = attn
 
+    def compile_regions(self, enabled: bool = True, **options) -> None:
+        """Regional compilation: compile the repeated pure tensor parts of a call, not the model.
+
+        The two halves of every block around its cache and attention kernel, the joining of the
+        condition keys to the history, and the audio injection are compiled once and shared by
+        all layers (their parameters are inputs of the compiled code). Python control flow, cache
+        bookkeeping and placement hooks stay eager, so block swap and streamed caches keep working.
+        `options` go to `torch.compile` (`backend`, `mode`, ...); `enabled=False` returns to eager.
+        """
+        if enabled:
+            regions = (_compiled("attn_inputs", DiTBlock.attn_inputs, options),
+                       _compiled("attn_outputs", DiTBlock.attn_outputs, options))
+            join = _compiled("join", join_condition, {"dynamic": None, **options})
+            injection = _compiled("inject", inject, options)
+        else:
+            regions, join, injection = (DiTBlock.attn_inputs, DiTBlock.attn_outputs), join_condition, inject
+        for block in self.blocks:
+            block.regions = regions
+        self._join = join
+        self.audio_injector.inject = injection
+
+    @property
+    def compiled(self) -> bool:
+        """Whether `compile_regions` is in effect."""
+        return self._join is not join_condition
+
     def _patchify(self, conv: nn.Conv3d, lat: torch.Tensor) -> torch.Tensor:
-        return conv(lat.to(device=self.device, dtype=conv.weight.dtype)).flatten(2).transpose(1, 2)
+        # Contiguous tokens: the first block then sees the same strides as all later ones, so its
+        # compiled regions are reused instead of being compiled again for a transposed input.
+        out = conv(lat.to(device=self.device, dtype=conv.weight.dtype)).flatten(2).transpose(1, 2)
+        return out.contiguous()
 
     def _time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 time embedding e `[N, D]` and projection e0 `[N, 6, D]` (spec 3.2 step 4)."""
@@ -261,8 +311,7 @@ class LiveAvatarDiT(nn.Module):
         for i, block in enumerate(self.blocks):
             def self_kv(k_rot, k, v, i=i):
                 hist_k, hist_v = cache.update(i, current_start, k_rot, v)
-                ck = apply_rope(cond.k[i], cond_cos, cond_sin).to(v.dtype)
-                return torch.cat([hist_k, ck], dim=1), torch.cat([hist_v, cond.v[i]], dim=1)
+                return self._join(hist_k, hist_v, cond.k[i], cond.v[i], cond_cos, cond_sin)
 
             h = block(h, e0, rope, self_kv, text.kv[i])
             h = self.audio_injector(i, h, audio_tokens, audio_global)

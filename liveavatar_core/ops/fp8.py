@@ -46,7 +46,8 @@ def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     kernel's scale can differ by one fp32 ulp, which moved 0.0001 % of the codes by one e4m3 step
     on random activations (bench/fp8_quant_check.py)."""
     global _fused_quantize
-    if not x.is_cuda:
+    # Inside a compiled region (DiT block regional compilation) the eager form is what gets fused.
+    if not x.is_cuda or torch.compiler.is_compiling():
         return quantize_e4m3(x)
     if _fused_quantize is None:
         _fused_quantize = torch.compile(quantize_e4m3, dynamic=True)

@@ -96,15 +96,25 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim: int, images: bool = False):
         super().__init__()
-        self.scale = dim ** 0.5
         self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
-        # F.normalize(x, dim=1) (eps 1e-12 on the norm) with sqrt(C) folded into the per-pixel
-        # factor: two full-size multiplies instead of three, equal up to float rounding.
-        factor = torch.rsqrt(x.square().sum(1, keepdim=True).clamp_min(1e-24)) * self.scale
-        return x * factor * self.gamma
+        return rms_norm(x, self.gamma)
+
+
+def rms_norm(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """The Wan VAE RMS norm over channels (dim 1) in float32; gamma `[C, 1, 1(, 1)]`."""
+    x = x.float()
+    # F.normalize(x, dim=1) (eps 1e-12 on the norm) with sqrt(C) folded into the per-pixel
+    # factor: two full-size multiplies instead of three, equal up to float rounding.
+    factor = torch.rsqrt(x.square().sum(1, keepdim=True).clamp_min(1e-24)) * x.shape[1] ** 0.5
+    return x * factor * gamma
+
+
+def norm_silu(x: torch.Tensor, gamma: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`SiLU(rms_norm(x, gamma))` in float32, cast to `dtype` (the next conv's input dtype, where
+    bf16 autocast would cast it). `WanVAE.compile_regions` fuses it into one kernel."""
+    return F.silu(rms_norm(x, gamma)).to(dtype)
 
 
 class Upsample2x(nn.Module):
@@ -124,12 +134,14 @@ class ResidualBlock(nn.Module):
             RMSNorm(out_dim), nn.SiLU(), nn.Identity(),  # slot 5 is dropout (0) upstream
             CausalConv3d(out_dim, out_dim, 3, padding=1))
         self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+        self.act = norm_silu  # or its compiled version (WanVAE.compile_regions)
 
     def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         r = self.residual
         h = self.shortcut(x)
-        x = r[2](F.silu(r[0](x)), cache)
-        x = r[6](F.silu(r[3](x)), cache)
+        # gamma as a plain tensor: compiled code then treats its channel count as dynamic like x's.
+        x = r[2](self.act(x, r[0].gamma.detach(), r[2].weight.dtype), cache)
+        x = r[6](self.act(x, r[3].gamma.detach(), r[6].weight.dtype), cache)
         return x + h
 
 

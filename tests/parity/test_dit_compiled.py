@@ -1,0 +1,41 @@
+"""The inductor-compiled DiT (regional compilation, CUDA) reproduces the official calls (golden/07).
+
+The same replay as test_dit.py with `compile_regions()` on the GPU, in the fixtures' fp32 with the
+fp32 math attention: compiled kernels may reorder reductions, the results stay within the forward
+tolerance. Skipped without a CUDA GPU.
+"""
+
+import copy
+import re
+
+import pytest
+import torch
+
+from liveavatar_core.model.cache import make_step_caches
+
+FORWARD_ATOL = 2e-4  # fixtures README 7: one DiT forward
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (inductor code generation)")
+
+
+def test_compiled_predictions_match_golden(tiny_dit, golden, manifest):
+    model = copy.deepcopy(tiny_dit).cuda()
+    model.compile_regions()
+    text, vae, g7 = golden("01_text"), golden("04_vae"), golden("07_dit_clip0_blocks01")
+    settings = manifest["settings"]
+    ref, motion = vae["ref_latents"].cuda(), vae["motion_latents"].cuda()
+    caches = make_step_caches(model.cfg, *ref.shape[-2:], num_steps=settings["sample_steps"],
+                              cache_frames=settings["lat_target_frames"], dtype=model.dtype, device="cuda")
+    text_cache = model.encode_text(text["context"].cuda())
+    model.sink(ref, motion, text_cache, caches)
+    blocks = sorted({int(m.group(1)) for k in g7 if (m := re.match(r"clip0\.block(\d+)\.step0\.x$", k))})
+    calls = [c for c in manifest["runs"]["offline"]["calls"]
+             if c["kind"] == "infer" and c["clip"] == 0 and c["block"] in blocks]
+    assert calls
+    for call in calls:
+        b, s = call["block"], call["step"]
+        prefix = f"clip0.block{b}.step{s}"
+        pred = model.denoise_block(g7[f"{prefix}.x"][None].cuda(), g7[f"{prefix}.t"], text_cache,
+                                   g7[f"clip0.block{b}.step0.audio_input"].cuda(), None, caches[s],
+                                   call["current_start"], call["randint_relative_dist"][0])
+        torch.testing.assert_close(pred[0].cpu(), g7[f"{prefix}.pred"], atol=FORWARD_ATOL, rtol=0, msg=prefix)
