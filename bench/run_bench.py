@@ -1,17 +1,19 @@
 """End-to-end GPU benchmark of the generator with random full-size weights (no download needed).
 
 For each plan it builds the 14B DiT (random weights, fixed seeds) and the Wan 2.1 VAE, places them
-as the run planner decides (`offload="auto"` under the plan's memory cap), runs the real streaming
-path (`BlockSampler` + the VAE's streaming decoder, frames copied to host uint8) at 704x384 with
-4 steps, and prints per-block latency, output FPS, time to first frame, peak memory against the
-planner's estimate, the ratio to the analytic FLOP limit of the GPU, and the ratio to the official
-single-GPU baseline (spec/baseline.md).
+as the run planner decides (`offload="auto"` under the plan's memory cap), runs the product path
+(`generate`: block sampler, streaming VAE decode on its own CUDA stream, uint8 frames in host
+memory; with --mp4 also `write_mp4`, H.264/AAC on a writer thread) at 704x384 with 4 steps from
+random text and audio features and a random reference image, and prints the steady block period, output FPS, time to first frame (reference
+and motion encode included), peak memory against the planner's estimate, the ratio to the analytic
+FLOP limit of the GPU, and the ratio to the official single-GPU baseline (spec/baseline.md).
 
 Plans: bf16 and fp8 on the whole GPU; cap48 / cap24: bf16 under a 48 / 24 GiB budget emulated with
 `torch.cuda.set_per_process_memory_fraction` (cap24fp8 / cap48fp8: the same with FP8 GEMMs). Each
 plan runs in its own process so that peaks and caps do not leak between plans.
 
-Usage: python bench/run_bench.py [--plans bf16,fp8,cap48,cap24] [--clips 2] [--out DIR]
+Usage: python bench/run_bench.py [--plans bf16,fp8,cap48,cap24] [--clips 2] [--mp4] [--compile on|off]
+                                [--out DIR]
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ import argparse
 import json
 import os
 import statistics
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,8 +51,6 @@ DEFAULT_PLANS = "bf16,fp8,cap48,cap24"
 OFFICIAL = {"fps": 2.91, "first_frame_s": 29.4, "peak_gib": 73.1}
 # Dense bf16 tensor-core peaks (TFLOP/s); FP8 GEMMs run at twice these.
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "H20": 148.0}
-DROPPED_START_FRAMES = 3
-DECODER_WARMUP_LATENTS = 7
 
 
 def peak_tflops(name: str, override: float | None) -> float | None:
@@ -116,11 +118,10 @@ def build_vae(device: torch.device):
 
 
 def run_plan(name: str, args) -> dict:
-    from liveavatar_core.model.cache import make_step_caches
-    from liveavatar_core.placement import make_streamed_step_caches
-    from liveavatar_core.sampling.config import SamplerConfig
-    from liveavatar_core.sampling.generator import BlockSampler
-    from liveavatar_core.video.frames import to_uint8_frames
+    import numpy as np
+
+    from liveavatar_core.encoders.audio import AudioFeatures
+    from liveavatar_core.pipeline import GenerationSettings, LiveAvatarModel, generate, write_mp4
 
     precision, cap_gib = PLANS[name]
     devices = detect_devices()
@@ -134,69 +135,64 @@ def run_plan(name: str, args) -> dict:
     torch.manual_seed(0)
 
     t0 = time.perf_counter()
-    model, swap = build_dit(cfg, plan, args.attention, args.compile == "on")
+    dit, swap = build_dit(cfg, plan, args.attention, args.compile == "on")
     vae = build_vae(device)
     if args.compile == "on":
         vae.compile_regions()
+    model = LiveAvatarModel(dit, vae, f"random {name}", kv_cache_location=plan.kv_cache_location)
     print(f"  built in {time.perf_counter() - t0:.1f} s")
     geo = plan.geometry
     g = torch.Generator(device="cpu").manual_seed(2)
-    context = torch.randn(30, cfg.text_dim, generator=g).to(device, torch.bfloat16)
-    ref = torch.randn(1, 16, 1, geo.latent_h, geo.latent_w, generator=g).to(device)
-    motion = torch.randn(1, 16, cfg.motion_frames[1], geo.latent_h, geo.latent_w, generator=g).to(device)
-    frames_needed = geo.frames_per_clip * (args.clips + 1)
-    audio = torch.randn(1, cfg.num_wav2vec_layers, cfg.audio_dim, frames_needed, generator=g).to(device,
-                                                                                                 torch.bfloat16)
-    scfg = SamplerConfig(mode="streaming", frames_per_clip=geo.frames_per_clip, steps=geo.steps, seed=420)
+    text = torch.randn(30, cfg.text_dim, generator=g)
+    fpc = geo.frames_per_clip
 
-    def new_sampler():
-        factory = make_streamed_step_caches if plan.kv_cache_location == "cpu" else make_step_caches
-        return BlockSampler(model, context, ref, motion, scfg, cache_factory=factory)
+    def features(clips: int) -> AudioFeatures:
+        seconds = clips * fpc / 25
+        return AudioFeatures(embedding=torch.randn(1, cfg.num_wav2vec_layers, cfg.audio_dim, clips * fpc, generator=g),
+                             num_clips=clips, available_clips=clips, frames_per_clip=fpc, fps=25,
+                             waveform_16k=np.zeros(int(seconds * 16000), np.float32), duration_s=seconds)
 
-    def stream(sampler, clips, record):
-        decoder = vae.stream_decoder()
-        decoder.decode(motion[:, :, :DECODER_WARMUP_LATENTS])
-        first = True
+    image = np.random.default_rng(3).integers(0, 256, (geo.height, geo.width, 3), dtype=np.uint8)
+
+    def stream(clips: int, path: Path, record: list | None) -> float:
+        """The product path: VideoStream (sampler, streaming VAE on its stream, frames in host
+        memory), into an MP4 with --mp4."""
+        settings = GenerationSettings(size=args.size, seed=420, num_clips=clips, frames_per_clip=fpc,
+                                      sample_steps=geo.steps)
+        video = generate(model, text, features(clips), image, settings)
         start = time.perf_counter()
-        last = start
-        for block in sampler.run(audio[..., :geo.frames_per_clip * clips], clips):
-            torch.cuda.synchronize()
-            t_dit = time.perf_counter()
-            frames = decoder.decode(block.latents)[0]
-            if first:
-                frames = frames[:, DROPPED_START_FRAMES:]
-            out = to_uint8_frames(frames.cpu())
-            now = time.perf_counter()
+
+        def on_chunk(chunk):
             if record is not None:
-                if first:
-                    record["first_frame_s"] = now - start
-                record["blocks"].append((now - last, now - t_dit, len(out)))
-            first = False
-            last = now
+                record.append((time.perf_counter() - start, len(chunk.frames), chunk.stats.first_frame_s))
+        if args.mp4:
+            write_mp4(video, path, on_chunk=on_chunk)
+        else:
+            for chunk in video:
+                on_chunk(chunk)
         return time.perf_counter() - start
 
-    # Warm-up: one clip (kernels, cuBLAS/cuDNN plans, allocator), then a fresh stream is timed.
-    warm = new_sampler()
-    stream(warm, 1, None)
-    del warm
-    sampler = new_sampler()
+    videos = Path(tempfile.mkdtemp(prefix="liveavatar_bench_"))
+    # Warm-up: one clip (compilation, kernels, cuBLAS/cuDNN plans, allocator), then a fresh stream is timed.
+    stream(1, videos / "warm.mp4", None)
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     if cap_gib is not None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GiB / gpu.total_bytes), device)
     torch.cuda.reset_peak_memory_stats(device)
     moved_before = (swap.bytes_moved if swap else 0)
-    record = {"blocks": []}
-    streamer = sampler.caches[0].streamer if plan.kv_cache_location == "cpu" else None
-    kv_before = streamer.bytes_moved if streamer else 0
-    total_s = stream(sampler, args.clips, record)
+    record: list = []
+    total_s = stream(args.clips, videos / "timed.mp4", record)
+    shutil.rmtree(videos)
 
-    blocks = record["blocks"]
-    steady = [b for b in blocks[1:]] or blocks
-    block_s = statistics.median(b[0] for b in steady)
-    vae_s = statistics.median(b[1] for b in steady)
-    frames = sum(b[2] for b in blocks)
-    calls = len(blocks) * geo.steps
+    # Steady state: chunk-to-chunk intervals after the first clip's warm-up blocks (short caches).
+    times = [t for t, _, _ in record]
+    intervals = [b - a for a, b in zip(times, times[1:])]
+    blocks_per_clip = fpc // (4 * cfg.num_frames_per_block)
+    steady = intervals[blocks_per_clip:] or intervals
+    block_s = statistics.median(steady)
+    frames = sum(n for _, n, _ in record)
+    calls = len(record) * geo.steps
     flops = plan.flops_per_call()
     frames_per_block = 4 * cfg.num_frames_per_block
     tflops = peak_tflops(gpu.label, args.peak_tflops)
@@ -207,19 +203,19 @@ def run_plan(name: str, args) -> dict:
         limit_fps = frames_per_block / (geo.steps * call_floor)
     peak = torch.cuda.max_memory_allocated(device)
     est = plan.generate_bytes(plan.dit_device)
-    moved = (swap.bytes_moved - moved_before if swap else 0) + (streamer.bytes_moved - kv_before if streamer else 0)
+    moved = swap.bytes_moved - moved_before if swap else 0
+    first_frame_s = record[0][2]
     result = {
         "plan": name, "gpu": gpu.label, "precision": precision, "cap_gib": cap_gib, "compile": args.compile,
-        "placement": plan.placement_words(), "blocks": len(blocks), "frames": frames,
-        "block_latency_s": block_s, "vae_per_block_s": vae_s, "dit_per_call_s": (block_s - vae_s) / geo.steps,
-        "steady_fps": frames_per_block / block_s, "run_fps": frames / total_s,
-        "first_frame_s": record["first_frame_s"], "peak_gib": peak / GiB,
+        "placement": plan.placement_words(), "blocks": len(record), "frames": frames,
+        "block_latency_s": block_s, "steady_fps": frames_per_block / block_s, "run_fps": frames / total_s,
+        "first_frame_s": first_frame_s, "peak_gib": peak / GiB,
         "reserved_gib": torch.cuda.max_memory_reserved(device) / GiB, "estimate_gib": est / GiB,
-        "estimate_error_pct": 100.0 * (est - peak) / peak, "transfer_gib_per_call": moved / calls / GiB,
+        "estimate_error_pct": 100.0 * (est - peak) / peak, "swap_gib_per_call": moved / calls / GiB,
         "flop_limit_fps": limit_fps,
         "flop_limit_ratio": (frames_per_block / block_s) / limit_fps if limit_fps else None,
         "vs_official_fps": (frames_per_block / block_s) / OFFICIAL["fps"],
-        "vs_official_first_frame": OFFICIAL["first_frame_s"] / record["first_frame_s"],
+        "vs_official_first_frame": OFFICIAL["first_frame_s"] / first_frame_s,
     }
     print(json.dumps(result, indent=1))
     return result
@@ -230,7 +226,7 @@ def run_plan(name: str, args) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    head = (f"{'plan':<9}{'placement':<44}{'block s':>8}{'DiT/call':>9}{'VAE/blk':>8}{'FPS':>7}{'run FPS':>8}"
+    head = (f"{'plan':<9}{'placement':<44}{'block s':>8}{'FPS':>7}{'run FPS':>8}"
             f"{'TTFF s':>7}{'peak GiB':>9}{'est GiB':>8}{'err %':>7}{'%limit':>7}{'x offic':>8}")
     rows = [head]
     for r in results:
@@ -238,8 +234,7 @@ def table(results: list[dict]) -> str:
             rows.append(f"{r['plan']:<9}FAILED: {r['error']}")
             continue
         lim = f"{100 * r['flop_limit_ratio']:.0f}" if r["flop_limit_ratio"] else "n/a"
-        rows.append(f"{r['plan']:<9}{r['placement'][:43]:<44}{r['block_latency_s']:8.3f}{r['dit_per_call_s']:9.3f}"
-                    f"{r['vae_per_block_s']:8.3f}{r['steady_fps']:7.2f}{r['run_fps']:8.2f}{r['first_frame_s']:7.2f}"
+        rows.append(f"{r['plan']:<9}{r['placement'][:43]:<44}{r['block_latency_s']:8.3f}{r['steady_fps']:7.2f}{r['run_fps']:8.2f}{r['first_frame_s']:7.2f}"
                     f"{r['peak_gib']:9.1f}{r['estimate_gib']:8.1f}{r['estimate_error_pct']:7.1f}{lim:>7}"
                     f"{r['vs_official_fps']:8.2f}")
     rows.append(f"official single-GPU baseline: {OFFICIAL['fps']} FPS, {OFFICIAL['first_frame_s']} s to first frame, "
@@ -254,6 +249,8 @@ def main() -> None:
     ap.add_argument("--size", default="704*384")
     ap.add_argument("--attention", default="sdpa", help="sdpa, flash2, flash3, sage")
     ap.add_argument("--compile", choices=["on", "off"], default="on", help="regional compilation of the DiT blocks")
+    ap.add_argument("--mp4", action="store_true", help="also encode and write the MP4 (random weights give noise "
+                    "frames, the costliest content for H.264)")
     ap.add_argument("--peak-tflops", type=float, help="dense bf16 TFLOP/s of this GPU if not H100/H200")
     ap.add_argument("--timeout", type=int, default=420, help="seconds per plan")
     ap.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None,
@@ -281,7 +278,7 @@ def main() -> None:
     for name in names:
         print(f"\n=== plan {name} ===", flush=True)
         cmd = [sys.executable, __file__, "--one", name, "--clips", str(args.clips), "--size", args.size,
-               "--attention", args.attention, "--compile", args.compile]
+               "--attention", args.attention, "--compile", args.compile] + (["--mp4"] if args.mp4 else [])
         cmd += ["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else []
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)

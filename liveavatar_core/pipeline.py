@@ -23,8 +23,11 @@ except one clip of latents at each clip end).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -44,7 +47,7 @@ from .resume import (ResumeState, build_resume_state, check_resume_state, input_
 from .sampling.config import MODES, SamplerConfig
 from .sampling.generator import BlockSampler, LatentBlock
 from .vae.model import WanVAE
-from .video.frames import to_uint8_frames
+from .video.frames import DeviceFrames, to_uint8_frames
 from .video.writer import StreamingMP4Writer, WriterSettings
 
 log = logging.getLogger("liveavatar")
@@ -147,10 +150,20 @@ class FrameChunk:
 class _Boundary:
     """The stream right after one completed block: sampler and decoder states, counters."""
 
-    frames_done: int
+    blocks_done: int
     sampler: dict
     decoder: dict
-    stats: dict
+    frames_done: int | None = None
+    stats: dict | None = None
+
+
+@dataclass
+class _Pending:
+    """A sampled block whose frames have not been handed out yet."""
+
+    block: LatentBlock
+    decoded: "_Decoded"
+    boundary: _Boundary | None
 
 
 class VideoStream:
@@ -180,6 +193,7 @@ class VideoStream:
         # Set by write_mp4(resume_path=...): keep the last two block boundaries (see _boundary).
         self.track_resume = False
         self._boundaries: deque[_Boundary] = deque(maxlen=2)
+        self._blocks_begun = 0
         self._restored: ResumeState | None = None
         self._fingerprint: dict[str, str] | None = None
         if resume_from is not None:
@@ -218,31 +232,67 @@ class VideoStream:
             sampler, decoder = self._start() if self._restored is None else self._restore(self._restored)
             self.blocks_per_clip = sampler.blocks_per_clip
             self.stats.blocks_total = self.num_clips * sampler.blocks_per_clip
-            earlier_s = self.stats.elapsed_s  # time spent before an interruption
+            self._blocks_begun = self.stats.blocks_done
+            self._clock = (start, self.stats.elapsed_s)  # (this run's start, time spent before an interruption)
             if self._restored is not None and self.track_resume:
-                self._boundaries.append(self._boundary(sampler, decoder))
-            for block in sampler.run(self.audio, self.num_clips):
-                frames = decoder(sampler, block)
-                self.stats.blocks_done += 1
-                self.stats.elapsed_s = earlier_s + time.perf_counter() - start
-                chunk = None
-                if frames is not None and len(frames):
-                    if self.stats.first_frame_s is None:
-                        self.stats.first_frame_s = self.stats.elapsed_s
-                    chunk = FrameChunk(frames, block.clip, block.block, self.stats.frames_done, self.stats)
-                    self.stats.frames_done += len(frames)
-                if self.track_resume:
-                    self._boundaries.append(self._boundary(sampler, decoder))
-                if chunk is not None:
-                    yield chunk
-                if self.should_stop is not None and self.should_stop():
-                    log.info("stopped after block %d of clip %d", block.block, block.clip)
-                    return
+                restored = self._boundary(sampler, decoder)
+                restored.frames_done, restored.stats = self.stats.frames_done, asdict(self.stats)
+                self._boundaries.append(restored)
+            # One block in flight: block k's frames are handed out once block k+1 is sampled (on a
+            # GPU that is only queued), so decode, copy-out and the caller's encoding of block k
+            # overlap the DiT work of block k+1. The first frames go out at once (time to first frame).
+            pending: deque[_Pending] = deque()
+            blocks = iter(sampler.run(self.audio, self.num_clips))
+            try:
+                while True:
+                    self._blocks_begun += 1
+                    block = next(blocks, None)
+                    if block is None:
+                        break
+                    self.stats.blocks_done += 1
+                    pending.append(_Pending(block, decoder.launch(sampler, block),
+                                            self._boundary(sampler, decoder) if self.track_resume else None))
+                    while len(pending) > 1 or (pending and self.stats.first_frame_s is None):
+                        yield from self._emit(pending)
+                    if self.should_stop is not None and self.should_stop():
+                        log.info("stopped after block %d of clip %d", block.block, block.clip)
+                        break
+            except GeneratorExit:
+                raise
+            except BaseException:
+                # Hand out what is finished before the error surfaces, so the writer keeps it and a
+                # resume state matches the file.
+                while pending:
+                    yield from self._emit(pending)
+                raise
+            while pending:
+                yield from self._emit(pending)
+
+    def _emit(self, pending: deque[_Pending]) -> Iterator[FrameChunk]:
+        """Collect the oldest block in flight; it leaves `pending` only once its frames are in hand."""
+        item = pending[0]
+        frames = item.decoded.result()
+        pending.popleft()
+        start, earlier_s = self._clock
+        self.stats.elapsed_s = earlier_s + time.perf_counter() - start
+        chunk = None
+        if frames is not None and len(frames):
+            if self.stats.first_frame_s is None:
+                self.stats.first_frame_s = self.stats.elapsed_s
+            chunk = FrameChunk(frames, item.block.clip, item.block.block, self.stats.frames_done, self.stats)
+            self.stats.frames_done += len(frames)
+        if item.boundary is not None:
+            item.boundary.frames_done = self.stats.frames_done
+            item.boundary.stats = {**asdict(self.stats), "blocks_done": item.boundary.blocks_done}
+            self._boundaries.append(item.boundary)
+        if chunk is not None:
+            yield chunk
 
     # --- resume -------------------------------------------------------------------------------
 
     def _boundary(self, sampler: BlockSampler, decoder) -> _Boundary:
-        """References to the state right after a completed block (one copy per clip, see below).
+        """References to the state right after a completed block (one copy per clip, see below);
+        the frame count and stats are filled in when its frames are handed out.
 
         The decoders' states and the sampler's condition and latents are replaced by new tensors,
         never modified, so references stay valid. The step KV rings are modified in place, but a
@@ -250,12 +300,12 @@ class VideoStream:
         block has (partly) written resumes that block exactly. The one buffer a later block changes
         that a resume still needs is the clip-latents buffer after a clip end (the streaming sink
         refresh reads its first latent), hence the copy at clip ends. Valid while at most one more
-        block has run, which is what `resume_state` selects.
+        block has begun, which `resume_state` checks.
         """
         state = sampler.state_dict()
         if sampler.block == 0:
             state["tensors"]["clip_latents"] = sampler.clip_latents.clone()
-        return _Boundary(self.stats.frames_done, state, decoder.state(), asdict(self.stats))
+        return _Boundary(self.stats.blocks_done, state, decoder.state())
 
     def resume_state(self, writer_state: dict | None = None) -> ResumeState | None:
         """The state after the last completed block, or None before the first one.
@@ -266,7 +316,12 @@ class VideoStream:
         live references: save the state (`resume.save_resume_state`) before iterating on.
         """
         on_disk = None if writer_state is None else writer_state["frames_written"] + writer_state["frames_dropped"]
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the decoder's state is written on its own stream
         for b in reversed(self._boundaries):
+            if self._blocks_begun - b.blocks_done > 1:
+                log.warning("the video file is more than one block behind the sampler; no resume state")
+                return None
             if on_disk is None or b.frames_done == on_disk:
                 return build_resume_state(settings=asdict(self.settings), fingerprint=self.fingerprint(),
                                           model_description=self.model.description, stream={"stats": b.stats},
@@ -325,14 +380,47 @@ class VideoStream:
         return ref5.repeat(1, 1, self.model.dit.cfg.motion_frames[0], 1, 1)
 
 
+class _Decoded:
+    """Frames of one block: ready, or being decoded and copied out behind the caller's back."""
+
+    def __init__(self, frames: np.ndarray | DeviceFrames | None):
+        self._frames = frames
+
+    def result(self) -> np.ndarray | None:
+        if isinstance(self._frames, DeviceFrames):
+            self._frames = self._frames.result()
+        return self._frames
+
+
 class _StreamingDecode:
-    """Decodes every block as it arrives with a causal decoder warmed on the static motion clip."""
+    """Decodes every block as it arrives with a causal decoder warmed on the static motion clip.
+
+    On a GPU the decoder runs on its own CUDA stream: `launch` queues the decode of a block and the
+    copy of its frames to host memory, then returns at once, so the DiT work of the next block is
+    queued while this one decodes and the caller encodes the previous block's frames meanwhile.
+    Every tensor of the decoder's state is made on that stream, so the allocator never hands its
+    memory to the DiT while a queued decode still reads it.
+    """
 
     def __init__(self, vae: WanVAE, motion_latents: torch.Tensor | None):
+        self.vae = vae
+        self.stream = torch.cuda.Stream(vae.device) if vae.device.type == "cuda" else None
         self.decoder = vae.stream_decoder()
         if motion_latents is not None:  # None: state restored by `restore`
-            self.decoder.decode(motion_latents[:, :, :DECODER_WARMUP_LATENTS])  # warm-up frames are discarded
+            with self._on_stream(motion_latents):
+                self.decoder.decode(motion_latents[:, :, :DECODER_WARMUP_LATENTS])  # warm-up frames are discarded
         self.first = True
+
+    def _on_stream(self, *inputs: torch.Tensor):
+        """Context running on the decoder's stream after the work that produced `inputs`."""
+        if self.stream is None:
+            return contextlib.nullcontext()
+        for t in inputs:
+            if t.is_cuda:
+                self.stream.wait_stream(torch.cuda.current_stream(t.device))
+                if t.device == self.vae.device:
+                    t.record_stream(self.stream)
+        return torch.cuda.stream(self.stream)
 
     def state(self) -> dict:
         cache = self.decoder.cache
@@ -347,18 +435,22 @@ class _StreamingDecode:
             raise InputError("resume", f"the file holds a {meta.get('mode')} decoder state.",
                              "resume in the mode of the interrupted run.")
         decode = cls(vae, None)
-        decode.decoder.cache.slots = [tensors[f"slot{i}"].to(vae.device) if present else None
-                                    for i, present in enumerate(meta["slots"])]
+        with decode._on_stream():
+            decode.decoder.cache.slots = [tensors[f"slot{i}"].to(vae.device) if present else None
+                                          for i, present in enumerate(meta["slots"])]
         decode.decoder.cache.first_chunk = meta["first_chunk"]
         decode.first = meta["first"]
         return decode
 
-    def __call__(self, sampler: BlockSampler, block: LatentBlock) -> np.ndarray:
-        frames = self.decoder.decode(block.latents)[0]
-        if self.first:
-            frames = frames[:, DROPPED_START_FRAMES:]
+    def launch(self, sampler: BlockSampler, block: LatentBlock) -> _Decoded:
+        with self._on_stream(block.latents):
+            frames = self.decoder.decode(block.latents)[0]
+            if self.first:
+                frames = frames[:, DROPPED_START_FRAMES:]
             self.first = False
-        return to_uint8_frames(frames.cpu())
+            if self.stream is None:
+                return _Decoded(to_uint8_frames(frames))
+            return _Decoded(DeviceFrames(frames))
 
 
 class _OfficialDecode:
@@ -394,7 +486,10 @@ class _OfficialDecode:
         decode.clip, decode.generated = int(meta["clip"]), int(meta["generated"])
         return decode
 
-    def __call__(self, sampler: BlockSampler, block: LatentBlock) -> np.ndarray | None:
+    def launch(self, sampler: BlockSampler, block: LatentBlock) -> _Decoded:
+        return _Decoded(self._decode(sampler, block))
+
+    def _decode(self, sampler: BlockSampler, block: LatentBlock) -> np.ndarray | None:
         if not block.last_in_clip:
             return None
         vae = self.stream.model.vae
@@ -444,16 +539,62 @@ def write_mp4(stream: VideoStream, path: str | Path, audio: np.ndarray | None = 
     if resume_path is not None:
         stream.track_resume = True
     writer = _open_writer(stream, Path(path), audio, sample_rate, settings)
+    background = _BackgroundWriter(writer)
     try:
         for chunk in stream:
-            writer.append(chunk.frames)
+            background.append(chunk.frames)
             if on_chunk is not None:
                 on_chunk(chunk)
+        background.close()
     except BaseException:
+        background.close(failed=True)
         _finish(stream, writer, resume_path, failed=True)
         raise
     _finish(stream, writer, resume_path, failed=False)
     return Path(path)
+
+
+class _BackgroundWriter:
+    """Encodes and writes chunks on a thread, so H.264 encoding (PyAV releases the GIL) overlaps
+    the queuing of the next block's GPU work instead of adding to it.
+
+    At most `depth` chunks wait. An encoding error is raised in the caller at its next `append`
+    or at `close`; `close` writes everything still waiting, so the file holds every chunk the
+    stream handed out.
+    """
+
+    def __init__(self, writer: StreamingMP4Writer, depth: int = 2):
+        self.writer = writer
+        self.error: BaseException | None = None
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._run, name="liveavatar-mp4", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (frames := self._queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.writer.append(frames)
+                except BaseException as exc:  # handed to the caller, which decides
+                    self.error = exc
+
+    def append(self, frames: np.ndarray) -> None:
+        self._raise()
+        self._queue.put(frames)
+
+    def close(self, failed: bool = False) -> None:
+        """Write what is waiting and stop the thread; re-raise its error unless already `failed`."""
+        self._queue.put(None)
+        self._thread.join()
+        if not failed:
+            self._raise()
+        elif self.error is not None:
+            log.error("writing the MP4 failed as well: %s", self.error)
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
 
 
 def _open_writer(stream: VideoStream, path: Path, audio, sample_rate: int,

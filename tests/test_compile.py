@@ -11,7 +11,6 @@ import torch
 from safetensors.torch import load_file
 from torch._dynamo.utils import counters
 
-from liveavatar_core.cli import main
 from liveavatar_core.errors import InputError
 from liveavatar_core.loading import resolve_compile
 from liveavatar_core.model.cache import make_step_caches, tokens_per_frame
@@ -73,6 +72,8 @@ def test_compiled_regions_are_whole_shared_graphs_with_identical_results(ckpt_di
 
 
 def test_compile_choice_is_checked_before_loading(ckpt_dir, fixtures, tmp_path, capsys):
+    from liveavatar_core.cli import main
+
     assert resolve_compile("auto", torch.device("cpu")) is False
     assert resolve_compile("off", torch.device("cpu")) is False
     for choice, words in (("on", "CUDA"), ("sometimes", "auto, on, off")):

@@ -196,7 +196,7 @@ def preprocess_reference(source, size: str | tuple[int, int] | int = DEFAULT_SIZ
                          "crop the image closer to the subject or choose a larger size.")
     pixels = resize_and_crop(image, height, width)
     # ToTensor divides by 255 (not a multiply by 1/255); then *2-1, as the official pipeline does.
-    tensor = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).to(torch.float32).div(255)
+    tensor = torch.from_numpy(np.array(pixels)).permute(2, 0, 1).to(torch.float32).div(255)
     logger.info("reference image %dx%d, area %d -> output %dx%d (W x H)", image.width, image.height, area,
                 width, height)
     return tensor * 2 - 1, (height, width)

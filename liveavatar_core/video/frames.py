@@ -45,10 +45,46 @@ def to_uint8_frames(frames: torch.Tensor | np.ndarray, input_name: str = "frames
             f"got shape {tuple(frames.shape)}.",
             "Drop the batch dimension (frames[0]) or permute to [3, n, H, W].",
         )
-    # One float32 working copy, then the official operations in their order, in place.
-    x = frames.detach().to(device="cpu", dtype=torch.float32, copy=True)
+    x = frames.detach().to(device="cpu")
     if torch.isnan(x).any():
-        raise InputError(input_name, "contains NaN values.", "Check the VAE decode that produced these frames.")
+        raise _nan_error(input_name)
+    return quantise(x).numpy()
+
+
+def quantise(frames: torch.Tensor) -> torch.Tensor:
+    """Float frames `[3, n, H, W]` in [-1, 1] -> uint8 `[n, H, W, 3]` on the same device.
+
+    One float32 working copy, then the official operations in their order (IEEE float32 on any
+    device, so a GPU gives the CPU's bytes). NaN is not checked here: see `to_uint8_frames`.
+    """
+    x = frames.detach().to(dtype=torch.float32, copy=True)
     x.clamp_(-1.0, 1.0).add_(1.0).div_(_OFFICIAL_RANGE).mul_(255.0)
-    x = x.permute(1, 2, 3, 0).to(torch.uint8, memory_format=torch.contiguous_format)  # truncation
-    return x.numpy()
+    return x.permute(1, 2, 3, 0).to(torch.uint8, memory_format=torch.contiguous_format)  # truncation
+
+
+def _nan_error(input_name: str) -> InputError:
+    return InputError(input_name, "contains NaN values.", "Check the VAE decode that produced these frames.")
+
+
+class DeviceFrames:
+    """Frames quantised on their GPU and copied to host memory without blocking the caller.
+
+    Built on the stream that produced `frames` (after its work is queued); `result()` waits for
+    that stream's copy only, then returns what `to_uint8_frames(frames)` would.
+    """
+
+    def __init__(self, frames: torch.Tensor, input_name: str = "frames"):
+        self.input_name = input_name
+        pixels = quantise(frames)
+        self._host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
+        self._host.copy_(pixels, non_blocking=True)
+        self._nan = torch.empty((), dtype=torch.bool, pin_memory=True)
+        self._nan.copy_(torch.isnan(frames).any(), non_blocking=True)
+        self._done = torch.cuda.current_stream(frames.device).record_event()
+
+    def result(self) -> np.ndarray:
+        self._done.synchronize()
+        if bool(self._nan):
+            raise _nan_error(self.input_name)
+        # A pageable copy: the pinned buffer goes back to PyTorch's host cache for the next block.
+        return self._host.numpy().copy()
