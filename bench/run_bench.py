@@ -117,6 +117,27 @@ def build_vae(device: torch.device):
 # one plan
 
 
+def gpu_busy(fn) -> None:
+    """Profile `fn`: print how much of its wall time the GPU was busy and the costliest CPU ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    busy, end = 0.0, float("-inf")
+    for a, b in spans:
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    print(f"traced: wall {wall:.2f} s (profiler overhead included), GPU busy {busy / 1e6:.2f} s")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
+
+
 def run_plan(name: str, args) -> dict:
     import numpy as np
 
@@ -183,6 +204,8 @@ def run_plan(name: str, args) -> dict:
     moved_before = (swap.bytes_moved if swap else 0)
     record: list = []
     total_s = stream(args.clips, videos / "timed.mp4", record)
+    if args.trace:
+        gpu_busy(lambda: stream(1, videos / "traced.mp4", None))
     shutil.rmtree(videos)
 
     # Steady state: chunk-to-chunk intervals after the first clip's warm-up blocks (short caches).
@@ -249,6 +272,7 @@ def main() -> None:
     ap.add_argument("--size", default="704*384")
     ap.add_argument("--attention", default="sdpa", help="sdpa, flash2, flash3, sage")
     ap.add_argument("--compile", choices=["on", "off"], default="on", help="regional compilation of the DiT blocks")
+    ap.add_argument("--trace", action="store_true", help="profile one more clip: GPU busy time, top CPU ops")
     ap.add_argument("--mp4", action="store_true", help="also encode and write the MP4 (random weights give noise "
                     "frames, the costliest content for H.264)")
     ap.add_argument("--peak-tflops", type=float, help="dense bf16 TFLOP/s of this GPU if not H100/H200")
@@ -278,7 +302,8 @@ def main() -> None:
     for name in names:
         print(f"\n=== plan {name} ===", flush=True)
         cmd = [sys.executable, __file__, "--one", name, "--clips", str(args.clips), "--size", args.size,
-               "--attention", args.attention, "--compile", args.compile] + (["--mp4"] if args.mp4 else [])
+               "--attention", args.attention, "--compile", args.compile]
+        cmd += (["--mp4"] if args.mp4 else []) + (["--trace"] if args.trace else [])
         cmd += ["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else []
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -286,7 +311,7 @@ def main() -> None:
         except subprocess.TimeoutExpired as exc:
             output = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
             output += f"\ntimed out after {args.timeout} s"
-        print(output[-4000:], flush=True)
+        print(output[-9000:], flush=True)
         line = next((ln for ln in output.splitlines()[::-1] if ln.startswith("RESULT ")), None)
         results.append(json.loads(line[len("RESULT "):]) if line else {"plan": name, "error": output.strip()
                                                                           .splitlines()[-1][:200]})

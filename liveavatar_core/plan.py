@@ -653,8 +653,9 @@ def _build(cfg: DiTConfig, geo: Geometry, devices: tuple[DeviceSpec, ...], host:
                             _GENERATE))
     vae_act = vae_decode_peak_bytes(geo.height, geo.width, dtype=vae_dtype, batch=geo.batch)
     if vae_dev == gpu:
-        # Decode runs between block calls on the same stream: the larger of the two transients.
-        items.append(MemoryItem(gpu, "activations (block call | VAE)", max(dit_act, vae_act), _GENERATE))
+        # A block's decode runs on its own stream while the next block is sampled: both transients.
+        items.append(MemoryItem(gpu, "activations (block call)", dit_act, _GENERATE))
+        items.append(MemoryItem(gpu, "VAE decode activations", vae_act, _GENERATE))
     else:
         items.append(MemoryItem(gpu, "activations (block call)", dit_act, _GENERATE))
         items.append(MemoryItem(cpu, "VAE decode activations", vae_act, _GENERATE))

@@ -21,6 +21,7 @@ import torch.nn as nn
 from ..config import DiTConfig
 from ..errors import InputError
 from ..ops.attention import AttentionFn, get_attention
+from ..ops.transfer import upload
 from ..weights.dit import check_dit_shapes
 from .audio import AudioInjector, CausalAudioEncoder, inject
 from .blocks import DiTBlock, modulate
@@ -156,7 +157,7 @@ class LiveAvatarDiT(nn.Module):
 
     def _time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 time embedding e `[N, D]` and projection e0 `[N, 6, D]` (spec 3.2 step 4)."""
-        e = self.time_embedding(sinusoid(t, self.cfg.freq_dim).to(self.device))
+        e = self.time_embedding(upload(sinusoid(t, self.cfg.freq_dim), self.device))
         return e, self.time_projection(e).unflatten(1, (6, self.cfg.dim))
 
     def _grid(self, lat_h: int, lat_w: int) -> tuple[int, int]:
@@ -225,7 +226,7 @@ class LiveAvatarDiT(nn.Module):
         ref = self._patchify(self.patch_embedding, ref_latents)
         mot = self.frame_packer(motion_latents.to(self.device))
         x = torch.cat([ref, mot], dim=1)
-        rows = torch.tensor([_REF] * ref.shape[1] + [_MOTION] * mot.shape[1], device=self.device)
+        rows = upload(torch.tensor([_REF] * ref.shape[1] + [_MOTION] * mot.shape[1]), self.device)
         x = x + self.trainable_cond_mask(rows).to(x.dtype)
 
         # 2. RoPE positions (reference at its fixed index, motion at negative times) and t = 0.
@@ -276,7 +277,7 @@ class LiveAvatarDiT(nn.Module):
 
         # 1. Audio tokens: prepend copies of the first frame as motion context, encode causally,
         #    drop the context frames (spec 3.5).
-        a = audio.to(self.device)
+        a = upload(audio.contiguous(), self.device)
         a = torch.cat([a[..., :1].expand(*a.shape[:-1], cfg.motion_frames[0]), a], dim=-1)
         glob, local = self.casual_audio_encoder(a)
         audio_tokens = local[:, cfg.motion_frames[1]:].to(dt)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..ops.transfer import upload
+
 
 @dataclass(frozen=True)
 class TokenGrid:
@@ -83,7 +85,9 @@ class RopeFreqs:
         cs = [self.grid(g) for g in grids]
         cos = torch.cat([c for c, _ in cs])
         sin = torch.cat([s for _, s in cs])
-        return cos.to(device), sin.to(device)
+        if device is None:
+            return cos, sin
+        return upload(cos, device), upload(sin, device)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

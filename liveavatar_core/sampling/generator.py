@@ -20,6 +20,7 @@ from ..errors import InputError
 from ..model.cache import KVCache, TextCache, make_step_caches, tokens_per_frame
 from ..model.dit import LiveAvatarDiT
 from ..model.offset import RefOffsetPolicy
+from ..ops.transfer import upload
 from .config import SamplerConfig
 from .scheduler import FlowMatchSchedule, flow_match_schedule
 from .state import SamplerState, load_state, restore_cond, save_state, snapshot
@@ -203,7 +204,7 @@ class BlockSampler:
     def _clip_noise(self, r: int) -> torch.Tensor:
         if self._noise is None or self._noise[0] != r:
             shape = (self.model.cfg.in_dim, self.latent_frames, *self.lat_hw)
-            noise = clip_noise(self.config.seed, r, shape).to(device=self.model.device, dtype=self.dtype)
+            noise = upload(clip_noise(self.config.seed, r, shape), self.model.device).to(self.dtype)
             self._noise = (r, noise[None])
         return self._noise[1]
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..ops.transfer import upload
 from .config import VAEConfig
 from .layers import AttentionBlock, CausalConv3d, FeatureCache, ResidualBlock, Resample, RMSNorm, norm_silu
 from .streaming import StreamingDecoder, StreamingEncoder
@@ -103,6 +104,7 @@ class WanVAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.latent_dtype = latent_dtype
+        self._constants: tuple | None = None  # ((device, dtype), mean, 1/std), see latent_constants
         self.description = f"Wan 2.1 VAE (z={cfg.z_dim}, base width {cfg.base_dim}), randomly initialised"
         self.encoder = Encoder3d(cfg)
         self.conv1 = CausalConv3d(2 * cfg.z_dim, 2 * cfg.z_dim, 1)
@@ -134,12 +136,19 @@ class WanVAE(nn.Module):
     def latent_constants(self) -> tuple[torch.Tensor, torch.Tensor]:
         """`(mean, 1/std)` as `[1, z, 1, 1, 1]` tensors, built like the official wrapper builds them."""
         dtype = self.latent_dtype or self.dtype
-        # Built from the Python floats directly in the target dtype (one rounding), then the
-        # reciprocal in that dtype: this reproduces the official bf16 values (spec 4.2).
-        mean = torch.tensor(self.cfg.latent_mean, dtype=dtype, device=self.device)
-        inv = 1.0 / torch.tensor(self.cfg.latent_std, dtype=dtype, device=self.device)
-        shape = (1, self.cfg.z_dim, 1, 1, 1)
-        return mean.view(shape), inv.view(shape)
+        key = (self.device, dtype)
+        if self._constants is None or self._constants[0] != key:
+            # Built from the Python floats directly in the target dtype (one rounding), then the
+            # reciprocal in that dtype (IEEE, so the host gives the GPU's bits): this reproduces
+            # the official bf16 values (spec 4.2). Made once per device: a fresh upload per call
+            # would make the host wait for the GPU.
+            mean = torch.tensor(self.cfg.latent_mean, dtype=dtype)
+            inv = 1.0 / torch.tensor(self.cfg.latent_std, dtype=dtype)
+            shape = (1, self.cfg.z_dim, 1, 1, 1)
+            self._constants = (key, upload(mean.view(shape), self.device), upload(inv.view(shape), self.device))
+            if self.device.type == "cuda":  # once: later users may run on other streams
+                torch.cuda.current_stream(self.device).synchronize()
+        return self._constants[1], self._constants[2]
 
     def normalize(self, mu: torch.Tensor) -> torch.Tensor:
         mean, inv = self.latent_constants()
