@@ -8,7 +8,8 @@ attention kernel alone per SDPA backend, and the streaming VAE decode of one blo
 concurrently with the four DiT calls of the next block on a second CUDA stream.
 
 Variants (comma list): eager (SDPA, PyTorch's backend choice), cudnn / flash / efficient (SDPA
-restricted to that backend), compile (regional compilation of the blocks), fp8, fp8compile.
+restricted to that backend), compile (regional compilation of the blocks), fp8, fp8compile; a
+backend name inside a variant restricts it too (compile-cudnn, fp8compile-cudnn).
 
 Usage: python bench/block_profile.py [--variants eager,cudnn,compile,fp8,fp8compile] [--iters 5]
 """
@@ -145,10 +146,10 @@ def main() -> None:
             n = convert_to_fp8(model)
             fp8_done = True
             print(f"(FP8: {n} Linear layers converted; the bf16 variants must come first)")
-        compiled = variant.endswith("compile")
+        compiled = "compile" in variant
         opts = {} if args.compile_mode is None else {"mode": args.compile_mode}
         model.compile_regions(compiled, **opts)
-        backend = BACKENDS.get(variant)
+        backend = next((b for n, b in BACKENDS.items() if n in variant), None)
         ctx = sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext()
         with ctx:
             t0 = time.perf_counter()
@@ -182,13 +183,14 @@ def main() -> None:
     # VAE decode of one block alone, and on a side stream while the next block's 4 calls run.
     best = min(results, key=results.get)
     print(f"VAE overlap (DiT in the '{best}' variant):")
-    model.compile_regions(best.endswith("compile"), **opts)
+    model.compile_regions("compile" in best, **opts)
     vae = build_vae(torch.device("cuda"))
-    vae.compile_regions(best.endswith("compile"))
+    vae.compile_regions("compile" in best)
     dec = vae.stream_decoder()
     lat = [torch.randn(1, 16, 3, lat_h, lat_w, device="cuda", generator=g) for _ in range(12)]
     dec.decode(lat[0])
-    ctx = sdpa_kernel([BACKENDS[best]]) if best in BACKENDS else contextlib.nullcontext()
+    best_backend = next((b for n, b in BACKENDS.items() if n in best), None)
+    ctx = sdpa_kernel([best_backend]) if best_backend is not None else contextlib.nullcontext()
     side = torch.cuda.Stream()
     with ctx:
         vae_t, _ = cuda_times(lambda i: dec.decode(lat[1 + i]), 3, warmup=1)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from liveavatar_core.errors import InputError
-from liveavatar_core.ops.attention import DEFAULT_BACKEND, attention_backends, get_attention
+from liveavatar_core.ops.attention import (DEFAULT_BACKEND, WithLse, attend, attention_backends, get_attention,
+                                           math_with_lse, merge_attention)
 
 OPTIONAL = {"flash2": "flash_attn", "flash3": "flash_attn_interface", "sage": "sageattention"}
 
@@ -45,3 +46,80 @@ def test_result_comes_back_in_the_query_dtype():
     q = torch.randn(1, 4, 2, 8)
     kv = torch.randn(1, 6, 2, 8, dtype=torch.bfloat16)
     assert get_attention("sdpa")(q, kv, kv).dtype == torch.float32
+
+
+def _segments(g, lengths, heads=3, dim=16, dtype=torch.float32, offsets=None):
+    """Key/value segments; `offsets` scales each segment's keys (a segment that dominates the
+    softmax mass, or one that hardly counts)."""
+    offsets = offsets or [1.0] * len(lengths)
+    return [(torch.randn(2, n, heads, dim, generator=g).mul(o).to(dtype), torch.randn(2, n, heads, dim, generator=g)
+             .to(dtype)) for n, o in zip(lengths, offsets)]
+
+
+def _math_lse_kernel():
+    run = get_attention("math")
+    lse_run = (lambda q, k, v: run(q, k, v))
+    lse_run.with_lse = WithLse(math_with_lse, lambda q: True)
+    return lse_run
+
+
+@pytest.mark.parametrize("offsets", [None, [4.0, 0.25], [0.25, 4.0, 1.0]])
+def test_merged_segments_equal_attention_over_their_concatenation(offsets):
+    """Attending per segment and merging by log-sum-exp is the softmax over the union of keys."""
+    g = torch.Generator().manual_seed(1)
+    lengths = [23, 7] if offsets is None or len(offsets) == 2 else [23, 7, 12]
+    q = torch.randn(2, 5, 3, 16, generator=g) * 3
+    segments = _segments(g, lengths, offsets=offsets)
+    whole = get_attention("math")(q, torch.cat([k for k, _ in segments], 1), torch.cat([v for _, v in segments], 1))
+    merged = attend(_math_lse_kernel(), q, segments)
+    torch.testing.assert_close(merged, whole, atol=1e-6, rtol=1e-5)
+    _, lse_whole = math_with_lse(q, torch.cat([k for k, _ in segments], 1), torch.cat([v for _, v in segments], 1))
+    lses = [math_with_lse(q, k, v)[1] for k, v in segments]
+    torch.testing.assert_close(torch.stack(lses).logsumexp(0), lse_whole, atol=1e-5, rtol=1e-6)
+
+
+def test_kernels_without_log_sum_exp_get_the_segments_concatenated_in_order():
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 4, 3, 16, generator=g)
+    segments = _segments(g, [9, 5])
+    seen = []
+
+    def kernel(q, k, v):
+        seen.append(k.shape[1])
+        return get_attention("math")(q, k, v)
+
+    out = attend(kernel, q, segments)
+    assert seen == [14]
+    assert torch.equal(out, get_attention("math")(q, torch.cat([segments[0][0], segments[1][0]], 1),
+                                                  torch.cat([segments[0][1], segments[1][1]], 1)))
+    assert torch.equal(attend(kernel, q, segments[:1]), kernel(q, *segments[0]))
+
+
+def test_merge_keeps_the_output_dtype_and_survives_extreme_masses():
+    """Log-sum-exps far apart (one segment carries all the mass) must not overflow or give NaN."""
+    o1, o2 = torch.ones(1, 2, 1, 4, dtype=torch.bfloat16), -torch.ones(1, 2, 1, 4, dtype=torch.bfloat16)
+    l1, l2 = torch.full((1, 2, 1), 1e4), torch.full((1, 2, 1), -1e4)
+    out = merge_attention([o1, o2], [l1, l2])
+    assert out.dtype == torch.bfloat16 and torch.equal(out, o1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_sdpa_on_gpu_merges_cudnn_segments_like_one_concatenated_call():
+    """The DiT's real case on a GPU: history and condition keys attended where they lie."""
+    kernel = get_attention("sdpa")
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q = torch.randn(1, 300, 4, 128, generator=g, device="cuda", dtype=torch.bfloat16)
+    segments = [(torch.randn(1, n, 4, 128, generator=g, device="cuda", dtype=torch.bfloat16),
+                 torch.randn(1, n, 4, 128, generator=g, device="cuda", dtype=torch.bfloat16)) for n in (1200, 264)]
+    if not kernel.with_lse.accepts(q):
+        pytest.skip("cuDNN attention is not available on this GPU")
+    out, lse = kernel.with_lse.run(q, *segments[0])
+    ref_out, ref_lse = math_with_lse(q, *segments[0])
+    torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=1e-3)
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=2e-2, rtol=2e-2)
+    whole = get_attention("math")(q.float(), torch.cat([k for k, _ in segments], 1).float(),
+                                  torch.cat([v for _, v in segments], 1).float())
+    merged = attend(kernel, q, segments)
+    assert merged.dtype == torch.bfloat16
+    rel = ((merged.float() - whole).norm() / whole.norm()).item()
+    assert rel < 1e-2, rel

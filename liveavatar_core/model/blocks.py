@@ -7,18 +7,19 @@ block input/output in the model dtype, residual stream in fp32 inside the block,
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
 
 from ..config import DiTConfig
-from ..ops.attention import AttentionFn
+from ..ops.attention import AttentionFn, Segment
 from .layers import AffineLayerNorm, Attention, Linear, layer_norm
 from .rope import apply_rope
 
-# (k_rotated, k_unrotated, v) -> keys and values to attend over; decides sink vs cached inference.
-SelfKV = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# (k_rotated, k_unrotated, v) -> the key/value segments to attend over (ops.attention.attend);
+# decides sink vs cached inference.
+SelfKV = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Sequence[Segment]]
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -69,8 +70,7 @@ class DiTBlock(nn.Module):
         """
         inputs, outputs = self.regions
         q_rot, k_rot, k, v = inputs(self, x, e0, *rope)
-        keys, values = self_kv(k_rot, k, v)
-        return outputs(self, x, e0, self.self_attn.attn(q_rot, keys, values), *text_kv)
+        return outputs(self, x, e0, self.self_attn.attend(q_rot, self_kv(k_rot, k, v)), *text_kv)
 
     def attn_inputs(self, x: torch.Tensor, e0: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

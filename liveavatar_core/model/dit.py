@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from ..config import DiTConfig
 from ..errors import InputError
-from ..ops.attention import AttentionFn, get_attention
+from ..ops.attention import AttentionFn, get_attention, merge_attention
 from ..ops.transfer import upload
 from ..weights.dit import check_dit_shapes
 from .audio import AudioInjector, CausalAudioEncoder, inject
@@ -44,12 +44,9 @@ def sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(s), torch.sin(s)], dim=1).float()
 
 
-def join_condition(hist_k: torch.Tensor, hist_v: torch.Tensor, cond_k: torch.Tensor, cond_v: torch.Tensor,
-                   cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values a block attends to: its history, then the condition tokens with their keys
-    rotated to this call's positions (official order; spec/dit.md 3.9 step 3)."""
-    ck = apply_rope(cond_k, cos, sin).to(hist_v.dtype)
-    return torch.cat([hist_k, ck], dim=1), torch.cat([hist_v, cond_v], dim=1)
+def rotate_condition(cond_k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The condition keys rotated to this call's positions (spec/dit.md 3.9 step 3), in `dtype`."""
+    return apply_rope(cond_k, cos, sin).to(dtype)
 
 
 _COMPILED_FNS: dict[tuple, object] = {}
@@ -102,7 +99,7 @@ class LiveAvatarDiT(nn.Module):
         self.casual_audio_encoder = CausalAudioEncoder(cfg)
         self.audio_injector = AudioInjector(cfg, attn)
         self.rope = RopeFreqs(cfg.head_dim, cfg.rope_theta)
-        self._join = join_condition  # or its compiled version (compile_regions)
+        self._rotate = rotate_condition  # or its compiled version (compile_regions)
 
     # ----------------------------------------------------------------------------------------
     # helpers
@@ -126,28 +123,32 @@ class LiveAvatarDiT(nn.Module):
     def compile_regions(self, enabled: bool = True, **options) -> None:
         """Regional compilation: compile the repeated pure tensor parts of a call, not the model.
 
-        The two halves of every block around its cache and attention kernel, the joining of the
-        condition keys to the history, and the audio injection are compiled once and shared by
-        all layers (their parameters are inputs of the compiled code). Python control flow, cache
-        bookkeeping and placement hooks stay eager, so block swap and streamed caches keep working.
-        `options` go to `torch.compile` (`backend`, `mode`, ...); `enabled=False` returns to eager.
+        The two halves of every block around its cache and attention kernel, the rotation of the
+        condition keys, the merging of attention over history and condition keys, and the audio
+        injection are compiled once and shared by all layers (their parameters are inputs of the
+        compiled code). Python control flow, cache bookkeeping and placement hooks stay eager, so
+        block swap and streamed caches keep working. `options` go to `torch.compile` (`backend`,
+        `mode`, ...); `enabled=False` returns to eager.
         """
         if enabled:
             regions = (_compiled("attn_inputs", DiTBlock.attn_inputs, options),
                        _compiled("attn_outputs", DiTBlock.attn_outputs, options))
-            join = _compiled("join", join_condition, {"dynamic": None, **options})
+            rotate = _compiled("rotate", rotate_condition, options)
+            merge = _compiled("merge", merge_attention, {"dynamic": None, **options})
             injection = _compiled("inject", inject, options)
         else:
-            regions, join, injection = (DiTBlock.attn_inputs, DiTBlock.attn_outputs), join_condition, inject
+            regions, rotate, merge, injection = ((DiTBlock.attn_inputs, DiTBlock.attn_outputs), rotate_condition,
+                                                 merge_attention, inject)
         for block in self.blocks:
             block.regions = regions
-        self._join = join
+            block.self_attn.merge = merge
+        self._rotate = rotate
         self.audio_injector.inject = injection
 
     @property
     def compiled(self) -> bool:
         """Whether `compile_regions` is in effect."""
-        return self._join is not join_condition
+        return self._rotate is not rotate_condition
 
     def _patchify(self, conv: nn.Conv3d, lat: torch.Tensor) -> torch.Tensor:
         # Contiguous tokens: the first block then sees the same strides as all later ones, so its
@@ -243,7 +244,7 @@ class LiveAvatarDiT(nn.Module):
         def store(k_rot, k, v):
             ks.append(k)
             vs.append(v)
-            return k_rot, v
+            return [(k_rot, v)]
 
         for i, block in enumerate(self.blocks):
             x = block(x, e0, rope, store, text.kv[i])
@@ -311,8 +312,8 @@ class LiveAvatarDiT(nn.Module):
         # 5. Blocks with the step cache, audio injection after the listed layers.
         for i, block in enumerate(self.blocks):
             def self_kv(k_rot, k, v, i=i):
-                hist_k, hist_v = cache.update(i, current_start, k_rot, v)
-                return self._join(hist_k, hist_v, cond.k[i], cond.v[i], cond_cos, cond_sin)
+                history = cache.update(i, current_start, k_rot, v)
+                return history, (self._rotate(cond.k[i], cond_cos, cond_sin, v.dtype), cond.v[i])
 
             h = block(h, e0, rope, self_kv, text.kv[i])
             h = self.audio_injector(i, h, audio_tokens, audio_global)

@@ -10,7 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops.attention import AttentionFn
+from collections.abc import Sequence
+
+from ..ops.attention import AttentionFn, Segment, attend, merge_attention
 
 
 class Linear(nn.Linear):
@@ -79,6 +81,7 @@ class Attention(nn.Module):
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
         self.attn = attn
+        self.merge = merge_attention  # or its compiled version (LiveAvatarDiT.compile_regions)
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         return t.unflatten(-1, (self.num_heads, -1))
@@ -90,6 +93,10 @@ class Attention(nn.Module):
     def key_value(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`[B, L, D]` -> normalised key heads and value heads, both `[B, L, H, HD]`."""
         return self._heads(self.norm_k(self.k(x))), self._heads(self.v(x))
+
+    def attend(self, q: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
+        """The kernel over key/value segments taken as one set (see `ops.attention.attend`)."""
+        return attend(self.attn, q, segments, self.merge)
 
     def output(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Attend and project: heads re-concatenated in order, then `o`."""

@@ -7,13 +7,20 @@ as the official `flash_attention` wrapper does.
 
 Optional kernels are imported only when chosen, so a missing wheel never breaks the import of the
 pack; choosing one that is not installed raises an `InputError` naming the package to install.
+
+A query block of the DiT attends to two key sets kept apart in memory: its step cache's history and
+the condition tokens. `attend` takes such segments. A backend that can return the log-sum-exp of
+its softmax (`with_lse`) attends to each segment where it lies and merges the partial results
+exactly (`merge_attention`); the others get the segments concatenated, history first, as the
+official code does. Merging skips a copy of every layer's whole history per call.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +29,8 @@ import torch.nn.functional as F
 from ..errors import InputError
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# Keys and values `[B, Lk, H, D]` of one part of what a query attends to.
+Segment = tuple[torch.Tensor, torch.Tensor]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -41,6 +50,66 @@ def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     qh, kh, vh = (t.float().transpose(1, 2) for t in (q, k, v))
     scores = (qh @ kh.transpose(-1, -2)) / math.sqrt(q.shape[-1])
     return (scores.softmax(dim=-1) @ vh).transpose(1, 2).to(q.dtype)
+
+
+def math_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_math` plus the fp32 log-sum-exp of each query's scores `[B, Lq, H]`."""
+    qh, kh, vh = (t.float().transpose(1, 2) for t in (q, k, v))
+    scores = (qh @ kh.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    out = (scores.softmax(dim=-1) @ vh).transpose(1, 2).to(q.dtype)
+    return out, scores.logsumexp(dim=-1).transpose(1, 2)
+
+
+@functools.cache
+def _cudnn_sdpa_device(index: int) -> bool:
+    # cuDNN's fused attention needs Ampere or newer.
+    return torch.backends.cudnn.is_available() and torch.cuda.get_device_capability(index) >= (8, 0)
+
+
+def _cudnn_accepts(q: torch.Tensor) -> bool:
+    return (q.is_cuda and q.dtype in _HALF and q.shape[-1] <= 128
+            and hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention")
+            and _cudnn_sdpa_device(q.device.index if q.device.index is not None else torch.cuda.current_device()))
+
+
+def _cudnn_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cuDNN's fused attention (SDPA's own choice on Hopper), asked for its log-sum-exp too."""
+    b, lq, h, _ = q.shape
+    out, lse, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q.transpose(1, 2), k.to(q.dtype).transpose(1, 2), v.to(q.dtype).transpose(1, 2), None, True)
+    return out.transpose(1, 2), lse.reshape(b, h, lq).transpose(1, 2)
+
+
+@dataclass(frozen=True)
+class WithLse:
+    """An attention kernel that also returns the log-sum-exp `[B, Lq, H]` (fp32), for inputs it accepts."""
+
+    run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    accepts: Callable[[torch.Tensor], bool]
+
+
+def merge_attention(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Attention over the union of disjoint key sets from each set's output `[B, Lq, H, D]` and
+    log-sum-exp `[B, Lq, H]`: outputs weighted by their share of the total softmax mass (fp32)."""
+    total = torch.stack(list(lses)).logsumexp(dim=0)
+    acc = sum(o.float() * (lse - total).exp().unsqueeze(-1) for o, lse in zip(outs, lses))
+    return acc.to(outs[0].dtype)
+
+
+def attend(attn: AttentionFn, q: torch.Tensor, segments: Sequence[Segment],
+           merge: Callable = merge_attention) -> torch.Tensor:
+    """`attn` of `q` over all `segments` of keys/values, as if they were one concatenated set.
+
+    Kernels with `with_lse` (see the module docstring) run once per segment and `merge` joins the
+    results; otherwise the segments are concatenated in order.
+    """
+    if len(segments) == 1:
+        return attn(q, *segments[0])
+    lse_kernel: WithLse | None = getattr(attn, "with_lse", None)
+    if lse_kernel is not None and lse_kernel.accepts(q):
+        parts = [lse_kernel.run(q, k, v) for k, v in segments]
+        return merge([o for o, _ in parts], [lse for _, lse in parts])
+    return attn(q, torch.cat([k for k, _ in segments], dim=1), torch.cat([v for _, v in segments], dim=1))
 
 
 def _half_inputs(q, k, v):
@@ -80,6 +149,8 @@ class _Backend:
     build: Callable[..., AttentionFn]
     needs_cuda: bool
 
+
+_sdpa.with_lse = WithLse(_cudnn_with_lse, _cudnn_accepts)
 
 _BACKENDS: dict[str, _Backend] = {
     "sdpa": _Backend(None, "", lambda _mod: _sdpa, needs_cuda=False),
