@@ -110,6 +110,7 @@ def build_vae(device: torch.device):
         vae = WanVAE(VAEConfig())
     vae = vae.to(torch.bfloat16).to_empty(device=device)
     random_init_(vae, torch.Generator(device=device).manual_seed(1))
+    vae.set_channels_last()  # as load_model places a CUDA VAE
     return vae.eval().requires_grad_(False)
 
 

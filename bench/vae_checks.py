@@ -6,7 +6,7 @@ per-clip VAE cost (spec/baseline.md: 10.9 s per 48-frame clip, i.e. 2.7 s per 12
 
 With --top N it also prints the N most expensive kernels of one block's decode (bf16).
 
-Usage: python bench/vae_checks.py [--iters N] [--latents-per-pass N ...] [--top N]
+Usage: python bench/vae_checks.py [--iters N] [--latents-per-pass N ...] [--layouts ncdhw,ndhwc] [--top N]
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=0)
     ap.add_argument("--dtypes", default="bf16,fp32")
     ap.add_argument("--compile", action="store_true", help="regional compilation (WanVAE.compile_regions)")
+    ap.add_argument("--layouts", default="ncdhw,ndhwc",
+                    help="memory layouts to time: ncdhw (contiguous), ndhwc (WanVAE.set_channels_last)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/vae_checks.py needs a CUDA GPU.")
@@ -47,14 +49,16 @@ def main() -> None:
         for name, p in vae.named_parameters():
             if p.dim() > 1:
                 p.data.normal_(0, p[0].numel() ** -0.5, generator=g)
-        for lpp in args.latents_per_pass:
+        runs = [(layout, lpp) for layout in args.layouts.split(",") for lpp in args.latents_per_pass]
+        for layout, lpp in runs:
+            vae.set_channels_last(layout == "ndhwc")
             dec = vae.stream_decoder(latents_per_pass=lpp)
             blocks = [torch.randn(1, 16, 3, h, w, device=device, generator=g) for _ in range(args.iters + 2)]
             dec.decode(blocks[0])  # first block: the official first chunk (9 frames)
             times, frames = cuda_times(lambda i: dec.decode(blocks[1 + i]), args.iters, warmup=1)
             med = times[len(times) // 2]
             print(f"streaming VAE decode, {str(dtype).replace('torch.', '')}{', compiled' if args.compile else ''}, "
-                  f"latents_per_pass={lpp}: one block "
+                  f"{layout}, latents_per_pass={lpp}: one block "
                   f"(3 latents -> {frames.shape[2]} frames of {frames.shape[3]}x{frames.shape[4]}) median "
                   f"{med * 1000:.0f} ms (min {times[0] * 1000:.0f} ms, {len(times)} blocks); "
                   f"{frames.shape[2] / med:.1f} frames/s; {OFFICIAL_VAE_S_PER_12_FRAMES / med:.1f}x the official "

@@ -138,6 +138,8 @@ def load_generator(dit_path: str | Path, vae_path: str | Path, lora_path: str | 
     vae = load_vae(vae_path, device=vae_device, dtype=vae_dtype or (torch.float32 if precision == "fp32"
                                                                      else torch.bfloat16))
     log.info("VAE: %s", vae.description)
+    if vae_device.type == "cuda":
+        vae.set_channels_last()
     if use_compile and vae_device.type == "cuda":
         vae.compile_regions()
     return LiveAvatarModel(dit, vae, f"{ckpt.description}; {lora.description if lora else 'no LoRA'}; "

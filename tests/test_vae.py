@@ -227,3 +227,23 @@ def test_streaming_encode_in_blocks_equals_one_encode(vae):
     assert [p.shape[2] for p in pieces] == [1, 1, 0, 1, 2]
     assert max(pending) <= 3
     torch.testing.assert_close(torch.cat(pieces, dim=2), full, rtol=0, atol=1e-6)
+
+
+def test_channels_last_layout_gives_the_same_video(vae_path):
+    """NDHWC (the layout the loader picks on CUDA) is a storage choice: the same numbers come out,
+    frames and causal state included, and it can be switched back."""
+    vae = load_vae(vae_path)
+    z, x = _latents(7, seed=2), _pixels(9, seed=2)
+    decoded, encoded = vae.decode(z), vae.encode(x)
+    vae.set_channels_last()
+    conv = vae.decoder.conv1
+    assert vae.channels_last and conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    dec = vae.stream_decoder()
+    pieces = [dec.decode(z[:, :, :1]), dec.decode(z[:, :, 1:4]), dec.decode(z[:, :, 4:])]
+    assert pieces[1].is_contiguous(memory_format=torch.channels_last_3d)
+    assert all(t.is_contiguous(memory_format=torch.channels_last_3d) for t in dec.cache.slots if t is not None)
+    torch.testing.assert_close(torch.cat(pieces, dim=2), decoded, rtol=0, atol=1e-5)
+    torch.testing.assert_close(vae.encode(x), encoded, rtol=0, atol=1e-5)
+    vae.set_channels_last(False)
+    assert not vae.channels_last and conv.weight.is_contiguous()
+    torch.testing.assert_close(vae.decode(z), decoded, rtol=0, atol=0)

@@ -70,12 +70,16 @@ class CausalConv3d(nn.Conv3d):
         pad = (padding,) * 3 if isinstance(padding, int) else tuple(padding)
         super().__init__(in_dim, out_dim, kernel_size, stride=stride, padding=(0, pad[1], pad[2]))
         self.history = 2 * pad[0]
+        self.memory_format = torch.contiguous_format  # of weight and input; see WanVAE.set_channels_last
 
     def forward(self, x: torch.Tensor, cache: FeatureCache | None = None) -> torch.Tensor:
         x = x.to(self.weight.dtype)
         if self.history:
             i = cache.take()
             x = torch.cat([cache.history(i, x, self.history), x], dim=2)
+        # The layout cat chooses depends on its inputs' strides (and is ambiguous for a single frame).
+        x = x.contiguous(memory_format=self.memory_format)
+        if self.history:
             # clone: a slice would keep the whole concatenated chunk alive.
             cache.slots[i] = x[:, :, -self.history:].clone()
         return self._conv_forward(x, self.weight, self.bias)
@@ -86,7 +90,7 @@ class CausalConv3d(nn.Conv3d):
             # PyTorch's CPU heuristic sends batch-1 3-D convs with few channels (narrow test
             # models) to its reference kernel, ~15x slower than oneDNN on the same shapes.
             # Compiled graphs keep the standard op (fake tensors cannot run this one).
-            return torch.ops.aten.mkldnn_convolution(x.contiguous(), weight, bias, list(self.padding),
+            return torch.ops.aten.mkldnn_convolution(x, weight, bias, list(self.padding),
                                                      list(self.stride), list(self.dilation), self.groups)
         return super()._conv_forward(x, weight, bias)
 
@@ -139,7 +143,7 @@ class ResidualBlock(nn.Module):
     def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         r = self.residual
         h = self.shortcut(x)
-        # gamma as a plain tensor: compiled code then treats its channel count as dynamic like x's.
+        # gamma as a plain tensor: an input of the compiled code, not a constant baked into it.
         x = r[2](self.act(x, r[0].gamma.detach(), r[2].weight.dtype), cache)
         x = r[6](self.act(x, r[3].gamma.detach(), r[6].weight.dtype), cache)
         return x + h
@@ -206,6 +210,7 @@ class Resample(nn.Module):
             return x
         b, c, t, h, w = x.shape
         x = torch.cat([cache.history(i, x, CACHE_FRAMES), x.to(self.time_conv.weight.dtype)], dim=2)
+        x = x.contiguous(memory_format=self.time_conv.memory_format)
         cache.slots[i] = x[:, :, -CACHE_FRAMES:].clone()
         x = self.time_conv(x).reshape(b, 2, c, t, h, w)
         return torch.stack((x[:, 0], x[:, 1]), dim=3).reshape(b, c, 2 * t, h, w)
