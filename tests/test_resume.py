@@ -35,8 +35,9 @@ STREAMING = GenerationSettings(size="64*64", seed=5, num_clips=CLIPS, frames_per
 # Official Mode S+ (4 steps, one block per clip): per-clip decoding with the re-encoded frame window,
 # sink refreshed by the decoder after clip 0.
 OFFICIAL = replace(STREAMING, mode="official", online_decode=True, sample_steps=4, frames_per_clip=12)
-# The command line runs longer, so that a signal sent once its first block is on disk lands mid-run.
-CLI = replace(STREAMING, num_clips=6)
+# The command line runs longer (24 blocks), so that a signal sent once its first block is done lands
+# mid-run even on a busy machine.
+CLI = replace(STREAMING, num_clips=12)
 CLI_ARGS = ["--size", CLI.size, "--num_clip", str(CLI.num_clips), "--infer_frames", str(CLI.frames_per_clip),
             "--sample_steps", str(CLI.sample_steps), "--base_seed", str(CLI.seed), "--device", "cpu",
             "--precision", "fp32"]
@@ -294,10 +295,11 @@ def test_cli_ctrl_c_then_kill_then_resume(tiny, inputs, tmp_path):
     expected, _ = _run(inputs, tiny.image, tmp_path / "uninterrupted.mp4", CLI)
     total = sum(len(c[0]) for c in expected)
 
-    # Ctrl-C once the first block is in the file: exit code 130, a playable MP4, a resume file
-    # next to it (the command line numbers its outputs: clip_00001.mp4, clip_00001.mp4.resume).
+    # Ctrl-C once the first block is done (the command line logs it; probing the growing MP4 from
+    # here would take longer): exit code 130, a playable MP4 holding the finished blocks, a resume
+    # file next to it (the command line numbers its outputs: clip_00001.mp4, clip_00001.mp4.resume).
     proc = _start(tiny, log, out)
-    _wait_until(proc, lambda: _frames(_numbered(out.parent, "clip_*.mp4")) > 0, log)
+    _wait_until(proc, lambda: "clip 0 block 0:" in log.read_text(), log)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=300) == 130, log.read_text()[-3000:]
     video = _numbered(out.parent, "clip_*.mp4")
