@@ -9,8 +9,9 @@ and motion encode included), peak memory against the planner's estimate, the rat
 FLOP limit of the GPU, and the ratio to the official single-GPU baseline (spec/baseline.md).
 
 Plans: bf16 and fp8 on the whole GPU; cap48 / cap24: bf16 under a 48 / 24 GiB budget emulated with
-`torch.cuda.set_per_process_memory_fraction` (cap24fp8 / cap48fp8: the same with FP8 GEMMs). Each
-plan runs in its own process so that peaks and caps do not leak between plans.
+`torch.cuda.set_per_process_memory_fraction` (cap24fp8 / cap48fp8: the same with FP8 GEMMs);
+fp8kv, cap48fp8kv, cap24fp8kv: FP8 GEMMs with an FP8 KV cache. Each plan runs in its own process
+so that peaks and caps do not leak between plans.
 
 Usage: python bench/run_bench.py [--plans bf16,fp8,cap48,cap24] [--clips 2] [--mp4] [--compile on|off]
                                 [--out DIR]
@@ -38,13 +39,17 @@ from liveavatar_core.config import DiTConfig  # noqa: E402
 from liveavatar_core.errors import LiveAvatarError  # noqa: E402
 from liveavatar_core.plan import GiB, RunPlan, detect_devices, plan_run  # noqa: E402
 
+# name: (precision, memory cap in GiB, KV cache dtype; None = the compute dtype)
 PLANS = {
-    "bf16": ("bf16", None),
-    "fp8": ("fp8", None),
-    "cap48": ("bf16", 48),
-    "cap24": ("bf16", 24),
-    "cap48fp8": ("fp8", 48),
-    "cap24fp8": ("fp8", 24),
+    "bf16": ("bf16", None, None),
+    "fp8": ("fp8", None, None),
+    "cap48": ("bf16", 48, None),
+    "cap24": ("bf16", 24, None),
+    "cap48fp8": ("fp8", 48, None),
+    "cap24fp8": ("fp8", 24, None),
+    "fp8kv": ("fp8", None, "fp8"),
+    "cap48fp8kv": ("fp8", 48, "fp8"),
+    "cap24fp8kv": ("fp8", 24, "fp8"),
 }
 DEFAULT_PLANS = "bf16,fp8,cap48,cap24"
 # spec/baseline.md: official single-GPU path on an H200, bf16, eager, offline decode.
@@ -145,12 +150,13 @@ def run_plan(name: str, args) -> dict:
     from liveavatar_core.encoders.audio import AudioFeatures
     from liveavatar_core.pipeline import GenerationSettings, LiveAvatarModel, generate, write_mp4
 
-    precision, cap_gib = PLANS[name]
+    precision, cap_gib, kv_dtype = PLANS[name]
     devices = detect_devices()
     gpu = devices[0]
     cfg = DiTConfig.wan_s2v_14b()
     plan = plan_run(cfg, size=args.size, devices=devices, precision=precision, offload="auto",
-                    memory_cap=None if cap_gib is None else cap_gib * GiB, text_encoder="cpu", audio_encoder="cpu")
+                    memory_cap=None if cap_gib is None else cap_gib * GiB, kv_cache_dtype=kv_dtype,
+                    text_encoder="cpu", audio_encoder="cpu")
     print(plan.summary())
     plan.validate()
     device = torch.device(plan.dit_device)
@@ -161,7 +167,8 @@ def run_plan(name: str, args) -> dict:
     vae = build_vae(device)
     if args.compile == "on":
         vae.compile_regions()
-    model = LiveAvatarModel(dit, vae, f"random {name}", kv_cache_location=plan.kv_cache_location)
+    model = LiveAvatarModel(dit, vae, f"random {name}", kv_cache_location=plan.kv_cache_location,
+                            kv_cache_dtype=kv_dtype)
     print(f"  built in {time.perf_counter() - t0:.1f} s")
     geo = plan.geometry
     g = torch.Generator(device="cpu").manual_seed(2)
@@ -231,6 +238,7 @@ def run_plan(name: str, args) -> dict:
     first_frame_s = record[0][2]
     result = {
         "plan": name, "gpu": gpu.label, "precision": precision, "cap_gib": cap_gib, "compile": args.compile,
+        "kv_cache_dtype": plan.kv_cache_dtype,
         "placement": plan.placement_words(), "blocks": len(record), "frames": frames,
         "block_latency_s": block_s, "steady_fps": frames_per_block / block_s, "run_fps": frames / total_s,
         "first_frame_s": first_frame_s, "peak_gib": peak / GiB,

@@ -28,6 +28,8 @@ log = logging.getLogger("liveavatar")
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.bfloat16}
 COMPILE_CHOICES = ("auto", "on", "off")
+# auto: the rings store the DiT's compute dtype (exact); fp8: e4m3 with a scale per head row.
+KV_CACHE_DTYPES = ("auto", "fp8")
 
 # File names inside the official `Wan2.2-S2V-14B` folder (spec/pipeline.md 1.1).
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
@@ -80,7 +82,7 @@ def load_generator(dit_path: str | Path, vae_path: str | Path, lora_path: str | 
                    precision: str = "bf16", attention: str = "sdpa", dit_device: str | torch.device = "cpu",
                    vae_device: str | torch.device | None = None, vae_dtype: torch.dtype | None = None,
                    lora_scale: float = DEFAULT_SCALE, offload: str = "none", blocks_on_gpu: int | None = None,
-                   kv_cache_location: str = "gpu", plan_size: str = "704*384",
+                   kv_cache_location: str = "gpu", kv_cache_dtype: str = "auto", plan_size: str = "704*384",
                    frames_per_clip: int = 48, compile: str = "auto") -> LiveAvatarModel:
     """Plan, load, merge, convert and place the DiT and the VAE.
 
@@ -89,11 +91,14 @@ def load_generator(dit_path: str | Path, vae_path: str | Path, lora_path: str | 
     (bf16 compute with FP8 GEMMs) or fp32 (CPU parity); offload: none, block_swap (keep
     `blocks_on_gpu` blocks resident) or auto (the planner picks the cheapest placement that fits
     `plan_size`); kv_cache_location: gpu, or cpu (pinned host memory streamed per layer);
+    kv_cache_dtype: auto (the compute dtype) or fp8 (half the cache memory and streamed bytes; the
+    cached keys and values are quantised, so results move slightly);
     compile: regional compilation of the DiT and of a CUDA VAE (`compile_regions`): on, off, or
     auto (on for a CUDA DiT when Triton is installed). The first call at each size compiles.
     """
     if precision not in PRECISIONS:
         raise InputError("precision", f"unknown precision '{precision}'.", f"choose one of {', '.join(PRECISIONS)}.")
+    check_kv_cache_dtype(kv_cache_dtype, precision)
     dit_device = torch.device(dit_device)
     vae_device = torch.device(vae_device) if vae_device is not None else dit_device
     if precision == "fp8":
@@ -106,8 +111,8 @@ def load_generator(dit_path: str | Path, vae_path: str | Path, lora_path: str | 
     #    plan: memory per device, refused with the cheapest fix before anything is loaded.
     ckpt = load_dit_checkpoint(dit_path)
     log.info("DiT: %s", ckpt.description)
-    plan = _plan(ckpt.config, dit_device, precision, offload, blocks_on_gpu, kv_cache_location, plan_size,
-                 frames_per_clip)
+    plan = _plan(ckpt.config, dit_device, precision, offload, blocks_on_gpu, kv_cache_location, kv_cache_dtype,
+                 plan_size, frames_per_clip)
     swapping = plan.blocks_on_gpu < ckpt.config.num_layers
     if swapping and precision == "fp8":
         raise InputError("offload", "block swap with FP8 is not supported yet (FP8 conversion runs on the GPU).",
@@ -143,9 +148,21 @@ def load_generator(dit_path: str | Path, vae_path: str | Path, lora_path: str | 
     if use_compile and vae_device.type == "cuda":
         vae.compile_regions()
     return LiveAvatarModel(dit, vae, f"{ckpt.description}; {lora.description if lora else 'no LoRA'}; "
-                                     f"{precision}{', compiled' if use_compile else ''}; "
+                                     f"{precision}{', compiled' if use_compile else ''}"
+                                     f"{', FP8 KV cache' if kv_cache_dtype == 'fp8' else ''}; "
                                      f"{plan.placement_words()}; {vae.description}",
-                           kv_cache_location=plan.kv_cache_location)
+                           kv_cache_location=plan.kv_cache_location,
+                           kv_cache_dtype="fp8" if kv_cache_dtype == "fp8" else None)
+
+
+def check_kv_cache_dtype(choice: str, precision: str) -> None:
+    """Refuse an unknown KV cache dtype, or FP8 rings for an fp32 DiT (they dequantise to bf16)."""
+    if choice not in KV_CACHE_DTYPES:
+        raise InputError("kv_cache_dtype", f"unknown choice '{choice}'.",
+                         f"choose one of {', '.join(KV_CACHE_DTYPES)}.")
+    if choice == "fp8" and precision == "fp32":
+        raise InputError("kv_cache_dtype", "an FP8 KV cache needs a bf16 or fp8 DiT; this one computes in fp32.",
+                         "use kv_cache_dtype 'auto' with fp32, or precision bf16/fp8.")
 
 
 def resolve_compile(choice: str, device: torch.device) -> bool:
@@ -175,7 +192,7 @@ def _has_triton() -> bool:
 
 
 def _plan(cfg, device: torch.device, precision: str, offload: str, blocks_on_gpu: int | None,
-          kv_cache_location: str, size: str, frames_per_clip: int) -> RunPlan:
+          kv_cache_location: str, kv_cache_dtype: str, size: str, frames_per_clip: int) -> RunPlan:
     """The validated run plan for the DiT's device (CPU runs: a CPU-only plan)."""
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
@@ -189,6 +206,7 @@ def _plan(cfg, device: torch.device, precision: str, offload: str, blocks_on_gpu
         kv_cache_location = "gpu"
     plan = plan_run(cfg, size=size, frames_per_clip=frames_per_clip, devices=devices, precision=precision,
                     offload=offload, blocks_on_gpu=blocks_on_gpu, kv_cache_location=kv_cache_location,
-                    text_encoder="cpu", audio_encoder="cpu")
+                    kv_cache_dtype="fp8" if kv_cache_dtype == "fp8" else None, text_encoder="cpu",
+                    audio_encoder="cpu")
     return plan.validate()
 

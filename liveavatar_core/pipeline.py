@@ -24,6 +24,7 @@ except one clip of latents at each clip end).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import queue
@@ -40,7 +41,7 @@ import torch
 from .encoders.audio import AudioFeatures
 from .encoders.image import preprocess_reference
 from .errors import InputError
-from .model.cache import make_step_caches
+from .model.cache import KV_STORAGE_DTYPES, make_step_caches
 from .model.dit import LiveAvatarDiT
 from .resume import (ResumeState, build_resume_state, check_resume_state, input_fingerprint, load_resume_state,
                      partial_video, resume_part, save_resume_state)
@@ -104,14 +105,18 @@ class LiveAvatarModel:
     vae: WanVAE
     description: str = ""
     kv_cache_location: str = "gpu"  # "cpu": pinned host rings streamed per layer (placement/)
+    kv_cache_dtype: str | None = None  # None: the DiT's compute dtype; "fp8": e4m3 rings (model/cache.py)
 
     def cache_factory(self):
-        """The step-cache constructor matching `kv_cache_location`."""
+        """The step-cache constructor matching `kv_cache_location` and `kv_cache_dtype`."""
         if self.kv_cache_location == "cpu":
-            from .placement import make_streamed_step_caches
-
-            return make_streamed_step_caches
-        return make_step_caches
+            from .placement import make_streamed_step_caches as make
+        else:
+            make = make_step_caches
+        if self.kv_cache_dtype is None:
+            return make
+        storage = KV_STORAGE_DTYPES[self.kv_cache_dtype]
+        return functools.partial(make, storage_dtype=storage)
 
 
 @dataclass

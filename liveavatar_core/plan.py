@@ -35,12 +35,12 @@ GiB = 2 ** 30
 PRECISIONS = ("bf16", "fp8", "fp32")
 OFFLOAD_MODES = ("none", "model", "block_swap", "auto")
 KV_LOCATIONS = ("gpu", "cpu")
-KV_DTYPES = ("bf16", "fp32")
+KV_DTYPES = ("bf16", "fp32", "fp8")
 # gpu: resident for the whole run; offload: kept in host memory, on the GPU only while used;
 # cpu: runs on the CPU.
 PLACEMENTS = ("gpu", "offload", "cpu")
 
-_BYTES = {"bf16": 2, "fp32": 4}
+_BYTES = {"bf16": 2, "fp32": 4, "fp8": 1}
 # Phases of a run: the encoders run before generation starts (and, offloaded, leave the GPU).
 _ENCODE, _GENERATE, _ALWAYS = "encode", "generate", "always"
 # Staging slots of block swap and of the streamed KV cache (current + one in flight).
@@ -214,12 +214,15 @@ def swapped_layers(num_layers: int, blocks_on_gpu: int) -> tuple[int, ...]:
 
 def kv_cache_bytes(cfg: DiTConfig, geo: Geometry, dtype: str) -> int:
     """One step's KV ring, all layers: k and v `[L, B, frames*fs, H, HD]`."""
-    return 2 * cfg.num_layers * geo.batch * geo.cache_tokens * cfg.dim * _BYTES[dtype]
+    return cfg.num_layers * kv_layer_bytes(cfg, geo, dtype)
 
 
 def kv_layer_bytes(cfg: DiTConfig, geo: Geometry, dtype: str) -> int:
-    """k and v of one layer of one step's ring (one streaming staging slot)."""
-    return 2 * geo.batch * geo.cache_tokens * cfg.dim * _BYTES[dtype]
+    """k and v of one layer of one step's ring (one streaming staging slot); an FP8 ring also
+    holds a bf16 scale per head and row."""
+    rows = 2 * geo.batch * geo.cache_tokens
+    scales = rows * cfg.num_heads * _BYTES["bf16"] if dtype == "fp8" else 0
+    return rows * cfg.dim * _BYTES[dtype] + scales
 
 
 def cond_cache_bytes(cfg: DiTConfig, geo: Geometry, dtype: str) -> int:
@@ -232,13 +235,16 @@ def text_cache_bytes(cfg: DiTConfig, geo: Geometry, dtype: str) -> int:
     return (2 * cfg.num_layers + 1) * geo.batch * cfg.text_len * cfg.dim * _BYTES[dtype]
 
 
-def block_call_activation_bytes(cfg: DiTConfig, geo: Geometry, precision: str) -> int:
+def block_call_activation_bytes(cfg: DiTConfig, geo: Geometry, precision: str,
+                                kv_dtype: str | None = None) -> int:
     """Peak transient memory of one block denoising call, steady (full ring) regime.
 
     Inside a layer: the fp32 residual plus about three fp32 temporaries of the block's tokens
-    (modulation, norms, gates), the FFN hidden state and its GELU, the concatenated history +
-    condition keys and values, and the fp32 rotation of the condition keys. FP8 adds the fp32
-    scaled copy of the widest GEMM input (the FFN hidden state).
+    (modulation, norms, gates), the FFN hidden state and its GELU, the history + condition keys
+    and values as attention reads them (concatenated, or with an FP8 ring the dequantised
+    history), and the fp32 rotation of the condition keys. FP8 GEMMs add the fp32 scaled copy
+    of the widest GEMM input (the FFN hidden state); an FP8 ring the fp32 quantisation of the
+    block's keys and values.
     """
     b, d, ff = geo.batch, cfg.dim, cfg.ffn_dim
     act = _BYTES["fp32" if precision == "fp32" else "bf16"]
@@ -250,6 +256,8 @@ def block_call_activation_bytes(cfg: DiTConfig, geo: Geometry, precision: str) -
     total += b * geo.cond_tokens * d * 4 * 2       # condition key rotation in fp32
     if precision == "fp8":
         total += b * lq * ff * 4
+    if kv_dtype == "fp8":
+        total += b * lq * d * 4 * 2
     return total
 
 
@@ -509,6 +517,11 @@ def _suggest_fix(plan: RunPlan, device: str, need: int) -> str:
         best8 = _auto(fp8)
         if best8 is not None:
             fixes.append(f"use fp8 with {best8.placement_words()}")
+    if plan.precision != "fp32" and plan.kv_cache_dtype != "fp8":
+        fp8_kv = _rebuild(plan, kv_cache_dtype="fp8")
+        if fp8_kv.fits():
+            saved = plan.peak_bytes(device) - fp8_kv.peak_bytes(device)
+            fixes.append(f"use kv_cache_dtype='fp8' (saves {saved / GiB:.1f} GiB; cached keys and values in FP8)")
     if not fixes:
         fixes.append("use a smaller output size or a GPU with more memory")
     return " or ".join(fixes) + "."
@@ -517,7 +530,8 @@ def _suggest_fix(plan: RunPlan, device: str, need: int) -> str:
 def _rebuild(plan: RunPlan, **changes) -> RunPlan:
     args = dict(precision=plan.precision, blocks_on_gpu=plan.blocks_on_gpu,
                 kv_layers_on_gpu=plan.kv_layers_on_gpu,
-                kv_cache_dtype=None if "precision" in changes else plan.kv_cache_dtype,
+                kv_cache_dtype=plan.kv_cache_dtype if plan.kv_cache_dtype == "fp8" or "precision" not in changes
+                else None,
                 vae=plan.vae, text_encoder=plan.text_encoder, audio_encoder=plan.audio_encoder)
     args.update(changes)
     return _build(plan.cfg, plan.geometry, plan.devices, plan.host, plan.memory_cap_bytes, plan.dit_device,
@@ -617,9 +631,9 @@ def _build(cfg: DiTConfig, geo: Geometry, devices: tuple[DeviceSpec, ...], host:
     compute = "fp32" if precision == "fp32" else "bf16"
     kv_dtype = kv_cache_dtype or compute
     _choice("kv_cache_dtype", kv_dtype, KV_DTYPES)
-    if kv_dtype != compute:
+    if kv_dtype != compute and not (kv_dtype == "fp8" and compute == "bf16"):
         raise InputError("kv_cache_dtype", f"the DiT computes in {compute}, the cache was asked for {kv_dtype}.",
-                         "leave kv_cache_dtype unset (the compute dtype).")
+                         "leave kv_cache_dtype unset (the compute dtype), or use fp8 with bf16/fp8 precision.")
     gpu, cpu = dit_device, "cpu"
     layers = cfg.num_layers
     swapped = swapped_layers(layers, blocks_on_gpu)
@@ -644,7 +658,8 @@ def _build(cfg: DiTConfig, geo: Geometry, devices: tuple[DeviceSpec, ...], host:
     items.append(MemoryItem(gpu, "condition cache", cond_cache_bytes(cfg, geo, compute), _GENERATE,
                             f"{geo.cond_tokens} tokens"))
     items.append(MemoryItem(gpu, "text keys/values", text_cache_bytes(cfg, geo, compute), _GENERATE))
-    dit_act = max(block_call_activation_bytes(cfg, geo, precision), sink_activation_bytes(cfg, geo, precision))
+    dit_act = max(block_call_activation_bytes(cfg, geo, precision, kv_dtype),
+                  sink_activation_bytes(cfg, geo, precision))
     vae_dev = gpu if vae == "gpu" else cpu
     vae_dtype = compute
     items.append(MemoryItem(vae_dev, "VAE weights", vae_weight_bytes(dtype=vae_dtype)))

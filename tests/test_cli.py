@@ -23,7 +23,7 @@ def test_generate_refuses_bad_inputs_before_loading(ckpt_dir, fixtures, tmp_path
             "--save_file", str(tmp_path / "o.mp4")]
     cases = [(["--size", "banana"], "size"), (["--infer_frames", "50"], "frames_per_clip"),
              (["--mode", "official", "--enable_online_decode", "--size", "64*128", "--sample_steps", "0"],
-              "steps")]
+              "steps"), (["--precision", "fp32", "--kv_cache_dtype", "fp8"], "kv_cache_dtype")]
     for extra, name in cases:
         assert main(base + extra) == 2
         assert f"{name}" in capsys.readouterr().err

@@ -114,6 +114,8 @@ def test_queue_time_validation_names_the_input(pack):
     assert loader.VALIDATE_INPUTS("fp8", "cpu", "cpu").startswith("fp8")
     assert loader.VALIDATE_INPUTS("bf16", "cuda:7", "cpu").startswith("dit_device")
     assert loader.VALIDATE_INPUTS("bf16", "cpu", "tpu").startswith("vae_device")
+    assert loader.VALIDATE_INPUTS("bf16", "cpu", "cpu", kv_cache_dtype="fp8") is True
+    assert loader.VALIDATE_INPUTS("fp32", "cpu", "cpu", kv_cache_dtype="fp8").startswith("kv_cache_dtype")
 
 
 def test_missing_model_file_names_the_input_and_folder(pack, tmp_path):

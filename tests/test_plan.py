@@ -86,6 +86,36 @@ def test_kv_bytes_equal_allocated_caches(ckpt_dir):
     assert real == geo.steps * kv_cache_bytes(cfg, geo, "bf16")
 
 
+def test_fp8_kv_bytes_equal_allocated_caches(ckpt_dir):
+    from liveavatar_core.ops.fp8 import E4M3
+
+    cfg = DiTConfig.from_json(ckpt_dir / "config.json")
+    geo = geometry(cfg, 128, 256, steps=2)
+    caches = make_step_caches(cfg, geo.latent_h, geo.latent_w, num_steps=2, cache_frames=geo.cache_frames,
+                              dtype=torch.bfloat16, storage_dtype=E4M3)
+    real = sum(t.nbytes for c in caches for t in c.tensors().values())
+    assert real == geo.steps * kv_cache_bytes(cfg, geo, "fp8")
+
+
+def test_fp8_kv_cache_halves_the_rings_and_is_offered_as_a_fix():
+    bf16, fp8 = plan(141), plan(141, kv_cache_dtype="fp8")
+    rings = {p.kv_cache_dtype: next(i.bytes for i in p.items if i.name == "KV caches") for p in (bf16, fp8)}
+    assert rings["fp8"] == rings["bf16"] // 2 + rings["bf16"] // CFG.head_dim  # codes + bf16 scale per head row
+    assert "KV cache fp8 on gpu" in fp8.summary()
+    # FP8 weights with an FP8 ring fit a 48 GiB card whole; bf16 rings would be streamed.
+    assert plan(48, precision="fp8", kv_cache_dtype="fp8", offload="model").fits()
+    assert not plan(48, precision="fp8", offload="model").fits()
+    with pytest.raises(InputError, match=r"kv_cache_dtype='fp8' \(saves \d+\.\d GiB"):
+        plan(48, precision="fp8", offload="model").validate()
+    # Streamed FP8 rings move half the bytes per call.
+    moved = {d: plan(24, precision="fp8", kv_cache_location="cpu", kv_cache_dtype=d).transfer_bytes_per_call()
+             for d in ("bf16", "fp8")}
+    assert moved["fp8"] < 0.52 * moved["bf16"]
+    with pytest.raises(InputError) as err:
+        plan(80, precision="fp32", kv_cache_dtype="fp8")
+    assert err.value.input_name == "kv_cache_dtype"
+
+
 def test_vae_state_formula_equals_streaming_decoder(ckpt_dir):
     from liveavatar_core.vae.loader import load_vae
 

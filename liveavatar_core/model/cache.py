@@ -18,6 +18,7 @@ import torch
 
 from ..config import DiTConfig
 from ..errors import InputError
+from ..ops.fp8 import E4M3, dequantize_kv, quantize_rows
 from .rope import RopeFreqs, TokenGrid
 
 
@@ -53,14 +54,31 @@ class TextCache:
 
 
 class KVCache:
-    """Ring buffer of rotated self-attention keys/values for one denoising step, all layers."""
+    """Ring buffer of rotated self-attention keys/values for one denoising step, all layers.
+
+    `dtype` is how the ring stores them. `torch.float8_e4m3fn` (an FP8 KV cache) halves the
+    memory of bf16: each key and value head of a row is kept as e4m3 codes with its own scale
+    (`k_scale`, `v_scale` `[layers, B, rows, H, 1]` in `compute_dtype`) and handed to attention
+    dequantised to `compute_dtype`; a block's own rows are attended exactly as computed.
+    """
 
     def __init__(self, num_layers: int, batch: int, length: int, num_heads: int, head_dim: int,
-                 dtype: torch.dtype, device=None, cond: CondCache | None = None):
+                 dtype: torch.dtype, device=None, cond: CondCache | None = None,
+                 compute_dtype: torch.dtype | None = None):
         shape = (num_layers, batch, length, num_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.cond = cond
+        self.compute_dtype = kv_compute_dtype(dtype, compute_dtype)
+        self.k_scale = self.v_scale = None
+        if self.quantized:
+            self.k_scale = torch.zeros((*shape[:-1], 1), dtype=self.compute_dtype, device=device)
+            self.v_scale = torch.zeros((*shape[:-1], 1), dtype=self.compute_dtype, device=device)
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the ring stores FP8 codes (see the class docstring)."""
+        return self.k.dtype == E4M3
 
     @property
     def length(self) -> int:
@@ -87,9 +105,45 @@ class KVCache:
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the block's rotated k and v, return the keys/values history it attends to."""
         row, visible = self.window(current_start, k.shape[1])
+        if self.quantized:
+            return store_fp8(self.k[layer], self.k_scale[layer], self.v[layer], self.v_scale[layer],
+                             row, visible, k, v)
         self.k[layer, :, row:row + k.shape[1]] = k
         self.v[layer, :, row:row + v.shape[1]] = v
         return self.k[layer, :, :visible], self.v[layer, :, :visible]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The ring's tensors by name (k, v, and with an FP8 ring k_scale, v_scale), for resume files."""
+        names = ("k", "v", "k_scale", "v_scale") if self.quantized else ("k", "v")
+        return {name: getattr(self, name) for name in names}
+
+
+def store_fp8(k_ring: torch.Tensor, k_scale: torch.Tensor, v_ring: torch.Tensor, v_scale: torch.Tensor,
+              row: int, visible: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise a block's k and v into one layer's FP8 rings `[B, rows, H, HD]` at `row`; return
+    the first `visible` rows dequantised, the block's own rows exact."""
+    n = k.shape[1]
+    out = []
+    for ring, scale, new in ((k_ring, k_scale, k), (v_ring, v_scale, v)):
+        ring[:, row:row + n], scale[:, row:row + n] = quantize_rows(new)
+        history = dequantize_kv(ring[:, :visible], scale[:, :visible], new.dtype)
+        history[:, row:row + n] = new
+        out.append(history)
+    return out[0], out[1]
+
+
+def kv_compute_dtype(storage: torch.dtype, compute: torch.dtype | None) -> torch.dtype:
+    """The dtype a ring stored in `storage` hands to attention; refuses FP8 rings for fp32 models."""
+    if storage != E4M3:
+        return compute or storage
+    if compute not in (torch.bfloat16, torch.float16):
+        raise InputError("kv_cache_dtype", f"an FP8 KV cache dequantises to the DiT's compute dtype, got {compute}.",
+                         "use it with bf16 (or fp8) precision, or keep the cache in the model dtype.")
+    return compute
+
+
+# kv_cache_dtype names -> ring storage dtypes (the DiT computes in bf16 or fp32).
+KV_STORAGE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": E4M3}
 
 
 def tokens_per_frame(cfg: DiTConfig, lat_h: int, lat_w: int) -> int:
@@ -99,15 +153,18 @@ def tokens_per_frame(cfg: DiTConfig, lat_h: int, lat_w: int) -> int:
 
 
 def make_step_caches(cfg: DiTConfig, lat_h: int, lat_w: int, *, num_steps: int, cache_frames: int,
-                     batch: int = 1, dtype: torch.dtype = torch.bfloat16, device=None) -> list[KVCache]:
+                     batch: int = 1, dtype: torch.dtype = torch.bfloat16, device=None,
+                     storage_dtype: torch.dtype | None = None) -> list[KVCache]:
     """One `KVCache` per denoising step, `cache_frames` latent frames long (12 for 48-frame clips).
 
-    The condition cache is attached by `LiveAvatarDiT.sink`, shared by all of them.
+    `dtype` is the DiT's compute dtype, `storage_dtype` the rings' (default the same;
+    `torch.float8_e4m3fn` for an FP8 cache). The condition cache is attached by
+    `LiveAvatarDiT.sink`, shared by all of them.
     """
     if cache_frames <= 0 or cache_frames % cfg.num_frames_per_block:
         raise InputError("cache_frames", f"{cache_frames} latent frames is not a positive multiple of "
                          f"the {cfg.num_frames_per_block} frames denoised per block.",
                          "use latent frames per clip = a multiple of the block size (12 for 48-frame clips).")
     length = cache_frames * tokens_per_frame(cfg, lat_h, lat_w)
-    return [KVCache(cfg.num_layers, batch, length, cfg.num_heads, cfg.head_dim, dtype, device)
-            for _ in range(num_steps)]
+    return [KVCache(cfg.num_layers, batch, length, cfg.num_heads, cfg.head_dim, storage_dtype or dtype, device,
+                    compute_dtype=dtype) for _ in range(num_steps)]

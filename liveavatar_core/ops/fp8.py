@@ -12,6 +12,8 @@ where FP8 matmuls are unavailable instead of silently keeping bf16.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 
@@ -37,21 +39,66 @@ def quantize_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, (1.0 / s).float()
 
 
+@functools.cache
+def _can_fuse(device_index: int) -> bool:
+    """Whether torch.compile can build FP8 kernels here: Triton installed, FP8-capable GPU."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.get_device_capability(device_index) >= (8, 9)
+
+
+def _fusable(x: torch.Tensor) -> bool:
+    return x.is_cuda and _can_fuse(x.device.index if x.device.index is not None else torch.cuda.current_device())
+
+
 _fused_quantize = None
 
 
 def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`quantize_e4m3` for per-call activations: one fused kernel on CUDA (the official code also
-    compiles its quantiser), the eager form elsewhere. Both round X*s once from fp32; the fused
+    """`quantize_e4m3` for per-call activations: one fused kernel on CUDA with Triton (the official
+    code also compiles its quantiser), the eager form elsewhere. Both round X*s once from fp32; the fused
     kernel's scale can differ by one fp32 ulp, which moved 0.0001 % of the codes by one e4m3 step
     on random activations (bench/fp8_quant_check.py)."""
     global _fused_quantize
     # Inside a compiled region (DiT block regional compilation) the eager form is what gets fused.
-    if not x.is_cuda or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or not _fusable(x):
         return quantize_e4m3(x)
     if _fused_quantize is None:
         _fused_quantize = torch.compile(quantize_e4m3, dynamic=True)
     return _fused_quantize(x)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 codes of `x` with one scale per row of its last dimension (a key or value head).
+
+    Returns (codes like `x`, scales `[..., 1]` in `x`'s dtype) with `x ~= codes * scale`; the
+    stored (rounded) scale is the one divided by, so a row's largest entry maps into the range.
+    """
+    amax = x.detach().abs().amax(dim=-1, keepdim=True).float()
+    scale = (amax / E4M3_MAX).clamp_min(torch.finfo(torch.float32).tiny).to(x.dtype)
+    codes = (x.float() / scale.float()).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    return codes, scale
+
+
+def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`codes * scale` in `dtype` (the inverse of `quantize_rows`)."""
+    return (codes.float() * scale.float()).to(dtype)
+
+
+_fused_dequantize = None
+
+
+def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`dequantize_rows` for cached keys/values: one fused kernel on CUDA with Triton (read codes
+    and scales once, write `dtype`), the eager form elsewhere; both give the same values."""
+    global _fused_dequantize
+    if torch.compiler.is_compiling() or not _fusable(codes):
+        return dequantize_rows(codes, scale, dtype)
+    if _fused_dequantize is None:
+        _fused_dequantize = torch.compile(dequantize_rows, dynamic=True)
+    return _fused_dequantize(codes, scale, dtype)
 
 
 class FP8Linear(nn.Module):

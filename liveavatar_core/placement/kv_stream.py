@@ -14,6 +14,9 @@ Reads and writes of the host ring go through one side stream, so a write-back al
 a later read of the same rows. `k` / `v` return the host ring after its pending write-backs, and
 forget staged copies of this cache (the caller may write the ring, e.g. when resuming a state).
 On the CPU the same steps run synchronously, which is what the tests check bit for bit.
+
+An FP8 ring (`torch.float8_e4m3fn`, see `model.cache.KVCache`) streams its codes and scales,
+half the bytes of bf16, and is dequantised on the GPU after staging.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import torch
 
 from ..config import DiTConfig
 from ..errors import InputError
-from ..model.cache import CondCache, KVCache, tokens_per_frame
+from ..model.cache import CondCache, KVCache, kv_compute_dtype, store_fp8, tokens_per_frame
+from ..ops.fp8 import E4M3
 from ..plan import KV_STREAM_SLOTS
 from .copier import Copier
 
@@ -31,13 +35,19 @@ class KVStreamer:
     """GPU staging buffers and the side stream shared by the streamed caches of one stream."""
 
     def __init__(self, device: str | torch.device, layer_shape: tuple[int, ...], dtype: torch.dtype,
-                 slots: int = KV_STREAM_SLOTS):
+                 slots: int = KV_STREAM_SLOTS, compute_dtype: torch.dtype | None = None):
         if slots < 2:
             raise InputError("kv_stream_slots", f"needs at least 2 staging buffers, got {slots}.",
                              "use 2 (one in use, one in flight).")
         self.copier = Copier(device)
         self.k = [torch.empty(layer_shape, dtype=dtype, device=device) for _ in range(slots)]
         self.v = [torch.empty(layer_shape, dtype=dtype, device=device) for _ in range(slots)]
+        self.quantized = dtype == E4M3
+        scale_shape = (*layer_shape[:-1], 1)
+        self.k_scale = [torch.empty(scale_shape, dtype=compute_dtype, device=device) if self.quantized else None
+                        for _ in range(slots)]
+        self.v_scale = [torch.empty(scale_shape, dtype=compute_dtype, device=device) if self.quantized else None
+                        for _ in range(slots)]
         self.tag: list[tuple[int, int, int] | None] = [None] * slots  # (cache id, layer, visible rows)
         self.loaded: list[torch.cuda.Event | None] = [None] * slots
         self.fetches = 0
@@ -56,6 +66,9 @@ class KVStreamer:
         c = self.copier
         # after_compute: the slot's previous layer may still be attending on the compute stream.
         c.copy(self.k[slot][:, :visible], cache.host_k[layer, :, :visible], after_compute=True)
+        if self.quantized:
+            c.copy(self.k_scale[slot][:, :visible], cache.host_k_scale[layer, :, :visible])
+            c.copy(self.v_scale[slot][:, :visible], cache.host_v_scale[layer, :, :visible])
         self.loaded[slot] = c.copy(self.v[slot][:, :visible], cache.host_v[layer, :, :visible])
         self.tag[slot] = key
         self.fetches += 1
@@ -75,12 +88,18 @@ class StreamedKVCache(KVCache):
     """A `KVCache` whose ring lives in (pinned) host memory; see the module docstring."""
 
     def __init__(self, streamer: KVStreamer, num_layers: int, batch: int, length: int, num_heads: int,
-                 head_dim: int, dtype: torch.dtype, cond: CondCache | None = None):
+                 head_dim: int, dtype: torch.dtype, cond: CondCache | None = None,
+                 compute_dtype: torch.dtype | None = None):
         shape = (num_layers, batch, length, num_heads, head_dim)
         self.streamer = streamer
         self.host_k = streamer.copier.host_like(shape, dtype)
         self.host_v = streamer.copier.host_like(shape, dtype)
         self.cond = cond
+        self.compute_dtype = kv_compute_dtype(dtype, compute_dtype)
+        self.host_k_scale = self.host_v_scale = None
+        if dtype == E4M3:
+            self.host_k_scale = streamer.copier.host_like((*shape[:-1], 1), self.compute_dtype)
+            self.host_v_scale = streamer.copier.host_like((*shape[:-1], 1), self.compute_dtype)
         self._written: torch.cuda.Event | None = None
 
     @property
@@ -92,6 +111,20 @@ class StreamedKVCache(KVCache):
     def v(self) -> torch.Tensor:
         self._to_host()
         return self.host_v
+
+    @property
+    def k_scale(self) -> torch.Tensor | None:
+        self._to_host()
+        return self.host_k_scale
+
+    @property
+    def v_scale(self) -> torch.Tensor | None:
+        self._to_host()
+        return self.host_v_scale
+
+    @property
+    def quantized(self) -> bool:
+        return self.host_k.dtype == E4M3
 
     @property
     def length(self) -> int:
@@ -115,24 +148,33 @@ class StreamedKVCache(KVCache):
         st.copier.wait(st.loaded[slot])
         n = k.shape[1]
         sk, sv = st.k[slot], st.v[slot]
-        sk[:, row:row + n] = k
-        sv[:, row:row + n] = v
+        if self.quantized:
+            history = store_fp8(sk, st.k_scale[slot], sv, st.v_scale[slot], row, visible, k, v)
+            st.copier.copy(self.host_k_scale[layer, :, row:row + n], st.k_scale[slot][:, row:row + n],
+                           after_compute=True)
+            st.copier.copy(self.host_v_scale[layer, :, row:row + n], st.v_scale[slot][:, row:row + n])
+        else:
+            sk[:, row:row + n] = k
+            sv[:, row:row + n] = v
+            history = sk[:, :visible], sv[:, :visible]
         st.copier.copy(self.host_k[layer, :, row:row + n], sk[:, row:row + n], after_compute=True)
         self._written = st.copier.copy(self.host_v[layer, :, row:row + n], sv[:, row:row + n])
         if layer + 1 < self.host_k.shape[0]:
             st.fetch(self, layer + 1, visible, keep=slot)
-        return sk[:, :visible], sv[:, :visible]
+        return history
 
 
 def make_streamed_step_caches(cfg: DiTConfig, lat_h: int, lat_w: int, *, num_steps: int, cache_frames: int,
-                              device: str | torch.device, batch: int = 1,
-                              dtype: torch.dtype = torch.bfloat16) -> list[StreamedKVCache]:
+                              device: str | torch.device, batch: int = 1, dtype: torch.dtype = torch.bfloat16,
+                              storage_dtype: torch.dtype | None = None) -> list[StreamedKVCache]:
     """Drop-in replacement for `model.cache.make_step_caches` with the rings in host memory."""
     if cache_frames <= 0 or cache_frames % cfg.num_frames_per_block:
         raise InputError("cache_frames", f"{cache_frames} latent frames is not a positive multiple of "
                          f"the {cfg.num_frames_per_block} frames denoised per block.",
                          "use latent frames per clip = a multiple of the block size (12 for 48-frame clips).")
     length = cache_frames * tokens_per_frame(cfg, lat_h, lat_w)
-    streamer = KVStreamer(device, (batch, length, cfg.num_heads, cfg.head_dim), dtype)
-    return [StreamedKVCache(streamer, cfg.num_layers, batch, length, cfg.num_heads, cfg.head_dim, dtype)
-            for _ in range(num_steps)]
+    storage = storage_dtype or dtype
+    compute = kv_compute_dtype(storage, dtype)
+    streamer = KVStreamer(device, (batch, length, cfg.num_heads, cfg.head_dim), storage, compute_dtype=compute)
+    return [StreamedKVCache(streamer, cfg.num_layers, batch, length, cfg.num_heads, cfg.head_dim, storage,
+                            compute_dtype=compute) for _ in range(num_steps)]

@@ -218,7 +218,7 @@ class BlockSampler:
     def load_state_dict(self, state: SamplerState) -> None:
         """Continue from `state_dict()` of a sampler built with the same config, model and prompt."""
         meta, tensors = state["meta"], state["tensors"]
-        needed = [f"cache{i}.{n}" for i in range(len(self.caches)) for n in ("k", "v")]
+        needed = [f"cache{i}.{n}" for i, cache in enumerate(self.caches) for n in cache.tensors()]
         missing = [k for k in needed + ["ref_latents", "motion_latents", "clip_latents"] if k not in tensors]
         if missing:
             raise InputError("resume_state", f"the state lacks {', '.join(missing)} (saved with a different "
@@ -234,12 +234,12 @@ class BlockSampler:
             raise InputError("resume_state", f"the saved run has latents of {tuple(meta['lat_hw'])}, this one "
                              f"{self.lat_hw}.", "resume with the same reference size.")
         for i, cache in enumerate(self.caches):
-            for name in ("k", "v"):
+            for name, dst in cache.tensors().items():
                 src = tensors[f"cache{i}.{name}"]
-                dst = getattr(cache, name)
-                if src.shape != dst.shape:
-                    raise InputError("resume_state", f"step cache {i} has shape {tuple(src.shape)}, expected "
-                                     f"{tuple(dst.shape)}.", "resume with the same model and settings.")
+                if src.shape != dst.shape or src.dtype != dst.dtype:
+                    raise InputError("resume_state", f"step cache {i} {name} is {tuple(src.shape)} {src.dtype}, "
+                                     f"expected {tuple(dst.shape)} {dst.dtype}.",
+                                     "resume with the same model and settings (KV cache dtype included).")
                 dst.copy_(src)
         cond = restore_cond(meta, tensors, self.model.device, self.dtype)
         for cache in self.caches:

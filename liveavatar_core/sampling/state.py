@@ -1,7 +1,8 @@
 """Resume state of a `BlockSampler`: tensors plus JSON-able metadata, saved with `torch.save`.
 
 What is kept (enough to continue bit-identically, spec/pipeline.md 3.4-3.9):
-* every step cache's k/v ring and the shared condition cache (un-rotated k/v and its RoPE layout);
+* every step cache's k/v ring (with an FP8 ring its scales) and the shared condition cache
+  (un-rotated k/v and its RoPE layout);
 * the clip/block counters and the clip boundary of the last sink refresh;
 * the reference-offset source as (its config, number of draws so far): a fresh source replays the
   draws, so no private RNG state is serialised;
@@ -40,7 +41,7 @@ def snapshot(sampler: "BlockSampler") -> SamplerState:
     """The sampler's state; tensors are the live ones (save or clone before continuing)."""
     tensors: dict[str, torch.Tensor] = {}
     for i, cache in enumerate(sampler.caches):
-        tensors[f"cache{i}.k"], tensors[f"cache{i}.v"] = cache.k, cache.v
+        tensors.update({f"cache{i}.{name}": t for name, t in cache.tensors().items()})
     cond = sampler.caches[0].cond
     meta: dict[str, Any] = {
         "format": FORMAT,
