@@ -10,8 +10,9 @@ FLOP limit of the GPU, and the ratio to the official single-GPU baseline (spec/b
 
 Plans: bf16 and fp8 on the whole GPU; cap48 / cap24: bf16 under a 48 / 24 GiB budget emulated with
 `torch.cuda.set_per_process_memory_fraction` (cap24fp8 / cap48fp8: the same with FP8 GEMMs);
-fp8kv, cap48fp8kv, cap24fp8kv: FP8 GEMMs with an FP8 KV cache. Each plan runs in its own process
-so that peaks and caps do not leak between plans.
+fp8kv, cap48fp8kv, cap24fp8kv: FP8 GEMMs with an FP8 KV cache; cap16, cap16fp8, cap16fp8kv: a
+16 GiB card (block swap with bf16 or FP8 blocks). Each plan runs in its own process so that peaks
+and caps do not leak between plans.
 
 Usage: python bench/run_bench.py [--plans bf16,fp8,cap48,cap24] [--clips 2] [--mp4] [--compile on|off]
                                 [--out DIR]
@@ -50,6 +51,9 @@ PLANS = {
     "fp8kv": ("fp8", None, "fp8"),
     "cap48fp8kv": ("fp8", 48, "fp8"),
     "cap24fp8kv": ("fp8", 24, "fp8"),
+    "cap16": ("bf16", 16, None),
+    "cap16fp8": ("fp8", 16, None),
+    "cap16fp8kv": ("fp8", 16, "fp8"),
 }
 DEFAULT_PLANS = "bf16,fp8,cap48,cap24"
 # spec/baseline.md: official single-GPU path on an H200, bf16, eager, offline decode.

@@ -114,9 +114,6 @@ def load_generator(dit_path: str | Path, vae_path: str | Path, lora_path: str | 
     plan = _plan(ckpt.config, dit_device, precision, offload, blocks_on_gpu, kv_cache_location, kv_cache_dtype,
                  plan_size, frames_per_clip)
     swapping = plan.blocks_on_gpu < ckpt.config.num_layers
-    if swapping and precision == "fp8":
-        raise InputError("offload", "block swap with FP8 is not supported yet (FP8 conversion runs on the GPU).",
-                         "use kv_cache_location='cpu' with fp8 (it fits 24 GB at 704*384), or bf16 block swap.")
     lora = load_lora(lora_path, ckpt.shapes()) if lora_path else None
     with torch.device("meta"):
         dit = LiveAvatarDiT(ckpt.config, attention=attention_fn).to(dtype)
@@ -130,9 +127,10 @@ def load_generator(dit_path: str | Path, vae_path: str | Path, lora_path: str | 
         log.info("LoRA: %s; merged %d pairs at scale %g", lora.description, merged, lora_scale)
     else:
         log.warning("no LoRA given: the base Wan2.2-S2V model is not the 4-step distilled Live Avatar model")
-    # 3. FP8 GEMMs after the merge (the merged weights are what is quantised).
+    # 3. FP8 GEMMs after the merge (the merged weights are what is quantised; with block swap they
+    #    are still in host memory and are quantised on the GPU one at a time).
     if precision == "fp8":
-        log.info("FP8: %d Linear layers converted", convert_to_fp8(dit))
+        log.info("FP8: %d Linear layers converted", convert_to_fp8(dit, compute_device=dit_device))
     # 4. Placement: block swap from pinned host memory, prefetched one block ahead.
     if swapping:
         apply_block_swap(dit, plan.blocks_on_gpu, dit_device, layers=plan.swapped)

@@ -126,3 +126,21 @@ def test_converted_tiny_model_runs_on_gpu(ckpt_dir):
         preds.append(model.denoise_block(x, 800.0, ctx, audio, None, cache, 0, 10).float())
     assert torch.isfinite(preds[1]).all()
     assert (preds[1] - preds[0]).norm() / preds[0].norm() < 0.2
+
+
+@needs_fp8
+def test_host_weights_are_quantised_on_the_gpu_and_stay_on_the_host():
+    """Block swap keeps weights in host memory: converting them for a GPU gives the codes a
+    conversion on that GPU gives, and leaves them where they were."""
+    cfg = DiTConfig(dim=64, ffn_dim=64, num_heads=2, num_layers=2, audio_dim=16, audio_inject_layers=(0,))
+    host = LiveAvatarDiT(cfg).to(torch.bfloat16)
+    gpu = LiveAvatarDiT(cfg).to(torch.bfloat16)
+    gpu.load_state_dict(host.state_dict())
+    gpu.cuda()
+    assert convert_to_fp8(host, compute_device="cuda") == convert_to_fp8(gpu) > 0
+
+    def bits(t):  # e4m3 codes compared as bytes
+        return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+    on_gpu = gpu.state_dict()
+    for name, a in host.state_dict().items():
+        assert a.device.type == "cpu" and torch.equal(bits(a), bits(on_gpu[name]).cpu()), name

@@ -10,6 +10,7 @@ import torch
 
 from liveavatar_core.model.cache import make_step_caches, tokens_per_frame
 from liveavatar_core.model.dit import LiveAvatarDiT, load_weights
+from liveavatar_core.ops.fp8 import FP8Linear, fp8_targets
 from liveavatar_core.placement import apply_block_swap, make_streamed_step_caches, on_device
 from liveavatar_core.placement.kv_stream import StreamedKVCache
 from liveavatar_core.sampling.config import SamplerConfig
@@ -112,6 +113,56 @@ def test_block_swap_moves_units_with_their_audio_injector(ckpt):
     assert id(model.audio_injector.injector[slot].q) in owners
     assert id(model.audio_injector.injector_adain_layers[slot].linear) in owners
     assert id(model.blocks[injected].ffn[0]) in owners
+
+
+def fp8_on_cpu(model: LiveAvatarDiT) -> LiveAvatarDiT:
+    """`ops.fp8.convert_to_fp8` without its GPU check: CPU PyTorch runs `torch._scaled_mm` too."""
+    for name in fp8_targets(model):
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, FP8Linear.from_linear(getattr(model.get_submodule(parent), leaf)))
+    return model
+
+
+@pytest.fixture(scope="module")
+def fp8_reference(ckpt):
+    model = fp8_on_cpu(build(ckpt, dtype=torch.bfloat16))
+    inp = inputs(model.cfg, dtype=torch.bfloat16)
+    return rollout(model, plain_caches(model, dtype=torch.bfloat16), inp)
+
+
+@pytest.mark.parametrize("blocks_on_gpu", [0, 2])
+def test_block_swap_of_fp8_blocks_is_bit_identical(ckpt, fp8_reference, blocks_on_gpu):
+    """Swap units holding e4m3 weights, their fp32 scales and bf16 biases pack and load intact."""
+    model = fp8_on_cpu(build(ckpt, dtype=torch.bfloat16))
+    swap = apply_block_swap(model, blocks_on_gpu, "cpu")
+    dtypes = {dtype for unit in swap.units.values() for *_, dtype, _ in unit.tensors}
+    assert {torch.float8_e4m3fn, torch.float32, torch.bfloat16} <= dtypes
+    assert_same(rollout(model, plain_caches(model, dtype=torch.bfloat16),
+                        inputs(model.cfg, dtype=torch.bfloat16)), fp8_reference)
+
+
+def test_compiled_fp8_blocks_with_block_swap_share_their_graphs(ckpt, fp8_reference):
+    """Swapping replaces the scale buffers of a unit at every load: the compiled regions must treat
+    them as inputs (no recompilation per layer or per load) and give the eager results exactly
+    (aot_eager runs the same kernels)."""
+    from torch._dynamo.utils import counters
+
+    model = fp8_on_cpu(build(ckpt, dtype=torch.bfloat16))
+    apply_block_swap(model, 1, "cpu")
+    torch._dynamo.reset()
+    counters.clear()
+    model.compile_regions(backend="aot_eager", fullgraph=True)
+    try:
+        inp = inputs(model.cfg, dtype=torch.bfloat16)
+        first = rollout(model, plain_caches(model, dtype=torch.bfloat16), inp)
+        graphs = counters["stats"]["unique_graphs"]
+        again = rollout(model, plain_caches(model, dtype=torch.bfloat16), inp)
+        assert counters["stats"]["unique_graphs"] == graphs, "a second stream recompiled"
+    finally:
+        model.compile_regions(False)
+    assert graphs <= 7 < model.cfg.num_layers * 2 * len(fp8_reference[0])
+    for a, b, c in zip(first[0], again[0], fp8_reference[0]):
+        assert torch.equal(a, b) and torch.equal(a, c)
 
 
 def test_streamed_kv_cache_is_bit_identical(ckpt, reference):

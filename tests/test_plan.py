@@ -116,6 +116,18 @@ def test_fp8_kv_cache_halves_the_rings_and_is_offered_as_a_fix():
     assert err.value.input_name == "kv_cache_dtype"
 
 
+def test_fp8_blocks_are_swapped_on_small_cards():
+    """16 GiB: FP8 weights do not fit whole, so auto swaps FP8 blocks, moving about half the
+    bytes per call that bf16 blocks need; an FP8 ring lowers that further."""
+    moved = {}
+    for precision, kv in (("bf16", None), ("fp8", None), ("fp8", "fp8")):
+        p = plan(16, precision=precision, kv_cache_dtype=kv, offload="auto").validate()
+        assert p.swapped and p.streamed_kv_layers() == CFG.num_layers
+        moved[precision, kv] = p.transfer_bytes_per_call()
+    assert moved["fp8", None] < 0.6 * moved["bf16", None]
+    assert moved["fp8", "fp8"] < moved["fp8", None]
+
+
 def test_vae_state_formula_equals_streaming_decoder(ckpt_dir):
     from liveavatar_core.vae.loader import load_vae
 

@@ -113,10 +113,13 @@ class FP8Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.to(torch.bfloat16), requires_grad=False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "FP8Linear":
-        codes, inv = quantize_e4m3(linear.weight.data)
+    def from_linear(cls, linear: nn.Linear, quantize_on: torch.device | None = None) -> "FP8Linear":
+        """Quantise `linear`'s weight (on `quantize_on` if given: the same codes, computed faster on a
+        GPU than on the host); the codes stay where the weight was."""
+        w = linear.weight.data
+        codes, inv = quantize_e4m3(w if quantize_on is None else w.to(quantize_on))
         bias = None if linear.bias is None else linear.bias.data
-        return cls(codes, inv, bias)
+        return cls(codes.to(w.device), inv.to(w.device), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
@@ -147,16 +150,20 @@ def check_fp8_support(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def convert_to_fp8(model: nn.Module) -> int:
+def convert_to_fp8(model: nn.Module, compute_device: torch.device | str | None = None) -> int:
     """Replace every eligible Linear by an `FP8Linear` in place; returns how many were replaced.
 
-    Run after the LoRA merge (the merged bf16 weights are what gets quantised).
+    Run after the LoRA merge (the merged bf16 weights are what gets quantised). `compute_device`
+    is the GPU the model will run on (default: where its weights are). Weights held in host memory
+    for block swap are quantised on that GPU one at a time and stay in host memory.
     """
-    device = next(model.parameters()).device
+    weights_on = next(model.parameters()).device
+    device = torch.device(compute_device) if compute_device is not None else weights_on
     check_fp8_support(device)
+    quantize_on = device if device != weights_on else None
     names = fp8_targets(model)
     for name in names:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, leaf, FP8Linear.from_linear(getattr(parent, leaf)))
+        setattr(parent, leaf, FP8Linear.from_linear(getattr(parent, leaf), quantize_on))
     return len(names)
