@@ -100,7 +100,8 @@ def build_dit(cfg: DiTConfig, plan: RunPlan, attention: str, compile_blocks: boo
     model.eval().requires_grad_(False)
     if plan.precision == "fp8":
         # Per unit (same 460 layers as convert_to_fp8 on the whole model) keeps the peak low.
-        n = sum(convert_to_fp8(b) for b in model.blocks) + convert_to_fp8(model.audio_injector)
+        n = sum(convert_to_fp8(b, fused=compile_blocks) for b in model.blocks)
+        n += convert_to_fp8(model.audio_injector, fused=compile_blocks)
         print(f"  FP8: {n} Linear layers converted")
     swap = None
     if plan.swapped:

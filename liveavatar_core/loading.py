@@ -130,7 +130,7 @@ def load_generator(dit_path: str | Path, vae_path: str | Path, lora_path: str | 
     # 3. FP8 GEMMs after the merge (the merged weights are what is quantised; with block swap they
     #    are still in host memory and are quantised on the GPU one at a time).
     if precision == "fp8":
-        log.info("FP8: %d Linear layers converted", convert_to_fp8(dit, compute_device=dit_device))
+        log.info("FP8: %d Linear layers converted", convert_to_fp8(dit, compute_device=dit_device, fused=use_compile))
     # 4. Placement: block swap from pinned host memory, prefetched one block ahead.
     if swapping:
         apply_block_swap(dit, plan.blocks_on_gpu, dit_device, layers=plan.swapped)

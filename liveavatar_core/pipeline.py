@@ -115,8 +115,8 @@ class LiveAvatarModel:
             make = make_step_caches
         if self.kv_cache_dtype is None:
             return make
-        storage = KV_STORAGE_DTYPES[self.kv_cache_dtype]
-        return functools.partial(make, storage_dtype=storage)
+        # Fused dequantisation only where the DiT is compiled too (compile='off': nothing compiles).
+        return functools.partial(make, storage_dtype=KV_STORAGE_DTYPES[self.kv_cache_dtype], fused=self.dit.compiled)
 
 
 @dataclass

@@ -59,17 +59,19 @@ class KVCache:
     `dtype` is how the ring stores them. `torch.float8_e4m3fn` (an FP8 KV cache) halves the
     memory of bf16: each key and value head of a row is kept as e4m3 codes with its own scale
     (`k_scale`, `v_scale` `[layers, B, rows, H, 1]` in `compute_dtype`) and handed to attention
-    dequantised to `compute_dtype`; a block's own rows are attended exactly as computed.
+    dequantised to `compute_dtype` (`fused`: by a compiled kernel where available); a block's own
+    rows are attended exactly as computed.
     """
 
     def __init__(self, num_layers: int, batch: int, length: int, num_heads: int, head_dim: int,
                  dtype: torch.dtype, device=None, cond: CondCache | None = None,
-                 compute_dtype: torch.dtype | None = None):
+                 compute_dtype: torch.dtype | None = None, fused: bool = True):
         shape = (num_layers, batch, length, num_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.cond = cond
         self.compute_dtype = kv_compute_dtype(dtype, compute_dtype)
+        self.fused = fused
         self.k_scale = self.v_scale = None
         if self.quantized:
             self.k_scale = torch.zeros((*shape[:-1], 1), dtype=self.compute_dtype, device=device)
@@ -107,7 +109,7 @@ class KVCache:
         row, visible = self.window(current_start, k.shape[1])
         if self.quantized:
             return store_fp8(self.k[layer], self.k_scale[layer], self.v[layer], self.v_scale[layer],
-                             row, visible, k, v)
+                             row, visible, k, v, self.fused)
         self.k[layer, :, row:row + k.shape[1]] = k
         self.v[layer, :, row:row + v.shape[1]] = v
         return self.k[layer, :, :visible], self.v[layer, :, :visible]
@@ -119,14 +121,15 @@ class KVCache:
 
 
 def store_fp8(k_ring: torch.Tensor, k_scale: torch.Tensor, v_ring: torch.Tensor, v_scale: torch.Tensor,
-              row: int, visible: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+              row: int, visible: int, k: torch.Tensor, v: torch.Tensor, fused: bool = True
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantise a block's k and v into one layer's FP8 rings `[B, rows, H, HD]` at `row`; return
     the first `visible` rows dequantised, the block's own rows exact."""
     n = k.shape[1]
     out = []
     for ring, scale, new in ((k_ring, k_scale, k), (v_ring, v_scale, v)):
         ring[:, row:row + n], scale[:, row:row + n] = quantize_rows(new)
-        history = dequantize_kv(ring[:, :visible], scale[:, :visible], new.dtype)
+        history = dequantize_kv(ring[:, :visible], scale[:, :visible], new.dtype, fused)
         history[:, row:row + n] = new
         out.append(history)
     return out[0], out[1]
@@ -154,12 +157,12 @@ def tokens_per_frame(cfg: DiTConfig, lat_h: int, lat_w: int) -> int:
 
 def make_step_caches(cfg: DiTConfig, lat_h: int, lat_w: int, *, num_steps: int, cache_frames: int,
                      batch: int = 1, dtype: torch.dtype = torch.bfloat16, device=None,
-                     storage_dtype: torch.dtype | None = None) -> list[KVCache]:
+                     storage_dtype: torch.dtype | None = None, fused: bool = True) -> list[KVCache]:
     """One `KVCache` per denoising step, `cache_frames` latent frames long (12 for 48-frame clips).
 
     `dtype` is the DiT's compute dtype, `storage_dtype` the rings' (default the same;
-    `torch.float8_e4m3fn` for an FP8 cache). The condition cache is attached by
-    `LiveAvatarDiT.sink`, shared by all of them.
+    `torch.float8_e4m3fn` for an FP8 cache; `fused`: see `KVCache`). The condition cache is
+    attached by `LiveAvatarDiT.sink`, shared by all of them.
     """
     if cache_frames <= 0 or cache_frames % cfg.num_frames_per_block:
         raise InputError("cache_frames", f"{cache_frames} latent frames is not a positive multiple of "
@@ -167,4 +170,4 @@ def make_step_caches(cfg: DiTConfig, lat_h: int, lat_w: int, *, num_steps: int, 
                          "use latent frames per clip = a multiple of the block size (12 for 48-frame clips).")
     length = cache_frames * tokens_per_frame(cfg, lat_h, lat_w)
     return [KVCache(cfg.num_layers, batch, length, cfg.num_heads, cfg.head_dim, storage_dtype or dtype, device,
-                    compute_dtype=dtype) for _ in range(num_steps)]
+                    compute_dtype=dtype, fused=fused) for _ in range(num_steps)]

@@ -56,14 +56,14 @@ def _fusable(x: torch.Tensor) -> bool:
 _fused_quantize = None
 
 
-def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`quantize_e4m3` for per-call activations: one fused kernel on CUDA with Triton (the official
-    code also compiles its quantiser), the eager form elsewhere. Both round X*s once from fp32; the fused
-    kernel's scale can differ by one fp32 ulp, which moved 0.0001 % of the codes by one e4m3 step
-    on random activations (bench/fp8_quant_check.py)."""
+def quantize_activation(x: torch.Tensor, fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_e4m3` for per-call activations: one fused kernel on CUDA with Triton unless `fused`
+    is False (the official code also compiles its quantiser), the eager form elsewhere. Both round
+    X*s once from fp32; the fused kernel's scale can differ by one fp32 ulp, which moved 0.0001 %
+    of the codes by one e4m3 step on random activations (bench/fp8_quant_check.py)."""
     global _fused_quantize
     # Inside a compiled region (DiT block regional compilation) the eager form is what gets fused.
-    if torch.compiler.is_compiling() or not _fusable(x):
+    if not fused or torch.compiler.is_compiling() or not _fusable(x):
         return quantize_e4m3(x)
     if _fused_quantize is None:
         _fused_quantize = torch.compile(quantize_e4m3, dynamic=True)
@@ -90,11 +90,12 @@ def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
 _fused_dequantize = None
 
 
-def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`dequantize_rows` for cached keys/values: one fused kernel on CUDA with Triton (read codes
-    and scales once, write `dtype`), the eager form elsewhere; both give the same values."""
+def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, fused: bool = True) -> torch.Tensor:
+    """`dequantize_rows` for cached keys/values: one fused kernel on CUDA with Triton unless `fused`
+    is False (read codes and scales once, write `dtype`), the eager form elsewhere; both give the
+    same values."""
     global _fused_dequantize
-    if torch.compiler.is_compiling() or not _fusable(codes):
+    if not fused or torch.compiler.is_compiling() or not _fusable(codes):
         return dequantize_rows(codes, scale, dtype)
     if _fused_dequantize is None:
         _fused_dequantize = torch.compile(dequantize_rows, dynamic=True)
@@ -111,6 +112,7 @@ class FP8Linear(nn.Module):
         self.weight = nn.Parameter(weight_codes, requires_grad=False)
         self.register_buffer("weight_scale_inv", weight_scale_inv.reshape(()))
         self.bias = None if bias is None else nn.Parameter(bias.to(torch.bfloat16), requires_grad=False)
+        self.fused = True  # quantize_activation's fused kernel where available (convert_to_fp8)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, quantize_on: torch.device | None = None) -> "FP8Linear":
@@ -123,7 +125,7 @@ class FP8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        xq, x_inv = quantize_activation(flat)
+        xq, x_inv = quantize_activation(flat, self.fused)
         out = torch._scaled_mm(xq, self.weight.t(), scale_a=x_inv, scale_b=self.weight_scale_inv,
                                bias=self.bias, out_dtype=torch.bfloat16, use_fast_accum=True)
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -150,12 +152,13 @@ def check_fp8_support(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def convert_to_fp8(model: nn.Module, compute_device: torch.device | str | None = None) -> int:
+def convert_to_fp8(model: nn.Module, compute_device: torch.device | str | None = None, fused: bool = True) -> int:
     """Replace every eligible Linear by an `FP8Linear` in place; returns how many were replaced.
 
     Run after the LoRA merge (the merged bf16 weights are what gets quantised). `compute_device`
     is the GPU the model will run on (default: where its weights are). Weights held in host memory
-    for block swap are quantised on that GPU one at a time and stay in host memory.
+    for block swap are quantised on that GPU one at a time and stay in host memory. `fused=False`
+    keeps the activation quantiser eager (nothing is compiled; the loader's compile='off').
     """
     weights_on = next(model.parameters()).device
     device = torch.device(compute_device) if compute_device is not None else weights_on
@@ -165,5 +168,7 @@ def convert_to_fp8(model: nn.Module, compute_device: torch.device | str | None =
     for name in names:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, leaf, FP8Linear.from_linear(getattr(parent, leaf), quantize_on))
+        layer = FP8Linear.from_linear(getattr(parent, leaf), quantize_on)
+        layer.fused = fused
+        setattr(parent, leaf, layer)
     return len(names)

@@ -89,13 +89,14 @@ class StreamedKVCache(KVCache):
 
     def __init__(self, streamer: KVStreamer, num_layers: int, batch: int, length: int, num_heads: int,
                  head_dim: int, dtype: torch.dtype, cond: CondCache | None = None,
-                 compute_dtype: torch.dtype | None = None):
+                 compute_dtype: torch.dtype | None = None, fused: bool = True):
         shape = (num_layers, batch, length, num_heads, head_dim)
         self.streamer = streamer
         self.host_k = streamer.copier.host_like(shape, dtype)
         self.host_v = streamer.copier.host_like(shape, dtype)
         self.cond = cond
         self.compute_dtype = kv_compute_dtype(dtype, compute_dtype)
+        self.fused = fused
         self.host_k_scale = self.host_v_scale = None
         if dtype == E4M3:
             self.host_k_scale = streamer.copier.host_like((*shape[:-1], 1), self.compute_dtype)
@@ -149,7 +150,7 @@ class StreamedKVCache(KVCache):
         n = k.shape[1]
         sk, sv = st.k[slot], st.v[slot]
         if self.quantized:
-            history = store_fp8(sk, st.k_scale[slot], sv, st.v_scale[slot], row, visible, k, v)
+            history = store_fp8(sk, st.k_scale[slot], sv, st.v_scale[slot], row, visible, k, v, self.fused)
             st.copier.copy(self.host_k_scale[layer, :, row:row + n], st.k_scale[slot][:, row:row + n],
                            after_compute=True)
             st.copier.copy(self.host_v_scale[layer, :, row:row + n], st.v_scale[slot][:, row:row + n])
@@ -166,7 +167,8 @@ class StreamedKVCache(KVCache):
 
 def make_streamed_step_caches(cfg: DiTConfig, lat_h: int, lat_w: int, *, num_steps: int, cache_frames: int,
                               device: str | torch.device, batch: int = 1, dtype: torch.dtype = torch.bfloat16,
-                              storage_dtype: torch.dtype | None = None) -> list[StreamedKVCache]:
+                              storage_dtype: torch.dtype | None = None, fused: bool = True
+                              ) -> list[StreamedKVCache]:
     """Drop-in replacement for `model.cache.make_step_caches` with the rings in host memory."""
     if cache_frames <= 0 or cache_frames % cfg.num_frames_per_block:
         raise InputError("cache_frames", f"{cache_frames} latent frames is not a positive multiple of "
@@ -177,4 +179,4 @@ def make_streamed_step_caches(cfg: DiTConfig, lat_h: int, lat_w: int, *, num_ste
     compute = kv_compute_dtype(storage, dtype)
     streamer = KVStreamer(device, (batch, length, cfg.num_heads, cfg.head_dim), storage, compute_dtype=compute)
     return [StreamedKVCache(streamer, cfg.num_layers, batch, length, cfg.num_heads, cfg.head_dim, storage,
-                            compute_dtype=compute) for _ in range(num_steps)]
+                            compute_dtype=compute, fused=fused) for _ in range(num_steps)]
