@@ -9,6 +9,7 @@ from liveavatar_core.model.cache import KVCache, make_step_caches, tokens_per_fr
 from liveavatar_core.model.dit import LiveAvatarDiT, load_weights
 from liveavatar_core.model.layers import Attention
 from liveavatar_core.model.offset import reference_time
+from liveavatar_core.model.rope import RopeFreqs, TokenGrid
 from liveavatar_core.ops.attention import attention_backends, get_attention
 from liveavatar_core.weights.dit import expected_dit_keys, load_dit_checkpoint
 from liveavatar_core.weights.io import open_checkpoint
@@ -190,6 +191,24 @@ def test_rope_matches_the_official_45000_table_bit_for_bit(tiny):
         # Negative positions are the conjugate (FramePack motion tokens).
         ncos, nsin = tiny.rope.part(axis, -positions[:100])
         assert torch.equal(ncos, cos[:100]) and torch.equal(nsin, -sin[:100])
+
+
+def test_rope_tables_are_cached_per_group_and_bounded():
+    """A block's table serves its sampler steps and the fixed motion groups are built once: cached
+    tables equal fresh ones, repeat requests share them, and the caches stay small."""
+    cfg = DiTConfig.wan_s2v_14b()
+    freqs, fresh = RopeFreqs(cfg.head_dim), RopeFreqs(cfg.head_dim)
+    fresh.GRID_CACHE = fresh.SEQUENCE_CACHE = 0
+    grid = TokenGrid((40, 41, 42), tuple(range(24)), tuple(range(44)))
+    first = freqs.sequence([grid])
+    assert freqs.sequence([grid]) is first
+    assert all(torch.equal(a, b) for a, b in zip(first, fresh.sequence([grid])))
+    for t in range(3 * RopeFreqs.GRID_CACHE):
+        moved = TokenGrid((t,), grid.h, grid.w)
+        mixed = freqs.sequence([moved, grid])
+        assert all(torch.equal(a, b) for a, b in zip(mixed, fresh.sequence([moved, grid])))
+    assert len(freqs._grids) == RopeFreqs.GRID_CACHE and len(freqs._sequences) == RopeFreqs.SEQUENCE_CACHE
+    assert not fresh._grids and not fresh._sequences
 
 
 def _compare_bf16(tiny, ckpt_dir, device, attention):
