@@ -17,6 +17,7 @@ from .errors import InputError, WeightsError
 from .model.dit import LiveAvatarDiT
 from .ops.attention import get_attention
 from .ops.fp8 import check_fp8_support, convert_to_fp8
+from .ops.transfer import cuda_index
 from .pipeline import LiveAvatarModel
 from .placement import apply_block_swap
 from .plan import RunPlan, detect_devices, plan_run
@@ -193,8 +194,7 @@ def _plan(cfg, device: torch.device, precision: str, offload: str, blocks_on_gpu
           kv_cache_location: str, kv_cache_dtype: str, size: str, frames_per_clip: int) -> RunPlan:
     """The validated run plan for the DiT's device (CPU runs: a CPU-only plan)."""
     if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        devices = [d for d in detect_devices() if d.name == f"cuda:{index}"]
+        devices = [d for d in detect_devices() if d.name == f"cuda:{cuda_index(device)}"]
     else:
         devices = []
         if offload == "block_swap":

@@ -6,11 +6,11 @@ so the same code runs in fp32 (parity) and bf16 (real use) with the parameters' 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from collections.abc import Sequence
 
 from ..ops.attention import AttentionFn, Segment, attend, merge_attention
 

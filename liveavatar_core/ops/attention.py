@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
+from .transfer import cuda_index
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # Keys and values `[B, Lk, H, D]` of one part of what a query attends to.
@@ -69,7 +70,7 @@ def _cudnn_sdpa_device(index: int) -> bool:
 def _cudnn_accepts(q: torch.Tensor) -> bool:
     return (q.is_cuda and q.dtype in _HALF and q.shape[-1] <= 128
             and hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention")
-            and _cudnn_sdpa_device(q.device.index if q.device.index is not None else torch.cuda.current_device()))
+            and _cudnn_sdpa_device(cuda_index(q.device)))
 
 
 def _cudnn_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

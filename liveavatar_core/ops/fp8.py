@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import InputError
+from .transfer import cuda_index
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -50,7 +51,7 @@ def _can_fuse(device_index: int) -> bool:
 
 
 def _fusable(x: torch.Tensor) -> bool:
-    return x.is_cuda and _can_fuse(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    return x.is_cuda and _can_fuse(cuda_index(x.device))
 
 
 _fused_quantize = None

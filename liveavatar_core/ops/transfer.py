@@ -1,4 +1,4 @@
-"""Host-to-GPU copies that do not stall the host."""
+"""Host-to-GPU copies that do not stall the host, and CUDA device lookups."""
 
 from __future__ import annotations
 
@@ -17,3 +17,8 @@ def upload(t: torch.Tensor, device: str | torch.device) -> torch.Tensor:
     if device.type != "cuda" or t.device.type != "cpu":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+def cuda_index(device: torch.device) -> int:
+    """The index of the CUDA `device` (the current device when it names none)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
