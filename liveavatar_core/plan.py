@@ -528,10 +528,10 @@ def _suggest_fix(plan: RunPlan, device: str, need: int) -> str:
 
 
 def _rebuild(plan: RunPlan, **changes) -> RunPlan:
+    # Another precision means another compute dtype for the rings, unless they are FP8.
+    keep_kv = "precision" not in changes or plan.kv_cache_dtype == "fp8"
     args = dict(precision=plan.precision, blocks_on_gpu=plan.blocks_on_gpu,
-                kv_layers_on_gpu=plan.kv_layers_on_gpu,
-                kv_cache_dtype=plan.kv_cache_dtype if plan.kv_cache_dtype == "fp8" or "precision" not in changes
-                else None,
+                kv_layers_on_gpu=plan.kv_layers_on_gpu, kv_cache_dtype=plan.kv_cache_dtype if keep_kv else None,
                 vae=plan.vae, text_encoder=plan.text_encoder, audio_encoder=plan.audio_encoder)
     args.update(changes)
     return _build(plan.cfg, plan.geometry, plan.devices, plan.host, plan.memory_cap_bytes, plan.dit_device,
