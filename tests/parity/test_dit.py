@@ -147,7 +147,8 @@ def test_predictions(run):
     g7 = run["g7"]
     assert run["preds"]
     for prefix, pred in run["preds"].items():
-        torch.testing.assert_close(pred, g7[f"{prefix}.pred"], atol=FORWARD_ATOL, rtol=0, msg=prefix)
+        torch.testing.assert_close(pred, g7[f"{prefix}.pred"], atol=FORWARD_ATOL, rtol=0,
+                                   msg=lambda m, prefix=prefix: f"{prefix}: {m}")
 
 
 def test_step_caches_after_last_block(run, model):

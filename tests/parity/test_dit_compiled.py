@@ -38,4 +38,5 @@ def test_compiled_predictions_match_golden(tiny_dit, golden, manifest):
         pred = model.denoise_block(g7[f"{prefix}.x"][None].cuda(), g7[f"{prefix}.t"], text_cache,
                                    g7[f"clip0.block{b}.step0.audio_input"].cuda(), None, caches[s],
                                    call["current_start"], call["randint_relative_dist"][0])
-        torch.testing.assert_close(pred[0].cpu(), g7[f"{prefix}.pred"], atol=FORWARD_ATOL, rtol=0, msg=prefix)
+        torch.testing.assert_close(pred[0].cpu(), g7[f"{prefix}.pred"], atol=FORWARD_ATOL, rtol=0,
+                                   msg=lambda m, prefix=prefix: f"{prefix}: {m}")
