@@ -77,12 +77,10 @@ class CausalConv3d(nn.Conv3d):
         if self.history:
             i = cache.take()
             x = torch.cat([cache.history(i, x, self.history), x], dim=2)
-        # The layout cat chooses depends on its inputs' strides (and is ambiguous for a single frame).
-        x = x.contiguous(memory_format=self.memory_format)
-        if self.history:
-            # clone: a slice would keep the whole concatenated chunk alive.
-            cache.slots[i] = x[:, :, -self.history:].clone()
-        return self._conv_forward(x, self.weight, self.bias)
+            # clone: a slice would keep the whole concatenated chunk alive. The layout cat chooses
+            # depends on its inputs' strides (and is ambiguous for a single frame): set it here.
+            cache.slots[i] = x[:, :, -self.history:].clone(memory_format=self.memory_format)
+        return self._conv_forward(x.contiguous(memory_format=self.memory_format), self.weight, self.bias)
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if (not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.float32
@@ -210,8 +208,7 @@ class Resample(nn.Module):
             return x
         b, c, t, h, w = x.shape
         x = torch.cat([cache.history(i, x, CACHE_FRAMES), x.to(self.time_conv.weight.dtype)], dim=2)
-        x = x.contiguous(memory_format=self.time_conv.memory_format)
-        cache.slots[i] = x[:, :, -CACHE_FRAMES:].clone()
+        cache.slots[i] = x[:, :, -CACHE_FRAMES:].clone(memory_format=self.time_conv.memory_format)
         x = self.time_conv(x).reshape(b, 2, c, t, h, w)
         return torch.stack((x[:, 0], x[:, 1]), dim=3).reshape(b, c, 2 * t, h, w)
 

@@ -116,7 +116,6 @@ class WanVAE(nn.Module):
         self.cfg = cfg
         self.latent_dtype = latent_dtype
         self._constants: tuple | None = None  # ((device, dtype), mean, 1/std), see latent_constants
-        self.channels_last = False  # set_channels_last
         self.description = f"Wan 2.1 VAE (z={cfg.z_dim}, base width {cfg.base_dim}), randomly initialised"
         self.encoder = Encoder3d(cfg)
         self.conv1 = CausalConv3d(2 * cfg.z_dim, 2 * cfg.z_dim, 1)
@@ -148,7 +147,11 @@ class WanVAE(nn.Module):
             if isinstance(module, nn.Conv3d | nn.Conv2d):
                 fmt = fmt3 if module.weight.dim() == 5 else fmt2
                 module.weight.data = module.weight.data.contiguous(memory_format=fmt)
-        self.channels_last = enabled
+
+    @property
+    def channels_last(self) -> bool:
+        """Whether `set_channels_last` is in effect."""
+        return self.decoder.conv1.memory_format == torch.channels_last_3d
 
     @property
     def compiled(self) -> bool:
