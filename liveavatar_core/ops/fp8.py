@@ -54,7 +54,10 @@ def _fusable(x: torch.Tensor) -> bool:
     return x.is_cuda and _can_fuse(cuda_index(x.device))
 
 
-_fused_quantize = None
+@functools.cache
+def _fused(fn):
+    """One compiled version of `fn` per process (dynamic shapes: every layer and length)."""
+    return torch.compile(fn, dynamic=True)
 
 
 def quantize_activation(x: torch.Tensor, fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,13 +65,10 @@ def quantize_activation(x: torch.Tensor, fused: bool = True) -> tuple[torch.Tens
     is False (the official code also compiles its quantiser), the eager form elsewhere. Both round
     X*s once from fp32; the fused kernel's scale can differ by one fp32 ulp, which moved 0.0001 %
     of the codes by one e4m3 step on random activations (bench/fp8_quant_check.py)."""
-    global _fused_quantize
     # Inside a compiled region (DiT block regional compilation) the eager form is what gets fused.
     if not fused or torch.compiler.is_compiling() or not _fusable(x):
         return quantize_e4m3(x)
-    if _fused_quantize is None:
-        _fused_quantize = torch.compile(quantize_e4m3, dynamic=True)
-    return _fused_quantize(x)
+    return _fused(quantize_e4m3)(x)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,19 +88,13 @@ def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
     return (codes.float() * scale.float()).to(dtype)
 
 
-_fused_dequantize = None
-
-
 def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, fused: bool = True) -> torch.Tensor:
     """`dequantize_rows` for cached keys/values: one fused kernel on CUDA with Triton unless `fused`
     is False (read codes and scales once, write `dtype`), the eager form elsewhere; both give the
     same values."""
-    global _fused_dequantize
     if not fused or torch.compiler.is_compiling() or not _fusable(codes):
         return dequantize_rows(codes, scale, dtype)
-    if _fused_dequantize is None:
-        _fused_dequantize = torch.compile(dequantize_rows, dynamic=True)
-    return _fused_dequantize(codes, scale, dtype)
+    return _fused(dequantize_rows)(codes, scale, dtype)
 
 
 class FP8Linear(nn.Module):
