@@ -43,6 +43,11 @@ CATEGORIES = (("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
               ("copy", ("cat", "copy", "memcpy", "memset")))
 
 
+def variant_backend(variant: str):
+    """The SDPA backend a variant's name restricts it to, or None."""
+    return next((b for n, b in BACKENDS.items() if n in variant), None)
+
+
 def category(kernel: str) -> str:
     name = kernel.lower()
     for cat, keys in CATEGORIES:
@@ -149,7 +154,7 @@ def main() -> None:
         compiled = "compile" in variant
         opts = {} if args.compile_mode is None else {"mode": args.compile_mode}
         model.compile_regions(compiled, **opts)
-        backend = next((b for n, b in BACKENDS.items() if n in variant), None)
+        backend = variant_backend(variant)
         ctx = sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext()
         with ctx:
             t0 = time.perf_counter()
@@ -189,7 +194,7 @@ def main() -> None:
     dec = vae.stream_decoder()
     lat = [torch.randn(1, 16, 3, lat_h, lat_w, device="cuda", generator=g) for _ in range(12)]
     dec.decode(lat[0])
-    best_backend = next((b for n, b in BACKENDS.items() if n in best), None)
+    best_backend = variant_backend(best)
     ctx = sdpa_kernel([best_backend]) if best_backend is not None else contextlib.nullcontext()
     side = torch.cuda.Stream()
     with ctx:
