@@ -302,15 +302,16 @@ def vae_decoder_state_bytes(height: int, width: int, base_dim: int = 96, z_dim: 
 
 
 def vae_decode_peak_bytes(height: int, width: int, base_dim: int = 96, dtype: str = "bf16",
-                          batch: int = 1) -> int:
+                          batch: int = 1, taps: bool = False) -> int:
     """Transient peak of decoding one latent (4 frames) at full resolution.
 
-    The last stage dominates: the conv input with its 2 history frames (6 frames), its output, and
+    The last stage dominates: the conv input with its 2 history frames (6 frames), its output (with
+    `taps`, as on a CUDA VAE, one partial output per temporal tap: `CausalConv3d.partials`), and
     the fp32 RMS-norm temporaries of 4 frames.
     """
     e = _BYTES[dtype]
     frame = batch * base_dim * DIM_MULT[0] * height * width
-    return frame * (6 * e + 4 * e + 2 * 4 * 4)
+    return frame * (6 * e + (3 if taps else 1) * 4 * e + 2 * 4 * 4)
 
 
 def text_encoder_bytes(dtype: str = "bf16") -> int:
@@ -666,7 +667,7 @@ def _build(cfg: DiTConfig, geo: Geometry, devices: tuple[DeviceSpec, ...], host:
     items.append(MemoryItem(vae_dev, "VAE streaming state",
                             vae_decoder_state_bytes(geo.height, geo.width, dtype=vae_dtype, batch=geo.batch),
                             _GENERATE))
-    vae_act = vae_decode_peak_bytes(geo.height, geo.width, dtype=vae_dtype, batch=geo.batch)
+    vae_act = vae_decode_peak_bytes(geo.height, geo.width, dtype=vae_dtype, batch=geo.batch, taps=vae == "gpu")
     if vae_dev == gpu:
         # A block's decode runs on its own stream while the next block is sampled: both transients.
         items.append(MemoryItem(gpu, "activations (block call)", dit_act, _GENERATE))

@@ -6,6 +6,7 @@ from safetensors.torch import save_file
 
 from liveavatar_core.errors import InputError, WeightsError
 from liveavatar_core.vae import VAEConfig, WanVAE, load_vae
+from liveavatar_core.vae.layers import CausalConv3d
 from liveavatar_core.weights.io import open_checkpoint
 from liveavatar_core.weights.vae import (describe_vae, expected_vae_shapes, inspect_vae, to_file_keys,
                                          vae_state_dict)
@@ -238,6 +239,9 @@ def test_channels_last_layout_gives_the_same_video(vae_path):
     vae.set_channels_last()
     conv = vae.decoder.conv1
     assert vae.channels_last and conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    convs = [m for m in vae.modules() if isinstance(m, CausalConv3d)]
+    # This VAE is narrow: every conv with a temporal kernel runs per tap (CausalConv3d.partials).
+    assert all(c.taps == c.tappable for c in convs) and any(c.taps for c in convs)
     dec = vae.stream_decoder()
     pieces = [dec.decode(z[:, :, :1]), dec.decode(z[:, :, 1:4]), dec.decode(z[:, :, 4:])]
     assert pieces[1].is_contiguous(memory_format=torch.channels_last_3d)
@@ -245,5 +249,5 @@ def test_channels_last_layout_gives_the_same_video(vae_path):
     torch.testing.assert_close(torch.cat(pieces, dim=2), decoded, rtol=0, atol=1e-5)
     torch.testing.assert_close(vae.encode(x), encoded, rtol=0, atol=1e-5)
     vae.set_channels_last(False)
-    assert not vae.channels_last and conv.weight.is_contiguous()
+    assert not vae.channels_last and conv.weight.is_contiguous() and not any(c.taps for c in convs)
     torch.testing.assert_close(vae.decode(z), decoded, rtol=0, atol=0)

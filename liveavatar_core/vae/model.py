@@ -15,7 +15,8 @@ from torch import nn
 from ..errors import InputError
 from ..ops.transfer import upload
 from .config import VAEConfig
-from .layers import AttentionBlock, CausalConv3d, FeatureCache, ResidualBlock, Resample, RMSNorm, norm_silu
+from .layers import (EAGER, AttentionBlock, CausalConv3d, FeatureCache, Kernels, ResidualBlock, Resample, RMSNorm,
+                     norm_silu, residual_sum)
 from .streaming import StreamingDecoder, StreamingEncoder
 
 
@@ -23,8 +24,8 @@ def _head(in_dim: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(RMSNorm(in_dim), nn.SiLU(), CausalConv3d(in_dim, out_dim, 3, padding=1))
 
 
-def _run_head(head: nn.Sequential, x: torch.Tensor, cache: FeatureCache, act=norm_silu) -> torch.Tensor:
-    return head[2](act(x, head[0].gamma.detach(), head[2].weight.dtype), cache)
+def _run_head(head: nn.Sequential, x: torch.Tensor, cache: FeatureCache, kernels: Kernels) -> torch.Tensor:
+    return head[2](kernels.norm_silu(x, head[0].gamma.detach(), head[2].weight.dtype), cache)
 
 
 def _middle(dim: int) -> nn.Sequential:
@@ -48,13 +49,13 @@ class Encoder3d(nn.Module):
         self.downsamples = nn.Sequential(*blocks)
         self.middle = _middle(dims[-1])
         self.head = _head(dims[-1], 2 * cfg.z_dim)
-        self.act = norm_silu
+        self.kernels = EAGER
 
     def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         x = self.conv1(x, cache)
         for block in (*self.downsamples, *self.middle):
             x = block(x, cache)
-        return _run_head(self.head, x, cache, self.act)
+        return _run_head(self.head, x, cache, self.kernels)
 
 
 class Decoder3d(nn.Module):
@@ -77,30 +78,39 @@ class Decoder3d(nn.Module):
                 blocks.append(Resample(cout, "upsample3d" if temporal_up[stage] else "upsample2d"))
         self.upsamples = nn.Sequential(*blocks)
         self.head = _head(dims[-1], 3)
-        self.act = norm_silu
+        self.kernels = EAGER
 
     def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         x = self.conv1(x, cache)
         for block in (*self.middle, *self.upsamples):
             x = block(x, cache)
-        return _run_head(self.head, x, cache, self.act)
+        return _run_head(self.head, x, cache, self.kernels)
 
 
 @functools.cache
-def _compiled_norm_silu(options: tuple):
-    # Sizes dynamic (one graph serves every resolution), the channel count static: the reduction
+def _compiled_kernels(options: tuple) -> Kernels:
+    # Sizes dynamic (one graph serves every resolution), channel counts static: the reduction
     # over channels then runs as one persistent kernel, which in the channels-last layout is seven
     # times as fast as the looped reduction a dynamic count gets. That makes one graph per channel
-    # count, first chunk or not, and input layout: about 13 in encoder and decoder together, past
-    # dynamo's default limit of 8 graphs per function, hence the raised limit for this one.
-    compiled = torch.compile(norm_silu, **{"dynamic": True, **dict(options)})
-    limit = torch._dynamo.config.patch(recompile_limit=max(32, torch._dynamo.config.recompile_limit))
+    # count, first chunk or not, input layout and number of conv partials: a few dozen in encoder
+    # and decoder together, past dynamo's default limit of 8 graphs per function, hence the
+    # raised limit for these.
+    limit = torch._dynamo.config.patch(recompile_limit=max(64, torch._dynamo.config.recompile_limit))
 
-    @limit
-    def run(x: torch.Tensor, gamma: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        torch._dynamo.mark_static(x, 1)
-        return compiled(x, gamma, dtype)
-    return run
+    def static_channels(fn):
+        compiled = torch.compile(fn, **{"dynamic": True, **dict(options)})
+
+        @limit
+        def run(x, *args):
+            for t in x if isinstance(x, tuple) else (x,):
+                torch._dynamo.mark_static(t, 1)
+            return compiled(x, *args)
+        return run
+    return Kernels(static_channels(norm_silu), static_channels(residual_sum))
+
+
+# Narrower 3-D convs run as per-tap 2-D convs in channels-last (CausalConv3d.partials).
+TAPS_BELOW_CHANNELS = 128
 
 
 class WanVAE(nn.Module):
@@ -127,23 +137,27 @@ class WanVAE(nn.Module):
         return self.conv1.weight.device
 
     def compile_regions(self, enabled: bool = True, **options) -> None:
-        """Compile the normalisation + SiLU + cast before every conv into one kernel (it is half the
-        decode time in eager mode: five full-size float32 passes). Convs, the causal cache and the
-        chunk logic stay eager. `options` go to `torch.compile`; `enabled=False` returns to eager."""
-        act = _compiled_norm_silu(tuple(sorted(options.items()))) if enabled else norm_silu
+        """Compile the work between convs into one kernel each: the bias of the conv before, the
+        normalisation, SiLU and cast before every conv (in eager mode half the decode time: five
+        full-size float32 passes), and the residual sums. Convs, the causal cache and the chunk
+        logic stay eager. `options` go to `torch.compile`; `enabled=False` returns to eager."""
+        kernels = _compiled_kernels(tuple(sorted(options.items()))) if enabled else EAGER
         for module in self.modules():
             if isinstance(module, (ResidualBlock, Encoder3d, Decoder3d)):
-                module.act = act
+                module.kernels = kernels
 
     def set_channels_last(self, enabled: bool = True) -> None:
         """Store conv weights and activations channels-last (NDHWC), the layout cuDNN's tensor-core
         convolutions run in; contiguous NCDHW makes it transpose around every conv. Same
-        arithmetic, other kernels: results agree to rounding. For CUDA; on the CPU it is slower."""
+        arithmetic, other kernels: results agree to rounding. 3-D convs with under 128 input
+        channels then run as one 2-D conv per temporal tap (`CausalConv3d.partials`). For CUDA;
+        on the CPU it is slower."""
         fmt3, fmt2 = ((torch.channels_last_3d, torch.channels_last) if enabled
                       else (torch.contiguous_format, torch.contiguous_format))
         for module in self.modules():
             if isinstance(module, CausalConv3d):
                 module.memory_format = fmt3
+                module.taps = enabled and module.tappable and module.in_channels < TAPS_BELOW_CHANNELS
             if isinstance(module, nn.Conv3d | nn.Conv2d):
                 fmt = fmt3 if module.weight.dim() == 5 else fmt2
                 module.weight.data = module.weight.data.contiguous(memory_format=fmt)
@@ -156,7 +170,7 @@ class WanVAE(nn.Module):
     @property
     def compiled(self) -> bool:
         """Whether `compile_regions` is in effect."""
-        return self.decoder.act is not norm_silu
+        return self.decoder.kernels is not EAGER
 
     @property
     def dtype(self) -> torch.dtype:
