@@ -5,6 +5,7 @@ import torch
 
 from liveavatar_core.config import DiTConfig
 from liveavatar_core.errors import InputError, WeightsError
+from liveavatar_core.model.audio import conv1d_as_gemm
 from liveavatar_core.model.cache import KVCache, make_step_caches, tokens_per_frame
 from liveavatar_core.model.dit import LiveAvatarDiT, load_weights
 from liveavatar_core.model.layers import Attention
@@ -141,6 +142,19 @@ def test_text_kv_reuse_is_bit_identical(tiny):
     (cond_a, preds_a), (cond_b, preds_b) = outs
     assert all(torch.equal(a, b) for a, b in zip(cond_a.k + cond_a.v, cond_b.k + cond_b.v))
     assert all(torch.equal(a, b) for a, b in zip(preds_a, preds_b))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_audio_conv_as_gemm_equals_conv1d(stride):
+    """The CUDA form of the audio encoder's causal convs (cuDNN would re-lay their weights out on
+    every call) computes the same conv."""
+    g = torch.Generator().manual_seed(stride)
+    x = torch.randn(3, 24, 13, generator=g)
+    w, b = torch.randn(40, 24, 3, generator=g), torch.randn(40, generator=g)
+    expected = torch.nn.functional.conv1d(x, w, b, stride)
+    got = conv1d_as_gemm(x, w, b, stride)
+    assert got.shape == expected.shape == (3, 40, (13 - 3) // stride + 1)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")

@@ -25,9 +25,21 @@ class CausalConv1d(nn.Module):
         self.conv = nn.Conv1d(c_in, c_out, kernel, stride=stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`[N, C_in, T]` -> float32 `[N, C_out, T']`."""
+        conv = self.conv
         x = F.pad(x.float(), (self.pad, 0), mode="replicate")
-        bias = None if self.conv.bias is None else self.conv.bias.float()
-        return F.conv1d(x, self.conv.weight.float(), bias, self.conv.stride)
+        bias = None if conv.bias is None else conv.bias.float()
+        if x.is_cuda:
+            # cuDNN re-lays the (up to 157 MB) float32 weight out for its kernel on every call,
+            # ten times the cost of the product itself.
+            return conv1d_as_gemm(x, conv.weight.float(), bias, conv.stride[0])
+        return F.conv1d(x, conv.weight.float(), bias, conv.stride)
+
+
+def conv1d_as_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int) -> torch.Tensor:
+    """`F.conv1d(x, weight, bias, stride)` (no padding) as one GEMM over the unfolded windows."""
+    windows = x.unfold(2, weight.shape[-1], stride).transpose(1, 2).flatten(2)
+    return F.linear(windows, weight.flatten(1), bias).transpose(1, 2)
 
 
 class MotionEncoderTC(nn.Module):
