@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,8 +129,21 @@ def build_vae(device: torch.device):
 # one plan
 
 
-def gpu_busy(fn) -> None:
-    """Profile `fn`: print how much of its wall time the GPU was busy and the costliest CPU ops."""
+def busy_us(spans: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) spans."""
+    busy, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    return busy
+
+
+def gpu_busy(fn, blocks: int) -> None:
+    """Profile `fn` (which makes `blocks` blocks): print the GPU busy time per block, in all and per
+    CUDA stream, and each stream's costliest kernels. Busy well below the untraced block period
+    means the GPU waits for the host. The traced stream's start (reference encode, sink, decoder
+    warm-up) is part of the figures."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -138,15 +152,26 @@ def gpu_busy(fn) -> None:
         fn()
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
-    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                   if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
-    busy, end = 0.0, float("-inf")
-    for a, b in spans:
-        if b > end:
-            busy += b - max(a, end)
-            end = b
-    print(f"traced: wall {wall:.2f} s (profiler overhead included), GPU busy {busy / 1e6:.2f} s")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(f"{tmp}/trace.json")
+        events = json.loads(Path(f"{tmp}/trace.json").read_text())["traceEvents"]
+    kernels = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and e.get("dur")]
+    streams: dict = {}
+    for e in kernels:
+        streams.setdefault(e["args"].get("stream"), []).append(e)
+    total = busy_us([(e["ts"], e["ts"] + e["dur"]) for e in kernels])
+    print(f"traced: {blocks} blocks, wall {wall:.2f} s (profiler overhead included); GPU busy "
+          f"{total / 1e3 / blocks:.0f} ms per block")
+    for sid, evs in sorted(streams.items(), key=lambda kv: -sum(e["dur"] for e in kv[1])):
+        busy = busy_us([(e["ts"], e["ts"] + e["dur"]) for e in evs])
+        print(f"  stream {sid}: busy {busy / 1e3 / blocks:.0f} ms per block, "
+              f"{len(evs) / blocks:.0f} kernels per block")
+        per_name: dict = defaultdict(float)
+        for e in evs:
+            per_name[e["name"]] += e["dur"]
+        for name, dur in sorted(per_name.items(), key=lambda kv: -kv[1])[:8]:
+            print(f"    {dur / 1e3 / blocks:7.1f} ms  {name[:100]}")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
 
 
 def run_plan(name: str, args) -> dict:
@@ -216,15 +241,15 @@ def run_plan(name: str, args) -> dict:
     torch.cuda.reset_peak_memory_stats(device)
     moved_before = (swap.bytes_moved if swap else 0)
     record: list = []
+    blocks_per_clip = fpc // (4 * cfg.num_frames_per_block)
     total_s = stream(args.clips, videos / "timed.mp4", record)
     if args.trace:
-        gpu_busy(lambda: stream(1, videos / "traced.mp4", None))
+        gpu_busy(lambda: stream(1, videos / "traced.mp4", None), blocks_per_clip)
     shutil.rmtree(videos)
 
     # Steady state: chunk-to-chunk intervals after the first clip's warm-up blocks (short caches).
     times = [t for t, _, _ in record]
     intervals = [b - a for a, b in zip(times, times[1:])]
-    blocks_per_clip = fpc // (4 * cfg.num_frames_per_block)
     steady = intervals[blocks_per_clip:] or intervals
     block_s = statistics.median(steady)
     frames = sum(n for _, n, _ in record)
