@@ -277,8 +277,11 @@ def _numbered(folder, pattern) -> Path | None:
 
 def _start(tiny, log, *args) -> subprocess.Popen:
     with open(log, "w") as f:
+        # SIGINT back to its default: a test runner started in the background (`cmd &`) ignores it,
+        # and the child would inherit that and never see the Ctrl-C.
         return subprocess.Popen([sys.executable, "-m", "liveavatar_core", *_cli(tiny, *args)], cwd=REPO,
-                                stdout=f, stderr=subprocess.STDOUT)
+                                stdout=f, stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_until(proc: subprocess.Popen, ready, log) -> None:
