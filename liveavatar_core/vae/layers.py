@@ -75,15 +75,13 @@ class CausalConv3d(nn.Conv3d):
         super().__init__(in_dim, out_dim, kernel_size, stride=stride, padding=(0, pad[1], pad[2]))
         self.history = 2 * pad[0]
         self.memory_format = torch.contiguous_format  # of weight and input; see WanVAE.set_channels_last
-        # Run as one 2-D conv per temporal tap (see `partials`); set by WanVAE.set_channels_last.
+        # `partials` runs it as one 2-D conv per temporal tap; set by WanVAE.set_channels_last.
         self.taps = False
 
     def forward(self, x: torch.Tensor, cache: FeatureCache | None = None) -> torch.Tensor:
-        """The conv of `x` after the cached history, in the weights' dtype."""
-        x = self._padded(x, cache)
-        if self._by_taps(x):
-            return conv_sum(self._taps(x), self.bias).to(self.weight.dtype)
-        return self._conv_forward(x, self.weight, self.bias)
+        """The conv of `x` after the cached history, in the weights' dtype (never by `taps`: summing
+        the partials here would take float32 temporaries of the output's size)."""
+        return self._conv_forward(self._padded(x, cache), self.weight, self.bias)
 
     def partials(self, x: torch.Tensor, cache: FeatureCache | None = None) -> tuple[torch.Tensor, ...]:
         """Bias-free partial outputs whose sum plus the bias is `forward(x)`, for a consumer that

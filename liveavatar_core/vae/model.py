@@ -149,9 +149,9 @@ class WanVAE(nn.Module):
     def set_channels_last(self, enabled: bool = True) -> None:
         """Store conv weights and activations channels-last (NDHWC), the layout cuDNN's tensor-core
         convolutions run in; contiguous NCDHW makes it transpose around every conv. Same
-        arithmetic, other kernels: results agree to rounding. 3-D convs with under 128 input
-        channels then run as one 2-D conv per temporal tap (`CausalConv3d.partials`). For CUDA;
-        on the CPU it is slower."""
+        arithmetic, other kernels: results agree to rounding. The residual blocks' 3-D convs with
+        under 128 input channels then run as one 2-D conv per temporal tap
+        (`CausalConv3d.partials`). For CUDA; on the CPU it is slower."""
         fmt3, fmt2 = ((torch.channels_last_3d, torch.channels_last) if enabled
                       else (torch.contiguous_format, torch.contiguous_format))
         for module in self.modules():
