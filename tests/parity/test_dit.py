@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from liveavatar_core.model.cache import make_step_caches, tokens_per_frame
 from liveavatar_core.model.offset import RefOffsetPolicy
 
-FORWARD_ATOL = 2e-4  # fixtures README 7: one DiT forward
+from tests.parity.tolerance import FORWARD_ATOL, assert_forward_close
+
 CACHE_ATOL = 2e-3  # fixtures README 7: caches
 CACHE_RTOL = 1e-3
 
@@ -147,8 +148,7 @@ def test_predictions(run):
     g7 = run["g7"]
     assert run["preds"]
     for prefix, pred in run["preds"].items():
-        torch.testing.assert_close(pred, g7[f"{prefix}.pred"], atol=FORWARD_ATOL, rtol=0,
-                                   msg=lambda m, prefix=prefix: f"{prefix}: {m}")
+        assert_forward_close(pred, g7[f"{prefix}.pred"], prefix)
 
 
 def test_step_caches_after_last_block(run, model):

@@ -13,7 +13,7 @@ import torch
 
 from liveavatar_core.model.cache import make_step_caches
 
-FORWARD_ATOL = 2e-4  # fixtures README 7: one DiT forward
+from tests.parity.tolerance import assert_forward_close
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (inductor code generation)")
 
@@ -38,5 +38,4 @@ def test_compiled_predictions_match_golden(tiny_dit, golden, manifest):
         pred = model.denoise_block(g7[f"{prefix}.x"][None].cuda(), g7[f"{prefix}.t"], text_cache,
                                    g7[f"clip0.block{b}.step0.audio_input"].cuda(), None, caches[s],
                                    call["current_start"], call["randint_relative_dist"][0])
-        torch.testing.assert_close(pred[0].cpu(), g7[f"{prefix}.pred"], atol=FORWARD_ATOL, rtol=0,
-                                   msg=lambda m, prefix=prefix: f"{prefix}: {m}")
+        assert_forward_close(pred[0].cpu(), g7[f"{prefix}.pred"], prefix)
