@@ -30,8 +30,8 @@ class CausalConv1d(nn.Module):
         x = F.pad(x.float(), (self.pad, 0), mode="replicate")
         bias = None if conv.bias is None else conv.bias.float()
         if x.is_cuda:
-            # cuDNN re-lays the (up to 157 MB) float32 weight out for its kernel on every call,
-            # ten times the cost of the product itself.
+            # cuDNN re-lays the (up to 157 MB) float32 weights out for its kernel on every call:
+            # 1.6 ms of GPU time per DiT call on an H200, far more than the products themselves.
             return conv1d_as_gemm(x, conv.weight.float(), bias, conv.stride[0])
         return F.conv1d(x, conv.weight.float(), bias, conv.stride)
 
