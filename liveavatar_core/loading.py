@@ -100,6 +100,7 @@ def load_generator(dit_path: str | Path, vae_path: str | Path, lora_path: str | 
     if precision not in PRECISIONS:
         raise InputError("precision", f"unknown precision '{precision}'.", f"choose one of {', '.join(PRECISIONS)}.")
     check_kv_cache_dtype(kv_cache_dtype, precision)
+    kv_dtype = None if kv_cache_dtype == "auto" else kv_cache_dtype  # plan and model: None = compute dtype
     dit_device = torch.device(dit_device)
     vae_device = torch.device(vae_device) if vae_device is not None else dit_device
     if precision == "fp8":
@@ -112,7 +113,7 @@ def load_generator(dit_path: str | Path, vae_path: str | Path, lora_path: str | 
     #    plan: memory per device, refused with the cheapest fix before anything is loaded.
     ckpt = load_dit_checkpoint(dit_path)
     log.info("DiT: %s", ckpt.description)
-    plan = _plan(ckpt.config, dit_device, precision, offload, blocks_on_gpu, kv_cache_location, kv_cache_dtype,
+    plan = _plan(ckpt.config, dit_device, precision, offload, blocks_on_gpu, kv_cache_location, kv_dtype,
                  plan_size, frames_per_clip)
     swapping = plan.blocks_on_gpu < ckpt.config.num_layers
     lora = load_lora(lora_path, ckpt.shapes()) if lora_path else None
@@ -148,10 +149,10 @@ def load_generator(dit_path: str | Path, vae_path: str | Path, lora_path: str | 
         vae.compile_regions()
     return LiveAvatarModel(dit, vae, f"{ckpt.description}; {lora.description if lora else 'no LoRA'}; "
                                      f"{precision}{', compiled' if use_compile else ''}"
-                                     f"{', FP8 KV cache' if kv_cache_dtype == 'fp8' else ''}; "
+                                     f"{', FP8 KV cache' if kv_dtype == 'fp8' else ''}; "
                                      f"{plan.placement_words()}; {vae.description}",
                            kv_cache_location=plan.kv_cache_location,
-                           kv_cache_dtype="fp8" if kv_cache_dtype == "fp8" else None)
+                           kv_cache_dtype=kv_dtype)
 
 
 def check_kv_cache_dtype(choice: str, precision: str) -> None:
@@ -191,7 +192,7 @@ def _has_triton() -> bool:
 
 
 def _plan(cfg, device: torch.device, precision: str, offload: str, blocks_on_gpu: int | None,
-          kv_cache_location: str, kv_cache_dtype: str, size: str, frames_per_clip: int) -> RunPlan:
+          kv_cache_location: str, kv_cache_dtype: str | None, size: str, frames_per_clip: int) -> RunPlan:
     """The validated run plan for the DiT's device (CPU runs: a CPU-only plan)."""
     if device.type == "cuda":
         devices = [d for d in detect_devices() if d.name == f"cuda:{cuda_index(device)}"]
@@ -204,7 +205,6 @@ def _plan(cfg, device: torch.device, precision: str, offload: str, blocks_on_gpu
         kv_cache_location = "gpu"
     plan = plan_run(cfg, size=size, frames_per_clip=frames_per_clip, devices=devices, precision=precision,
                     offload=offload, blocks_on_gpu=blocks_on_gpu, kv_cache_location=kv_cache_location,
-                    kv_cache_dtype="fp8" if kv_cache_dtype == "fp8" else None, text_encoder="cpu",
-                    audio_encoder="cpu")
+                    kv_cache_dtype=kv_cache_dtype, text_encoder="cpu", audio_encoder="cpu")
     return plan.validate()
 
