@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections import defaultdict
 from pathlib import Path
 
@@ -200,6 +201,12 @@ def run_plan(name: str, args) -> dict:
     model = LiveAvatarModel(dit, vae, f"random {name}", kv_cache_location=plan.kv_cache_location,
                             kv_cache_dtype=kv_dtype)
     print(f"  built in {time.perf_counter() - t0:.1f} s")
+    torch.cuda.empty_cache()
+    if cap_gib is not None:
+        # After building (random weights are made whole on the GPU, then swapped out), before the
+        # warm-up: compilation, cache allocation and the first clip run inside the budget, as on a
+        # card of that size.
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GiB / gpu.total_bytes), device)
     geo = plan.geometry
     g = torch.Generator(device="cpu").manual_seed(2)
     text = torch.randn(30, cfg.text_dim, generator=g)
@@ -235,9 +242,6 @@ def run_plan(name: str, args) -> dict:
     # Warm-up: one clip (compilation, kernels, cuBLAS/cuDNN plans, allocator), then a fresh stream is timed.
     stream(1, videos / "warm.mp4", None)
     torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    if cap_gib is not None:
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GiB / gpu.total_bytes), device)
     torch.cuda.reset_peak_memory_stats(device)
     moved_before = (swap.bytes_moved if swap else 0)
     record: list = []
@@ -273,6 +277,8 @@ def run_plan(name: str, args) -> dict:
         "block_latency_s": block_s, "steady_fps": frames_per_block / block_s, "run_fps": frames / total_s,
         "first_frame_s": first_frame_s, "peak_gib": peak / GiB,
         "reserved_gib": torch.cuda.max_memory_reserved(device) / GiB, "estimate_gib": est / GiB,
+        # Times the allocator had to free its cache and retry: a run close to its budget.
+        "alloc_retries": torch.cuda.memory_stats(device).get("num_alloc_retries", 0),
         "estimate_error_pct": 100.0 * (est - peak) / peak, "swap_gib_per_call": moved / calls / GiB,
         "flop_limit_fps": limit_fps,
         "flop_limit_ratio": (frames_per_block / block_s) / limit_fps if limit_fps else None,
@@ -329,7 +335,11 @@ def main() -> None:
             result = run_plan(args.one, args)
         except (LiveAvatarError, torch.cuda.OutOfMemoryError) as exc:
             result = {"plan": args.one, "error": f"{type(exc).__name__}: {exc}"}
-            print(result["error"])
+            if isinstance(exc, torch.cuda.OutOfMemoryError):
+                # Where the budget ran out (sink, DiT call, decode) tells which estimate was short.
+                frames = [f for f in traceback.extract_tb(exc.__traceback__) if str(ROOT) in f.filename]
+                result["at"] = [f"{Path(f.filename).relative_to(ROOT)}:{f.lineno} {f.name}" for f in frames[-4:]]
+            print(result["error"], *result.get("at", []), sep="\n  ")
         print("RESULT " + json.dumps(result))
         return
     names = [n.strip() for n in args.plans.split(",") if n.strip()]
