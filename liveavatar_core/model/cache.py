@@ -155,6 +155,15 @@ def tokens_per_frame(cfg: DiTConfig, lat_h: int, lat_w: int) -> int:
     return (lat_h // ph) * (lat_w // pw)
 
 
+def ring_length(cfg: DiTConfig, lat_h: int, lat_w: int, cache_frames: int) -> int:
+    """Token rows of one layer's ring: `cache_frames` latent frames, a whole number of blocks."""
+    if cache_frames <= 0 or cache_frames % cfg.num_frames_per_block:
+        raise InputError("cache_frames", f"{cache_frames} latent frames is not a positive multiple of "
+                         f"the {cfg.num_frames_per_block} frames denoised per block.",
+                         "use latent frames per clip = a multiple of the block size (12 for 48-frame clips).")
+    return cache_frames * tokens_per_frame(cfg, lat_h, lat_w)
+
+
 def make_step_caches(cfg: DiTConfig, lat_h: int, lat_w: int, *, num_steps: int, cache_frames: int,
                      batch: int = 1, dtype: torch.dtype = torch.bfloat16, device=None,
                      storage_dtype: torch.dtype | None = None, fused: bool = True) -> list[KVCache]:
@@ -164,10 +173,6 @@ def make_step_caches(cfg: DiTConfig, lat_h: int, lat_w: int, *, num_steps: int, 
     `torch.float8_e4m3fn` for an FP8 cache; `fused`: see `KVCache`). The condition cache is
     attached by `LiveAvatarDiT.sink`, shared by all of them.
     """
-    if cache_frames <= 0 or cache_frames % cfg.num_frames_per_block:
-        raise InputError("cache_frames", f"{cache_frames} latent frames is not a positive multiple of "
-                         f"the {cfg.num_frames_per_block} frames denoised per block.",
-                         "use latent frames per clip = a multiple of the block size (12 for 48-frame clips).")
-    length = cache_frames * tokens_per_frame(cfg, lat_h, lat_w)
+    length = ring_length(cfg, lat_h, lat_w, cache_frames)
     return [KVCache(cfg.num_layers, batch, length, cfg.num_heads, cfg.head_dim, storage_dtype or dtype, device,
                     compute_dtype=dtype, fused=fused) for _ in range(num_steps)]

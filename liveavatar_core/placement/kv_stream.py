@@ -25,7 +25,7 @@ import torch
 
 from ..config import DiTConfig
 from ..errors import InputError
-from ..model.cache import CondCache, KVCache, kv_compute_dtype, store_fp8, tokens_per_frame
+from ..model.cache import CondCache, KVCache, kv_compute_dtype, ring_length, store_fp8
 from ..ops.fp8 import E4M3
 from ..plan import KV_STREAM_SLOTS
 from .copier import Copier
@@ -170,11 +170,7 @@ def make_streamed_step_caches(cfg: DiTConfig, lat_h: int, lat_w: int, *, num_ste
                               storage_dtype: torch.dtype | None = None, fused: bool = True
                               ) -> list[StreamedKVCache]:
     """Drop-in replacement for `model.cache.make_step_caches` with the rings in host memory."""
-    if cache_frames <= 0 or cache_frames % cfg.num_frames_per_block:
-        raise InputError("cache_frames", f"{cache_frames} latent frames is not a positive multiple of "
-                         f"the {cfg.num_frames_per_block} frames denoised per block.",
-                         "use latent frames per clip = a multiple of the block size (12 for 48-frame clips).")
-    length = cache_frames * tokens_per_frame(cfg, lat_h, lat_w)
+    length = ring_length(cfg, lat_h, lat_w, cache_frames)
     storage = storage_dtype or dtype
     compute = kv_compute_dtype(storage, dtype)
     streamer = KVStreamer(device, (batch, length, cfg.num_heads, cfg.head_dim), storage, compute_dtype=compute)
