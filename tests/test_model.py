@@ -8,7 +8,7 @@ from liveavatar_core.errors import InputError, WeightsError
 from liveavatar_core.model.audio import conv1d_as_gemm
 from liveavatar_core.model.cache import KVCache, make_step_caches, tokens_per_frame
 from liveavatar_core.model.dit import LiveAvatarDiT, load_weights
-from liveavatar_core.model.layers import Attention
+from liveavatar_core.model.layers import Attention, round_to_bf16
 from liveavatar_core.model.offset import reference_time
 from liveavatar_core.model.rope import RopeFreqs, TokenGrid
 from liveavatar_core.ops.attention import attention_backends, get_attention
@@ -84,6 +84,19 @@ def test_load_weights_assigns_on_meta_in_requested_dtype(ckpt_dir):
 
 
 # --- caches -------------------------------------------------------------------------------------
+
+def test_round_to_bf16_equals_the_cast_round_trip_bit_for_bit():
+    """Ties to even, subnormals, the overflow to infinity and the signs come out as `.to(bf16).float()`."""
+    g = torch.Generator().manual_seed(0)
+    bits = torch.randint(-2**31, 2**31 - 1, (200_000,), generator=g, dtype=torch.int64).to(torch.int32)
+    finite = bits.view(torch.float32)[torch.isfinite(bits.view(torch.float32))]
+    ties = torch.tensor([0x3F808000, 0x3F818000, 0xBF808000, 0x00008000, 0x7F7FFFFF], dtype=torch.int64)
+    edge = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-40, -3e-39])
+    x = torch.cat([finite, ties.to(torch.int32).view(torch.float32), edge])
+    assert torch.equal(round_to_bf16(x).view(torch.int32), x.to(torch.bfloat16).float().view(torch.int32))
+    nan = torch.tensor([float("nan"), -float("nan")])
+    assert torch.isnan(round_to_bf16(nan)).all()
+
 
 def test_ring_window_grows_then_rolls():
     cache = KVCache(1, 1, 12, 1, 2, torch.float32)

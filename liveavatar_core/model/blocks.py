@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from ..config import DiTConfig
 from ..ops.attention import AttentionFn, Segment
-from .layers import AffineLayerNorm, Attention, Linear, layer_norm
+from .layers import AffineLayerNorm, Attention, Linear, layer_norm, round_to_bf16
 from .rope import apply_rope
 
 # (k_rotated, k_unrotated, v) -> the key/value segments to attend over (ops.attention.attend);
@@ -90,9 +90,9 @@ class DiTBlock(nn.Module):
         _, _, gate1, shift2, scale2, gate2 = self._modulation(e0)
         x = x.float() + gated(self.self_attn.o(attended.flatten(2)), gate1)
 
-        # Text cross-attention: the official code rounds the residual to bf16 before norm3 in
-        # every precision (spec 3.9 step 5, fixtures README 5).
-        c = self.norm3(x.to(torch.bfloat16)).to(torch.bfloat16).to(dt)
+        # Text cross-attention: the official code rounds the residual to bf16 before norm3, and
+        # norm3's output, in every precision (spec 3.9 step 5, fixtures README 5).
+        c = round_to_bf16(self.norm3(round_to_bf16(x))).to(dt)
         x = x + self.cross_attn(c, text_k, text_v).float()
 
         # FFN; norm2 input stays fp32 (no rounding here, spec 6.14).

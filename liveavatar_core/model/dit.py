@@ -55,32 +55,10 @@ _COMPILED_FNS: dict[tuple, object] = {}
 def _compiled(name: str, fn, options: dict):
     """One compiled version of `fn` per option set, shared by every layer and model in the process."""
     options = {"dynamic": False, **options}
-    if options.get("backend", "inductor") == "inductor":
-        options = _eager_rounding(options)
     key = (name, repr(sorted(options.items())))
     if key not in _COMPILED_FNS:
         _COMPILED_FNS[key] = torch.compile(fn, **options)
     return _COMPILED_FNS[key]
-
-
-def _eager_rounding(options: dict) -> dict:
-    """Inductor options that keep every cast to a lower precision that eager PyTorch makes.
-
-    By default inductor drops a round trip through bf16 inside one fused kernel, such as the
-    official rounding of the residual before norm3 (spec 3.9 step 5, made in fp32 runs too): the
-    fp32 fixture predictions then move by up to 8.6e-4, 853 of 6144 elements beyond the 2e-4
-    parity tolerance. `mode` becomes its option set, since torch.compile takes one or the other.
-    """
-    import torch._inductor.config
-
-    if not hasattr(torch._inductor.config, "emulate_precision_casts"):  # older torch: no such switch
-        return options
-    options = dict(options)
-    mode = options.pop("mode", None)
-    inductor = dict(torch._inductor.list_mode_options(mode)) if mode else {}
-    inductor.update(options.pop("options", None) or {})
-    inductor.setdefault("emulate_precision_casts", True)
-    return {**options, "options": inductor}
 
 
 class Head(nn.Module):

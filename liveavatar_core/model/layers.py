@@ -15,6 +15,18 @@ import torch.nn.functional as F
 from ..ops.attention import AttentionFn, Segment, attend, merge_attention
 
 
+def round_to_bf16(x: torch.Tensor) -> torch.Tensor:
+    """fp32 `x` rounded to the nearest bf16 value (ties to even), still in fp32, as `x.to(bf16).float()`.
+
+    Written as integer arithmetic on the bits because compilers may drop a cast round trip inside a
+    fused kernel (inductor does, in different ways across torch versions, with or without its
+    `emulate_precision_casts`); bit arithmetic they keep. NaNs pass through unchanged.
+    """
+    bits = x.view(torch.int32)
+    rounded = ((bits + (0x7FFF + ((bits >> 16) & 1))) & -0x10000).view(torch.float32)
+    return torch.where(torch.isnan(x), x, rounded)
+
+
 class Linear(nn.Linear):
     """Linear that runs in its weight dtype, casting the input like bf16 autocast does.
 
