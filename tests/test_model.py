@@ -83,8 +83,6 @@ def test_load_weights_assigns_on_meta_in_requested_dtype(ckpt_dir):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
-# --- caches -------------------------------------------------------------------------------------
-
 def test_round_to_bf16_equals_the_cast_round_trip_bit_for_bit():
     """Ties to even, subnormals, the overflow to infinity and the signs come out as `.to(bf16).float()`."""
     g = torch.Generator().manual_seed(0)
@@ -97,6 +95,8 @@ def test_round_to_bf16_equals_the_cast_round_trip_bit_for_bit():
     nan = torch.tensor([float("nan"), -float("nan")])
     assert torch.isnan(round_to_bf16(nan)).all()
 
+
+# --- caches -------------------------------------------------------------------------------------
 
 def test_ring_window_grows_then_rolls():
     cache = KVCache(1, 1, 12, 1, 2, torch.float32)

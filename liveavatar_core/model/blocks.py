@@ -1,7 +1,7 @@
 """One transformer block of the causal S2V DiT (spec/dit.md 3.8 step 7, 3.9 "Block i").
 
-Dtype flow (bf16 path; the fp32 path runs the same casts as no-ops, except the bf16 rounding of the
-residual before `norm3`, which the official code applies in every precision):
+Dtype flow (bf16 path; the fp32 path runs the same casts as no-ops, except the bf16 rounding of
+`norm3`'s input and output, which the official code applies in every precision):
 block input/output in the model dtype, residual stream in fp32 inside the block, modulation in fp32.
 """
 
