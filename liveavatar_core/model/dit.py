@@ -55,7 +55,7 @@ _COMPILED_FNS: dict[tuple, object] = {}
 def _compiled(name: str, fn, options: dict):
     """One compiled version of `fn` per option set, shared by every layer and model in the process."""
     options = {"dynamic": False, **options}
-    key = (name, repr(sorted(options.items())))
+    key = (name, *sorted(options.items()))
     if key not in _COMPILED_FNS:
         _COMPILED_FNS[key] = torch.compile(fn, **options)
     return _COMPILED_FNS[key]
