@@ -1,9 +1,13 @@
-"""Command line: `python -m liveavatar_core {generate,inspect,demo}`.
+"""Command line: `python -m liveavatar_core {generate,plan,inspect,demo}`.
 
-`generate` keeps the official flag names where they make sense and validates every input before
-loading anything. An interrupted `generate` (Ctrl-C, an error) leaves a playable MP4 of every
-finished block and a resume file next to it (`<video>.resume`); the same command plus
-`--resume <video>.resume` completes that MP4 as if it had never stopped.
+`generate` takes the official flag names (the official scripts' other flags are mapped, accepted
+or refused with the reason: official_flags.py) and validates every input, and the memory plan at
+the real output size, before loading anything. `plan` runs that validation alone and prints the
+placement and memory per device (`--json` for scripts), reading only config.json and headers.
+
+An interrupted `generate` (Ctrl-C, an error) leaves a playable MP4 of every finished block and a
+resume file next to it (`<video>.resume`); the same command plus `--resume <video>.resume`
+completes that MP4 as if it had never stopped.
 
 `demo` writes a tiny synthetic checkpoint in the official layout and runs the whole pipeline on it
 (CPU, seconds), producing a real MP4 with audio.
@@ -20,9 +24,14 @@ from pathlib import Path
 
 import torch
 
+from .encoders.image import DEFAULT_SIZE, SIZE_PRESETS, SIZE_RULE
 from .errors import LiveAvatarError
+from .official_flags import add_official_flags, apply_official_flags
+from .plan import KV_CACHE_DTYPES, PRECISIONS
 
 log = logging.getLogger("liveavatar")
+
+DEFAULT_SAVE_FILE = Path("output/liveavatar.mp4")
 
 
 def _positive(value: str) -> int:
@@ -46,29 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate a video from an image, an audio file and a prompt")
-    gen.add_argument("--ckpt_dir", required=True, help="official Wan2.2-S2V-14B folder")
-    gen.add_argument("--lora_path_dmd", help="liveavatar.safetensors (Quark-Vision/Live-Avatar)")
-    _common(gen)
-    gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    gen.add_argument("--fp8", action="store_true", help="FP8 GEMMs (Ada/Hopper GPUs)")
-    gen.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
-                     help="compute precision (fp32 for CPU parity runs)")
-    gen.add_argument("--attention", default="sdpa", help="attention backend: sdpa, flash2, flash3, sage")
-    gen.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                     help="regional compilation of the DiT blocks (auto: on for CUDA with Triton); the first "
-                          "call at each size compiles, later runs reuse the on-disk cache")
-    gen.add_argument("--offload_model", type=_str2bool, default=False,
-                     help="True: let the run planner pick the cheapest placement that fits this GPU "
-                          "(KV caches streamed from host memory, then block swap); encoders always run "
-                          "before the DiT is loaded")
-    gen.add_argument("--offload_kv_cache", action="store_true",
-                     help="keep the 4 step KV caches in pinned host memory, streamed layer by layer")
-    gen.add_argument("--blocks_on_gpu", type=int, help="block swap: DiT blocks kept resident on the GPU")
-    gen.add_argument("--kv_cache_dtype", choices=["auto", "fp8"], default="auto",
-                     help="auto: the step KV caches in the compute dtype; fp8: e4m3 with a scale per head row "
-                          "(half the memory and streamed bytes, slightly different results)")
-    gen.add_argument("--resume", type=Path, help="continue an interrupted run from its resume file (written next "
-                     "to its video as <save_file>.resume); the other arguments must be those of that run")
+    _generate_args(gen)
+    plan = sub.add_parser("plan", help="validate generate's arguments and print the placement and memory per "
+                          "device, without loading any weight")
+    _generate_args(plan)
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON (output_size, devices, ...)")
 
     ins = sub.add_parser("inspect", help="say what a weight file or official folder is")
     ins.add_argument("paths", nargs="+", type=Path)
@@ -82,51 +73,99 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _generate_args(gen: argparse.ArgumentParser) -> None:
+    gen.add_argument("--ckpt_dir", required=True, help="official Wan2.2-S2V-14B folder")
+    gen.add_argument("--lora_path_dmd", help="liveavatar.safetensors, downloaded from Quark-Vision/Live-Avatar")
+    _common(gen)
+    gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    gen.add_argument("--fp8", action="store_true", help="FP8 GEMMs (Ada/Hopper GPUs); the same as --precision fp8")
+    gen.add_argument("--precision", choices=PRECISIONS, default="bf16",
+                     help="bf16 (official), fp8 (FP8 GEMMs), fp32 (CPU parity runs)")
+    gen.add_argument("--attention", default="sdpa", help="attention backend: sdpa, flash2, flash3, sage")
+    gen.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                     help="regional compilation of the DiT blocks (auto: on for CUDA with Triton); the first "
+                          "call at each size compiles, later runs reuse the on-disk cache")
+    gen.add_argument("--offload_model", type=_str2bool, default=False,
+                     help="True: let the run planner pick the cheapest placement that fits this GPU "
+                          "(KV caches streamed from host memory, then block swap); encoders always run "
+                          "before the DiT is loaded. On a CPU-only machine there is nothing to offload")
+    gen.add_argument("--offload_kv_cache", action="store_true",
+                     help="keep the 4 step KV caches in pinned host memory, streamed layer by layer")
+    gen.add_argument("--blocks_on_gpu", type=int, help="block swap: DiT blocks kept resident on the GPU")
+    gen.add_argument("--kv_cache_dtype", choices=KV_CACHE_DTYPES, default="auto",
+                     help="auto: the step KV caches in the compute dtype; fp8: e4m3 with a scale per head row "
+                          "(half the memory and streamed bytes, slightly different results)")
+    gen.add_argument("--resume", type=Path, help="continue an interrupted run from its resume file (written next "
+                     "to its video as <save_file>.resume); the other arguments must be those of that run")
+    add_official_flags(gen)
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", required=True, help="reference image")
     p.add_argument("--audio", required=True, help="audio file (wav, flac, mp3, ogg, m4a)")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--size", default="704*384", help="target area, e.g. 704*384 or 704x384")
+    p.add_argument("--size", default=DEFAULT_SIZE, help=f"target pixel area W*H (or WxH), e.g. {DEFAULT_SIZE}; "
+                   f"{SIZE_RULE}. Official presets: {', '.join(SIZE_PRESETS)}")
     p.add_argument("--num_clip", type=_positive, default=0, help="clips to generate (0 = as long as the audio)")
     p.add_argument("--infer_frames", type=int, default=48, help="video frames per clip (multiple of 12)")
-    p.add_argument("--sample_steps", type=int, default=4)
-    p.add_argument("--base_seed", type=int, default=420)
+    p.add_argument("--sample_steps", type=int, default=4, help="denoising steps per block; the distilled model "
+                   "was made for 4")
+    p.add_argument("--base_seed", type=int, default=420, help="noise seed (-1: a random one, as officially)")
     p.add_argument("--mode", choices=["streaming", "official"], default="streaming")
     p.add_argument("--enable_online_decode", action="store_true",
                    help="official mode only: Mode S+ (sink refreshed from clip 0 before clip 1)")
-    p.add_argument("--save_file", type=Path, default=Path("output/liveavatar.mp4"))
+    p.add_argument("--save_file", type=Path, default=DEFAULT_SAVE_FILE)
+
+
+def request_from_args(args: argparse.Namespace):
+    """The `RunRequest` of parsed `generate` / `plan` arguments (official flags applied first)."""
+    from .preflight import RunRequest
+
+    apply_official_flags(args, DEFAULT_SAVE_FILE)
+    return RunRequest(Path(args.ckpt_dir), args.image, args.audio, args.prompt,
+                      lora=Path(args.lora_path_dmd) if args.lora_path_dmd else None, size=args.size,
+                      num_clip=args.num_clip, infer_frames=args.infer_frames, sample_steps=args.sample_steps,
+                      seed=args.base_seed, mode=args.mode, online_decode=args.enable_online_decode,
+                      device=args.device, precision="fp8" if args.fp8 else args.precision,
+                      attention=args.attention,
+                      offload="block_swap" if args.blocks_on_gpu is not None
+                      else "auto" if args.offload_model else "none",
+                      blocks_on_gpu=args.blocks_on_gpu,
+                      kv_cache_location="cpu" if args.offload_kv_cache else "gpu",
+                      kv_cache_dtype=args.kv_cache_dtype, compile=args.compile, t5_cpu=args.t5_cpu)
 
 
 def run_generation(ckpt_dir: Path, lora: Path | None, image, audio, prompt: str, save_file: Path, *,
                    size: str, num_clip: int, infer_frames: int, sample_steps: int, seed: int, mode: str,
                    online_decode: bool, device: str, precision: str, attention: str,
                    resume: Path | None = None, offload: str = "none", blocks_on_gpu: int | None = None,
-                   kv_cache_location: str = "gpu", kv_cache_dtype: str = "auto", compile: str = "auto") -> Path:
-    """Validate everything, load the models, stream the video into `save_file`.
+                   kv_cache_location: str = "gpu", kv_cache_dtype: str = "auto", compile: str = "auto",
+                   t5_cpu: bool = False) -> Path:
+    """Validate everything (`preflight`), load the models, stream the video into `save_file`.
 
     resume: the resume file of an interrupted run with these arguments; its MP4 is completed
     (wherever `save_file` points). Any run that stops early saves `<video>.resume` (or `resume`).
     """
     from dataclasses import asdict
 
-    from .encoders.audio import AudioEncoder, check_frames_per_clip, load_audio
-    from .encoders.image import load_image, preprocess_reference, target_area
+    from .encoders.audio import AudioEncoder
+    from .encoders.image import preprocess_reference
     from .encoders.text import TextEncoder
-    from .loading import check_kv_cache_dtype, load_generator, official_folder, resolve_compile
-    from .pipeline import GenerationSettings, generate, write_mp4
+    from .loading import load_generator
+    from .pipeline import generate, write_mp4
+    from .preflight import RunRequest, preflight
     from .resume import check_resume_state, input_fingerprint, load_resume_state, partial_video
     from .video.naming import safe_output_path
 
-    # 1. Cheap validation of every input before any weight is read.
-    settings = GenerationSettings(size=size, seed=seed, num_clips=num_clip, frames_per_clip=infer_frames,
-                                  sample_steps=sample_steps, mode=mode, online_decode=online_decode)
-    target_area(size)
-    check_frames_per_clip(infer_frames)
-    folder = official_folder(ckpt_dir)
-    resolve_compile(compile, torch.device(device))
-    check_kv_cache_dtype(kv_cache_dtype, precision)
-    load_image(image)
-    waveform = load_audio(audio)
+    # 1. Every input, and the memory plan at the real output size, checked before any weight is read.
+    pre = preflight(RunRequest(Path(ckpt_dir), image, audio, prompt, lora=lora, size=size, num_clip=num_clip,
+                               infer_frames=infer_frames, sample_steps=sample_steps, seed=seed, mode=mode,
+                               online_decode=online_decode, device=device, precision=precision,
+                               attention=attention, offload=offload, blocks_on_gpu=blocks_on_gpu,
+                               kv_cache_location=kv_cache_location, kv_cache_dtype=kv_cache_dtype,
+                               compile=compile, t5_cpu=t5_cpu))
+    pre.log()
+    settings, folder, waveform = pre.settings, pre.folder, pre.waveform
     state = None
     if resume is not None:
         state = load_resume_state(resume)
@@ -136,21 +175,21 @@ def run_generation(ckpt_dir: Path, lora: Path | None, image, audio, prompt: str,
     else:
         out = safe_output_path(save_file.parent, save_file.stem, save_file.suffix or ".mp4")
     resume_file = resume or out.with_name(out.name + ".resume")
-    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    dtype = pre.dtype
 
     # 2. Encoders, then the generator.
     t0 = time.perf_counter()
-    text = TextEncoder.from_pretrained(folder.t5, device=device, dtype=dtype).encode(prompt)
+    text = TextEncoder.from_pretrained(folder.t5, device=pre.text_device, dtype=dtype).encode(prompt)
     features = AudioEncoder.from_pretrained(folder.wav2vec2, device=device, dtype=dtype).encode(
         audio, frames_per_clip=infer_frames, num_clips=num_clip or None)
     if state is not None:  # the prompt, audio and image are known now; the model only after loading it
         check_resume_state(state, fingerprint=input_fingerprint(text=text, audio=features.embedding,
                                                                 reference=preprocess_reference(image, size)[0]))
-    model = load_generator(folder.dit, folder.vae, lora, precision=precision, attention=attention,
+    model = load_generator(folder.dit, folder.vae, pre.lora, precision=precision, attention=attention,
                            dit_device=device, offload=offload, blocks_on_gpu=blocks_on_gpu,
-                           kv_cache_location=kv_cache_location, kv_cache_dtype=kv_cache_dtype, plan_size=size,
-                           frames_per_clip=infer_frames,
-                           compile=compile)
+                           kv_cache_location=kv_cache_location, kv_cache_dtype=kv_cache_dtype,
+                           plan_size=pre.output_size, frames_per_clip=infer_frames, steps=sample_steps,
+                           compile=compile, plan=pre.plan)
     log.info("loaded in %.1f s: %s", time.perf_counter() - t0, model.description)
 
     # 3. Stream: every block is decoded and appended to the MP4 as soon as it is sampled.
@@ -178,24 +217,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return _demo(args)
+        if args.command == "plan":
+            return _plan(args)
         if args.command == "inspect":
             from .weights.detect import identify
 
             for p in args.paths:
                 print(f"{p}: {identify(p)}" if not p.is_dir() else identify(p))
             return 0
-        path = run_generation(Path(args.ckpt_dir), Path(args.lora_path_dmd) if args.lora_path_dmd else None,
-                              args.image, args.audio, args.prompt, args.save_file, size=args.size,
-                              num_clip=args.num_clip, infer_frames=args.infer_frames,
-                              sample_steps=args.sample_steps, seed=args.base_seed, mode=args.mode,
-                              online_decode=args.enable_online_decode, device=args.device,
-                              precision="fp8" if args.fp8 else args.precision, attention=args.attention,
-                              offload="block_swap" if args.blocks_on_gpu is not None
-                              else "auto" if args.offload_model else "none",
-                              blocks_on_gpu=args.blocks_on_gpu,
-                              kv_cache_location="cpu" if args.offload_kv_cache else "gpu",
-                              kv_cache_dtype=args.kv_cache_dtype,
-                              resume=args.resume, compile=args.compile)
+        req = request_from_args(args)
+        path = run_generation(req.ckpt_dir, req.lora, req.image, req.audio, req.prompt, args.save_file,
+                              size=req.size, num_clip=req.num_clip, infer_frames=req.infer_frames,
+                              sample_steps=req.sample_steps, seed=req.seed, mode=req.mode,
+                              online_decode=req.online_decode, device=req.device, precision=req.precision,
+                              attention=req.attention, offload=req.offload, blocks_on_gpu=req.blocks_on_gpu,
+                              kv_cache_location=req.kv_cache_location, kv_cache_dtype=req.kv_cache_dtype,
+                              resume=args.resume, compile=req.compile, t5_cpu=req.t5_cpu)
         print(f"wrote {path}")
         return 0
     except LiveAvatarError as exc:
@@ -204,6 +241,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _plan(args) -> int:
+    """`plan`: the preflight of `generate`, nothing loaded. The plan is printed whether or not it
+    fits (JSON: "fits"); exit 0 when it fits, 2 with the planner's message when it does not."""
+    import json
+
+    from .preflight import preflight
+
+    pre = preflight(request_from_args(args), check_memory=False)
+    if args.json:
+        print(json.dumps(pre.to_dict(), indent=1))
+    else:
+        pre.log()
+    pre.plan.validate()
+    if not args.json:
+        print(f"fits: {pre.plan.placement_words()}; output {pre.output_size[1]}x{pre.output_size[0]} (W x H)")
+    return 0
 
 
 def _demo(args) -> int:

@@ -10,11 +10,27 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .errors import WeightsError
+from .errors import InputError, WeightsError
+
+# The frames-per-clip rule, for every caller (audio bucketing, sampler, planner, nodes, CLI): one
+# DiT block denoises 3 latent frames, which the VAE decodes to 4 video frames each (spec 2.7).
+FRAMES_PER_BLOCK = 12
+# The release trains and runs 48 frames per clip: 4 blocks, 12 latent frames (spec 3.1).
+DEFAULT_FRAMES_PER_CLIP = 48
 
 # The official class ignores these config.json keys and always uses its own defaults
 # (spec/dit.md section 1; fixtures README section 2).
 _IGNORED_JSON_KEYS = {"patch_size", "text_dim", "window_size", "qk_norm", "cross_attn_norm"}
+
+
+def check_frames_per_clip(frames_per_clip, input_name: str = "frames_per_clip") -> None:
+    """Refuse a frames-per-clip value that is not a positive multiple of one block's 12 frames."""
+    if not isinstance(frames_per_clip, int) or isinstance(frames_per_clip, bool) or frames_per_clip <= 0 \
+            or frames_per_clip % FRAMES_PER_BLOCK:
+        raise InputError(input_name, f"{frames_per_clip!r} frames per clip is not a positive multiple of "
+                         f"{FRAMES_PER_BLOCK} (one DiT block is 3 latent frames = {FRAMES_PER_BLOCK} video frames; "
+                         "the official code would leave the last latents undenoised).",
+                         f"use {DEFAULT_FRAMES_PER_CLIP} (the value the model was trained with).")
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
 """Loading the generator (DiT + LoRA + optional FP8, VAE) as ordered, documented steps.
 
 Order, as in the official pipeline (spec/pipeline.md 1.2): base weights -> LoRA merge (fp32,
-rounded once) -> FP8 conversion -> placement. Each step validates its inputs before any tensor
-is read, so a wrong file fails in seconds with a message naming it.
+rounded once) -> FP8 conversion -> placement -> compilation. Each step is a function of its own
+(`new_dit`, `prepare_dit`, `prepare_vae`, `assemble`) that `load_generator` and the benchmark
+(random weights) both run, so the measured model is the product's. Every input is validated,
+and the run plan checked, before any tensor is read.
 """
 
 from __future__ import annotations
@@ -20,17 +22,16 @@ from .ops.fp8 import check_fp8_support, convert_to_fp8
 from .ops.transfer import cuda_index
 from .pipeline import LiveAvatarModel
 from .placement import apply_block_swap
-from .plan import RunPlan, detect_devices, plan_run
+from .plan import (COMPUTE_DTYPES, KV_CACHE_DTYPES, PRECISIONS, RunPlan, check_kv_cache_dtype,  # noqa: F401
+                   detect_devices, plan_run)
 from .vae.loader import load_vae
 from .weights.dit import load_dit_checkpoint, load_into_module
 from .weights.lora import DEFAULT_SCALE, load_lora, merge_lora
 
 log = logging.getLogger("liveavatar")
 
-PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.bfloat16}
+_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 COMPILE_CHOICES = ("auto", "on", "off")
-# auto: the rings store the DiT's compute dtype (exact); fp8: e4m3 with a scale per head row.
-KV_CACHE_DTYPES = ("auto", "fp8")
 
 # File names inside the official `Wan2.2-S2V-14B` folder (spec/pipeline.md 1.1).
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
@@ -79,90 +80,151 @@ def official_folder(path: str | Path, input_name: str = "ckpt_dir") -> OfficialF
     return folder
 
 
+def compute_dtype(precision: str) -> torch.dtype:
+    """The torch dtype the DiT computes in under `precision` (fp8 computes in bf16)."""
+    if precision not in PRECISIONS:
+        raise InputError("precision", f"unknown precision '{precision}'.", f"choose one of {', '.join(PRECISIONS)}.")
+    return _TORCH_DTYPES[COMPUTE_DTYPES[precision]]
+
+
+def plan_for_device(cfg, device: str | torch.device, *, precision: str = "bf16", offload: str = "none",
+                    blocks_on_gpu: int | None = None, kv_cache_location: str = "gpu", kv_cache_dtype: str = "auto",
+                    size: str | tuple[int, int] = "704*384", frames_per_clip: int = 48, steps: int = 4,
+                    audio_seconds: float | None = None, text_encoder: str = "cpu", audio_encoder: str = "cpu",
+                    validate: bool = True) -> RunPlan:
+    """The run plan for a DiT on `device` (a CPU device gives a CPU-only plan), validated unless
+    `validate` is False (then `plan.fits()` says whether it does).
+
+    size: the output (height, width), or an area string when the image is not known yet (see
+    `plan.plan_run`). text_encoder / audio_encoder: where the encoders run ("offload": on the GPU
+    before the DiT is loaded; "cpu", the default: not on the GPU, as for the loader node).
+    """
+    device = torch.device(device)
+    check_kv_cache_dtype(kv_cache_dtype, precision)
+    if device.type == "cuda":
+        devices = [d for d in detect_devices() if d.name == f"cuda:{cuda_index(device)}"]
+    else:
+        devices = []
+        if offload == "block_swap":
+            raise InputError("offload", f"block swap moves DiT blocks between host memory and a GPU; the DiT "
+                             f"runs on '{device}'.", "use offload 'none' or 'auto' on the CPU.")
+        # On a CPU device the caches are in host memory already: nothing to stream.
+        kv_cache_location = "gpu"
+    extra = {} if audio_seconds is None else {"audio_seconds": audio_seconds}
+    plan = plan_run(cfg, size=size, frames_per_clip=frames_per_clip, steps=steps, devices=devices,
+                    precision=precision, offload=offload, blocks_on_gpu=blocks_on_gpu,
+                    kv_cache_location=kv_cache_location, kv_cache_dtype=kv_cache_dtype,
+                    text_encoder=text_encoder, audio_encoder=audio_encoder, **extra)
+    return plan.validate() if validate else plan
+
+
+def new_dit(cfg, precision: str, attention: str = "sdpa") -> LiveAvatarDiT:
+    """Step 0: the DiT on the meta device, in the compute dtype of `precision` (no memory yet)."""
+    with torch.device("meta"):
+        return LiveAvatarDiT(cfg, attention=get_attention(attention)).to(compute_dtype(precision))
+
+
+def prepare_dit(dit: LiveAvatarDiT, plan: RunPlan, device: torch.device, *, lora=None,
+                lora_scale: float = DEFAULT_SCALE, use_compile: bool = False) -> None:
+    """Steps 2-5 on a DiT holding its base weights (in host memory if `plan` swaps blocks).
+
+    2. LoRA merge in place: fp32 delta, one rounding to the weight dtype.
+    3. FP8 GEMMs after the merge (the merged weights are what is quantised; swapped blocks are
+       still in host memory and are quantised on the GPU one at a time).
+    4. Placement: block swap from pinned host memory, prefetched one block ahead.
+    5. Regional compilation.
+    """
+    dit.eval().requires_grad_(False)
+    if lora is not None:
+        merged = merge_lora(dit, lora, scale=lora_scale)
+        log.info("LoRA: %s; merged %d pairs at scale %g", lora.description, merged, lora_scale)
+    if plan.precision == "fp8":
+        log.info("FP8: %d Linear layers converted", convert_to_fp8(dit, compute_device=device, fused=use_compile))
+    if plan.swapped:
+        apply_block_swap(dit, plan.blocks_on_gpu, device, layers=plan.swapped)
+    log.info("placement: %s", plan.placement_words())
+    if use_compile:
+        dit.compile_regions()
+        log.info("regional compilation on: the first call at each size compiles (about 15 s on an H200)")
+
+
+def prepare_vae(vae, device: torch.device, use_compile: bool = False):
+    """Place a loaded VAE: channels-last convolutions on CUDA, compiled with the DiT."""
+    vae.eval().requires_grad_(False)
+    if device.type == "cuda":
+        vae.set_channels_last()
+        if use_compile:
+            vae.compile_regions()
+    return vae
+
+
+def assemble(dit: LiveAvatarDiT, vae, plan: RunPlan, description: str) -> LiveAvatarModel:
+    """The generator the pipeline runs, with the plan it was placed by (re-checked per video size)."""
+    return LiveAvatarModel(dit, vae, description, kv_cache_location=plan.kv_cache_location,
+                           kv_cache_dtype="fp8" if plan.kv_cache_dtype == "fp8" else None, plan=plan)
+
+
 def load_generator(dit_path: str | Path, vae_path: str | Path, lora_path: str | Path | None = None, *,
                    precision: str = "bf16", attention: str = "sdpa", dit_device: str | torch.device = "cpu",
                    vae_device: str | torch.device | None = None, vae_dtype: torch.dtype | None = None,
                    lora_scale: float = DEFAULT_SCALE, offload: str = "none", blocks_on_gpu: int | None = None,
-                   kv_cache_location: str = "gpu", kv_cache_dtype: str = "auto", plan_size: str = "704*384",
-                   frames_per_clip: int = 48, compile: str = "auto") -> LiveAvatarModel:
+                   kv_cache_location: str = "gpu", kv_cache_dtype: str = "auto",
+                   plan_size: str | tuple[int, int] = "704*384", frames_per_clip: int = 48, steps: int = 4,
+                   compile: str = "auto", plan: RunPlan | None = None) -> LiveAvatarModel:
     """Plan, load, merge, convert and place the DiT and the VAE.
 
     dit_path: official folder, shard index or single file; lora_path: `liveavatar.safetensors`
     (None: base model only, which is not the distilled 4-step model); precision: bf16, fp8
     (bf16 compute with FP8 GEMMs) or fp32 (CPU parity); offload: none, block_swap (keep
-    `blocks_on_gpu` blocks resident) or auto (the planner picks the cheapest placement that fits
-    `plan_size`); kv_cache_location: gpu, or cpu (pinned host memory streamed per layer);
-    kv_cache_dtype: auto (the compute dtype) or fp8 (half the cache memory and streamed bytes; the
-    cached keys and values are quantised, so results move slightly);
+    `blocks_on_gpu` blocks resident) or auto (the planner picks the cheapest placement that fits);
+    plan_size: the output (height, width) to plan for, or an area string when the reference image
+    is not known yet (the default: 704*384 as for a 704x384 image); `generate` re-checks the plan at
+    the real size of each video. kv_cache_location: gpu, or cpu (pinned host memory streamed per
+    layer); kv_cache_dtype: auto (the compute dtype) or fp8 (half the cache memory and streamed
+    bytes; the cached keys and values are quantised, so results move slightly);
     compile: regional compilation of the DiT and of a CUDA VAE (`compile_regions`): on, off, or
     auto (on for a CUDA DiT when Triton is installed). The first call at each size compiles.
+    plan: a plan already made for these settings (the CLI's preflight); None = plan here.
     """
-    if precision not in PRECISIONS:
-        raise InputError("precision", f"unknown precision '{precision}'.", f"choose one of {', '.join(PRECISIONS)}.")
+    dtype = compute_dtype(precision)
     check_kv_cache_dtype(kv_cache_dtype, precision)
-    kv_dtype = None if kv_cache_dtype == "auto" else kv_cache_dtype  # plan and model: None = compute dtype
     dit_device = torch.device(dit_device)
     vae_device = torch.device(vae_device) if vae_device is not None else dit_device
     if precision == "fp8":
         check_fp8_support(dit_device)
-    attention_fn = get_attention(attention)
-    dtype = PRECISIONS[precision]
+    get_attention(attention)
     use_compile = resolve_compile(compile, dit_device)
 
     # 1. Base weights (validated against the config before any tensor is read), then the run
     #    plan: memory per device, refused with the cheapest fix before anything is loaded.
     ckpt = load_dit_checkpoint(dit_path)
     log.info("DiT: %s", ckpt.description)
-    plan = _plan(ckpt.config, dit_device, precision, offload, blocks_on_gpu, kv_cache_location, kv_dtype,
-                 plan_size, frames_per_clip)
-    swapping = plan.blocks_on_gpu < ckpt.config.num_layers
+    planned_here = plan is None
+    if plan is None:
+        plan = plan_for_device(ckpt.config, dit_device, precision=precision, offload=offload,
+                               blocks_on_gpu=blocks_on_gpu, kv_cache_location=kv_cache_location,
+                               kv_cache_dtype=kv_cache_dtype, size=plan_size, frames_per_clip=frames_per_clip,
+                               steps=steps)
+        if isinstance(plan_size, str):
+            log.info("planned for %dx%d, the output of a %s image at size %s; each video is re-checked at "
+                     "its own size before it starts", plan.geometry.width, plan.geometry.height,
+                     plan_size.replace("*", "x"), plan_size)
+        log.info("%s", plan.summary())
     lora = load_lora(lora_path, ckpt.shapes()) if lora_path else None
-    with torch.device("meta"):
-        dit = LiveAvatarDiT(ckpt.config, attention=attention_fn).to(dtype)
+    dit = new_dit(ckpt.config, precision, attention)
     # Swapped blocks must start in host memory: load everything there, place at the end.
-    load_device = torch.device("cpu") if swapping else dit_device
+    load_device = torch.device("cpu") if plan.swapped else dit_device
     load_into_module(dit, ckpt.state_dict, device=load_device)  # one tensor at a time, cast to dtype
-    dit.eval().requires_grad_(False)
-    # 2. LoRA merge in place on the DiT's device: fp32 delta, one rounding to the weight dtype.
-    if lora:
-        merged = merge_lora(dit, lora, scale=lora_scale)
-        log.info("LoRA: %s; merged %d pairs at scale %g", lora.description, merged, lora_scale)
-    else:
+    if lora is None and planned_here:  # a preflight has said so already
         log.warning("no LoRA given: the base Wan2.2-S2V model is not the 4-step distilled Live Avatar model")
-    # 3. FP8 GEMMs after the merge (the merged weights are what is quantised; with block swap they
-    #    are still in host memory and are quantised on the GPU one at a time).
-    if precision == "fp8":
-        log.info("FP8: %d Linear layers converted", convert_to_fp8(dit, compute_device=dit_device, fused=use_compile))
-    # 4. Placement: block swap from pinned host memory, prefetched one block ahead.
-    if swapping:
-        apply_block_swap(dit, plan.blocks_on_gpu, dit_device, layers=plan.swapped)
-    log.info("placement: %s", plan.placement_words())
-    if use_compile:
-        dit.compile_regions()
-        log.info("regional compilation on: the first call at each size compiles (about 15 s on an H200)")
-    vae = load_vae(vae_path, device=vae_device, dtype=vae_dtype or (torch.float32 if precision == "fp32"
-                                                                     else torch.bfloat16))
+    prepare_dit(dit, plan, dit_device, lora=lora, lora_scale=lora_scale, use_compile=use_compile)
+    vae = load_vae(vae_path, device=vae_device, dtype=vae_dtype or dtype)
     log.info("VAE: %s", vae.description)
-    if vae_device.type == "cuda":
-        vae.set_channels_last()
-    if use_compile and vae_device.type == "cuda":
-        vae.compile_regions()
-    return LiveAvatarModel(dit, vae, f"{ckpt.description}; {lora.description if lora else 'no LoRA'}; "
-                                     f"{precision}{', compiled' if use_compile else ''}"
-                                     f"{', FP8 KV cache' if kv_dtype == 'fp8' else ''}; "
-                                     f"{plan.placement_words()}; {vae.description}",
-                           kv_cache_location=plan.kv_cache_location,
-                           kv_cache_dtype=kv_dtype)
-
-
-def check_kv_cache_dtype(choice: str, precision: str) -> None:
-    """Refuse an unknown KV cache dtype, or FP8 rings for an fp32 DiT (they dequantise to bf16)."""
-    if choice not in KV_CACHE_DTYPES:
-        raise InputError("kv_cache_dtype", f"unknown choice '{choice}'.",
-                         f"choose one of {', '.join(KV_CACHE_DTYPES)}.")
-    if choice == "fp8" and precision == "fp32":
-        raise InputError("kv_cache_dtype", "an FP8 KV cache needs a bf16 or fp8 DiT; this one computes in fp32.",
-                         "use kv_cache_dtype 'auto' with fp32, or precision bf16/fp8.")
+    prepare_vae(vae, vae_device, use_compile)
+    kv_words = ", FP8 KV cache" if plan.kv_cache_dtype == "fp8" else ""
+    return assemble(dit, vae, plan, f"{ckpt.description}; {lora.description if lora else 'no LoRA'}; "
+                                    f"{precision}{', compiled' if use_compile else ''}{kv_words}; "
+                                    f"{plan.placement_words()}; {vae.description}")
 
 
 def resolve_compile(choice: str, device: torch.device) -> bool:
@@ -189,22 +251,3 @@ def _has_triton() -> bool:
     except ImportError:
         return False
     return True
-
-
-def _plan(cfg, device: torch.device, precision: str, offload: str, blocks_on_gpu: int | None,
-          kv_cache_location: str, kv_cache_dtype: str | None, size: str, frames_per_clip: int) -> RunPlan:
-    """The validated run plan for the DiT's device (CPU runs: a CPU-only plan)."""
-    if device.type == "cuda":
-        devices = [d for d in detect_devices() if d.name == f"cuda:{cuda_index(device)}"]
-    else:
-        devices = []
-        if offload == "block_swap":
-            raise InputError("offload", f"block swap moves DiT blocks between host memory and a GPU; the DiT "
-                             f"runs on '{device}'.", "use offload 'none' or 'auto' on the CPU.")
-        # On a CPU device the caches are in host memory already: nothing to stream.
-        kv_cache_location = "gpu"
-    plan = plan_run(cfg, size=size, frames_per_clip=frames_per_clip, devices=devices, precision=precision,
-                    offload=offload, blocks_on_gpu=blocks_on_gpu, kv_cache_location=kv_cache_location,
-                    kv_cache_dtype=kv_cache_dtype, text_encoder="cpu", audio_encoder="cpu")
-    return plan.validate()
-

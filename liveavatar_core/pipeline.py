@@ -38,11 +38,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .encoders.audio import AudioFeatures
-from .encoders.image import preprocess_reference
+from .config import DEFAULT_FRAMES_PER_CLIP
+from .encoders.audio import AudioFeatures, check_audio_length
+from .encoders.image import DEFAULT_SIZE, preprocess_reference, target_area
 from .errors import InputError
 from .model.cache import KV_STORAGE_DTYPES, make_step_caches
 from .model.dit import LiveAvatarDiT
+from .plan import RunPlan
 from .resume import (ResumeState, build_resume_state, check_resume_state, input_fingerprint, load_resume_state,
                      partial_video, resume_part, save_resume_state)
 from .sampling.config import MODES, SamplerConfig
@@ -65,10 +67,10 @@ DECODER_WARMUP_LATENTS = 7
 class GenerationSettings:
     """What the user chooses for one video. Defaults are the release settings."""
 
-    size: str = "704*384"
+    size: str = DEFAULT_SIZE  # a pixel area: the output's shape follows the image (encoders/image.py)
     seed: int = 420
     num_clips: int = 0  # 0 = as long as the audio
-    frames_per_clip: int = 48
+    frames_per_clip: int = DEFAULT_FRAMES_PER_CLIP
     sample_steps: int = 4
     mode: str = "streaming"
     ref_offset_mode: str | None = None  # None = the mode's default ("seeded" / "official")
@@ -80,6 +82,7 @@ class GenerationSettings:
     def __post_init__(self):
         if self.mode not in MODES:
             raise InputError("mode", f"unknown mode '{self.mode}'.", f"choose one of {', '.join(MODES)}.")
+        target_area(self.size)
         if not isinstance(self.num_clips, int) or self.num_clips < 0:
             raise InputError("num_clips", f"must be 0 (as long as the audio) or a positive count, "
                              f"got {self.num_clips!r}.", "use 0 or a positive integer.")
@@ -106,6 +109,7 @@ class LiveAvatarModel:
     description: str = ""
     kv_cache_location: str = "gpu"  # "cpu": pinned host rings streamed per layer (placement/)
     kv_cache_dtype: str | None = None  # None: the DiT's compute dtype; "fp8": e4m3 rings (model/cache.py)
+    plan: RunPlan | None = None  # the placement it was loaded with; re-checked at each video's size
 
     def cache_factory(self):
         """The step-cache constructor matching `kv_cache_location` and `kv_cache_dtype`."""
@@ -183,10 +187,14 @@ class VideoStream:
             raise InputError("frames_per_clip", f"the audio features were bucketed for {audio.frames_per_clip} "
                              f"frames per clip, the sampler is set to {settings.frames_per_clip}.",
                              "encode the audio with the same frames per clip.")
+        check_audio_length(audio.duration_s, settings.fps)
         self.audio = audio
         self.num_clips = audio.num_clips if not settings.num_clips else min(settings.num_clips,
                                                                              audio.available_clips)
         pixels, (self.height, self.width) = preprocess_reference(image, settings.size)
+        if model.plan is not None:  # loaded for another size (the loader node cannot know the sampler's)
+            model.plan.replanned(self.height, self.width, settings.frames_per_clip, settings.sample_steps,
+                                 audio.duration_s).validate()
         self.reference = pixels
         self.text = text
         self.fps = settings.fps

@@ -24,7 +24,8 @@ import math
 import os
 from dataclasses import dataclass, replace
 
-from .config import DiTConfig
+from .config import DEFAULT_FRAMES_PER_CLIP, DiTConfig, check_frames_per_clip
+from .encoders.image import DEFAULT_SIZE, assumed_output_size
 from .errors import InputError
 from .ops.fp8 import IGNORE as FP8_IGNORE
 from .weights.dit import expected_dit_keys
@@ -32,10 +33,14 @@ from .weights.vae import DIM_MULT, NUM_RES_BLOCKS, TEMPORAL_DOWNSAMPLE, expected
 
 GiB = 2 ** 30
 
+# bf16 (official), fp8 (bf16 compute with FP8 GEMMs), fp32 (CPU parity): the name of each
+# precision and of the dtype the DiT computes in.
 PRECISIONS = ("bf16", "fp8", "fp32")
+COMPUTE_DTYPES = {"bf16": "bf16", "fp8": "bf16", "fp32": "fp32"}
 OFFLOAD_MODES = ("none", "model", "block_swap", "auto")
 KV_LOCATIONS = ("gpu", "cpu")
-KV_DTYPES = ("bf16", "fp32", "fp8")
+# KV cache dtype choices: auto = the DiT's compute dtype (exact); fp8 = e4m3 with a scale per head row.
+KV_CACHE_DTYPES = ("auto", "fp8")
 # gpu: resident for the whole run; offload: kept in host memory, on the GPU only while used;
 # cpu: runs on the CPU.
 PLACEMENTS = ("gpu", "offload", "cpu")
@@ -128,16 +133,14 @@ class Geometry:
         return self.cache_frames * self.tokens_per_frame
 
 
-def geometry(cfg: DiTConfig, height: int, width: int, frames_per_clip: int = 48, steps: int = 4,
+def geometry(cfg: DiTConfig, height: int, width: int, frames_per_clip: int = DEFAULT_FRAMES_PER_CLIP, steps: int = 4,
              batch: int = 1) -> Geometry:
     """Latent grid, tokens per frame, KV ring length and condition tokens for one output size."""
     for name, v in (("height", height), ("width", width)):
         if not isinstance(v, int) or v <= 0 or v % 64:
-            raise InputError("size", f"{name} {v!r} is not a positive multiple of 64.",
-                             "use an output size like 704*384 (both sides multiples of 64).")
-    if frames_per_clip <= 0 or frames_per_clip % 12:
-        raise InputError("frames_per_clip", f"{frames_per_clip} is not a positive multiple of 12.",
-                         "use 48 (the value the model was trained with).")
+            raise InputError("size", f"output {name} {v!r} is not a positive multiple of 64.",
+                             "plan at the output size `encoders.image.choose_output_size` picks for the image.")
+    check_frames_per_clip(frames_per_clip)
     if steps < 1:
         raise InputError("sample_steps", f"must be positive, got {steps}.", "use 4.")
     lat_h, lat_w = height // 8, width // 8
@@ -383,6 +386,7 @@ class RunPlan:
     memory_cap_bytes: int | None
     items: tuple[MemoryItem, ...]
     note: str = ""
+    audio_seconds: float = DEFAULT_AUDIO_SECONDS
 
     # --- numbers ---------------------------------------------------------------------------
 
@@ -457,7 +461,9 @@ class RunPlan:
         raise InputError("memory", problem, _suggest_fix(self, name, need))
 
     def placement_words(self) -> str:
-        """The offload choices in words, for messages."""
+        """The offload choices in words, for messages and logs."""
+        if self.dit_device == "cpu":
+            return "everything on the CPU (no GPU in this plan)"
         words = []
         if self.swapped:
             words.append(f"block_swap with {self.blocks_on_gpu} blocks on GPU")
@@ -465,15 +471,51 @@ class RunPlan:
             words.append("kv_cache_location='cpu'")
         if not words:
             off = [n for n, p in (("umT5", self.text_encoder), ("wav2vec2", self.audio_encoder)) if p != "gpu"]
-            words.append("DiT, caches and VAE on the GPU" + (f"; {', '.join(off)} off it" if off else ""))
+            words.append("DiT, caches and VAE on the GPU" if self.vae == "gpu"
+                         else "DiT and caches on the GPU, VAE on the CPU")
+            if off:
+                words[-1] += f"; {', '.join(off)} off it"
         return " and ".join(words)
+
+    def replanned(self, height: int, width: int, frames_per_clip: int | None = None, steps: int | None = None,
+                  audio_seconds: float | None = None) -> "RunPlan":
+        """This placement (precision, blocks, caches, encoders) at another output size."""
+        g = self.geometry
+        geo = geometry(self.cfg, height, width, frames_per_clip or g.frames_per_clip, steps or g.steps, g.batch)
+        return _rebuild(self, geometry=geo, **({} if audio_seconds is None else {"audio_seconds": audio_seconds}))
+
+    def _where(self, placement: str) -> str:
+        """A placement in device words: "gpu" is the DiT's device (the CPU in a CPU-only plan)."""
+        if self.dit_device == "cpu":
+            return "cpu"
+        return self.dit_device if placement == "gpu" else placement
+
+    def to_dict(self) -> dict:
+        """JSON-able plan: output size, placement, and per device the planned peak, budget and items."""
+        g = self.geometry
+        devices = []
+        for name in self.device_names():
+            budget = self.budget_bytes(name)
+            devices.append({
+                "device": name, "planned_bytes": self.required_bytes(name), "peak_bytes": self.peak_bytes(name),
+                "budget_bytes": budget, "fits": budget is None or self.required_bytes(name) <= budget,
+                "items": [{"name": i.name, "bytes": i.bytes, "phase": i.phase, "note": i.note}
+                          for i in self.items if i.device == name]})
+        return {"output_size": [g.width, g.height], "frames_per_clip": g.frames_per_clip, "steps": g.steps,
+                "precision": self.precision, "kv_cache_dtype": self.kv_cache_dtype,
+                "kv_cache_location": self._where(self.kv_cache_location), "blocks_on_gpu": self.blocks_on_gpu,
+                "swapped_blocks": list(self.swapped), "dit_device": self.dit_device, "vae": self._where(self.vae),
+                "text_encoder": self._where(self.text_encoder), "audio_encoder": self._where(self.audio_encoder),
+                "placement": self.placement_words(), "transfer_bytes_per_call": self.transfer_bytes_per_call(),
+                "fits": self.fits(), "note": self.note, "devices": devices}
 
     def _describe(self) -> str:
         g = self.geometry
         parts = [f"{g.width}x{g.height}", self.precision]
         if self.swapped:
             parts.append(f"block swap {self.blocks_on_gpu}/{self.cfg.num_layers} blocks on GPU")
-        parts.append(f"KV cache {self.kv_cache_dtype} on {self.kv_cache_location}")
+        where = "cpu" if self.dit_device == "cpu" else self.kv_cache_location
+        parts.append(f"KV cache {self.kv_cache_dtype} on {where}")
         if self.memory_cap_bytes is not None:
             parts.append(f"cap {self.memory_cap_bytes / GiB:.1f} GiB")
         return ", ".join(parts)
@@ -481,8 +523,12 @@ class RunPlan:
     def summary(self) -> str:
         """A readable table: every item per device, totals against the budget."""
         g = self.geometry
-        lines = [f"Run plan: {self._describe()}; DiT on {self.dit_device}; VAE {self.vae}; "
-                 f"umT5 {self.text_encoder}; wav2vec2 {self.audio_encoder}",
+        if self.dit_device == "cpu":
+            where = "DiT, VAE, umT5 and wav2vec2 on cpu"
+        else:
+            where = (f"DiT on {self.dit_device}; VAE {self.vae}; umT5 {self.text_encoder}; "
+                     f"wav2vec2 {self.audio_encoder}")
+        lines = [f"Run plan: {self._describe()}; {where}",
                  f"  tokens/frame {g.tokens_per_frame}, block {g.block_tokens}, KV ring {g.cache_tokens}, "
                  f"condition {g.cond_tokens}; {self.flops_per_call()['linear'] / 1e12 + self.flops_per_call()['attention'] / 1e12:.1f} "
                  f"TFLOP per block call; host->GPU per call {self.transfer_bytes_per_call() / GiB:.2f} GiB"]
@@ -528,15 +574,14 @@ def _suggest_fix(plan: RunPlan, device: str, need: int) -> str:
     return " or ".join(fixes) + "."
 
 
-def _rebuild(plan: RunPlan, **changes) -> RunPlan:
-    # Another precision means another compute dtype for the rings, unless they are FP8.
-    keep_kv = "precision" not in changes or plan.kv_cache_dtype == "fp8"
+def _rebuild(plan: RunPlan, geometry: Geometry | None = None, **changes) -> RunPlan:
     args = dict(precision=plan.precision, blocks_on_gpu=plan.blocks_on_gpu,
-                kv_layers_on_gpu=plan.kv_layers_on_gpu, kv_cache_dtype=plan.kv_cache_dtype if keep_kv else None,
-                vae=plan.vae, text_encoder=plan.text_encoder, audio_encoder=plan.audio_encoder)
+                kv_layers_on_gpu=plan.kv_layers_on_gpu, kv_cache_dtype="fp8" if plan.kv_cache_dtype == "fp8" else None,
+                vae=plan.vae, text_encoder=plan.text_encoder, audio_encoder=plan.audio_encoder,
+                audio_seconds=plan.audio_seconds)
     args.update(changes)
-    return _build(plan.cfg, plan.geometry, plan.devices, plan.host, plan.memory_cap_bytes, plan.dit_device,
-                  **args)
+    return _build(plan.cfg, geometry or plan.geometry, plan.devices, plan.host, plan.memory_cap_bytes,
+                  plan.dit_device, **args)
 
 
 def _auto(plan: RunPlan) -> RunPlan | None:
@@ -568,7 +613,8 @@ def _offloaded(placement: str) -> str:
     return "offload" if placement == "gpu" else placement
 
 
-def plan_run(cfg: DiTConfig, *, size: str | tuple[int, int] = "704*384", frames_per_clip: int = 48,
+def plan_run(cfg: DiTConfig, *, size: str | tuple[int, int] = DEFAULT_SIZE,
+             frames_per_clip: int = DEFAULT_FRAMES_PER_CLIP,
              steps: int = 4, batch: int = 1, devices: list[DeviceSpec] | None = None,
              host: DeviceSpec | None = None, precision: str = "bf16", offload: str = "none",
              blocks_on_gpu: int | None = None, kv_cache_location: str = "gpu", kv_cache_dtype: str | None = None, vae: str = "gpu", text_encoder: str = "gpu",
@@ -576,20 +622,23 @@ def plan_run(cfg: DiTConfig, *, size: str | tuple[int, int] = "704*384", frames_
              audio_seconds: float = DEFAULT_AUDIO_SECONDS) -> RunPlan:
     """Resolve settings into a `RunPlan` (not validated: call `.validate()`).
 
-    size: "W*H" (the pipeline's area string) or (height, width) in pixels; devices: the GPUs
+    size: the output (height, width) in pixels, as `encoders.image.choose_output_size` picks it
+    for the reference image; or a "W*H" area string when the image is not known yet, planned as
+    for an image of that shape (`assumed_output_size`); devices: the GPUs
     (default: detected; empty = CPU-only plan); memory_cap: usable bytes per GPU (int) or a
     fraction of its memory (float <= 1), as `torch.cuda.set_per_process_memory_fraction` imposes;
     offload: none, model (encoders leave the GPU after use), block_swap (also keep only
     `blocks_on_gpu` DiT blocks resident) or auto (the cheapest fitting placement);
     kv_cache_location "cpu" keeps the KV rings in pinned host memory and streams them layer by
-    layer ahead of use.
+    layer ahead of use; kv_cache_dtype: None or "auto" (the compute dtype) or "fp8".
     """
     _choice("precision", precision, PRECISIONS)
+    check_kv_cache_dtype(kv_cache_dtype or "auto", precision)
     _choice("offload", offload, OFFLOAD_MODES)
     _choice("kv_cache_location", kv_cache_location, KV_LOCATIONS)
     for name, value in (("vae", vae), ("text_encoder", text_encoder), ("audio_encoder", audio_encoder)):
         _choice(name, value, PLACEMENTS)
-    height, width = parse_size(size)
+    height, width = assumed_output_size(size) if isinstance(size, str) else (int(size[0]), int(size[1]))
     geo = geometry(cfg, height, width, frames_per_clip, steps, batch)
     devices = tuple(detect_devices() if devices is None else devices)
     host = host or host_device()
@@ -629,12 +678,9 @@ def _build(cfg: DiTConfig, geo: Geometry, devices: tuple[DeviceSpec, ...], host:
            dit_device: str, *, precision: str, blocks_on_gpu: int, kv_layers_on_gpu: int,
            kv_cache_dtype: str | None, vae: str, text_encoder: str, audio_encoder: str,
            audio_seconds: float = DEFAULT_AUDIO_SECONDS) -> RunPlan:
-    compute = "fp32" if precision == "fp32" else "bf16"
-    kv_dtype = kv_cache_dtype or compute
-    _choice("kv_cache_dtype", kv_dtype, KV_DTYPES)
-    if kv_dtype != compute and not (kv_dtype == "fp8" and compute == "bf16"):
-        raise InputError("kv_cache_dtype", f"the DiT computes in {compute}, the cache was asked for {kv_dtype}.",
-                         "leave kv_cache_dtype unset (the compute dtype), or use fp8 with bf16/fp8 precision.")
+    check_kv_cache_dtype(kv_cache_dtype or "auto", precision)
+    compute = COMPUTE_DTYPES[precision]
+    kv_dtype = "fp8" if kv_cache_dtype == "fp8" else compute
     gpu, cpu = dit_device, "cpu"
     layers = cfg.num_layers
     swapped = swapped_layers(layers, blocks_on_gpu)
@@ -690,20 +736,7 @@ def _build(cfg: DiTConfig, geo: Geometry, devices: tuple[DeviceSpec, ...], host:
         items = [replace(i, device="cpu") for i in items]
     return RunPlan(cfg, geo, precision, "block_swap" if swapped else "none", blocks_on_gpu, swapped,
                    "cpu" if streamed else "gpu", kv_layers_on_gpu, kv_dtype, vae, text_encoder, audio_encoder,
-                   dit_device, devices, host, cap, tuple(items))
-
-
-def parse_size(size: str | tuple[int, int]) -> tuple[int, int]:
-    """(height, width) from "W*H" / "WxH" or a (height, width) pair."""
-    if isinstance(size, str):
-        parts = size.lower().replace("x", "*").split("*")
-        try:
-            w, h = (int(p) for p in parts)
-        except ValueError:
-            raise InputError("size", f"{size!r} is not 'W*H'.", "write the size like 704*384.") from None
-        return h, w
-    h, w = size
-    return int(h), int(w)
+                   dit_device, devices, host, cap, tuple(items), audio_seconds=audio_seconds)
 
 
 def _cap_bytes(memory_cap, devices) -> int | None:
@@ -723,3 +756,11 @@ def _choice(name: str, value, options) -> None:
     if value not in options:
         raise InputError(name, f"unknown value {value!r}.", f"choose one of {', '.join(options)}.")
 
+
+
+def check_kv_cache_dtype(choice: str | None, precision: str) -> None:
+    """Refuse an unknown KV cache dtype, or FP8 rings for an fp32 DiT (they dequantise to bf16)."""
+    _choice("kv_cache_dtype", choice, KV_CACHE_DTYPES)
+    if choice == "fp8" and COMPUTE_DTYPES.get(precision) != "bf16":
+        raise InputError("kv_cache_dtype", f"an FP8 KV cache needs a bf16 or fp8 DiT; this one computes in "
+                         f"{precision}.", "use kv_cache_dtype 'auto' with fp32, or precision bf16/fp8.")

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from ..liveavatar_core.errors import InputError
-from ..liveavatar_core.loading import (COMPILE_CHOICES, KV_CACHE_DTYPES, PRECISIONS, VAE_FILE, check_kv_cache_dtype,
-                                      load_generator, resolve_compile)
+from ..liveavatar_core.loading import COMPILE_CHOICES, VAE_FILE, load_generator, resolve_compile
 from ..liveavatar_core.ops.attention import DEFAULT_BACKEND, attention_backends
 from ..liveavatar_core.ops.fp8 import check_fp8_support
-from ..liveavatar_core.plan import KV_LOCATIONS
+from ..liveavatar_core.plan import KV_CACHE_DTYPES, KV_LOCATIONS, PRECISIONS, check_kv_cache_dtype
 from ..liveavatar_core.weights.dit import OFFICIAL_INDEX
 from . import host
 
@@ -60,8 +59,9 @@ class LiveAvatarModelLoader:
                                                   "decodes: another GPU splits the work, 'cpu' saves VRAM."}),
         }, "optional": {
             "offload": (list(OFFLOAD_CHOICES), {"default": "none", "tooltip": "none: everything on the DiT GPU. "
-                        "auto: the run planner picks the cheapest placement that fits this GPU at 704*384 (KV "
-                        "caches streamed from host memory first, then block swap). block_swap: keep only "
+                        "auto: the run planner picks the cheapest placement that fits this GPU (KV caches streamed "
+                        "from host memory first, then block swap), planned for 704*384 here and checked again "
+                        "at the sampler's real size before a video starts. block_swap: keep only "
                         "blocks_on_gpu DiT blocks on the GPU, the rest prefetched from pinned host memory."}),
             "blocks_on_gpu": ("INT", {"default": 20, "min": 0, "max": 40, "tooltip": "With offload=block_swap: "
                               "DiT blocks kept resident on the GPU (40 = all); fewer saves ~0.8 GB each."}),

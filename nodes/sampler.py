@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..liveavatar_core.encoders.audio import DEFAULT_FRAMES_PER_CLIP, FRAMES_PER_BLOCK
-from ..liveavatar_core.encoders.image import DEFAULT_SIZE, SIZE_PRESETS, parse_size
+from ..liveavatar_core.config import DEFAULT_FRAMES_PER_CLIP, FRAMES_PER_BLOCK
+from ..liveavatar_core.encoders.image import DEFAULT_SIZE, SIZE_PRESETS, SIZE_RULE, parse_size
 from ..liveavatar_core.errors import InputError
 from ..liveavatar_core.model.offset import D_MAX, D_MIN
 from ..liveavatar_core.pipeline import GenerationSettings, generate
@@ -55,9 +55,9 @@ class LiveAvatarSampler:
             "text_embeds": (TEXT_EMBEDS, {"tooltip": "From Live Avatar Text Encode."}),
             "audio_features": (AUDIO_FEATURES, {"tooltip": "From Live Avatar Audio Encode."}),
             "image": ("IMAGE", {"tooltip": "Reference picture of the person (the first image of a batch)."}),
-            "size": ([*SIZE_PRESETS, CUSTOM_SIZE], {"default": DEFAULT_SIZE, "tooltip": "Pixel area W*H; the "
-                     "aspect ratio follows the image (sides are multiples of 64). 'custom' uses the two "
-                     "values below."}),
+            "size": ([*SIZE_PRESETS, CUSTOM_SIZE], {"default": DEFAULT_SIZE, "tooltip": f"Pixel area W*H: "
+                     f"{SIZE_RULE}. Sides are multiples of 64. 'custom' uses the two values below. The loader's "
+                     "memory plan is checked again at the output size before the video starts."}),
             "custom_width": ("INT", {"default": 704, "min": 64, "max": 4096, "step": 16,
                                      "tooltip": "Width of the custom area (only with size 'custom')."}),
             "custom_height": ("INT", {"default": 384, "min": 64, "max": 4096, "step": 16,

@@ -22,6 +22,7 @@ import soxr
 import torch
 import torch.nn.functional as F
 
+from ..config import DEFAULT_FRAMES_PER_CLIP, FRAMES_PER_BLOCK, check_frames_per_clip  # noqa: F401 (re-exported)
 from ..errors import InputError, WeightsError
 from ..weights.wav2vec2 import LoadedWav2Vec2, Wav2Vec2Arch, load_wav2vec2
 
@@ -33,9 +34,6 @@ SAMPLE_RATE = 16000
 FEATURE_RATE = 50
 VIDEO_RATE = 30
 DEFAULT_FPS = 25
-DEFAULT_FRAMES_PER_CLIP = 48
-# One DiT block = 3 latent frames = 12 video frames (spec 2.7).
-FRAMES_PER_BLOCK = 12
 _NORM_EPS = 1e-7
 
 
@@ -223,12 +221,21 @@ def clip_block_audio(features: AudioFeatures, clip: int, block: int,
     return features.embedding[..., start:start + frames_per_block]
 
 
-def check_frames_per_clip(frames_per_clip: int, input_name: str = "frames_per_clip") -> None:
-    """F_clip must be a positive multiple of 12 (4 blocks of 3 latent frames per 48 in the release)."""
-    if not isinstance(frames_per_clip, int) or frames_per_clip <= 0 or frames_per_clip % FRAMES_PER_BLOCK:
-        raise InputError(input_name, f"{frames_per_clip!r} frames per clip is not a positive multiple of "
-                         f"{FRAMES_PER_BLOCK} (one DiT block is 3 latent frames = {FRAMES_PER_BLOCK} video frames).",
-                         "use 48 (the value the model was trained with).")
+def min_audio_seconds(fps: int = DEFAULT_FPS) -> float:
+    """The shortest audio that fills one block of video (12 frames: 0.48 s at 25 fps)."""
+    return FRAMES_PER_BLOCK / fps
+
+
+def check_audio_length(seconds: float, fps: int = DEFAULT_FPS, input_name: str = "audio") -> None:
+    """Refuse audio shorter than one block: the video is cut where the audio ends, so it would
+    hold only a few frames (0.2 s gives 2), or none at all."""
+    shortest = min_audio_seconds(fps)
+    if seconds < shortest:
+        frames = max(0, round(seconds * fps))
+        raise InputError(input_name, f"the audio lasts {seconds:.2f} s, shorter than one block of video "
+                         f"({FRAMES_PER_BLOCK} frames = {shortest:.2f} s at {fps} fps); the video ends with the "
+                         f"audio, so it would hold at most {frames} frames.",
+                         f"use at least {shortest:.2f} s of audio (a few seconds of speech is typical).")
 
 
 class AudioEncoder:

@@ -1,8 +1,11 @@
 """Reference image -> `[3, H, W]` float32 in [-1, 1] at the output size (spec/pipeline.md 2.1-2.2).
 
-The size argument only selects a pixel *area*; the aspect ratio comes from the image, and the output
-(H, W) is the official 64-multiple bucket search. The pixels then follow torchvision's
-`Resize(min(H, W))` + `CenterCrop((H, W))` + `ToTensor()*2-1`, reproduced with PIL and numpy.
+This is the one home of the size rule. The size argument ("704*384") only selects a pixel *area*;
+the orientation and aspect ratio come from the image, and the output (H, W) is the official
+64-multiple search (`output_size`), which never scales the image up to fill the area. Everything
+that needs the output size (the run planner, the CLI, the nodes) asks `choose_output_size` for it.
+The pixels then follow torchvision's `Resize(min(H, W))` + `CenterCrop((H, W))` + `ToTensor()*2-1`,
+reproduced with PIL and numpy.
 """
 
 from __future__ import annotations
@@ -32,6 +35,11 @@ DIVISOR = 64
 # The DiT patchifies 16-px squares (8x VAE, 2x patch); a smaller image has no content to place.
 MIN_IMAGE_SIDE = 16
 _SEARCH_STEPS = 100
+# Below this fraction of the requested area the output is much smaller than asked: say so.
+SMALL_OUTPUT_FRACTION = 0.5
+SIZE_RULE = ("the size is a pixel area, not an exact width x height: the orientation and aspect ratio "
+             "follow the image, and a small image is never upscaled to fill the area (a 128x72 image at "
+             "704*384 gives a 128x128 video)")
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*[*xX×]\s*(\d+)\s*$")
 
 
@@ -180,23 +188,58 @@ def resize_and_crop(image: Image.Image, height: int, width: int) -> np.ndarray:
     return pixels[top:top + height, left:left + width]
 
 
+def choose_output_size(image_size: tuple[int, int], size: str | tuple[int, int] | int = DEFAULT_SIZE,
+                       input_name: str = "size") -> tuple[int, int]:
+    """Output (H, W) of a video made from an image of `image_size` (W, H) at the area `size`."""
+    area = target_area(size, input_name)
+    img_w, img_h = image_size
+    height, width = output_size(img_h, img_w, area)
+    if height < DIVISOR or width < DIVISOR:
+        raise InputError("image", f"a {img_w}x{img_h} image is too elongated for the area {area}: no "
+                         f"{DIVISOR}-multiple size keeps its aspect ratio.",
+                         "crop the image closer to the subject or choose a larger size.")
+    return height, width
+
+
+def assumed_output_size(size: str | tuple[int, int] = DEFAULT_SIZE) -> tuple[int, int]:
+    """Output (H, W) for an image shaped like the area itself ("704*384": a 704x384 image), the
+    size to plan for before the reference image is known."""
+    w, h = parse_size(size)
+    return choose_output_size((w, h), (w, h))
+
+
+def describe_output_size(image_size: tuple[int, int], size: str | tuple[int, int] | int,
+                         output: tuple[int, int]) -> tuple[str, str | None]:
+    """(log line, warning or None) explaining how `output` (H, W) follows from the image and area."""
+    area = target_area(size)
+    img_w, img_h = image_size
+    height, width = output
+    spelled = format_size(size) if isinstance(size, tuple) else str(size)
+    line = (f"reference image {img_w}x{img_h} at size {spelled} -> output {width}x{height} (W x H); "
+            f"{SIZE_RULE}")
+    warning = None
+    if height * width < SMALL_OUTPUT_FRACTION * area:
+        warning = (f"the reference image is {img_w}x{img_h} px, much smaller than the requested area {spelled} "
+                   f"({area} px): images are never upscaled, so the video is only {width}x{height}; use a "
+                   "larger image for the full size.")
+    return line, warning
+
+
 def preprocess_reference(source, size: str | tuple[int, int] | int = DEFAULT_SIZE,
                          input_name: str = "image") -> tuple[torch.Tensor, tuple[int, int]]:
     """Reference image -> (`[3, H, W]` float32 in [-1, 1], (H, W)).
 
     `size` selects the area (a `parse_size` string, (W, H) or an int area); (H, W) comes from
-    `output_size` on the image's own aspect ratio. Cast to the VAE dtype is left to the caller.
+    `choose_output_size` on the image's own aspect ratio. Cast to the VAE dtype is left to the caller.
     """
-    area = target_area(size)
+    target_area(size)
     image = load_image(source, input_name)
-    height, width = output_size(image.height, image.width, area)
-    if height < DIVISOR or width < DIVISOR:
-        raise InputError(input_name, f"a {image.width}x{image.height} image is too elongated for the area "
-                         f"{area}: no {DIVISOR}-multiple size keeps its aspect ratio.",
-                         "crop the image closer to the subject or choose a larger size.")
+    height, width = choose_output_size(image.size, size)
     pixels = resize_and_crop(image, height, width)
     # ToTensor divides by 255 (not a multiply by 1/255); then *2-1, as the official pipeline does.
     tensor = torch.from_numpy(np.array(pixels)).permute(2, 0, 1).to(torch.float32).div(255)
-    logger.info("reference image %dx%d, area %d -> output %dx%d (W x H)", image.width, image.height, area,
-                width, height)
+    line, warning = describe_output_size(image.size, size, (height, width))
+    logger.info(line)
+    if warning:
+        logger.warning(warning)
     return tensor * 2 - 1, (height, width)

@@ -1,0 +1,192 @@
+"""Everything a run needs checked before a weight is read: the preflight of `generate` and `plan`.
+
+`preflight(RunRequest(...))` validates every setting, the checkpoint folder (its config and
+tensor headers only), the LoRA path, the GPU's abilities, the reference image and the audio, picks
+the output size the image search gives for that image, and plans the memory per device at that
+size. It reads no weight, so a wrong setting fails in about a second instead of after the
+encoders and the DiT have loaded. `python -m liveavatar_core plan` prints its result.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import DEFAULT_FRAMES_PER_CLIP
+from .encoders.audio import SAMPLE_RATE, check_audio_length, load_audio
+from .encoders.image import DEFAULT_SIZE, choose_output_size, describe_output_size, load_image
+from .errors import InputError, WeightsError
+from .loading import OfficialFolder, compute_dtype, official_folder, plan_for_device, resolve_compile
+from .ops.attention import get_attention
+from .ops.fp8 import check_fp8_support
+from .pipeline import GenerationSettings
+from .plan import RunPlan, check_kv_cache_dtype
+from .sampling.config import OFFICIAL_STEPS
+from .weights.dit import load_dit_checkpoint
+
+log = logging.getLogger("liveavatar")
+
+LORA_REPO = "Quark-Vision/Live-Avatar"
+LORA_FILE = "liveavatar.safetensors"
+# "owner/name" as the Hugging Face Hub spells a repository id (what the official scripts pass).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """The arguments of one `generate` run (the CLI's flags, in core names)."""
+
+    ckpt_dir: Path
+    image: object
+    audio: object
+    prompt: str = ""
+    lora: Path | None = None
+    size: str = DEFAULT_SIZE
+    num_clip: int = 0
+    infer_frames: int = DEFAULT_FRAMES_PER_CLIP
+    sample_steps: int = OFFICIAL_STEPS
+    seed: int = 420
+    mode: str = "streaming"
+    online_decode: bool = False
+    device: str = "cpu"
+    precision: str = "bf16"
+    attention: str = "sdpa"
+    offload: str = "none"
+    blocks_on_gpu: int | None = None
+    kv_cache_location: str = "gpu"
+    kv_cache_dtype: str = "auto"
+    compile: str = "auto"
+    t5_cpu: bool = False
+
+
+@dataclass
+class Preflight:
+    """A validated run: its settings, files, output size and memory plan; nothing loaded."""
+
+    request: RunRequest
+    settings: GenerationSettings
+    folder: OfficialFolder
+    lora: Path | None
+    image_size: tuple[int, int]  # (W, H) of the reference image
+    output_size: tuple[int, int]  # (H, W) of the video
+    waveform: np.ndarray
+    plan: RunPlan
+    use_compile: bool
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def audio_seconds(self) -> float:
+        return len(self.waveform) / SAMPLE_RATE
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return compute_dtype(self.request.precision)
+
+    @property
+    def text_device(self) -> str:
+        return "cpu" if self.request.t5_cpu else self.request.device
+
+    def to_dict(self) -> dict:
+        """The plan as JSON (`output_size` is [width, height]) plus the inputs it was made for."""
+        out = self.plan.to_dict()
+        out.update(image_size=list(self.image_size), audio_seconds=round(self.audio_seconds, 3),
+                   size=self.settings.size, warnings=list(self.warnings))
+        return out
+
+    def log(self) -> None:
+        """Log the size, the plan table and every warning (what the loader node logs too)."""
+        line, _ = describe_output_size(self.image_size, self.settings.size, self.output_size)
+        log.info(line)
+        log.info("%s", self.plan.summary())
+        for warning in self.warnings:
+            log.warning(warning)
+
+
+def check_lora_path(path: str | Path | None, input_name: str = "lora_path_dmd") -> Path | None:
+    """The LoRA file to load; a Hugging Face repository id is refused with what to download."""
+    if path is None or str(path) == "":
+        return None
+    path = Path(path)
+    if path.is_dir() and (path / LORA_FILE).is_file():  # a downloaded copy of the repository
+        return path / LORA_FILE
+    if not path.exists() and _HUB_ID.match(str(path)):
+        raise WeightsError(input_name, f"'{path}' is a Hugging Face Hub repository id, not a file; this "
+                           "implementation does not download.",
+                           f"download {LORA_FILE} from the {LORA_REPO} repository (`huggingface-cli download "
+                           f"{LORA_REPO} {LORA_FILE} --local-dir ckpt/LiveAvatar`) and pass its path: "
+                           f"--lora_path_dmd ckpt/LiveAvatar/{LORA_FILE} (in ComfyUI, put it in models/loras).")
+    return path
+
+
+def check_device(name: str) -> torch.device:
+    """The device the DiT runs on; refuse a GPU this machine does not have."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError("device", f"'{name}' is not a device name.", "use cuda, cuda:N or cpu.") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise InputError("device", f"'{name}' was asked for, but PyTorch sees no CUDA GPU.",
+                             "use --device cpu, or install a CUDA build of PyTorch.")
+        if device.index is not None and device.index >= count:
+            raise InputError("device", f"'{name}' does not exist; this machine has {count} CUDA GPU(s).",
+                             f"use cuda:0..cuda:{count - 1}.")
+    elif device.type != "cpu":
+        raise InputError("device", f"'{name}' is neither a CUDA GPU nor the CPU.", "use cuda, cuda:N or cpu.")
+    return device
+
+
+def preflight(req: RunRequest, check_memory: bool = True) -> Preflight:
+    """Validate `req` completely and plan it at the real output size, reading no weight.
+
+    check_memory: refuse a plan that does not fit (False: return it, `plan.fits()` tells).
+    """
+    # 1. Settings, in the order a user reads them on the command line.
+    settings = GenerationSettings(size=req.size, seed=req.seed, num_clips=req.num_clip,
+                                  frames_per_clip=req.infer_frames, sample_steps=req.sample_steps, mode=req.mode,
+                                  online_decode=req.online_decode)
+    device = check_device(req.device)
+    compute_dtype(req.precision)
+    check_kv_cache_dtype(req.kv_cache_dtype, req.precision)
+    if req.precision == "fp8":
+        check_fp8_support(device)
+    get_attention(req.attention)
+    use_compile = resolve_compile(req.compile, device)
+    # 2. Files: the folder's parts and the DiT's config and headers (no tensor data), the LoRA path.
+    folder = official_folder(req.ckpt_dir)
+    lora = check_lora_path(req.lora)
+    cfg = load_dit_checkpoint(folder.dit).config
+    # 3. Inputs: the image decides the output size, the audio the length.
+    image = load_image(req.image)
+    output = choose_output_size(image.size, settings.size)
+    waveform = load_audio(req.audio)
+    check_audio_length(len(waveform) / SAMPLE_RATE, settings.fps)
+    # 4. Memory at that size, refused with the cheapest fix.
+    plan = plan_for_device(cfg, device, precision=req.precision, offload=req.offload,
+                           blocks_on_gpu=req.blocks_on_gpu, kv_cache_location=req.kv_cache_location,
+                           kv_cache_dtype=req.kv_cache_dtype, size=output, frames_per_clip=req.infer_frames,
+                           steps=req.sample_steps, audio_seconds=len(waveform) / SAMPLE_RATE,
+                           # The CLI encodes on the DiT's GPU and frees the encoders before loading it.
+                           text_encoder="cpu" if req.t5_cpu else "offload", audio_encoder="offload",
+                           validate=check_memory)
+    warnings = []
+    _, small = describe_output_size(image.size, settings.size, output)
+    if small:
+        warnings.append(small)
+    if req.sample_steps != OFFICIAL_STEPS:
+        warnings.append(f"--sample_steps {req.sample_steps}: the distilled Live Avatar model was made for "
+                        f"{OFFICIAL_STEPS} steps; other counts run, but are not what it was trained for "
+                        "(expect worse pictures, and slower ones with more steps).")
+    if device.type == "cpu" and req.offload in ("auto", "model"):
+        warnings.append("--offload_model True on the CPU: there is no GPU memory to save, so nothing is "
+                        "offloaded; the DiT, its caches, the VAE and the encoders all run in host memory.")
+    if lora is None:
+        warnings.append("no --lora_path_dmd: the base Wan2.2-S2V model is not the 4-step distilled Live Avatar "
+                        f"model; pass {LORA_FILE} from {LORA_REPO}.")
+    return Preflight(req, settings, folder, lora, image.size, output, waveform, plan, use_compile, warnings)
