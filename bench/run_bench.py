@@ -1,7 +1,9 @@
 """End-to-end GPU benchmark of the generator with random full-size weights (no download needed).
 
-For each plan it builds the 14B DiT (random weights, fixed seeds) and the Wan 2.1 VAE, places them
-as the run planner decides (`offload="auto"` under the plan's memory cap), runs the product path
+For each plan it builds the 14B DiT (random weights, fixed seeds) and the Wan 2.1 VAE with the
+product's assembly steps (`loading.new_dit`, `prepare_dit`: LoRA-free FP8 conversion, placement,
+compilation; `prepare_vae`; `assemble`), only the weights being random, places them as the run
+planner decides (`offload="auto"` under the plan's memory cap), runs the product path
 (`generate`: block sampler, streaming VAE decode on its own CUDA stream, uint8 frames in host
 memory; with --mp4 also `write_mp4`, H.264/AAC on a writer thread) at 704x384 with 4 steps from
 random text and audio features and a random reference image, and prints the steady block period, output FPS, time to first frame (reference
@@ -39,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from liveavatar_core.config import DiTConfig  # noqa: E402
+from liveavatar_core.encoders.image import assumed_output_size  # noqa: E402
 from liveavatar_core.errors import LiveAvatarError  # noqa: E402
 from liveavatar_core.plan import GiB, RunPlan, detect_devices, plan_run  # noqa: E402
 
@@ -89,32 +92,21 @@ def random_init_(module: torch.nn.Module, gen: torch.Generator) -> None:
 
 
 def build_dit(cfg: DiTConfig, plan: RunPlan, attention: str, compile_blocks: bool):
-    """The DiT on meta, materialised piece by piece on the GPU, FP8-converted, placed, compiled."""
-    from liveavatar_core.model.dit import LiveAvatarDiT
-    from liveavatar_core.ops.fp8 import convert_to_fp8
-    from liveavatar_core.placement import apply_block_swap
+    """The product's DiT steps with random weights: `new_dit` on meta, random weights on the GPU
+    (standing for the checkpoint load), then `prepare_dit` (FP8, placement, compilation)."""
+    from liveavatar_core.loading import new_dit, prepare_dit
 
     device = torch.device(plan.dit_device)
-    with torch.device("meta"):
-        model = LiveAvatarDiT(cfg, attention=attention)
-    model = model.to(torch.bfloat16).to_empty(device=device)
+    model = new_dit(cfg, plan.precision, attention).to_empty(device=device)
     random_init_(model, torch.Generator(device=device).manual_seed(0))
-    model.eval().requires_grad_(False)
-    if plan.precision == "fp8":
-        # Per unit (same 460 layers as convert_to_fp8 on the whole model) keeps the peak low.
-        n = sum(convert_to_fp8(b, fused=compile_blocks) for b in model.blocks)
-        n += convert_to_fp8(model.audio_injector, fused=compile_blocks)
-        print(f"  FP8: {n} Linear layers converted")
-    swap = None
-    if plan.swapped:
-        swap = apply_block_swap(model, plan.blocks_on_gpu, device, layers=plan.swapped)
-        torch.cuda.empty_cache()
-    if compile_blocks:
-        model.compile_regions()
+    swap = prepare_dit(model, plan, device, use_compile=compile_blocks)
+    torch.cuda.empty_cache()  # the swapped blocks' GPU copies
     return model, swap
 
 
-def build_vae(device: torch.device):
+def build_vae(device: torch.device, compile_vae: bool):
+    """The Wan 2.1 VAE with random weights, placed by the product's `prepare_vae`."""
+    from liveavatar_core.loading import prepare_vae
     from liveavatar_core.vae.config import VAEConfig
     from liveavatar_core.vae.model import WanVAE
 
@@ -122,8 +114,7 @@ def build_vae(device: torch.device):
         vae = WanVAE(VAEConfig())
     vae = vae.to(torch.bfloat16).to_empty(device=device)
     random_init_(vae, torch.Generator(device=device).manual_seed(1))
-    vae.set_channels_last()  # as load_model places a CUDA VAE
-    return vae.eval().requires_grad_(False)
+    return prepare_vae(vae, device, compile_vae)
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,13 +170,14 @@ def run_plan(name: str, args) -> dict:
     import numpy as np
 
     from liveavatar_core.encoders.audio import AudioFeatures
-    from liveavatar_core.pipeline import GenerationSettings, LiveAvatarModel, generate, write_mp4
+    from liveavatar_core.loading import assemble
+    from liveavatar_core.pipeline import GenerationSettings, generate, write_mp4
 
     precision, cap_gib, kv_dtype = PLANS[name]
     devices = detect_devices()
     gpu = devices[0]
     cfg = DiTConfig.wan_s2v_14b()
-    plan = plan_run(cfg, size=args.size, devices=devices, precision=precision, offload="auto",
+    plan = plan_run(cfg, size=assumed_output_size(args.size), devices=devices, precision=precision, offload="auto",
                     memory_cap=None if cap_gib is None else cap_gib * GiB, kv_cache_dtype=kv_dtype,
                     text_encoder="cpu", audio_encoder="cpu")
     print(plan.summary())
@@ -195,11 +187,8 @@ def run_plan(name: str, args) -> dict:
 
     t0 = time.perf_counter()
     dit, swap = build_dit(cfg, plan, args.attention, args.compile == "on")
-    vae = build_vae(device)
-    if args.compile == "on":
-        vae.compile_regions()
-    model = LiveAvatarModel(dit, vae, f"random {name}", kv_cache_location=plan.kv_cache_location,
-                            kv_cache_dtype=kv_dtype)
+    vae = build_vae(device, args.compile == "on")
+    model = assemble(dit, vae, plan, f"random {name}")
     print(f"  built in {time.perf_counter() - t0:.1f} s")
     torch.cuda.empty_cache()
     if cap_gib is not None:

@@ -251,10 +251,9 @@ def _plan(args) -> int:
     from .preflight import preflight
 
     pre = preflight(request_from_args(args), check_memory=False)
+    pre.log(table=not args.json)  # on stderr; stdout holds only the JSON
     if args.json:
         print(json.dumps(pre.to_dict(), indent=1))
-    else:
-        pre.log()
     pre.plan.validate()
     if not args.json:
         print(f"fits: {pre.plan.placement_words()}; output {pre.output_size[1]}x{pre.output_size[0]} (W x H)")

@@ -91,7 +91,7 @@ def plan_for_device(cfg, device: str | torch.device, *, precision: str = "bf16",
                     blocks_on_gpu: int | None = None, kv_cache_location: str = "gpu", kv_cache_dtype: str = "auto",
                     size: str | tuple[int, int] = "704*384", frames_per_clip: int = 48, steps: int = 4,
                     audio_seconds: float | None = None, text_encoder: str = "cpu", audio_encoder: str = "cpu",
-                    validate: bool = True) -> RunPlan:
+                    encoder_bytes: tuple[int | None, int | None] = (None, None), validate: bool = True) -> RunPlan:
     """The run plan for a DiT on `device` (a CPU device gives a CPU-only plan), validated unless
     `validate` is False (then `plan.fits()` says whether it does).
 
@@ -114,7 +114,7 @@ def plan_for_device(cfg, device: str | torch.device, *, precision: str = "bf16",
     plan = plan_run(cfg, size=size, frames_per_clip=frames_per_clip, steps=steps, devices=devices,
                     precision=precision, offload=offload, blocks_on_gpu=blocks_on_gpu,
                     kv_cache_location=kv_cache_location, kv_cache_dtype=kv_cache_dtype,
-                    text_encoder=text_encoder, audio_encoder=audio_encoder, **extra)
+                    text_encoder=text_encoder, audio_encoder=audio_encoder, encoder_bytes=encoder_bytes, **extra)
     return plan.validate() if validate else plan
 
 
@@ -125,8 +125,9 @@ def new_dit(cfg, precision: str, attention: str = "sdpa") -> LiveAvatarDiT:
 
 
 def prepare_dit(dit: LiveAvatarDiT, plan: RunPlan, device: torch.device, *, lora=None,
-                lora_scale: float = DEFAULT_SCALE, use_compile: bool = False) -> None:
-    """Steps 2-5 on a DiT holding its base weights (in host memory if `plan` swaps blocks).
+                lora_scale: float = DEFAULT_SCALE, use_compile: bool = False):
+    """Steps 2-5 on a DiT holding its base weights (in host memory if `plan` swaps blocks);
+    returns the block swap state (its transfer counters), or None without block swap.
 
     2. LoRA merge in place: fp32 delta, one rounding to the weight dtype.
     3. FP8 GEMMs after the merge (the merged weights are what is quantised; swapped blocks are
@@ -140,12 +141,12 @@ def prepare_dit(dit: LiveAvatarDiT, plan: RunPlan, device: torch.device, *, lora
         log.info("LoRA: %s; merged %d pairs at scale %g", lora.description, merged, lora_scale)
     if plan.precision == "fp8":
         log.info("FP8: %d Linear layers converted", convert_to_fp8(dit, compute_device=device, fused=use_compile))
-    if plan.swapped:
-        apply_block_swap(dit, plan.blocks_on_gpu, device, layers=plan.swapped)
+    swap = apply_block_swap(dit, plan.blocks_on_gpu, device, layers=plan.swapped) if plan.swapped else None
     log.info("placement: %s", plan.placement_words())
     if use_compile:
         dit.compile_regions()
         log.info("regional compilation on: the first call at each size compiles (about 15 s on an H200)")
+    return swap
 
 
 def prepare_vae(vae, device: torch.device, use_compile: bool = False):

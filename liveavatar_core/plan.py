@@ -387,6 +387,7 @@ class RunPlan:
     items: tuple[MemoryItem, ...]
     note: str = ""
     audio_seconds: float = DEFAULT_AUDIO_SECONDS
+    encoder_bytes: tuple[int | None, int | None] = (None, None)  # (umT5, wav2vec2) weights; None = release
 
     # --- numbers ---------------------------------------------------------------------------
 
@@ -552,6 +553,9 @@ class RunPlan:
 
 
 def _suggest_fix(plan: RunPlan, device: str, need: int) -> str:
+    if plan.dit_device == "cpu":
+        return ("free host memory, use a smaller output size" + (" or bf16 instead of fp32" if plan.precision == "fp32"
+                else "") + ", or run on a GPU.")
     fixes = []
     best = _auto(plan)
     fp8 = _rebuild(plan, precision="fp8") if plan.precision == "bf16" else None
@@ -578,7 +582,7 @@ def _rebuild(plan: RunPlan, geometry: Geometry | None = None, **changes) -> RunP
     args = dict(precision=plan.precision, blocks_on_gpu=plan.blocks_on_gpu,
                 kv_layers_on_gpu=plan.kv_layers_on_gpu, kv_cache_dtype="fp8" if plan.kv_cache_dtype == "fp8" else None,
                 vae=plan.vae, text_encoder=plan.text_encoder, audio_encoder=plan.audio_encoder,
-                audio_seconds=plan.audio_seconds)
+                audio_seconds=plan.audio_seconds, encoder_bytes=plan.encoder_bytes)
     args.update(changes)
     return _build(plan.cfg, geometry or plan.geometry, plan.devices, plan.host, plan.memory_cap_bytes,
                   plan.dit_device, **args)
@@ -619,7 +623,8 @@ def plan_run(cfg: DiTConfig, *, size: str | tuple[int, int] = DEFAULT_SIZE,
              host: DeviceSpec | None = None, precision: str = "bf16", offload: str = "none",
              blocks_on_gpu: int | None = None, kv_cache_location: str = "gpu", kv_cache_dtype: str | None = None, vae: str = "gpu", text_encoder: str = "gpu",
              audio_encoder: str = "gpu", memory_cap: float | int | None = None,
-             audio_seconds: float = DEFAULT_AUDIO_SECONDS) -> RunPlan:
+             audio_seconds: float = DEFAULT_AUDIO_SECONDS,
+             encoder_bytes: tuple[int | None, int | None] = (None, None)) -> RunPlan:
     """Resolve settings into a `RunPlan` (not validated: call `.validate()`).
 
     size: the output (height, width) in pixels, as `encoders.image.choose_output_size` picks it
@@ -630,7 +635,8 @@ def plan_run(cfg: DiTConfig, *, size: str | tuple[int, int] = DEFAULT_SIZE,
     offload: none, model (encoders leave the GPU after use), block_swap (also keep only
     `blocks_on_gpu` DiT blocks resident) or auto (the cheapest fitting placement);
     kv_cache_location "cpu" keeps the KV rings in pinned host memory and streams them layer by
-    layer ahead of use; kv_cache_dtype: None or "auto" (the compute dtype) or "fp8".
+    layer ahead of use; encoder_bytes: the (umT5, wav2vec2) weight bytes read from their file
+    headers (None: the release encoders); kv_cache_dtype: None or "auto" (the compute dtype) or "fp8".
     """
     _choice("precision", precision, PRECISIONS)
     check_kv_cache_dtype(kv_cache_dtype or "auto", precision)
@@ -663,7 +669,7 @@ def plan_run(cfg: DiTConfig, *, size: str | tuple[int, int] = DEFAULT_SIZE,
     n_kv = layers if kv_cache_location == "gpu" else 0
     plan = _build(cfg, geo, devices, host, cap, dit_device, precision=precision, blocks_on_gpu=n_blocks,
                   kv_layers_on_gpu=n_kv, kv_cache_dtype=kv_cache_dtype, vae=vae, text_encoder=text_encoder,
-                  audio_encoder=audio_encoder, audio_seconds=audio_seconds)
+                  audio_encoder=audio_encoder, audio_seconds=audio_seconds, encoder_bytes=encoder_bytes)
     if offload != "auto" or not devices:
         return plan
     if plan.fits():
@@ -677,8 +683,11 @@ def plan_run(cfg: DiTConfig, *, size: str | tuple[int, int] = DEFAULT_SIZE,
 def _build(cfg: DiTConfig, geo: Geometry, devices: tuple[DeviceSpec, ...], host: DeviceSpec, cap: int | None,
            dit_device: str, *, precision: str, blocks_on_gpu: int, kv_layers_on_gpu: int,
            kv_cache_dtype: str | None, vae: str, text_encoder: str, audio_encoder: str,
-           audio_seconds: float = DEFAULT_AUDIO_SECONDS) -> RunPlan:
+           audio_seconds: float = DEFAULT_AUDIO_SECONDS,
+           encoder_bytes: tuple[int | None, int | None] = (None, None)) -> RunPlan:
     check_kv_cache_dtype(kv_cache_dtype or "auto", precision)
+    if dit_device == "cpu":  # one memory: an encoder "offloaded" to the host is just on the CPU
+        text_encoder, audio_encoder = "cpu", "cpu"
     compute = COMPUTE_DTYPES[precision]
     kv_dtype = "fp8" if kv_cache_dtype == "fp8" else compute
     gpu, cpu = dit_device, "cpu"
@@ -721,9 +730,11 @@ def _build(cfg: DiTConfig, geo: Geometry, devices: tuple[DeviceSpec, ...], host:
     else:
         items.append(MemoryItem(gpu, "activations (block call)", dit_act, _GENERATE))
         items.append(MemoryItem(cpu, "VAE decode activations", vae_act, _GENERATE))
+    text_bytes, audio_bytes = encoder_bytes
     for name, placement, weights, act in (
-            ("umT5 encoder", text_encoder, text_encoder_bytes(), 0),
-            ("wav2vec2 encoder", audio_encoder, audio_encoder_bytes(), audio_encoder_activation_bytes(audio_seconds))):
+            ("umT5 encoder", text_encoder, text_bytes or text_encoder_bytes(), 0),
+            ("wav2vec2 encoder", audio_encoder, audio_bytes or audio_encoder_bytes(),
+             audio_encoder_activation_bytes(audio_seconds))):
         if placement == "gpu":
             items.append(MemoryItem(gpu, name, weights))
         else:
@@ -736,7 +747,8 @@ def _build(cfg: DiTConfig, geo: Geometry, devices: tuple[DeviceSpec, ...], host:
         items = [replace(i, device="cpu") for i in items]
     return RunPlan(cfg, geo, precision, "block_swap" if swapped else "none", blocks_on_gpu, swapped,
                    "cpu" if streamed else "gpu", kv_layers_on_gpu, kv_dtype, vae, text_encoder, audio_encoder,
-                   dit_device, devices, host, cap, tuple(items), audio_seconds=audio_seconds)
+                   dit_device, devices, host, cap, tuple(items), audio_seconds=audio_seconds,
+                   encoder_bytes=encoder_bytes)
 
 
 def _cap_bytes(memory_cap, devices) -> int | None:

@@ -10,6 +10,7 @@ encoders and the DiT have loaded. `python -m liveavatar_core plan` prints its re
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 from .config import DEFAULT_FRAMES_PER_CLIP
 from .encoders.audio import SAMPLE_RATE, check_audio_length, load_audio
 from .encoders.image import DEFAULT_SIZE, choose_output_size, describe_output_size, load_image
-from .errors import InputError, WeightsError
+from .errors import InputError, LiveAvatarError, WeightsError
 from .loading import OfficialFolder, compute_dtype, official_folder, plan_for_device, resolve_compile
 from .ops.attention import get_attention
 from .ops.fp8 import check_fp8_support
@@ -28,6 +29,7 @@ from .pipeline import GenerationSettings
 from .plan import RunPlan, check_kv_cache_dtype
 from .sampling.config import OFFICIAL_STEPS
 from .weights.dit import load_dit_checkpoint
+from .weights.io import open_checkpoint
 
 log = logging.getLogger("liveavatar")
 
@@ -35,6 +37,7 @@ LORA_REPO = "Quark-Vision/Live-Avatar"
 LORA_FILE = "liveavatar.safetensors"
 # "owner/name" as the Hugging Face Hub spells a repository id (what the official scripts pass).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_WAV2VEC2_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
 @dataclass(frozen=True)
@@ -98,11 +101,12 @@ class Preflight:
                    size=self.settings.size, warnings=list(self.warnings))
         return out
 
-    def log(self) -> None:
-        """Log the size, the plan table and every warning (what the loader node logs too)."""
+    def log(self, table: bool = True) -> None:
+        """Log the size, the plan table (the one the loader node logs) and every warning."""
         line, _ = describe_output_size(self.image_size, self.settings.size, self.output_size)
         log.info(line)
-        log.info("%s", self.plan.summary())
+        if table:
+            log.info("%s", self.plan.summary())
         for warning in self.warnings:
             log.warning(warning)
 
@@ -121,6 +125,18 @@ def check_lora_path(path: str | Path | None, input_name: str = "lora_path_dmd") 
                            f"{LORA_REPO} {LORA_FILE} --local-dir ckpt/LiveAvatar`) and pass its path: "
                            f"--lora_path_dmd ckpt/LiveAvatar/{LORA_FILE} (in ComfyUI, put it in models/loras).")
     return path
+
+
+def _weight_bytes(path: Path, precision: str) -> int | None:
+    """Bytes of an encoder's weights in the compute dtype, from its file's header (None: unreadable
+    here; the planner then assumes the release encoder and the loader reports the file)."""
+    if path.is_dir():
+        path = next((path / n for n in _WAV2VEC2_WEIGHTS if (path / n).is_file()), path)
+    try:
+        shapes = open_checkpoint(path, "ckpt_dir").shapes()
+    except (LiveAvatarError, OSError):
+        return None
+    return sum(math.prod(s) for s in shapes.values()) * compute_dtype(precision).itemsize
 
 
 def check_device(name: str) -> torch.device:
@@ -174,6 +190,8 @@ def preflight(req: RunRequest, check_memory: bool = True) -> Preflight:
                            steps=req.sample_steps, audio_seconds=len(waveform) / SAMPLE_RATE,
                            # The CLI encodes on the DiT's GPU and frees the encoders before loading it.
                            text_encoder="cpu" if req.t5_cpu else "offload", audio_encoder="offload",
+                           encoder_bytes=(_weight_bytes(folder.t5, req.precision),
+                                          _weight_bytes(folder.wav2vec2, req.precision)),
                            validate=check_memory)
     warnings = []
     _, small = describe_output_size(image.size, settings.size, output)
