@@ -22,8 +22,7 @@ from .ops.fp8 import check_fp8_support, convert_to_fp8
 from .ops.transfer import cuda_index
 from .pipeline import LiveAvatarModel
 from .placement import apply_block_swap
-from .plan import (COMPUTE_DTYPES, KV_CACHE_DTYPES, PRECISIONS, RunPlan, check_kv_cache_dtype,  # noqa: F401
-                   detect_devices, plan_run)
+from .plan import COMPUTE_DTYPES, PRECISIONS, RunPlan, check_kv_cache_dtype, detect_devices, plan_run
 from .vae.loader import load_vae
 from .weights.dit import load_dit_checkpoint, load_into_module
 from .weights.lora import DEFAULT_SCALE, load_lora, merge_lora

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from liveavatar_core.encoders.image import (SIZE_PRESETS, format_size, load_image, output_size, parse_size,
+from liveavatar_core.encoders.image import (SIZE_PRESETS, assumed_output_size, choose_output_size,
+                                            describe_output_size, format_size, load_image, output_size, parse_size,
                                             preprocess_reference, resize_and_crop, target_area)
 from liveavatar_core.errors import InputError
 
@@ -66,6 +67,32 @@ def test_presets_cover_the_official_areas_in_both_orientations():
 def test_custom_sizes_accepted():
     assert target_area("1000*600") == 600000
     assert target_area((640, 640)) == 640 * 640
+
+
+def test_every_preset_gives_a_64_multiple_output_in_the_image_orientation():
+    """The size is an area: each preset gives a valid output for an image of either orientation,
+    and before the image is known the plan assumes one shaped like the area (one rule for all)."""
+    for preset in SIZE_PRESETS:
+        w, h = parse_size(preset)
+        for image in ((1280, 720), (720, 1280), (512, 512)):
+            oh, ow = choose_output_size(image, preset)
+            assert oh % 64 == 0 and ow % 64 == 0 and oh * ow <= w * h
+            assert (ow > oh) == (image[0] > image[1]) or image[0] == image[1]
+        assert assumed_output_size(preset) == choose_output_size((w, h), preset)
+    assert assumed_output_size("480*832") == (832, 448)  # used to be refused: 480 is not a multiple of 64
+
+
+def test_small_image_is_not_upscaled_and_the_log_says_why(caplog):
+    assert choose_output_size((128, 72), "704*384") == (128, 128)
+    line, warning = describe_output_size((128, 72), "704*384", (128, 128))
+    assert "pixel area" in line and "orientation" in line and "never upscaled" in line
+    assert warning and "much smaller" in warning and "128x128" in warning
+    assert describe_output_size((1280, 720), "704*384", (384, 704))[1] is None
+    image = np.zeros((72, 128, 3), np.uint8)
+    with caplog.at_level(logging.INFO, logger="liveavatar"):
+        _, hw = preprocess_reference(image, "704*384")
+    assert hw == (128, 128)
+    assert [r.levelname for r in caplog.records if "much smaller" in r.getMessage()] == ["WARNING"]
 
 
 def test_size_search_spec_examples():

@@ -56,3 +56,44 @@ def test_fp8_kv_cache_streams_a_video(ckpt_dir, fixtures):
     assert np.array_equal(runs["fp8"][0], runs["auto"][0])
     later = np.abs(runs["fp8"][1].astype(int) - runs["auto"][1].astype(int))
     assert later.mean() < 8
+
+
+def test_loader_logs_its_plan_and_generate_rechecks_it_at_the_real_size(ckpt_dir, caplog):
+    """The loader node cannot know the sampler's size: it plans for 704*384 and says so, and the
+    stream re-plans the same placement at the real output size, refusing with the planner's message."""
+    import dataclasses
+    import logging
+
+    import numpy as np
+    import torch
+
+    from liveavatar_core.encoders.audio import AudioFeatures
+    from liveavatar_core.pipeline import GenerationSettings, generate
+    from liveavatar_core.plan import GiB, DeviceSpec, plan_run
+
+    folder = official_folder(ckpt_dir)
+    with caplog.at_level(logging.INFO, logger="liveavatar"):
+        model = load_generator(folder.dit, folder.vae, None, precision="bf16", dit_device="cpu")
+    assert "Run plan: 704x384" in caplog.text and "re-checked at its own size" in caplog.text
+    assert "placement: everything on the CPU" in caplog.text and "on the GPU" not in caplog.text
+    assert (model.plan.geometry.height, model.plan.geometry.width) == (384, 704)
+
+    cfg = model.dit.cfg
+    # The same model as if loaded for a 2 GiB GPU: fine at 64x64, too small at 1024x1024.
+    small_gpu = plan_run(cfg, size=(64, 64), devices=[DeviceSpec("cuda:0", 2 * GiB, "2 GiB GPU")],
+                         host=DeviceSpec("cpu", 64 * GiB), text_encoder="cpu", audio_encoder="cpu").validate()
+    model = dataclasses.replace(model, plan=small_gpu)
+    g = torch.Generator().manual_seed(0)
+    audio = AudioFeatures(embedding=torch.randn(1, cfg.num_wav2vec_layers, cfg.audio_dim, 24, generator=g),
+                          num_clips=1, available_clips=1, frames_per_clip=24, fps=25,
+                          waveform_16k=np.zeros(16000, np.float32), duration_s=1.0)
+    text = torch.randn(5, cfg.text_dim, generator=g)
+    settings = GenerationSettings(size="64*64", num_clips=1, frames_per_clip=24, sample_steps=2)
+    generate(model, text, audio, np.zeros((64, 64, 3), np.uint8), settings)
+    with pytest.raises(InputError) as err:
+        generate(model, text, audio, np.zeros((1024, 1024, 3), np.uint8),
+                 dataclasses.replace(settings, size="1024*1024"))
+    assert err.value.input_name == "memory" and "1024x1024" in str(err.value) and "cuda:0" in str(err.value)
+    short = dataclasses.replace(audio, duration_s=0.1)
+    with pytest.raises(InputError, match="shorter than one block"):
+        generate(model, text, short, np.zeros((64, 64, 3), np.uint8), settings)

@@ -1,5 +1,6 @@
 """Run planner: sizes from exact tensor counts, fits and refusals on injected GPUs, auto placement."""
 
+import json
 import math
 
 import pytest
@@ -223,8 +224,16 @@ def test_memory_cap_fraction():
 
 
 def test_cpu_only_plan_is_valid():
-    p = plan_run(CFG, devices=[], host=HOST, size="704*384").validate()
+    p = plan_run(CFG, devices=[], host=HOST, size="704*384", text_encoder="offload").validate()
     assert p.dit_device == "cpu" and {i.device for i in p.items} == {"cpu"}
+    # Said in CPU words: nothing claims a GPU, and an "offloaded" encoder is counted once.
+    assert p.placement_words() == "everything on the CPU (no GPU in this plan)"
+    assert "GPU" not in p.summary().replace("no GPU", "").replace("host->GPU", "")
+    assert sum(1 for i in p.items if i.name.startswith("umT5")) == 1
+    assert p.to_dict()["vae"] == "cpu" and p.to_dict()["kv_cache_location"] == "cpu"
+    gpu_plan = plan(80)
+    assert gpu_plan.placement_words() == "DiT, caches and VAE on the GPU"
+    assert plan(80, vae="cpu").placement_words() == "DiT and caches on the GPU, VAE on the CPU"
     with pytest.raises(InputError, match="no GPU"):
         plan_run(CFG, devices=[], host=HOST, kv_cache_location="cpu")
 
@@ -244,6 +253,32 @@ def test_bad_settings_are_refused(kw, name):
     with pytest.raises(InputError) as err:
         plan(80, **kw)
     assert err.value.input_name == name
+
+
+def test_plans_at_the_output_size_and_replans_with_the_same_placement():
+    """A (height, width) is the output size itself; an area string is planned as for an image of
+    its own shape (480*832: a 480x832 image gives 448x832, where the exact W*H used to be refused)."""
+    assert (plan(80, size=(448, 832)).geometry.height, plan(80, size=(448, 832)).geometry.width) == (448, 832)
+    g = plan(80, size="480*832").geometry
+    assert (g.height, g.width) == (832, 448)
+    small = plan(80, offload="auto", memory_cap=24 * GiB)
+    big = small.replanned(704, 1280)
+    assert (big.blocks_on_gpu, big.kv_cache_location, big.precision) == (small.blocks_on_gpu,
+                                                                           small.kv_cache_location, small.precision)
+    assert big.geometry.tokens_per_frame > small.geometry.tokens_per_frame
+    assert big.peak_bytes("cuda:0") > small.peak_bytes("cuda:0")
+    with pytest.raises(InputError) as err:
+        plan(24, offload="auto").replanned(1280, 1280).validate()
+    assert err.value.input_name == "memory"
+
+
+def test_plan_json_has_output_size_and_devices():
+    d = plan(141, size=(384, 704)).to_dict()
+    assert d["output_size"] == [704, 384] and d["fits"] is True
+    assert [x["device"] for x in d["devices"]] == ["cuda:0", "cpu"]
+    assert all(isinstance(x["planned_bytes"], int) for x in d["devices"])
+    assert d["devices"][0]["planned_bytes"] > 30 * GiB  # the DiT alone is 32.6 GB in bf16
+    json.dumps(d)
 
 
 def test_summary_lists_items_and_verdict():
