@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,6 +29,9 @@ from .encoders.image import DEFAULT_SIZE, SIZE_PRESETS, SIZE_RULE
 from .errors import LiveAvatarError
 from .official_flags import add_official_flags, apply_official_flags
 from .plan import KV_CACHE_DTYPES, PRECISIONS
+
+if TYPE_CHECKING:
+    from .preflight import RunRequest
 
 log = logging.getLogger("liveavatar")
 
@@ -117,7 +121,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save_file", type=Path, default=DEFAULT_SAVE_FILE)
 
 
-def request_from_args(args: argparse.Namespace):
+def request_from_args(args: argparse.Namespace) -> "RunRequest":
     """The `RunRequest` of parsed `generate` / `plan` arguments (official flags applied first)."""
     from .preflight import RunRequest
 

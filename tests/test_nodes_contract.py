@@ -128,3 +128,16 @@ def test_missing_model_file_names_the_input_and_folder(pack, tmp_path):
                     "fp32", "sdpa", "cpu", "cpu")
     with pytest.raises(errors.InputError, match=r"^vae: .* is not in models/vae"):
         loader.load("liveavatar:Wan2.2-S2V-14B", "none", "../../etc/passwd", "fp32", "sdpa", "cpu", "cpu")
+
+
+def test_size_tooltip_states_the_area_rule_and_loader_uses_the_planner_names(pack):
+    """The size is an area (orientation from the image, never upscaled), said where users pick it;
+    the loader's precision and KV cache choices are the planner's own names."""
+    sampler = pack.NODE_CLASS_MAPPINGS["LiveAvatarSampler"].INPUT_TYPES()["required"]["size"][1]["tooltip"]
+    assert pack_module(pack, "liveavatar_core.encoders.image").SIZE_RULE in sampler
+    assert "128x72" in sampler and "never upscaled" in sampler
+    loader = pack.NODE_CLASS_MAPPINGS["LiveAvatarModelLoader"].INPUT_TYPES()
+    plan = pack_module(pack, "liveavatar_core.plan")
+    assert tuple(loader["required"]["precision"][0]) == plan.PRECISIONS
+    assert tuple(loader["optional"]["kv_cache_dtype"][0]) == plan.KV_CACHE_DTYPES
+    assert "checked again at the sampler's real size" in loader["optional"]["offload"][1]["tooltip"]
