@@ -174,15 +174,15 @@ def preflight(req: RunRequest, check_memory: bool = True) -> Preflight:
         check_fp8_support(device)
     get_attention(req.attention)
     use_compile = resolve_compile(req.compile, device)
-    # 2. Files: the folder's parts and the DiT's config and headers (no tensor data), the LoRA path.
-    folder = official_folder(req.ckpt_dir)
     lora = check_lora_path(req.lora)
-    cfg = load_dit_checkpoint(folder.dit).config
-    # 3. Inputs: the image decides the output size, the audio the length.
+    # 2. Inputs: the image decides the output size, the audio the length.
     image = load_image(req.image)
     output = choose_output_size(image.size, settings.size)
     waveform = load_audio(req.audio)
     check_audio_length(len(waveform) / SAMPLE_RATE, settings.fps)
+    # 3. Files: the folder's parts, the DiT's config and tensor headers (no tensor data).
+    folder = official_folder(req.ckpt_dir)
+    cfg = load_dit_checkpoint(folder.dit).config
     # 4. Memory at that size, refused with the cheapest fix.
     plan = plan_for_device(cfg, device, precision=req.precision, offload=req.offload,
                            blocks_on_gpu=req.blocks_on_gpu, kv_cache_location=req.kv_cache_location,
