@@ -30,6 +30,9 @@ from ..config import DiTConfig
 from ..errors import WeightsError
 from .fp8_scaled import ScaledFP8View, is_scaled_fp8
 from .io import open_checkpoint
+from .keys import key_mismatch
+from .layout import DIT_CONFIG, DIT_INDEX, DIT_SINGLE
+from .layout import DIT_INDEX as OFFICIAL_INDEX  # noqa: F401  (the name nodes/loader.py imports from here)
 
 INPUT_NAME = "dit_checkpoint"
 
@@ -37,12 +40,9 @@ INPUT_NAME = "dit_checkpoint"
 KEY_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 FORMAT_PREFIX = {"official": "", "comfyui": "model.diffusion_model.", "comfyui_short": "diffusion_model."}
 
-OFFICIAL_INDEX = "diffusion_pytorch_model.safetensors.index.json"
-OFFICIAL_SINGLE = "diffusion_pytorch_model.safetensors"
 
 # Width of the only released S2V DiT; a single file of this width can only be the 14B release.
 _RELEASE_DIM = 5120
-_EXAMPLES = 5
 
 
 def expected_dit_keys(cfg: DiTConfig) -> dict[str, tuple[int, ...]]:
@@ -313,42 +313,25 @@ def _resolve(path: Path, input_name: str) -> tuple[Path, Path | None, bool]:
         raise WeightsError(input_name, f"{path} does not exist.",
                            "point to the Wan2.2-S2V-14B folder, its index json or a single .safetensors file.")
     if path.is_dir():
-        for name in (OFFICIAL_INDEX, OFFICIAL_SINGLE):
+        for name in (DIT_INDEX, DIT_SINGLE):
             if (path / name).exists():
-                config = path / "config.json"
+                config = path / DIT_CONFIG
                 return path / name, (config if config.exists() else None), True
-        raise WeightsError(input_name, f"the folder {path} holds neither {OFFICIAL_INDEX} nor {OFFICIAL_SINGLE}.",
+        raise WeightsError(input_name, f"the folder {path} holds neither {DIT_INDEX} nor {DIT_SINGLE}.",
                            "point to the Wan2.2-S2V-14B folder (or pass the weight file itself).")
     if path.name.endswith(".index.json"):
-        config = path.parent / "config.json"
+        config = path.parent / DIT_CONFIG
         return path, (config if config.exists() else None), True
-    for candidate in (path.with_suffix(".json"), path.parent / "config.json"):
+    for candidate in (path.with_suffix(".json"), path.parent / DIT_CONFIG):
         if candidate.exists():
             return path, candidate, False
     return path, None, False
 
 
-def _examples(items) -> str:
-    items = list(items)
-    shown = ", ".join(items[:_EXAMPLES])
-    return shown + (f", ... ({len(items) - _EXAMPLES} more)" if len(items) > _EXAMPLES else "")
-
-
 def check_dit_shapes(shapes: Mapping[str, tuple], cfg: DiTConfig, description: str,
                      input_name: str = INPUT_NAME) -> None:
     """Refuse a checkpoint whose canonical keys/shapes differ from `expected_dit_keys(cfg)`."""
-    expected = expected_dit_keys(cfg)
-    missing = [k for k in expected if k not in shapes]
-    unexpected = [k for k in shapes if k not in expected]
-    wrong = [f"{k} {tuple(shapes[k])} (expected {expected[k]})"
-             for k in expected if k in shapes and tuple(shapes[k]) != expected[k]]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} of {len(expected)} expected tensors are missing: {_examples(missing)}")
-    if wrong:
-        problems.append(f"{len(wrong)} tensors have the wrong shape: {_examples(wrong)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} tensors are not part of the S2V DiT: {_examples(unexpected)}")
+    problems = key_mismatch(expected_dit_keys(cfg), shapes)
     if problems:
         raise WeightsError(input_name, f"{description} does not match the expected architecture: "
                            + "; ".join(problems) + ".",
@@ -400,13 +383,10 @@ def load_into_module(module: torch.nn.Module, state_dict: Mapping[str, torch.Ten
     the model. Parameters on the meta device are replaced by real ones on `device`.
     """
     params = dict(module.named_parameters())
-    missing = [k for k in params if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in params]
-    if missing or unexpected:
-        raise WeightsError(input_name, f"the checkpoint and the model disagree: {len(missing)} model parameters "
-                           f"missing from the checkpoint ({_examples(missing) or 'none'}), {len(unexpected)} "
-                           f"checkpoint tensors unknown to the model ({_examples(unexpected) or 'none'}).",
-                           "load a checkpoint of the same architecture as the model config.")
+    problems = key_mismatch(list(params), list(state_dict))  # shapes: checked per tensor below
+    if problems:
+        raise WeightsError(input_name, "the checkpoint does not fit the model's parameters: " + "; ".join(problems)
+                           + ".", "load a checkpoint of the same architecture as the model config.")
     with torch.no_grad():
         for name, param in params.items():
             tensor = state_dict[name]

@@ -28,6 +28,7 @@ import torch
 from ..errors import WeightsError
 from .fp8_scaled import ScaledFP8View, is_scaled_fp8
 from .io import open_checkpoint
+from .keys import key_mismatch
 
 if TYPE_CHECKING:
     from transformers import UMT5Config
@@ -283,18 +284,9 @@ def _check_and_build_config(names: dict[str, str], shapes: Mapping[str, tuple], 
     config = _umt5_config(vocab_size=emb[0], d_model=emb[1], num_heads=table[1], d_kv=q[0] // table[1],
                           d_ff=wi[0], num_layers=layers, relative_attention_num_buckets=table[0])
     expected = {official_to_hf(k): s for k, s in expected_t5_shapes(config).items()}
-    missing = [k for k in expected if k not in names]
-    unexpected = [names[k] for k in names if k not in expected]
-    wrong = [f"{names[k]} {shape(k)} (expected {s})" for k, s in expected.items()
-             if k in names and shape(k) != s]
-    problems = []
-    if missing:
-        examples = ", ".join(hf_to_official(k) for k in missing[:_EXAMPLES])
-        problems.append(f"{len(missing)} tensors missing (e.g. {examples})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensors (e.g. {', '.join(unexpected[:_EXAMPLES])})")
-    if wrong:
-        problems.append(f"{len(wrong)} tensors with the wrong shape (e.g. {'; '.join(wrong[:_EXAMPLES])})")
+    found = {k: shapes[file_key] for k, file_key in names.items()}
+    # Missing tensors have no file key: they are named as the official file spells them.
+    problems = key_mismatch(expected, found, display=lambda k: names[k] if k in names else hf_to_official(k))
     if problems:
         raise WeightsError(input_name, f"{source} does not match the umT5 encoder layout read from its own "
                            f"shapes ({layers} layers): {'; '.join(problems)}.",
