@@ -169,6 +169,7 @@ def _canonical_names(keys, input_name: str) -> dict[str, str]:
 # --- detection ------------------------------------------------------------------------------------
 
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
+_SELF_Q_RE = re.compile(r"^blocks\.(\d+)\.self_attn\.q\.weight$")
 _LORA_RE = re.compile(r"(^|\.)(lora_A|lora_B|lora_down|lora_up)(\.|$)")
 
 # Markers of Wan DiT variants that are not S2V (names as in the official/ComfyUI checkpoints).
@@ -183,10 +184,14 @@ _WAN_SIZES = {1536: "1.3B", 3072: "5B", 5120: "14B"}
 
 @dataclass(frozen=True)
 class DiTDetection:
-    """What a set of (canonical) keys and shapes is: `kind` is 's2v' for our model."""
+    """What a set of (canonical) keys and shapes is: `kind` is 's2v' for our model.
+
+    `name` says which model ("Wan2.2-S2V DiT (14B)"), `description` adds dtype and tensor count.
+    """
 
     kind: str
     description: str
+    name: str = ""
 
 
 def _count_indices(keys, pattern: re.Pattern) -> int:
@@ -196,6 +201,14 @@ def _count_indices(keys, pattern: re.Pattern) -> int:
 
 def _size_name(dim: int) -> str:
     return _WAN_SIZES.get(dim, f"dim {dim}")
+
+
+def _dit_width(shapes: Mapping[str, tuple]) -> int:
+    """The model width from whichever tensor that carries it is present (a shard may hold few)."""
+    for key, shape in shapes.items():
+        if key == "patch_embedding.weight" or _SELF_Q_RE.match(key) or key.endswith(".final_linear.weight"):
+            return shape[0]
+    return 0
 
 
 def detect_dit(keys_shapes: Mapping[str, tuple], dtype: str | None = None) -> DiTDetection:
@@ -211,35 +224,43 @@ def detect_dit(keys_shapes: Mapping[str, tuple], dtype: str | None = None) -> Di
     n = len(shapes)
     tail = f", {dtype}, {n} tensors" if dtype else f", {n} tensors"
     keys = list(shapes)
+
+    def found(kind: str, name: str) -> DiTDetection:
+        return DiTDetection(kind, name + tail, name)
+
     if not keys:
-        return DiTDetection("empty", "an empty checkpoint (0 tensors)")
+        return DiTDetection("empty", "an empty checkpoint (0 tensors)", "an empty checkpoint")
     if any(_LORA_RE.search(k) for k in keys):
-        return DiTDetection("lora", f"a LoRA file (adapter factors only){tail}")
+        return found("lora", "a LoRA file (adapter factors only)")
     if "casual_audio_encoder.encoder.final_linear.weight" in shapes or (
             "frame_packer.proj.weight" in shapes and "blocks.0.self_attn.q.weight" in shapes):
-        dim = shapes.get("patch_embedding.weight", shapes.get("blocks.0.self_attn.q.weight", (0,)))[0]
+        dim = _dit_width(shapes)
         layers = _count_indices(keys, _BLOCK_RE)
-        size = "14B" if dim == _RELEASE_DIM else f"dim {dim}, {layers} layers"
-        return DiTDetection("s2v", f"Wan2.2-S2V DiT ({size}){tail}")
+        return found("s2v", f"Wan2.2-S2V DiT ({'14B' if dim == _RELEASE_DIM else f'dim {dim}, {layers} layers'})")
     if "head.modulation" in shapes and "blocks.0.self_attn.q.weight" in shapes:
         dim = shapes["blocks.0.self_attn.q.weight"][0]
         for marker, name in _WAN_VARIANT_MARKERS:
             if marker in shapes:
-                return DiTDetection("wan_variant", f"{name} ({_size_name(dim)}){tail}")
+                return found("wan_variant", f"{name} ({_size_name(dim)})")
         in_dim = shapes.get("patch_embedding.weight", (0, 0))[1]
         if in_dim == 48:
-            return DiTDetection("wan_ti2v", f"Wan2.2 TI2V-5B DiT (in_dim 48){tail}")
+            return found("wan_ti2v", "Wan2.2 TI2V-5B DiT (in_dim 48)")
         if in_dim == 36 or "img_emb.proj.0.bias" in shapes:
-            return DiTDetection("wan_i2v", f"Wan 2.1/2.2 I2V DiT ({_size_name(dim)}, in_dim {in_dim}){tail}")
-        return DiTDetection("wan_t2v", f"Wan 2.1/2.2 T2V DiT ({_size_name(dim)}, in_dim {in_dim}){tail}")
+            return found("wan_i2v", f"Wan 2.1/2.2 I2V DiT ({_size_name(dim)}, in_dim {in_dim})")
+        return found("wan_t2v", f"Wan 2.1/2.2 T2V DiT ({_size_name(dim)}, in_dim {in_dim})")
     if any(k.startswith(("encoder.downsamples.", "decoder.upsamples.")) for k in keys):
-        return DiTDetection("vae", f"a Wan video VAE{tail}")
+        return found("vae", "a Wan video VAE")
     if ("token_embedding.weight" in shapes and "blocks.0.attn.q.weight" in shapes) or any(
             k.startswith("encoder.block.0.layer.0.SelfAttention.") for k in keys):
-        return DiTDetection("t5", f"a umT5 text encoder{tail}")
+        return found("t5", "a umT5 text encoder")
     if any("feature_extractor.conv_layers." in k for k in keys):
-        return DiTDetection("wav2vec2", f"a wav2vec2 audio encoder{tail}")
-    return DiTDetection("unknown", f"an unrecognised checkpoint{tail} (e.g. {', '.join(keys[:3])})")
+        return found("wav2vec2", "a wav2vec2 audio encoder")
+    if any(_SELF_Q_RE.match(k) for k in keys):
+        blocks = sorted({int(m.group(1)) for k in keys if (m := _BLOCK_RE.match(k))})
+        return found("dit_part", f"a Wan DiT (width {_dit_width(shapes)}; this file holds blocks "
+                                 f"{blocks[0]}-{blocks[-1]} only)")
+    return DiTDetection("unknown", f"an unrecognised checkpoint{tail} (e.g. {', '.join(keys[:3])})",
+                        "an unrecognised checkpoint")
 
 
 def describe_dit(keys_shapes: Mapping[str, tuple], dtype: str | None = None) -> str:
@@ -307,8 +328,9 @@ def _dominant_dtype(lazy) -> torch.dtype:
     return max(counts, key=counts.get) if counts else torch.float32
 
 
-def _resolve(path: Path, input_name: str) -> tuple[Path, Path | None, bool]:
-    """(weights file or index, config.json or None, is_official_folder_layout)."""
+def resolve_dit_files(path: str | Path, input_name: str = INPUT_NAME) -> tuple[Path, Path | None, bool]:
+    """(weights file or index, config.json or None, is_official_folder_layout) of a DiT path."""
+    path = Path(path)
     if not path.exists():
         raise WeightsError(input_name, f"{path} does not exist.",
                            "point to the Wan2.2-S2V-14B folder, its index json or a single .safetensors file.")
@@ -346,7 +368,7 @@ def load_dit_checkpoint(path: str | Path, input_name: str = INPUT_NAME) -> DiTCh
     fp8_scaled) file. Wrong models, incomplete or damaged files raise WeightsError naming the problem.
     """
     path = Path(path)
-    weights_path, config_json, official_layout = _resolve(path, input_name)
+    weights_path, config_json, official_layout = resolve_dit_files(path, input_name)
     lazy = open_checkpoint(weights_path, input_name)
     raw_keys = list(lazy)
     source_dtype = _dominant_dtype(lazy)

@@ -140,6 +140,18 @@ def check_checkpoint(path: str | os.PathLike, input_name: str = "checkpoint") ->
     return CheckedFile(path, path.stat().st_size, len(entries) if entries is not None else 0)
 
 
+def read_json_object(path: Path, input_name: str) -> dict:
+    """A JSON settings file as a dict; `WeightsError` naming it when unreadable or not an object."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise WeightsError(input_name, f"cannot read {path} ({exc}).", "download the file again.") from None
+    if not isinstance(value, dict):
+        raise WeightsError(input_name, f"{path} holds a JSON {type(value).__name__}, not an object of settings.",
+                           "download the file again.")
+    return value
+
+
 def _existing_file(path: str | os.PathLike, input_name: str) -> Path:
     path = Path(path)
     if not path.exists():

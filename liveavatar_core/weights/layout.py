@@ -16,7 +16,7 @@ DIT_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 DIT_SINGLE = "diffusion_pytorch_model.safetensors"
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 # The umT5 tokenizer folder, relative to the official folder (and so to the T5 file beside it).
-TOKENIZER_DIR = PurePosixPath("google") / "umt5-xxl"
+TOKENIZER_DIR = PurePosixPath("google", "umt5-xxl")
 TOKENIZER_FILE = "tokenizer.json"
 VAE_FILE = "Wan2.1_VAE.pth"
 WAV2VEC2_DIR = "wav2vec2-large-xlsr-53-english"

@@ -154,7 +154,8 @@ def _members(zf: zipfile.ZipFile, raw, path: Path, input_name: str) -> dict[str,
     return sizes
 
 
-def read_torch_zip(path: str | Path, input_name: str = "checkpoint") -> dict[str, tuple[tuple[int, ...], torch.dtype]] | None:
+def read_torch_zip(path: str | Path,
+                   input_name: str = "checkpoint") -> dict[str, tuple[tuple[int, ...], torch.dtype | None]] | None:
     """`name -> (shape, dtype)` of a zip-format torch checkpoint, proving every tensor's bytes are present.
 
     Returns None for legacy (pre-1.6, non-zip) torch files, which cannot be checked without loading
