@@ -1,8 +1,6 @@
 """`inspect` on real folders and files: each is recognised in words, and the exit status says if it is usable."""
 
-import os
 import shutil
-import stat
 
 import pytest
 
@@ -13,16 +11,6 @@ from liveavatar_core.weights.layout import LORA_FILE, T5_FILE, TOKENIZER_DIR, VA
 def _inspect(capsys, *paths):
     code = main(["inspect", *map(str, paths)])
     return code, capsys.readouterr().out
-
-
-@pytest.fixture()
-def ckpt(tmp_path, fixtures):
-    root = tmp_path / "ckpt"
-    shutil.copytree(fixtures / "ckpt", root, copy_function=shutil.copyfile)
-    for folder, dirs, _ in os.walk(root):
-        for d in dirs:
-            os.chmod(os.path.join(folder, d), stat.S_IRWXU)
-    return root
 
 
 def test_official_folder_lists_every_part(capsys, ckpt_dir):
@@ -85,8 +73,8 @@ def test_nothing_recognised_exits_non_zero(capsys, tmp_path):
     assert code == 1 and "not found" in out
 
 
-def test_missing_and_damaged_parts_exit_non_zero(capsys, ckpt):
-    official = ckpt / "Wan2.2-S2V-14B"
+def test_missing_and_damaged_parts_exit_non_zero(capsys, writable_ckpt):
+    official = writable_ckpt / "Wan2.2-S2V-14B"
     (official / VAE_FILE).unlink()
     shutil.rmtree(official / TOKENIZER_DIR)
     with open(official / T5_FILE, "r+b") as f:

@@ -2,9 +2,7 @@
 
 import json
 import logging
-import os
 import shutil
-import stat
 
 import pytest
 
@@ -17,20 +15,9 @@ from liveavatar_core.weights.layout import (DIT_CONFIG, DIT_INDEX, LORA_FILE, T5
                                             WAV2VEC2_DIR)
 
 
-@pytest.fixture()
-def ckpt(tmp_path, fixtures):
-    """A writable copy of the fixture checkpoint (official folder and LoRA folder)."""
-    root = tmp_path / "ckpt"
-    shutil.copytree(fixtures / "ckpt", root, copy_function=shutil.copyfile)
-    for folder, dirs, _ in os.walk(root):
-        for d in dirs:
-            os.chmod(os.path.join(folder, d), stat.S_IRWXU)
-    return root
-
-
-def _parts(ckpt):
-    official = ckpt / "Wan2.2-S2V-14B"
-    return dict(dit_path=official, lora_path=ckpt / "LiveAvatar" / LORA_FILE, vae_path=official / VAE_FILE,
+def _parts(root):
+    official = root / "Wan2.2-S2V-14B"
+    return dict(dit_path=official, lora_path=root / "LiveAvatar" / LORA_FILE, vae_path=official / VAE_FILE,
                 t5_path=official / T5_FILE, wav2vec2_path=official / WAV2VEC2_DIR)
 
 
@@ -39,8 +26,8 @@ def _truncate(path, keep=0.5):
         f.truncate(int(path.stat().st_size * keep))
 
 
-def test_a_complete_checkpoint_passes_and_every_file_is_counted(ckpt):
-    parts = _parts(ckpt)
+def test_a_complete_checkpoint_passes_and_every_file_is_counted(writable_ckpt):
+    parts = _parts(writable_ckpt)
     checked = check_run_files(**parts)
     official = parts["dit_path"]
     assert [c.path for c in checked] == [official / DIT_INDEX, parts["lora_path"], parts["vae_path"],
@@ -82,23 +69,23 @@ BREAKAGES = {
 
 
 @pytest.mark.parametrize("case", list(BREAKAGES))
-def test_each_broken_file_is_named_with_the_fix(ckpt, case):
+def test_each_broken_file_is_named_with_the_fix(writable_ckpt, case):
     damage, input_name, named = BREAKAGES[case]
-    damage(ckpt)
+    damage(writable_ckpt)
     with pytest.raises(WeightsError) as err:
-        check_run_files(**_parts(ckpt))
+        check_run_files(**_parts(writable_ckpt))
     assert err.value.input_name == input_name
     assert named in str(err.value) and err.value.fix
 
 
-def test_a_hub_id_is_named_as_one_with_the_download(ckpt):
+def test_a_hub_id_is_named_as_one_with_the_download(writable_ckpt):
     with pytest.raises(WeightsError, match="Hugging Face repository id") as err:
         check_run_files(lora_path="Quark-Vision/Live-Avatar")
     assert "hf download Quark-Vision/Live-Avatar liveavatar.safetensors" in err.value.fix
 
 
-def test_load_generator_names_a_truncated_vae_before_reading_the_dit(ckpt, caplog):
-    parts = _parts(ckpt)
+def test_load_generator_names_a_truncated_vae_before_reading_the_dit(writable_ckpt, caplog):
+    parts = _parts(writable_ckpt)
     _truncate(parts["vae_path"], 0.9)
     with caplog.at_level(logging.INFO), pytest.raises(WeightsError, match=f"{VAE_FILE} is truncated"):
         load_generator(parts["dit_path"], parts["vae_path"], parts["lora_path"], dit_device="cpu",
@@ -107,11 +94,11 @@ def test_load_generator_names_a_truncated_vae_before_reading_the_dit(ckpt, caplo
 
 
 @pytest.mark.parametrize("case", ["truncated VAE", "missing shard", "missing LoRA", "config.json wrong type"])
-def test_generate_stops_before_the_encoders_load(ckpt, fixtures, tmp_path, capsys, caplog, case):
+def test_generate_stops_before_the_encoders_load(writable_ckpt, fixtures, tmp_path, capsys, caplog, case):
     damage, _, named = BREAKAGES[case]
-    damage(ckpt)
-    args = ["generate", "--ckpt_dir", str(ckpt / "Wan2.2-S2V-14B"), "--lora_path_dmd",
-            str(ckpt / "LiveAvatar" / LORA_FILE), "--image", str(fixtures / "inputs" / "ref_image.png"),
+    damage(writable_ckpt)
+    args = ["generate", "--ckpt_dir", str(writable_ckpt / "Wan2.2-S2V-14B"), "--lora_path_dmd",
+            str(writable_ckpt / "LiveAvatar" / LORA_FILE), "--image", str(fixtures / "inputs" / "ref_image.png"),
             "--audio", str(fixtures / "inputs" / "audio.wav"), "--prompt", "hi", "--size", "128*128",
             "--precision", "fp32", "--device", "cpu", "--save_file", str(tmp_path / "out" / "o.mp4")]
     with caplog.at_level(logging.INFO):
