@@ -4,6 +4,10 @@ Everything that opens a weight file goes through `open_checkpoint`, which return
 lazy mapping: keys, shapes and dtypes are known up front (enough to detect a format), and a tensor
 is only materialised when it is indexed. Safetensors are memory-mapped; `.pth` files are loaded with
 `weights_only=True` and `mmap=True`, so a 10 GB T5 file costs page cache, not process memory.
+
+Before that, every header is validated (safetensors: types, offsets, byte lengths; torch zip files:
+directory, members, storage sizes, `torch_zip.py`), so a damaged file is named before any tensor is
+read. `check_checkpoint` runs those checks alone, for `check.check_run_files`.
 """
 
 from __future__ import annotations

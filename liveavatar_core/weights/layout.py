@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import PurePosixPath
 
-S2V_REPO = "Wan-AI/Wan2.2-S2V-14B"
 LORA_REPO = "Quark-Vision/Live-Avatar"
 
 DIT_CONFIG = "config.json"
@@ -23,11 +22,3 @@ WAV2VEC2_DIR = "wav2vec2-large-xlsr-53-english"
 # Weight files of a transformers wav2vec2 folder, in the order they are preferred.
 WAV2VEC2_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 LORA_FILE = "liveavatar.safetensors"
-
-# What each part of the official folder is, for reports (spec/pipeline.md 1.1).
-OFFICIAL_PARTS = {
-    DIT_INDEX: "DiT",
-    T5_FILE: "text encoder",
-    VAE_FILE: "VAE",
-    f"{WAV2VEC2_DIR}/{WAV2VEC2_WEIGHT_FILES[0]}": "audio encoder",
-}
