@@ -72,7 +72,7 @@ class _Opaque:
         pass
 
 
-def _rebuild_v2(storage, offset, size, stride, *rest):
+def _rebuild_v2(storage, offset, size, stride, *rest):  # also the pre-1.x `_rebuild_tensor`
     return _Tensor(storage, offset, tuple(size), tuple(stride), storage.dtype)
 
 
@@ -85,8 +85,7 @@ def _rebuild_parameter(data, *rest):
 
 
 _STUBS = {
-    ("torch._utils", "_rebuild_tensor"): lambda storage, offset, size, stride: _rebuild_v2(storage, offset, size,
-                                                                                           stride),
+    ("torch._utils", "_rebuild_tensor"): _rebuild_v2,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_v2,
     ("torch._utils", "_rebuild_tensor_v3"): _rebuild_v3,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
