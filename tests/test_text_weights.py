@@ -11,10 +11,10 @@ from safetensors.torch import load_file, save_file
 from liveavatar_core.encoders.text import TextEncoder
 from liveavatar_core.errors import InputError, WeightsError
 from liveavatar_core.weights.fp8_scaled import quantize_scaled_fp8
+from liveavatar_core.weights.layout import T5_FILE
 from liveavatar_core.weights.t5 import (TIED_KEY, expected_t5_shapes, hf_to_official, load_t5_weights,
                                         official_to_hf)
 
-T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 ATOL = 1e-4  # fixtures README section 7
 LINEAR_SUFFIXES = ("q.weight", "k.weight", "v.weight", "o.weight", "wi_0.weight", "wi_1.weight", "wo.weight")
 
