@@ -35,7 +35,6 @@ COMPILE_CHOICES = ("auto", "on", "off")
 KV_CACHE_DTYPES = ("auto", "fp8")
 
 
-
 @dataclass(frozen=True)
 class OfficialFolder:
     """Component paths of an official `Wan2.2-S2V-14B` checkpoint folder."""

@@ -16,7 +16,7 @@ from ..config import DiTConfig
 from ..errors import WeightsError
 from . import dit, lora, t5, wav2vec2
 from .io import CheckedFile, check_checkpoint, read_json_object
-from .layout import LORA_FILE, LORA_REPO
+from .layout import LORA_FILE, LORA_REPO, TOKENIZER_FILE
 
 VAE_INPUT = "vae"
 # What the official scripts pass as --lora_path_dmd: a Hugging Face repository id, not a path.
@@ -51,7 +51,7 @@ def check_run_files(dit_path: PathLike | None = None, *, lora_path: PathLike | N
     if t5_path is not None:
         checked.append(check_checkpoint(t5_path, t5.INPUT_NAME))
         folder = t5.tokenizer_folder(t5_path, tokenizer_path)
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        for name in (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json"):
             if (folder / name).exists():
                 read_json_object(folder / name, "tokenizer_path")
     if wav2vec2_path is not None:
