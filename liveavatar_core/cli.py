@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     _generate_args(plan)
     plan.add_argument("--json", action="store_true", help="print the plan as JSON (output_size, devices, ...)")
 
-    ins = sub.add_parser("inspect", help="say what a weight file or official folder is")
+    ins = sub.add_parser("inspect", help="say what weight files or folders hold (exit status 1 when one holds "
+                                         "nothing recognised, lacks parts or is damaged)")
     ins.add_argument("paths", nargs="+", type=Path)
 
     demo = sub.add_parser("demo", help="run the whole pipeline on a tiny synthetic checkpoint (CPU)")
@@ -224,11 +225,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "plan":
             return _plan(args)
         if args.command == "inspect":
-            from .weights.detect import identify
+            from .weights.detect import inspect_path
 
-            for p in args.paths:
-                print(f"{p}: {identify(p)}" if not p.is_dir() else identify(p))
-            return 0
+            found = [inspect_path(p) for p in args.paths]
+            print("\n".join(f.text for f in found))
+            return 0 if all(f.ok for f in found) else 1
         req = request_from_args(args)
         path = run_generation(req.ckpt_dir, req.lora, req.image, req.audio, req.prompt, args.save_file,
                               size=req.size, num_clip=req.num_clip, infer_frames=req.infer_frames,

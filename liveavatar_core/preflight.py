@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,23 +20,20 @@ import torch
 from .config import DEFAULT_FRAMES_PER_CLIP
 from .encoders.audio import SAMPLE_RATE, check_audio_length, load_audio
 from .encoders.image import DEFAULT_SIZE, choose_output_size, describe_output_size, load_image
-from .errors import InputError, LiveAvatarError, WeightsError
+from .errors import InputError, LiveAvatarError
 from .loading import OfficialFolder, compute_dtype, official_folder, plan_for_device, resolve_compile
 from .ops.attention import get_attention
 from .ops.fp8 import check_fp8_support
 from .pipeline import GenerationSettings
 from .plan import RunPlan, check_kv_cache_dtype
 from .sampling.config import OFFICIAL_STEPS
+from .weights.check import check_run_files
 from .weights.dit import load_dit_checkpoint
 from .weights.io import open_checkpoint
+from .weights.layout import LORA_FILE, LORA_REPO, WAV2VEC2_WEIGHT_FILES
 
 log = logging.getLogger("liveavatar")
 
-LORA_REPO = "Quark-Vision/Live-Avatar"
-LORA_FILE = "liveavatar.safetensors"
-# "owner/name" as the Hugging Face Hub spells a repository id (what the official scripts pass).
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_WAV2VEC2_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
 @dataclass(frozen=True)
@@ -111,27 +107,11 @@ class Preflight:
             log.warning(warning)
 
 
-def check_lora_path(path: str | Path | None, input_name: str = "lora_path_dmd") -> Path | None:
-    """The LoRA file to load; a Hugging Face repository id is refused with what to download."""
-    if path is None or str(path) == "":
-        return None
-    path = Path(path)
-    if path.is_dir() and (path / LORA_FILE).is_file():  # a downloaded copy of the repository
-        return path / LORA_FILE
-    if not path.exists() and _HUB_ID.match(str(path)):
-        raise WeightsError(input_name, f"'{path}' is a Hugging Face Hub repository id, not a file; this "
-                           "implementation does not download.",
-                           f"download {LORA_FILE} from the {LORA_REPO} repository (`huggingface-cli download "
-                           f"{LORA_REPO} {LORA_FILE} --local-dir ckpt/LiveAvatar`) and pass its path: "
-                           f"--lora_path_dmd ckpt/LiveAvatar/{LORA_FILE} (in ComfyUI, put it in models/loras).")
-    return path
-
-
 def _weight_bytes(path: Path, precision: str) -> int | None:
     """Bytes of an encoder's weights in the compute dtype, from its file's header (None: unreadable
     here; the planner then assumes the release encoder and the loader reports the file)."""
     if path.is_dir():
-        path = next((path / n for n in _WAV2VEC2_WEIGHTS if (path / n).is_file()), path)
+        path = next((path / n for n in WAV2VEC2_WEIGHT_FILES if (path / n).is_file()), path)
     try:
         shapes = open_checkpoint(path, "ckpt_dir").shapes()
     except (LiveAvatarError, OSError):
@@ -174,14 +154,17 @@ def preflight(req: RunRequest, check_memory: bool = True) -> Preflight:
         check_fp8_support(device)
     get_attention(req.attention)
     use_compile = resolve_compile(req.compile, device)
-    lora = check_lora_path(req.lora)
     # 2. Inputs: the image decides the output size, the audio the length.
     image = load_image(req.image)
     output = choose_output_size(image.size, settings.size)
     waveform = load_audio(req.audio)
     check_audio_length(len(waveform) / SAMPLE_RATE, settings.fps)
-    # 3. Files: the folder's parts, the DiT's config and tensor headers (no tensor data).
+    # 3. Files: the folder's parts, then every file's headers and sizes (a Hugging Face id given as
+    #    the LoRA is named as one, with what to download), the DiT's config (no tensor data).
     folder = official_folder(req.ckpt_dir)
+    lora = req.lora
+    check_run_files(folder.dit, lora_path=lora, vae_path=folder.vae, t5_path=folder.t5,
+                    wav2vec2_path=folder.wav2vec2)
     cfg = load_dit_checkpoint(folder.dit).config
     # 4. Memory at that size, refused with the cheapest fix.
     plan = plan_for_device(cfg, device, precision=req.precision, offload=req.offload,

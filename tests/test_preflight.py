@@ -135,7 +135,7 @@ def _short_audio(tmp_path, seconds):
     (["--size", "32*32"], "size", "smallest output area"),
     (["--size", "banana"], "size", "cannot read"),
     (["--fp8"], "fp8", "CUDA GPU"),
-    (["--lora_path_dmd", "Quark-Vision/Live-Avatar"], "lora_path_dmd", "Hugging Face Hub repository id"),
+    (["--lora_path_dmd", "Quark-Vision/Live-Avatar"], "lora", "Hugging Face repository id"),
     (["--sample_guide_scale", "4.5"], "sample_guide_scale", "never applies guidance"),
     (["--num_gpus_dit", "4"], "num_gpus_dit", "one GPU"),
     (["--enable_vae_parallel"], "enable_vae_parallel", "one GPU"),
