@@ -111,6 +111,7 @@ def run_generation(ckpt_dir: Path, lora: Path | None, image, audio, prompt: str,
 
     from .encoders.audio import AudioEncoder, check_frames_per_clip, load_audio
     from .encoders.image import load_image, preprocess_reference, target_area
+    from .encoders.placement import audio_encoder_placement, text_encoder_placement
     from .encoders.text import TextEncoder
     from .loading import check_kv_cache_dtype, load_generator, official_folder, resolve_compile
     from .pipeline import GenerationSettings, generate, write_mp4
@@ -136,12 +137,12 @@ def run_generation(ckpt_dir: Path, lora: Path | None, image, audio, prompt: str,
     else:
         out = safe_output_path(save_file.parent, save_file.stem, save_file.suffix or ".mp4")
     resume_file = resume or out.with_name(out.name + ".resume")
-    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
 
-    # 2. Encoders, then the generator.
+    # 2. Encoders (each used once here: loaded where it runs, then dropped), then the generator.
     t0 = time.perf_counter()
-    text = TextEncoder.from_pretrained(folder.t5, device=device, dtype=dtype).encode(prompt)
-    features = AudioEncoder.from_pretrained(folder.wav2vec2, device=device, dtype=dtype).encode(
+    text_at, audio_at = text_encoder_placement(device, precision), audio_encoder_placement(device, precision)
+    text = TextEncoder.from_pretrained(folder.t5, device=text_at.run_on, dtype=text_at.dtype).encode(prompt)
+    features = AudioEncoder.from_pretrained(folder.wav2vec2, device=audio_at.run_on, dtype=audio_at.dtype).encode(
         audio, frames_per_clip=infer_frames, num_clips=num_clip or None)
     if state is not None:  # the prompt, audio and image are known now; the model only after loading it
         check_resume_state(state, fingerprint=input_fingerprint(text=text, audio=features.embedding,
