@@ -27,21 +27,24 @@ def test_policy_per_device_and_precision(precision, dtype):
 class _Devices:
     """Records where `running` sends it (the GPU side of the policy, on a CPU-only machine)."""
 
-    def __init__(self):
-        self.moves: list[torch.device] = []
+    def __init__(self, device: torch.device):
+        self.device, self.moves = device, []
 
     def to(self, device):
+        self.device = device
         self.moves.append(device)
         return self
 
 
 def test_running_brings_the_encoder_back_also_after_an_error():
-    at, encoder = text_encoder_placement(GPU), _Devices()
+    at = text_encoder_placement(GPU)
+    encoder = _Devices(at.keep_on)
     with pytest.raises(RuntimeError, match="out of memory"):
         with at.running(encoder):
             raise RuntimeError("CUDA out of memory")
     assert encoder.moves == [GPU, CPU]
-    same, still = audio_encoder_placement(CPU), _Devices()
+    same = audio_encoder_placement(CPU)
+    still = _Devices(same.keep_on)
     with same.running(still):
         pass
     assert still.moves == []

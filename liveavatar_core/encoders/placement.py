@@ -6,37 +6,27 @@ same way on the same machine.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
-
-class _Movable(Protocol):
-    def to(self, device: torch.device): ...
+from ..placement.offload import on_device
 
 
 @dataclass(frozen=True)
 class EncoderPlacement:
-    """run_on: the device that encodes; keep_on: where the weights wait between runs; dtype: of the weights."""
+    """run_on: the device that encodes; keep_on: where the weights are loaded and wait between runs;
+    dtype: of the weights."""
 
     run_on: torch.device
     keep_on: torch.device
     dtype: torch.dtype
 
-    @contextmanager
-    def running(self, encoder: _Movable) -> Iterator[None]:
-        """`encoder` on `run_on` inside the block, back on `keep_on` afterwards, also after an error."""
-        if self.run_on == self.keep_on:
-            yield
-            return
-        encoder.to(self.run_on)
-        try:
-            yield
-        finally:
-            encoder.to(self.keep_on)
+    def running(self, encoder) -> AbstractContextManager:
+        """`encoder` (loaded on `keep_on`) on `run_on` inside a `with` block, back afterwards, also
+        after an error (`placement.offload.on_device`)."""
+        return on_device(encoder, self.run_on)
 
 
 def _encoder_dtype(precision: str) -> torch.dtype:
