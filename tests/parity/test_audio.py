@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from liveavatar_core.encoders.audio import (AudioEncoder, bucket_frames, clip_block_audio, load_audio,
+from liveavatar_core.encoders.audio import (AudioEncoder, bucket_frames, load_audio,
                                             normalize_waveform, resolve_num_clips, to_video_rate)
 
 WAV2VEC2_DIR = "wav2vec2-large-xlsr-53-english"
@@ -82,14 +82,16 @@ def test_encode_end_to_end(features, golden, settings):
 
 
 def test_clip_block_slices_are_what_the_dit_received(features, fixtures, settings):
-    """golden/07 stores the audio each DiT call of clip 0 received; our slices must be those."""
+    """golden/07 stores the audio each DiT call of clip 0 received: block b of clip r is frames
+    `[F*r + 12*b, +12)` of the embedding (spec 2.7), the slice the sampler hands the DiT."""
     calls = load_file(fixtures / "golden" / "07_dit_clip0_blocks01.safetensors")
     keys = [k for k in calls if re.fullmatch(r"clip\d+\.block\d+\.step0\.audio_input", k)]
     assert keys
     for key in keys:
         clip, block = (int(n) for n in re.findall(r"\d+", key)[:2])
         expected = calls[key]
-        got = clip_block_audio(features, clip, block, frames_per_block=expected.shape[-1])
+        start = clip * features.frames_per_clip + block * expected.shape[-1]
+        got = features.embedding[..., start:start + expected.shape[-1]]
         torch.testing.assert_close(got, expected, rtol=0, atol=ATOL)
     blocks = settings["infer_frames"] // expected.shape[-1]
     assert blocks == settings["num_blocks_per_clip"]
