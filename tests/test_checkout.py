@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 # What the tests below need of the checkout; .git, a .venv and build outputs stay behind.
 CHECKOUT = ("pyproject.toml", "__init__.py", "liveavatar_core", "nodes", "web", "workflows", "example_workflows",
             "tests")
+TEST_ONLY = ("librosa", "pytest")
 
 
 def _copy_checkout(dest: Path) -> Path:
@@ -64,3 +65,43 @@ def test_core_installs_with_pip_and_runs_from_another_folder(tmp_path):
     core_file, nodes_spec = where.stdout.split()
     assert Path(core_file) == REPO / "liveavatar_core" / "__init__.py"
     assert nodes_spec == "None"  # the ComfyUI node layer is not installed as a package
+
+
+def test_runtime_imports_no_test_only_package(fixtures):
+    # librosa is the tests' reference for the audio loader only: the pack (core and nodes) must import
+    # and load audio without it.
+    code = f"""
+import importlib, importlib.util, pkgutil, sys
+for name in {TEST_ONLY!r}:
+    sys.modules[name] = None  # any import of it raises ImportError
+import liveavatar_core
+for info in pkgutil.walk_packages(liveavatar_core.__path__, "liveavatar_core."):
+    if not info.name.endswith("__main__"):
+        importlib.import_module(info.name)
+spec = importlib.util.spec_from_file_location("pack", {str(REPO / "__init__.py")!r})
+pack = importlib.util.module_from_spec(spec)
+sys.modules["pack"] = pack
+spec.loader.exec_module(pack)
+assert not sys.modules["pack.nodes"].IMPORT_ERRORS, sys.modules["pack.nodes"].IMPORT_ERRORS
+from liveavatar_core.encoders.audio import load_audio
+print(load_audio({str(fixtures / "inputs" / "audio.wav")!r}).shape[0])
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert int(out.stdout.split()[-1]) > 0
+
+
+def test_pyproject_dependencies_are_the_runtime_requirements():
+    import tomllib
+
+    def names(lines):
+        return sorted(line.split(";")[0].strip() for line in lines if line.strip() and not line.startswith("#"))
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert names(project["dependencies"]) == names((REPO / "requirements.txt").read_text().splitlines())
+    assert not {"torch", "torchvision", "torchaudio"} & {n.split(">")[0].split("=")[0] for n in
+                                                         names(project["dependencies"])}
+    test_extra = set(names(project["optional-dependencies"]["test"]))
+    for name in TEST_ONLY:
+        assert any(req.startswith(name) for req in test_extra)
+        assert name not in (REPO / "requirements.txt").read_text()
