@@ -6,7 +6,7 @@ same way on the same machine.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -25,8 +25,8 @@ class EncoderPlacement:
 
     def running(self, encoder) -> AbstractContextManager:
         """`encoder` (loaded on `keep_on`) on `run_on` inside a `with` block, back afterwards, also
-        after an error (`placement.offload.on_device`)."""
-        return on_device(encoder, self.run_on)
+        after an error (`placement.offload.on_device`); nothing moves when both are one device."""
+        return nullcontext() if self.run_on == self.keep_on else on_device(encoder, self.run_on)
 
 
 def _encoder_dtype(precision: str) -> torch.dtype:
