@@ -38,7 +38,11 @@ from tests.test_nodes_support import REPO, load_pack, models_tree, pack_module
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run")
-PACK = "liveavatar"
+# The folder name a `git clone` gives: not a Python identifier and not the pyproject name, so
+# anything that registers the pack twice under two names shows here.
+PACK = "ComfyUI-LiveAvatar"
+# Another frontend than the pinned one (e.g. the newest comfyui-frontend-package's static/ folder).
+FRONTEND_ROOT = os.environ.get("COMFYUI_FRONTEND_ROOT")
 NODE_IDS = {"LiveAvatarModelLoader", "LiveAvatarTextEncode", "LiveAvatarAudioEncode", "LiveAvatarSampler",
             "LiveAvatarVideoWriter"}
 UI_FILES = sorted((REPO / "example_workflows").glob("*.json"))
@@ -142,7 +146,8 @@ def server(tmp_path_factory, fixtures):
     with open(log_path, "w") as log:
         proc = subprocess.Popen([python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
                                  "--base-directory", str(base), "--disable-auto-launch",
-                                 "--database-url", f"sqlite:///{base / 'comfyui.db'}"],
+                                 "--database-url", f"sqlite:///{base / 'comfyui.db'}",
+                                 *(["--front-end-root", FRONTEND_ROOT] if FRONTEND_ROOT else [])],
                                 cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
@@ -276,7 +281,12 @@ def test_pack_loads_and_registers_every_node(server, object_info):
 
 def test_web_extension_is_listed_and_served(server):
     url = server.url
-    ours = [e for e in _get(f"{url}/extensions") if e.startswith(f"/extensions/{PACK}/")]
+    # Once, under the folder name: a second copy (e.g. under the pyproject name) would register
+    # every extension twice in the browser.
+    project = re.search(r'^name = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M).group(1)
+    extensions = _get(f"{url}/extensions")
+    assert not [e for e in extensions if e.startswith(f"/extensions/{project}/")], extensions
+    ours = [e for e in extensions if e.startswith(f"/extensions/{PACK}/")]
     assert sorted(ours) == sorted(f"/extensions/{PACK}/{p.relative_to(REPO / 'web').as_posix()}"
                                   for p in (REPO / "web").rglob("*.js"))
     for route in ours:
@@ -323,7 +333,7 @@ def test_web_extension_modules_resolve_on_the_server(server, tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     names = json.loads(result.stdout.strip().splitlines()[-1])
-    assert len(names) == len(routes) and all(n.startswith(f"{PACK}.") for n in names), names
+    assert len(names) == len(routes) and all(n.startswith("liveavatar.") for n in names), names
 
 
 def test_example_workflows_are_offered_as_templates(server):
