@@ -397,24 +397,38 @@ def test_writer_outputs_feed_core_nodes(server, object_info):
     assert len(entry["outputs"]["preview"]["images"]) == 2
 
 
+# How the UI names our error type: the core's module, not the install's folder path.
+ERROR_TYPE = "liveavatar_core.errors.InputError"
+
+
 def test_invalid_settings_are_refused_at_queue_time(server, object_info):
-    """HTTP 400 naming the node and the input, for a rule of ours and for declared ranges that
-    ComfyUI leaves to a node's VALIDATE_INPUTS."""
+    """HTTP 400 with one error on the node at fault, whose message starts with the input's name,
+    for rules of ours, for declared ranges that ComfyUI leaves to a node's VALIDATE_INPUTS, and
+    for the frames_per_clip of Audio Encode and Sampler disagreeing."""
     url = server.url
     prompt = json.loads((API_DIR / UI_FILES[0].name).read_text())
     by_type = {v["class_type"]: k for k, v in prompt.items()}
     limits = {name: options for name, _, options in _entries(object_info["LiveAvatarSampler"])}
-    cases = [("LiveAvatarSampler", "frames_per_clip", limits["frames_per_clip"]["step"] + 1),
-             ("LiveAvatarAudioEncode", "frames_per_clip", limits["frames_per_clip"]["step"] + 1),
-             ("LiveAvatarSampler", "ref_offset", limits["ref_offset"]["max"] + 1),
-             ("LiveAvatarSampler", "custom_width", limits["custom_width"]["max"] + limits["custom_width"]["step"])]
-    for class_type, name, value in cases:
+    step, default = limits["frames_per_clip"]["step"], limits["frames_per_clip"]["default"]
+    # (node changed, input, value, node at fault, input named by the message)
+    cases = [("LiveAvatarSampler", "frames_per_clip", step + 1, "LiveAvatarSampler", "frames_per_clip"),
+             ("LiveAvatarAudioEncode", "frames_per_clip", step + 1, "LiveAvatarAudioEncode", "frames_per_clip"),
+             ("LiveAvatarSampler", "ref_offset", limits["ref_offset"]["max"] + 1, "LiveAvatarSampler", "ref_offset"),
+             ("LiveAvatarSampler", "custom_width", limits["custom_width"]["max"] + limits["custom_width"]["step"],
+              "LiveAvatarSampler", "custom_width"),
+             ("LiveAvatarModelLoader", "dit_device", "cuda:7", "LiveAvatarModelLoader", "dit_device"),
+             ("LiveAvatarTextEncode", "device", "cuda:7", "LiveAvatarTextEncode", "device"),
+             # Valid alone: only with the Sampler's 48 is it wrong, and the Sampler reports it.
+             ("LiveAvatarAudioEncode", "frames_per_clip", 2 * default, "LiveAvatarSampler", "frames_per_clip")]
+    for class_type, name, value, fault_node, fault in cases:
         bad = json.loads(json.dumps(prompt))
         bad[by_type[class_type]]["inputs"][name] = value
         status, body = _post(f"{url}/prompt", {"prompt": bad})
         assert status == 400, (class_type, name, body)
-        errors = body["node_errors"][by_type[class_type]]["errors"]
-        assert errors and all(e["details"].split(" - ", 1)[-1].startswith(name) for e in errors), errors
+        assert list(body["node_errors"]) == [by_type[fault_node]], body["node_errors"]
+        (error,) = body["node_errors"][by_type[fault_node]]["errors"]  # once, not once per input of the node
+        assert error["details"].split(" - ", 1)[-1].startswith(f"{fault}: "), error
+        assert error["extra_info"]["exception_type"] == ERROR_TYPE, error
 
 
 def test_models_from_comfyui_standard_folders(server, object_info):
@@ -434,19 +448,18 @@ def test_models_from_comfyui_standard_folders(server, object_info):
 
 
 def test_error_while_running_names_our_node_and_input(server, object_info):
-    """Audio bucketed for other clips than the sampler makes: each is valid alone, so the refusal
-    comes when the sampler runs, as an execution error of that node."""
+    """A refusal that only running can find (an output name leaving output/) is an execution error
+    of that node, with our clean type name and a message that names the input and the fix."""
     url = server.url
     prompt = _small(ui_to_api(_served_graph(url, UI_FILES[0]), object_info))
-    (encoder,) = [v for v in prompt.values() if v["class_type"] == "LiveAvatarAudioEncode"]
-    encoder["inputs"]["frames_per_clip"] *= 2
+    prompt[_writer_id(prompt)]["inputs"]["filename_prefix"] = "../outside/LiveAvatar"
     status, body = _post(f"{url}/prompt", {"prompt": prompt})
     assert status == 200, body
     entry = _wait(url, body["prompt_id"])
     assert entry["status"]["status_str"] == "error"
     (error,) = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
-    assert error["node_type"] == "LiveAvatarSampler" and error["exception_type"].endswith("InputError")
-    assert error["exception_message"].startswith("frames_per_clip: ") and "Fix: " in error["exception_message"]
+    assert error["node_type"] == "LiveAvatarVideoWriter" and error["exception_type"] == ERROR_TYPE
+    assert error["exception_message"].startswith("filename_prefix: ") and "Fix: " in error["exception_message"]
 
 
 def test_writer_reruns_on_a_cached_stream(server, object_info):
