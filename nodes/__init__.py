@@ -7,7 +7,7 @@ register and the log says what to install, instead of ComfyUI hiding the whole p
 import importlib
 import logging
 
-from . import host, queue_checks
+from . import examples, host, queue_checks
 
 log = logging.getLogger("liveavatar")
 
@@ -35,3 +35,4 @@ for _node_id, (_module, _cls, _label) in _NODES.items():
 
 host.register_model_folder()
 queue_checks.register()
+examples.install_example_inputs()

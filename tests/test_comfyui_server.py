@@ -220,7 +220,7 @@ def _served_graph(url: str, path: Path) -> dict:
 
 
 def _small(prompt: dict, audio: str | None = None, num_clips: int = 1) -> dict:
-    """`prompt` at the smallest area, one DiT block per clip, fp32 (this server runs --cpu)."""
+    """`prompt` at the smallest area, one DiT block per clip, a precision a CPU runs (this server runs --cpu)."""
     pack = load_pack()
     side = pack_module(pack, "liveavatar_core.encoders.image").DIVISOR
     block_frames = pack_module(pack, "liveavatar_core.encoders.audio").FRAMES_PER_BLOCK
@@ -229,7 +229,8 @@ def _small(prompt: dict, audio: str | None = None, num_clips: int = 1) -> dict:
         if node["class_type"] == "LoadAudio" and audio is not None:
             inputs["audio"] = audio
         elif node["class_type"] == "LiveAvatarModelLoader":
-            inputs["precision"] = "fp32"
+            # fp32 is fastest on a CPU; FP8 KV caches need a bf16 DiT, which a CPU also runs.
+            inputs["precision"] = "bf16" if inputs["kv_cache_dtype"] == "fp8" else "fp32"
         elif node["class_type"] == "LiveAvatarAudioEncode":
             inputs["frames_per_clip"] = block_frames
         elif node["class_type"] == "LiveAvatarSampler":
