@@ -27,6 +27,7 @@ import pytest
 from tests.test_comfyui_server import (  # noqa: F401  (server and object_info are fixtures)
     COMFYUI_DIR, UI_FILES, _post, _served_graph, _small, _writer_id, object_info, server, ui_to_api,
 )
+from tests.test_workflows import node_boxes, overlaps
 
 CHROMIUM = os.environ.get("CHROMIUM") or next(
     (found for name in ("chromium", "chromium-browser", "google-chrome") if (found := shutil.which(name))), None)
@@ -151,6 +152,9 @@ async def _drive(devtools: str, url: str, graph: dict, prompt: dict) -> dict:
                             mobile=False)
             # Listen before the page loads: extensions register while it starts.
             await page.call("Runtime.enable")
+            # Room for every script the UI loads (the default buffer of 250 entries fills up).
+            await page.call("Page.addScriptToEvaluateOnNewDocument",
+                            source="performance.setResourceTimingBufferSize(100000)")
             await page.call("Page.navigate", url=url)
             await page.until("window.app?.graph && window.app.extensions?.some(e => e.name === 'liveavatar.writer')",
                              START_S, "the UI with the Live Avatar extension")
@@ -206,3 +210,45 @@ def test_writer_node_shows_live_stats_and_player(server, object_info, browser):
     assert seen["tags"]["workflow"] == graph
     assert {nid: {k: node[k] for k in ("class_type", "inputs")} for nid, node in seen["tags"]["prompt"].items()} \
         == {nid: {k: node[k] for k in ("class_type", "inputs")} for nid, node in prompt.items()}
+
+
+# Each node as the frontend laid it out after loading, and the size it says the node needs.
+LAYOUT = """app.graph.nodes.map(n => ({id: Number(n.id), pos: Array.from(n.pos), size: Array.from(n.size),
+  needs: Array.from(n.computeSize())}))"""
+
+
+async def _layouts(devtools: str, url: str, graphs: dict[str, dict]) -> dict[str, list]:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        async with session.put(f"{devtools}/json/new?{url}") as response:
+            target = await response.json()
+        async with session.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0) as ws:
+            page = Page(ws)
+            await page.call("Emulation.setDeviceMetricsOverride", width=1600, height=1000, deviceScaleFactor=1,
+                            mobile=False)
+            await page.until("window.app?.graph && window.app.extensions?.some(e => e.name === 'liveavatar.writer')",
+                             START_S, "the UI with the Live Avatar extension")
+            seen = {}
+            for name, graph in graphs.items():
+                await page.eval(f"app.loadGraphData({json.dumps(graph)})")
+                await page.until(f"app.graph.nodes.length === {len(graph['nodes'])}", 30, name)
+                await asyncio.sleep(1)  # DOM widgets (the prompt box, the note) settle their sizes
+                await page.eval("app.canvas.draw(true, true)")
+                seen[name] = await page.eval(LAYOUT)
+                await page.screenshot(f"template_{name}")
+    return seen
+
+
+def test_templates_open_without_overlapping_nodes(server, browser):
+    """As the frontend opens each template: no node needs more room than the file gives it, and no
+    node covers another (the Loader once hid Text Encode and its own last widgets)."""
+    pytest.importorskip("aiohttp")
+    assert _post(f"{server.url}/settings/Comfy.TutorialCompleted", True)[0] == 200
+    graphs = {p.stem: _served_graph(server.url, p) for p in UI_FILES}
+    seen = asyncio.run(asyncio.wait_for(_layouts(browser, server.url, graphs), 4 * START_S))
+    for name, nodes in seen.items():
+        recorded = {n["id"]: n["size"] for n in graphs[name]["nodes"]}
+        for node in nodes:
+            assert all(need <= have + 1 for need, have in zip(node["needs"], recorded[node["id"]])), (name, node)
+        assert overlaps(node_boxes({"nodes": nodes})) == [], (name, nodes)

@@ -1,12 +1,14 @@
 """The pack inside a real ComfyUI server (skipped unless COMFYUI_DIR points at a ComfyUI checkout).
 
 Starts `main.py --cpu` on 127.0.0.1 with a temporary base directory: the repository linked into
-custom_nodes, the fixture checkpoints under models/liveavatar and as single files in ComfyUI's
-standard model folders, the fixture inputs in input/ (also under the names the example workflows
-use, and a long copy of the speech for the cancel test), and the database, so the ComfyUI
-checkout is left untouched. COMFYUI_PYTHON selects the
-interpreter (ComfyUI needs torch, torchvision and torchaudio of matching versions);
-scripts/comfyui_integration.sh builds such an environment.
+custom_nodes (under the folder name a clone gets, ComfyUI-LiveAvatar), the fixture checkpoints
+under models/liveavatar and as single files in ComfyUI's standard model folders, the fixture inputs
+in input/ (with a long copy of the speech for the cancel test; the pack itself adds the example
+inputs the workflows name), and the database, so the ComfyUI checkout is left untouched.
+COMFYUI_FRONTEND_ROOT serves another frontend than the pinned one (e.g. the static/ folder of the
+newest comfyui-frontend-package). COMFYUI_PYTHON selects the interpreter (ComfyUI needs torch,
+torchvision and torchaudio of matching versions); scripts/comfyui_integration.sh builds such an
+environment.
 
 The example workflows are taken as the frontend takes them: fetched from ComfyUI's template
 route and turned into prompts with the server's /object_info (widget values by position).
@@ -96,14 +98,10 @@ def _tiled_wav(source: Path, target: Path, seconds: float) -> None:
 
 
 def _example_inputs(base: Path, fixtures: Path) -> None:
-    """The fixture inputs under their own names and under the names the example workflows use."""
+    """The fixture inputs under their own names, and a long speech for the cancel test. The names
+    the example workflows use are left to the pack, which copies its example inputs in when it loads."""
     shutil.copytree(fixtures / "inputs", base / "input")
-    sources = {"LoadImage": fixtures / "inputs" / "ref_image.png", "LoadAudio": fixtures / "inputs" / "audio.wav"}
-    for path in UI_FILES:
-        for node in json.loads(path.read_text())["nodes"]:
-            if node["type"] in sources:
-                shutil.copy(sources[node["type"]], base / "input" / node["widgets_values"][0])
-    _tiled_wav(sources["LoadAudio"], base / "input" / LONG_AUDIO, LONG_AUDIO_S)
+    _tiled_wav(fixtures / "inputs" / "audio.wav", base / "input" / LONG_AUDIO, LONG_AUDIO_S)
 
 
 def _standard_folders(base: Path, fixtures: Path) -> dict[str, str]:
@@ -278,6 +276,17 @@ def test_pack_loads_and_registers_every_node(server, object_info):
     log = log_path.read_text()
     assert "IMPORT FAILED" not in log and "Live Avatar: node" not in log, log
     assert "Traceback" not in log.split("Starting server")[0], log
+
+
+def test_example_inputs_are_in_the_input_folder(server):
+    """A fresh install: the pictures and speech the templates name are in input/ once the pack has
+    loaded (the workflow runs below use them), and ComfyUI lists them for Load Image / Load Audio."""
+    shipped = sorted((REPO / "example_inputs").iterdir())
+    assert shipped
+    for path in shipped:
+        assert (server.base / "input" / path.name).read_bytes() == path.read_bytes()
+    info = _get(f"{server.url}/object_info/LoadImage")["LoadImage"]["input"]["required"]["image"][0]
+    assert "liveavatar_reference.png" in info
 
 
 def test_web_extension_is_listed_and_served(server):
