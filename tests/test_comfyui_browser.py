@@ -152,6 +152,7 @@ async def _drive(devtools: str, url: str, graph: dict, prompt: dict) -> dict:
                             mobile=False)
             # Listen before the page loads: extensions register while it starts.
             await page.call("Runtime.enable")
+            await page.call("Page.enable")
             # Room for every script the UI loads (the default buffer of 250 entries fills up).
             await page.call("Page.addScriptToEvaluateOnNewDocument",
                             source="performance.setResourceTimingBufferSize(100000)")
