@@ -80,7 +80,8 @@ class LiveAvatarModelLoader:
     def VALIDATE_INPUTS(cls, precision, dit_device, vae_device, offload="none", kv_cache="gpu", compile="auto",
                         kv_cache_dtype="auto"):
         # Raises rather than returns: see queue_checks (one message, not one per input).
-        spec = {**cls.INPUT_TYPES()["required"], **cls.INPUT_TYPES()["optional"]}
+        types = cls.INPUT_TYPES()
+        spec = {**types["required"], **types["optional"]}
         host.check_declared(spec, dict(precision=precision, offload=offload, kv_cache=kv_cache, compile=compile,
                                        kv_cache_dtype=kv_cache_dtype))
         device = host.torch_device(dit_device, "dit_device")
