@@ -86,10 +86,7 @@ class LiveAvatarTextEncode:
 
     @classmethod
     def VALIDATE_INPUTS(cls, device):
-        try:
-            host.check_device(device, "device")
-        except InputError as exc:
-            return str(exc)
+        host.check_device(device, "device")  # raised, not returned: see queue_checks
         return True
 
     def encode(self, prompt: str, t5_encoder: str, device: str):
@@ -129,15 +126,13 @@ class LiveAvatarAudioEncode:
 
     @classmethod
     def VALIDATE_INPUTS(cls, device=None, frames_per_clip=None):
-        # A widget turned into a linked input arrives as None here; it is checked when the node runs.
-        try:
-            if device is not None:
-                host.check_device(device, "device")
-            if frames_per_clip is not None:
-                host.check_declared(cls.INPUT_TYPES()["required"], {"frames_per_clip": frames_per_clip})
-                check_frames_per_clip(frames_per_clip)
-        except InputError as exc:
-            return str(exc)
+        # Raises rather than returns: see queue_checks. A widget turned into a linked input arrives
+        # as None here; it is checked when the node runs.
+        if device is not None:
+            host.check_device(device, "device")
+        if frames_per_clip is not None:
+            host.check_declared(cls.INPUT_TYPES()["required"], {"frames_per_clip": frames_per_clip})
+            check_frames_per_clip(frames_per_clip)
         return True
 
     def encode(self, audio, audio_encoder: str, device: str, frames_per_clip: int):
