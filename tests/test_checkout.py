@@ -13,8 +13,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # What the tests below need of the checkout; .git, a .venv and build outputs stay behind.
-CHECKOUT = ("pyproject.toml", "__init__.py", "liveavatar_core", "nodes", "web", "workflows", "example_workflows",
-            "tests")
+CHECKOUT = ("pyproject.toml", "README.md", "__init__.py", "liveavatar_core", "nodes", "web", "workflows",
+            "example_workflows", "example_inputs", "tests")
 TEST_ONLY = ("librosa", "pytest")
 
 
@@ -44,15 +44,16 @@ def test_tests_run_in_a_folder_named_like_the_default_clone(tmp_path, fixtures):
 
 
 def test_core_installs_with_pip_and_runs_from_another_folder(tmp_path):
-    # A venv that sees this interpreter's packages (torch, setuptools, pip), so the editable install
-    # needs no network: --no-deps, --no-build-isolation.
+    # A copy, since pip writes build metadata into the folder it installs. A venv that sees this
+    # interpreter's packages (torch, setuptools, pip), so the editable install needs no network.
+    copy = _copy_checkout(tmp_path / "ComfyUI-LiveAvatar")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     purelib = Path(sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)}))
     (purelib / "_parent_env.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     python, command = venv / "bin" / "python", venv / "bin" / "liveavatar"
     install = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                              "--no-index", "-e", str(REPO)], cwd=tmp_path, capture_output=True, text=True,
+                              "--no-index", "-e", str(copy)], cwd=tmp_path, capture_output=True, text=True,
                              timeout=300)
     assert install.returncode == 0, install.stderr[-3000:]
     elsewhere = tmp_path / "elsewhere"
@@ -63,7 +64,7 @@ def test_core_installs_with_pip_and_runs_from_another_folder(tmp_path):
                             "print(liveavatar_core.__file__); print(importlib.util.find_spec('nodes'))"],
                            cwd=elsewhere, capture_output=True, text=True, timeout=120)
     core_file, nodes_spec = where.stdout.split()
-    assert Path(core_file) == REPO / "liveavatar_core" / "__init__.py"
+    assert Path(core_file) == copy / "liveavatar_core" / "__init__.py"
     assert nodes_spec == "None"  # the ComfyUI node layer is not installed as a package
 
 
