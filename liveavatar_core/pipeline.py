@@ -44,7 +44,7 @@ from .errors import InputError
 from .model.cache import KV_STORAGE_DTYPES, make_step_caches
 from .model.dit import LiveAvatarDiT
 from .resume import (ResumeState, build_resume_state, check_resume_state, input_fingerprint, load_resume_state,
-                     partial_video, resume_part, save_resume_state)
+                     partial_video, resume_part, save_resume_state, unwritten_chunks)
 from .sampling.config import MODES, SamplerConfig
 from .sampling.generator import BlockSampler, LatentBlock
 from .vae.model import WanVAE
@@ -341,19 +341,19 @@ class VideoStream:
         return _Boundary(self.stats.blocks_done, state, decoder.state())
 
     def resume_state(self, writer_state: dict | None = None,
-                     unwritten: np.ndarray | None = None) -> ResumeState | None:
+                     unwritten: list[np.ndarray] | None = None) -> ResumeState | None:
         """The state after the last completed block, or None before the first one.
 
         Needs `track_resume` set before iterating. With `writer_state` (from
         `StreamingMP4Writer.state()`), the last block whose frames the writer holds is chosen: a
         chunk being written when the stream stopped is generated again on resume. `unwritten`:
-        frames handed out after those but not in the file (a failed write); they go into the state
-        and are written first on resume. Tensors are live references: save the state
+        the chunks handed out after those but not in the file (a failed write); they go into the
+        state and are written first on resume, chunk by chunk (each is one H.264 GOP). Tensors are live references: save the state
         (`resume.save_resume_state`) before iterating on.
         """
         on_disk = None if writer_state is None else writer_state["frames_written"] + writer_state["frames_dropped"]
-        if on_disk is not None and unwritten is not None:
-            on_disk += len(unwritten)
+        if on_disk is not None and unwritten:
+            on_disk += sum(len(frames) for frames in unwritten)
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the decoder's state is written on its own stream
         for b in reversed(self._boundaries):
@@ -364,15 +364,13 @@ class VideoStream:
                 return build_resume_state(settings=asdict(self.settings), fingerprint=self.fingerprint(),
                                           model_description=self.model.description, stream={"stats": b.stats},
                                           sampler=b.sampler, decoder=b.decoder, writer=writer_state,
-                                          unwritten=None if unwritten is None else torch.from_numpy(unwritten))
+                                          unwritten=[torch.from_numpy(f) for f in unwritten or ()])
         return None
 
     @property
-    def unwritten_frames(self) -> np.ndarray | None:
-        """Frames of the interrupted run that its MP4 lacks (a failed write), written first on resume."""
-        if self._restored is None or "unwritten" not in self._restored["tensors"]:
-            return None
-        return self._restored["tensors"]["unwritten"].numpy()
+    def unwritten_chunks(self) -> list[np.ndarray]:
+        """Chunks of the interrupted run that its MP4 lacks (a failed write), written first on resume."""
+        return [] if self._restored is None else [t.numpy() for t in unwritten_chunks(self._restored)]
 
     def _start(self):
         ref_lat, motion_lat, decoder = self._condition()
@@ -588,8 +586,8 @@ def write_mp4(stream: VideoStream, path: str | Path, audio: np.ndarray | None = 
     stream.frame_limit = writer.frame_limit
     background = _BackgroundWriter(writer)
     try:
-        if stream.unwritten_frames is not None:
-            background.append(stream.unwritten_frames)
+        for frames in stream.unwritten_chunks:
+            background.append(frames)
         for chunk in stream:
             background.append(chunk.frames)
             if on_chunk is not None:
@@ -623,9 +621,9 @@ class _BackgroundWriter:
         self._thread.start()
 
     @property
-    def unwritten(self) -> np.ndarray | None:
-        """Frames handed over but not in the file, once a write failed (call after `close`)."""
-        return np.concatenate(self._unwritten) if self._unwritten else None
+    def unwritten(self) -> list[np.ndarray]:
+        """Chunks handed over but not in the file, once a write failed (read after `close`)."""
+        return list(self._unwritten)
 
     def _run(self) -> None:
         while (frames := self._queue.get()) is not None:
@@ -679,10 +677,10 @@ def _open_writer(stream: VideoStream, path: Path, audio, sample_rate: int,
 
 
 def _finish(stream: VideoStream, writer: StreamingMP4Writer, resume_path, failed: bool,
-            unwritten: np.ndarray | None = None) -> None:
+            unwritten: list[np.ndarray] | None = None) -> None:
     """Close the MP4; when asked, save the resume state of an unfinished stream or drop a stale one."""
     # A finished stream whose last frames could not be written is unfinished for the file.
-    complete = stream.finished and unwritten is None
+    complete = stream.finished and not unwritten
     try:
         if resume_path is not None and not complete:
             _save_resume(stream, writer, Path(resume_path), failed, unwritten)
@@ -712,14 +710,14 @@ def _drop_stale_resume(resume_path: Path, video: Path) -> None:
 
 
 def _save_resume(stream: VideoStream, writer: StreamingMP4Writer, resume_path: Path, failed: bool,
-                 unwritten: np.ndarray | None) -> None:
+                 unwritten: list[np.ndarray] | None) -> None:
     """Save the state after the last block the file (plus `unwritten`) holds; every outcome is one log line."""
     earlier = " (the earlier resume file there still resumes from where it was saved)" if resume_path.is_file() else ""
     try:
         # The writer's state before close: resuming truncates the closing audio tail again.
         state = stream.resume_state(writer.state(), unwritten)
         if state is None:
-            if writer.frames_written == 0 and unwritten is None:
+            if writer.frames_written == 0 and not unwritten:
                 log.warning("stopped before the first block was written: nothing to resume, %s not written%s",
                             resume_path, earlier)
             else:
@@ -738,6 +736,7 @@ def _save_resume(stream: VideoStream, writer: StreamingMP4Writer, resume_path: P
         log.error("could not save the resume state to %s (%s: %s)%s", resume_path, type(exc).__name__, exc, earlier)
         return
     s, w = state["meta"]["stream"]["stats"], state["meta"]["writer"]
-    kept = f" (and the resume file the {len(unwritten)} frames it lacks)" if unwritten is not None else ""
+    lacking = sum(len(frames) for frames in unwritten or ())
+    kept = f" (and the resume file the {lacking} frames it lacks)" if lacking else ""
     log.warning("stopped after %d of %d blocks; %s holds %d frames%s; resume state saved to %s",
                 s["blocks_done"], s["blocks_total"], writer.path, w["frames_written"], kept, resume_path)

@@ -72,19 +72,24 @@ def input_fingerprint(*, text: torch.Tensor | None = None, audio: torch.Tensor |
 
 def build_resume_state(*, settings: dict, fingerprint: dict[str, str], model_description: str, stream: dict,
                        sampler: dict, decoder: dict, writer: dict | None,
-                       unwritten: torch.Tensor | None = None) -> ResumeState:
+                       unwritten: list[torch.Tensor] = ()) -> ResumeState:
     """One resume state from its parts; `sampler` and `decoder` are `{"meta", "tensors"}` dicts.
 
-    unwritten: uint8 frames `[n, H, W, 3]` the stream handed out after those in the MP4 (a write
-    that failed); a resumed run writes them first.
+    unwritten: the uint8 chunks `[n, H, W, 3]` the stream handed out after those in the MP4 (a
+    write that failed); a resumed run writes them first.
     """
     tensors = {f"sampler.{k}": v for k, v in sampler["tensors"].items()}
     tensors.update({f"decoder.{k}": v for k, v in decoder["tensors"].items()})
-    if unwritten is not None:
-        tensors["unwritten"] = unwritten
+    tensors.update({f"unwritten.{i}": frames for i, frames in enumerate(unwritten)})
     meta = {"format": FORMAT, "settings": settings, "fingerprint": fingerprint, "model": model_description,
             "stream": stream, "sampler": sampler["meta"], "decoder": decoder["meta"], "writer": writer}
     return {"meta": meta, "tensors": tensors}
+
+
+def unwritten_chunks(state: ResumeState) -> list[torch.Tensor]:
+    """The chunks a resumed run writes before its first new block (see `build_resume_state`)."""
+    count = sum(1 for k in state["tensors"] if k.startswith("unwritten."))
+    return [state["tensors"][f"unwritten.{i}"] for i in range(count)]
 
 
 def resume_part(state: ResumeState, name: str) -> dict:
