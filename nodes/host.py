@@ -252,8 +252,8 @@ class Progress:
 
     def update(self, done: int, total: int, preview=None) -> None:
         """Move the bar to `done` of `total`; `preview` is a PIL image shown on the node."""
-        if self.listener is not None:
-            self.listener("progress", {"node": self.node_id, "value": done, "max": total})
+        if Progress.listener is not None:  # read on the class: a plain function, not a method
+            Progress.listener("progress", {"node": self.node_id, "value": done, "max": total})
         if self._utils is None:
             return
         if self._bar is None or self._total != total:
@@ -262,8 +262,8 @@ class Progress:
 
     def status(self, text: str, data: dict) -> None:
         """Status line on the node and a `liveavatar.status` event for the web extension."""
-        if self.listener is not None:
-            self.listener("status", {"node": self.node_id, "text": text, **data})
+        if Progress.listener is not None:
+            Progress.listener("status", {"node": self.node_id, "text": text, **data})
         if folder_paths is None or self.node_id is None:
             return
         from server import PromptServer
