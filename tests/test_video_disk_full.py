@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -23,7 +24,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from liveavatar_core.encoders.audio import AudioEncoder
+from liveavatar_core.encoders.text import TextEncoder
+from liveavatar_core.loading import load_generator, official_folder
+from liveavatar_core.pipeline import GenerationSettings, generate, write_mp4
+from liveavatar_core.synthetic import write_tiny_checkpoint
 from liveavatar_core.video import StreamingMP4Writer, probe_mp4
 from tests.test_video_kill import BLOCK_SOURCE
 
@@ -211,19 +218,10 @@ print(json.dumps(report))
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from liveavatar_core.synthetic import write_tiny_checkpoint
-
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), audio_seconds=AUDIO_SECONDS)
 
 
 def _generation(tiny):
-    import torch
-
-    from liveavatar_core.encoders.audio import AudioEncoder
-    from liveavatar_core.encoders.text import TextEncoder
-    from liveavatar_core.loading import load_generator, official_folder
-    from liveavatar_core.pipeline import GenerationSettings, generate
-
     folder = official_folder(tiny.ckpt_dir)
     settings = GenerationSettings(**SETTINGS)
     text = TextEncoder.from_pretrained(folder.t5, device="cpu", dtype=torch.float32).encode(tiny.prompt)
@@ -234,10 +232,8 @@ def _generation(tiny):
 
 
 def test_generation_on_a_full_disk_ends_clearly_and_resumes(tiny, tmp_path):
-    import re
-
-    from liveavatar_core.pipeline import write_mp4
-
+    if small_disk_prefix(tmp_path / "probe", PAGE) is None:
+        pytest.skip("cannot mount a tmpfs here (no user namespaces); the RLIMIT_FSIZE test covers the writer")
     # The uninterrupted video, and the counts every log and caption must agree with.
     stream, chunks = _generation(tiny), []
     reference = write_mp4(stream, tmp_path / "reference.mp4", on_chunk=chunks.append)
@@ -251,8 +247,6 @@ def test_generation_on_a_full_disk_ends_clearly_and_resumes(tiny, tmp_path):
     small, cli_small, outside = tmp_path / "small", tmp_path / "cli_small", tmp_path / "outside"
     for folder in (small, cli_small, outside):
         folder.mkdir()
-    if small_disk_prefix(tmp_path / "probe", PAGE) is None:
-        pytest.skip("cannot mount a tmpfs here (no user namespaces); the RLIMIT_FSIZE test covers the writer")
     cli = ["generate", "--ckpt_dir", str(tiny.ckpt_dir), "--lora_path_dmd", str(tiny.lora), "--image",
            str(tiny.image), "--audio", str(tiny.audio), "--prompt", tiny.prompt, "--size", SETTINGS["size"],
            "--num_clip", "2", "--infer_frames", "24", "--sample_steps", "2", "--base_seed", "5", "--device", "cpu",

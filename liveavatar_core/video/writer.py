@@ -12,6 +12,11 @@ the last fragment; `resume` truncates back to it and carries on with the same nu
 times. The video is then byte-identical to an uninterrupted run; the audio is identical up to the
 resume point and re-encoded from there (one inaudible splice, warmed up by a pre-roll).
 
+Why a full disk costs nothing already written: writes are unbuffered and an append that the OS
+refuses part way (no space, a quota, a file-size limit) is rolled back, file and counters, to the
+last complete fragment (`_rolling_back`), then reported as an InputError naming the file; the file
+plays, `state()` describes it, and the writer can append again or be resumed once there is room.
+
 Memory stays flat: the writer holds one append's frames and its packets, never the video, and
 reads the audio through a view of the caller's array.
 """
