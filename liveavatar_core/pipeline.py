@@ -572,11 +572,13 @@ def write_mp4(stream: VideoStream, path: str | Path, audio: np.ndarray | None = 
     """Append every chunk of `stream` to a fragmented MP4 with the audio muxed in, as it arrives.
 
     The file is playable while it grows and after an interruption (an exception, a cancel, or a
-    killed process): it then holds every chunk finished so far. With `resume_path`, a stream that
-    stops early (cancel, exception, Ctrl-C; not a killed process) also leaves there the state after
-    its last completed block, and the file is removed once the video is complete. A stream made
-    with `generate(..., resume_from=...)` appends to the interrupted MP4, which `path` must name.
-    Returns the path.
+    killed process): it then holds every chunk finished so far. A full disk ends it with an
+    InputError naming the file, which then holds every chunk written before. With `resume_path`, a
+    stream that stops early (cancel, exception, Ctrl-C, a full disk; not a killed process) also
+    leaves there the state after its last completed block (with the chunks the file lacks, if a
+    write failed), or logs in one line why it could not, and the file is removed once the video is
+    complete. A stream made with `generate(..., resume_from=...)` appends to the interrupted MP4,
+    which `path` must name. Returns the path.
     """
     settings = replace(writer_settings or WriterSettings(), audio_offset_frames=stream.audio_offset_frames)
     audio = stream.audio.waveform_16k if audio is None else audio
