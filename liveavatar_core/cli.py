@@ -182,12 +182,11 @@ def run_generation(ckpt_dir: Path, lora: Path | None, image, audio, prompt: str,
     try:
         return write_mp4(stream, out, waveform, on_chunk=report, resume_path=resume_file)
     except BaseException:
-        removed = target.remove_if_unused() if target is not None else []
-        if removed:
-            log.warning("nothing was written: removed %s", ", ".join(map(str, removed)))
-        elif resume_file.is_file():
+        if resume_file.is_file():
             log.warning("%s plays up to the last finished block; to complete it, run the same command with "
                         "--resume %s", out, resume_file)
+        elif target is not None and (removed := target.remove_if_unused()):
+            log.warning("nothing was written: removed %s", ", ".join(map(str, removed)))
         raise
 
 

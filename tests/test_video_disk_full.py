@@ -212,6 +212,15 @@ with contextlib.redirect_stderr(stderr):
     report["rc"] = main([*cfg["cli"], "--save_file", str(cli_small / "clip.mp4")])
 report.update(stderr=stderr.getvalue(), cli_logs=list(records), cli_files=sorted(p.name for p in cli_small.iterdir()))
 shutil.copyfile(cli_small / "clip.mp4", out / "cli.mp4")
+
+# No room for even the first block, in folders the run has to create: it writes nothing and
+# leaves nothing behind.
+cli_tiny = Path(cfg["cli_tiny"])
+mount(cli_tiny, 4096)
+records.clear()
+with contextlib.redirect_stderr(io.StringIO()):
+    report["tiny_rc"] = main([*cfg["cli"], "--save_file", str(cli_tiny / "new" / "sub" / "clip.mp4")])
+report.update(tiny_logs=list(records), tiny_files=sorted(str(p) for p in cli_tiny.rglob("*")))
 print(json.dumps(report))
 """
 
@@ -244,14 +253,15 @@ def test_generation_on_a_full_disk_ends_clearly_and_resumes(tiny, tmp_path):
 
     # Room for about half the video: the disk fills up inside the run.
     size = -(-reference.stat().st_size // 2 // PAGE) * PAGE
-    small, cli_small, outside = tmp_path / "small", tmp_path / "cli_small", tmp_path / "outside"
-    for folder in (small, cli_small, outside):
+    small, cli_small, cli_tiny, outside = (tmp_path / name for name in ("small", "cli_small", "cli_tiny", "outside"))
+    for folder in (small, cli_small, cli_tiny, outside):
         folder.mkdir()
     cli = ["generate", "--ckpt_dir", str(tiny.ckpt_dir), "--lora_path_dmd", str(tiny.lora), "--image",
            str(tiny.image), "--audio", str(tiny.audio), "--prompt", tiny.prompt, "--size", SETTINGS["size"],
            "--num_clip", "2", "--infer_frames", "24", "--sample_steps", "2", "--base_seed", "5", "--device", "cpu",
            "--precision", "fp32"]
-    cfg = dict(outside=str(outside), small=str(small), cli_small=str(cli_small), size=size, settings=SETTINGS,
+    cfg = dict(outside=str(outside), small=str(small), cli_small=str(cli_small), cli_tiny=str(cli_tiny), size=size,
+               settings=SETTINGS,
                ckpt_dir=str(tiny.ckpt_dir), lora=str(tiny.lora), image=str(tiny.image), audio=str(tiny.audio),
                prompt=tiny.prompt, cli=cli)
     run = subprocess.run(["unshare", "-rm", sys.executable, "-c", PIPELINE_CHILD, json.dumps(cfg)],
@@ -284,3 +294,7 @@ def test_generation_on_a_full_disk_ends_clearly_and_resumes(tiny, tmp_path):
     (unsaved,) = [line for line in report["cli_logs"] if "could not save the resume state" in line]
     assert "No space left on device" in unsaved and "cannot be resumed" in unsaved
     assert report["cli_files"] == ["clip.mp4"]  # no partial resume file left behind
+
+    # Nothing written: the empty video and the two folders made for it are removed again.
+    assert report["tiny_rc"] == 2 and report["tiny_files"] == []
+    assert any(line.startswith("nothing was written: removed") for line in report["tiny_logs"]), report["tiny_logs"]
