@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--resume", type=Path, help="continue an interrupted run from its resume file (written next "
                      "to its video as <save_file>.resume); the other arguments must be those of that run")
 
-    ins = sub.add_parser("inspect", help="say what a weight file or official folder is")
+    ins = sub.add_parser("inspect", help="say what weight files or folders hold (exit status 1 when one holds "
+                                         "nothing recognised, lacks parts or is damaged)")
     ins.add_argument("paths", nargs="+", type=Path)
 
     demo = sub.add_parser("demo", help="run the whole pipeline on a tiny synthetic checkpoint (CPU)")
@@ -127,6 +128,7 @@ def run_generation(ckpt_dir: Path, lora: Path | None, image, audio, prompt: str,
     from .pipeline import GenerationSettings, generate, write_mp4
     from .resume import check_resume_state, input_fingerprint, load_resume_state, partial_video
     from .video.naming import output_target
+    from .weights.check import check_run_files
 
     # 1. Cheap validation of every input before any weight is read.
     settings = GenerationSettings(size=size, seed=seed, num_clips=num_clip, frames_per_clip=infer_frames,
@@ -134,6 +136,7 @@ def run_generation(ckpt_dir: Path, lora: Path | None, image, audio, prompt: str,
     target_area(size)
     check_frames_per_clip(infer_frames)
     folder = official_folder(ckpt_dir)
+    check_run_files(folder.dit, lora_path=lora, vae_path=folder.vae, t5_path=folder.t5, wav2vec2_path=folder.wav2vec2)
     resolve_compile(compile, torch.device(device))
     check_kv_cache_dtype(kv_cache_dtype, precision)
     load_image(image)
@@ -223,11 +226,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             return _demo(args)
         if args.command == "inspect":
-            from .weights.detect import identify
+            from .weights.detect import inspect_path
 
-            for p in args.paths:
-                print(f"{p}: {identify(p)}" if not p.is_dir() else identify(p))
-            return 0
+            found = [inspect_path(p) for p in args.paths]
+            print("\n".join(f.text for f in found))
+            return 0 if all(f.ok for f in found) else 1
         with _stop_signals():
             path = run_generation(Path(args.ckpt_dir), Path(args.lora_path_dmd) if args.lora_path_dmd else None,
                                   args.image, args.audio, args.prompt, args.save_file, size=args.size,

@@ -9,12 +9,13 @@ import torch
 
 from ..liveavatar_core.encoders.audio import (DEFAULT_FRAMES_PER_CLIP, FRAMES_PER_BLOCK, AudioEncoder,
                                               check_frames_per_clip)
-from ..liveavatar_core.encoders.text import TOKENIZER_SUBDIR, TextEncoder
+from ..liveavatar_core.encoders.text import TextEncoder
 from ..liveavatar_core.errors import InputError
+from ..liveavatar_core.weights.layout import T5_FILE as T5_MEMBER
+from ..liveavatar_core.weights.layout import TOKENIZER_DIR as TOKENIZER_SUBDIR
+from ..liveavatar_core.weights.layout import WAV2VEC2_DIR as WAV2VEC2_MEMBER
 from . import host
 
-T5_MEMBER = "models_t5_umt5-xxl-enc-bf16.pth"
-WAV2VEC2_MEMBER = "wav2vec2-large-xlsr-53-english"
 TEXT_EMBEDS = "LIVEAVATAR_TEXT_EMBEDS"
 AUDIO_FEATURES = "LIVEAVATAR_AUDIO_FEATURES"
 
