@@ -5,9 +5,9 @@ or refused with the reason: official_flags.py) and validates every input, and th
 the real output size, before loading anything. `plan` runs that validation alone and prints the
 placement and memory per device (`--json` for scripts), reading only config.json and headers.
 
-An interrupted `generate` (Ctrl-C, an error) leaves a playable MP4 of every finished block and a
-resume file next to it (`<video>.resume`); the same command plus `--resume <video>.resume`
-completes that MP4 as if it had never stopped.
+An interrupted `generate` (Ctrl-C, SIGTERM, an error, a full disk) leaves a playable MP4 of every
+finished block and, where there is room, a resume file next to it (`<video>.resume`); the same
+command plus `--resume <video>.resume` completes that MP4 as if it had never stopped.
 
 `demo` writes a tiny synthetic checkpoint in the official layout and runs the whole pipeline on it
 (CPU, seconds), producing a real MP4 with audio.
@@ -16,9 +16,12 @@ completes that MP4 as if it had never stopped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,6 +38,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("liveavatar")
 
+# Where `generate` writes without --save_file: a new numbered file each run.
 DEFAULT_SAVE_FILE = Path("output/liveavatar.mp4")
 
 
@@ -119,7 +123,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=["streaming", "official"], default="streaming")
     p.add_argument("--enable_online_decode", action="store_true",
                    help="official mode only: Mode S+ (sink refreshed from clip 0 before clip 1)")
-    p.add_argument("--save_file", type=Path, default=DEFAULT_SAVE_FILE)
+    p.add_argument("--save_file", type=Path,
+                   help=f"the MP4 to write (default: a new numbered {DEFAULT_SAVE_FILE.parent}/"
+                        f"{DEFAULT_SAVE_FILE.stem}_NNNNN.mp4); an existing file is never overwritten (a numbered "
+                        "name next to it is used) and an existing folder gets a numbered file inside it")
 
 
 def request_from_args(args: argparse.Namespace) -> "RunRequest":
@@ -140,7 +147,7 @@ def request_from_args(args: argparse.Namespace) -> "RunRequest":
                       kv_cache_dtype=args.kv_cache_dtype, compile=args.compile, t5_cpu=args.t5_cpu)
 
 
-def run_generation(ckpt_dir: Path, lora: Path | None, image, audio, prompt: str, save_file: Path, *,
+def run_generation(ckpt_dir: Path, lora: Path | None, image, audio, prompt: str, save_file: Path | None, *,
                    size: str, num_clip: int, infer_frames: int, sample_steps: int, seed: int, mode: str,
                    online_decode: bool, device: str, precision: str, attention: str,
                    resume: Path | None = None, offload: str = "none", blocks_on_gpu: int | None = None,
@@ -148,6 +155,7 @@ def run_generation(ckpt_dir: Path, lora: Path | None, image, audio, prompt: str,
                    t5_cpu: bool = False) -> Path:
     """Validate everything (`preflight`), load the models, stream the video into `save_file`.
 
+    save_file: the MP4 (see `video.naming.output_target`); None: a new numbered DEFAULT_SAVE_FILE.
     resume: the resume file of an interrupted run with these arguments; its MP4 is completed
     (wherever `save_file` points). Any run that stops early saves `<video>.resume` (or `resume`).
     """
@@ -155,12 +163,13 @@ def run_generation(ckpt_dir: Path, lora: Path | None, image, audio, prompt: str,
 
     from .encoders.audio import AudioEncoder
     from .encoders.image import preprocess_reference
+    from .encoders.placement import audio_encoder_placement, text_encoder_placement
     from .encoders.text import TextEncoder
     from .loading import load_generator
     from .pipeline import generate, write_mp4
     from .preflight import RunRequest, preflight
     from .resume import check_resume_state, input_fingerprint, load_resume_state, partial_video
-    from .video.naming import safe_output_path
+    from .video.naming import output_target
 
     # 1. Every input, and the memory plan at the real output size, checked before any weight is read.
     pre = preflight(RunRequest(Path(ckpt_dir), image, audio, prompt, lora=lora, size=size, num_clip=num_clip,
@@ -171,21 +180,26 @@ def run_generation(ckpt_dir: Path, lora: Path | None, image, audio, prompt: str,
                                compile=compile, t5_cpu=t5_cpu))
     pre.log()
     settings, folder, waveform = pre.settings, pre.folder, pre.waveform
-    state = None
+    state = target = None
     if resume is not None:
         state = load_resume_state(resume)
         check_resume_state(state, asdict(settings))
         out = partial_video(state)
         log.info("resuming %s from %s", out, resume)
     else:
-        out = safe_output_path(save_file.parent, save_file.stem, save_file.suffix or ".mp4")
+        target = output_target(save_file, DEFAULT_SAVE_FILE)
+        if target.note:
+            log.warning("save_file: %s", target.note)
+        out = target.path
     resume_file = resume or out.with_name(out.name + ".resume")
-    dtype = pre.dtype
 
-    # 2. Encoders, then the generator.
+    # 2. Encoders (each used once here: loaded where it runs, then dropped), then the generator.
     t0 = time.perf_counter()
-    text = TextEncoder.from_pretrained(folder.t5, device=pre.text_device, dtype=dtype).encode(prompt)
-    features = AudioEncoder.from_pretrained(folder.wav2vec2, device=device, dtype=dtype).encode(
+    # --t5_cpu: umT5 encodes on the CPU, as the official flag does.
+    text_at = text_encoder_placement(pre.text_device, precision)
+    audio_at = audio_encoder_placement(device, precision)
+    text = TextEncoder.from_pretrained(folder.t5, device=text_at.run_on, dtype=text_at.dtype).encode(prompt)
+    features = AudioEncoder.from_pretrained(folder.wav2vec2, device=audio_at.run_on, dtype=audio_at.dtype).encode(
         audio, frames_per_clip=infer_frames, num_clips=num_clip or None)
     if state is not None:  # the prompt, audio and image are known now; the model only after loading it
         check_resume_state(state, fingerprint=input_fingerprint(text=text, audio=features.embedding,
@@ -199,21 +213,51 @@ def run_generation(ckpt_dir: Path, lora: Path | None, image, audio, prompt: str,
 
     # 3. Stream: every block is decoded and appended to the MP4 as soon as it is sampled.
     stream = generate(model, text.to(device), features, image, settings, resume_from=state)
-    log.info("output %dx%d, %d clips, %d frames", stream.width, stream.height, stream.num_clips,
-             stream.total_frames)
+    log.info("output %dx%d, %d clips, %d frames (%.2f s) -> %s", stream.width, stream.height, stream.num_clips,
+             stream.total_frames, stream.total_frames / stream.fps, out)
 
     def report(chunk):
         s = chunk.stats
         log.info("clip %d block %d: %d frames, %.2f fps, first frame after %.1f s", chunk.clip, chunk.block,
                  s.frames_done, s.fps, s.first_frame_s or 0.0)
 
+    if target is not None:
+        target.create_folders()
     try:
         return write_mp4(stream, out, waveform, on_chunk=report, resume_path=resume_file)
-    except KeyboardInterrupt:
+    except BaseException:
         if resume_file.is_file():
-            log.warning("interrupted: %s plays up to the last finished block; to complete it, run the same "
-                        "command with --resume %s", out, resume_file)
+            log.warning("%s plays up to the last finished block; to complete it, run the same command with "
+                        "--resume %s", out, resume_file)
+        elif target is not None and (removed := target.remove_if_unused()):
+            log.warning("nothing was written: removed %s", ", ".join(map(str, removed)))
         raise
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, systemd, container stops) during `generate`: handled as Ctrl-C is."""
+
+
+@contextlib.contextmanager
+def _stop_signals():
+    """SIGTERM raises `Terminated` (once: a second one cannot cut the resume save short), and
+    SIGXFSZ is ignored, so a file-size limit ends as a clear write error, not a core dump."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated
+
+    old = {signal.SIGTERM: signal.signal(signal.SIGTERM, terminate)}
+    if hasattr(signal, "SIGXFSZ"):
+        old[signal.SIGXFSZ] = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        for number, handler in old.items():
+            signal.signal(number, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,18 +275,22 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(f.text for f in found))
             return 0 if all(f.ok for f in found) else 1
         req = request_from_args(args)
-        path = run_generation(req.ckpt_dir, req.lora, req.image, req.audio, req.prompt, args.save_file,
-                              size=req.size, num_clip=req.num_clip, infer_frames=req.infer_frames,
-                              sample_steps=req.sample_steps, seed=req.seed, mode=req.mode,
-                              online_decode=req.online_decode, device=req.device, precision=req.precision,
-                              attention=req.attention, offload=req.offload, blocks_on_gpu=req.blocks_on_gpu,
-                              kv_cache_location=req.kv_cache_location, kv_cache_dtype=req.kv_cache_dtype,
-                              resume=args.resume, compile=req.compile, t5_cpu=req.t5_cpu)
+        with _stop_signals():
+            path = run_generation(req.ckpt_dir, req.lora, req.image, req.audio, req.prompt, args.save_file,
+                                  size=req.size, num_clip=req.num_clip, infer_frames=req.infer_frames,
+                                  sample_steps=req.sample_steps, seed=req.seed, mode=req.mode,
+                                  online_decode=req.online_decode, device=req.device, precision=req.precision,
+                                  attention=req.attention, offload=req.offload, blocks_on_gpu=req.blocks_on_gpu,
+                                  kv_cache_location=req.kv_cache_location, kv_cache_dtype=req.kv_cache_dtype,
+                                  resume=args.resume, compile=req.compile, t5_cpu=req.t5_cpu)
         print(f"wrote {path}")
         return 0
     except LiveAvatarError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

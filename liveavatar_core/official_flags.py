@@ -104,7 +104,7 @@ def apply_official_flags(args: argparse.Namespace, default_save_file: Path) -> N
                          "write the full prompt in --prompt.")
     if args.enable_tts or args.tts_text or args.tts_prompt_audio or args.tts_prompt_text:
         raise InputError("enable_tts", "text to speech is not supported.", "pass recorded speech with --audio.")
-    if args.save_dir is not None and args.save_file == default_save_file:
+    if args.save_dir is not None and args.save_file is None:
         args.save_file = args.save_dir / default_save_file.name
     if args.base_seed < 0:  # the official -1: a random seed, said so that the run can be repeated
         args.base_seed = random.SystemRandom().randrange(2 ** 31)

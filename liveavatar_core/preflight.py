@@ -83,10 +83,6 @@ class Preflight:
         return len(self.waveform) / SAMPLE_RATE
 
     @property
-    def dtype(self) -> torch.dtype:
-        return compute_dtype(self.request.precision)
-
-    @property
     def text_device(self) -> str:
         return "cpu" if self.request.t5_cpu else self.request.device
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections import OrderedDict
 from pathlib import Path
 
-import torch
-
 from ..liveavatar_core.encoders.audio import (DEFAULT_FRAMES_PER_CLIP, FRAMES_PER_BLOCK, AudioEncoder,
                                               check_frames_per_clip)
+from ..liveavatar_core.encoders.placement import (EncoderPlacement, audio_encoder_placement,
+                                                  text_encoder_placement)
 from ..liveavatar_core.encoders.text import TextEncoder
 from ..liveavatar_core.errors import InputError
 from ..liveavatar_core.weights.layout import T5_FILE as T5_MEMBER
@@ -24,15 +24,15 @@ class _Loaded:
     """The last encoder of each kind, so a new prompt or audio does not reload it from disk.
 
     ComfyUI re-runs an encoder node whenever any of its inputs changes (the prompt included);
-    keying on the file's identity and the device keeps the weights across such runs.
+    keying on the file's identity and the placement keeps the weights across such runs.
     """
 
     def __init__(self):
         self._items: OrderedDict[tuple, object] = OrderedDict()
 
-    def get(self, kind: str, path: Path, device: torch.device, load):
+    def get(self, kind: str, path: Path, placement: EncoderPlacement, load):
         stat = path.stat()
-        key = (kind, str(path), stat.st_mtime_ns, stat.st_size, str(device))
+        key = (kind, str(path), stat.st_mtime_ns, stat.st_size, placement)
         for old in [k for k in self._items if k[0] == kind and k != key]:
             del self._items[old]
         if key not in self._items:
@@ -86,22 +86,17 @@ class LiveAvatarTextEncode:
 
     @classmethod
     def VALIDATE_INPUTS(cls, device):
-        try:
-            host.check_device(device, "device")
-        except InputError as exc:
-            return str(exc)
+        host.check_device(device, "device")  # raised, not returned: see queue_checks
         return True
 
     def encode(self, prompt: str, t5_encoder: str, device: str):
         weights = host.resolve("text_encoders", t5_encoder, "t5_encoder", T5_MEMBER)
         tokenizer = _tokenizer_for(weights)
-        dev = host.torch_device(device, "device")
-        encoder = LOADED.get("t5", weights, torch.device("cpu"),
-                             lambda: TextEncoder.from_pretrained(weights, tokenizer, device="cpu"))
-        try:
-            context = encoder.to(dev).encode(prompt)
-        finally:
-            encoder.to("cpu")  # the 11 GB encoder must not sit on the GPU during sampling
+        at = text_encoder_placement(host.torch_device(device, "device"))
+        encoder = LOADED.get("t5", weights, at, lambda: TextEncoder.from_pretrained(
+            weights, tokenizer, device=at.keep_on, dtype=at.dtype))
+        with at.running(encoder):
+            context = encoder.encode(prompt)
         return (context.cpu(),)
 
 
@@ -131,24 +126,20 @@ class LiveAvatarAudioEncode:
 
     @classmethod
     def VALIDATE_INPUTS(cls, device=None, frames_per_clip=None):
-        # A widget turned into a linked input arrives as None here; it is checked when the node runs.
-        try:
-            if device is not None:
-                host.check_device(device, "device")
-            if frames_per_clip is not None:
-                host.check_declared(cls.INPUT_TYPES()["required"], {"frames_per_clip": frames_per_clip})
-                check_frames_per_clip(frames_per_clip)
-        except InputError as exc:
-            return str(exc)
+        # Raises rather than returns: see queue_checks. A widget turned into a linked input arrives
+        # as None here; it is checked when the node runs.
+        if device is not None:
+            host.check_device(device, "device")
+        if frames_per_clip is not None:
+            host.check_declared(cls.INPUT_TYPES()["required"], {"frames_per_clip": frames_per_clip})
+            check_frames_per_clip(frames_per_clip)
         return True
 
     def encode(self, audio, audio_encoder: str, device: str, frames_per_clip: int):
         path = host.resolve("audio_encoders", audio_encoder, "audio_encoder", WAV2VEC2_MEMBER)
-        dev = host.torch_device(device, "device")
-        # bf16 is what the official pipeline runs on GPU; CPUs get fp32.
-        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-        encoder = LOADED.get("wav2vec2", path, dev,
-                             lambda: AudioEncoder.from_pretrained(path, device=dev, dtype=dtype,
-                                                                  input_name="audio_encoder"))
-        features = encoder.encode(audio, frames_per_clip=frames_per_clip)
+        at = audio_encoder_placement(host.torch_device(device, "device"))
+        encoder = LOADED.get("wav2vec2", path, at, lambda: AudioEncoder.from_pretrained(
+            path, device=at.keep_on, dtype=at.dtype, input_name="audio_encoder"))
+        with at.running(encoder):
+            features = encoder.encode(audio, frames_per_clip=frames_per_clip)
         return (features, features.num_clips)

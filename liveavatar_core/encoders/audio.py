@@ -210,17 +210,6 @@ def bucket_frames(features: torch.Tensor, frames_per_clip: int, fps: int = DEFAU
     return out.unsqueeze(0), nr
 
 
-def clip_block_audio(features: AudioFeatures, clip: int, block: int,
-                     frames_per_block: int = FRAMES_PER_BLOCK) -> torch.Tensor:
-    """Audio of block `block` of clip `clip`: frames `[F*clip + 12*block, +12)`, `[1, 25, C, 12]` (spec 2.7)."""
-    blocks = features.frames_per_clip // frames_per_block
-    if not 0 <= clip < features.available_clips or not 0 <= block < blocks:
-        raise ValueError(f"clip {clip}, block {block} out of range ({features.available_clips} clips of "
-                         f"{blocks} blocks)")
-    start = clip * features.frames_per_clip + block * frames_per_block
-    return features.embedding[..., start:start + frames_per_block]
-
-
 def min_audio_seconds(fps: int = DEFAULT_FPS) -> float:
     """The shortest audio that fills one block of video (12 frames: 0.48 s at 25 fps)."""
     return FRAMES_PER_BLOCK / fps
