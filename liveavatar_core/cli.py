@@ -109,7 +109,8 @@ def run_generation(ckpt_dir: Path, lora: Path | None, image, audio, prompt: str,
     """
     from dataclasses import asdict
 
-    from .encoders.audio import AudioEncoder, check_frames_per_clip, load_audio
+    from .encoders.audio import AudioEncoder, check_frames_per_clip
+    from .encoders.audio_stream import audio_identity, check_audio_source
     from .encoders.image import load_image, preprocess_reference, target_area
     from .encoders.text import TextEncoder
     from .loading import check_kv_cache_dtype, load_generator, official_folder, resolve_compile
@@ -126,7 +127,7 @@ def run_generation(ckpt_dir: Path, lora: Path | None, image, audio, prompt: str,
     resolve_compile(compile, torch.device(device))
     check_kv_cache_dtype(kv_cache_dtype, precision)
     load_image(image)
-    waveform = load_audio(audio)
+    check_audio_source(audio)  # decoded later, as a stream
     state = None
     if resume is not None:
         state = load_resume_state(resume)
@@ -141,10 +142,10 @@ def run_generation(ckpt_dir: Path, lora: Path | None, image, audio, prompt: str,
     # 2. Encoders, then the generator.
     t0 = time.perf_counter()
     text = TextEncoder.from_pretrained(folder.t5, device=device, dtype=dtype).encode(prompt)
-    features = AudioEncoder.from_pretrained(folder.wav2vec2, device=device, dtype=dtype).encode(
-        audio, frames_per_clip=infer_frames, num_clips=num_clip or None)
+    features = AudioEncoder.from_pretrained(folder.wav2vec2, device=device, dtype=dtype).prepare(
+        audio, frames_per_clip=infer_frames, num_clips=num_clip or None).features(mode)
     if state is not None:  # the prompt, audio and image are known now; the model only after loading it
-        check_resume_state(state, fingerprint=input_fingerprint(text=text, audio=features.embedding,
+        check_resume_state(state, fingerprint=input_fingerprint(text=text, audio=audio_identity(features),
                                                                 reference=preprocess_reference(image, size)[0]))
     model = load_generator(folder.dit, folder.vae, lora, precision=precision, attention=attention,
                            dit_device=device, offload=offload, blocks_on_gpu=blocks_on_gpu,
@@ -155,7 +156,7 @@ def run_generation(ckpt_dir: Path, lora: Path | None, image, audio, prompt: str,
 
     # 3. Stream: every block is decoded and appended to the MP4 as soon as it is sampled.
     stream = generate(model, text.to(device), features, image, settings, resume_from=state)
-    log.info("output %dx%d, %d clips, %d frames", stream.width, stream.height, stream.num_clips,
+    log.info("output %dx%d, %s clips, %s frames", stream.width, stream.height, stream.num_clips,
              stream.total_frames)
 
     def report(chunk):
@@ -164,7 +165,7 @@ def run_generation(ckpt_dir: Path, lora: Path | None, image, audio, prompt: str,
                  s.frames_done, s.fps, s.first_frame_s or 0.0)
 
     try:
-        return write_mp4(stream, out, waveform, on_chunk=report, resume_path=resume_file)
+        return write_mp4(stream, out, on_chunk=report, resume_path=resume_file)
     except KeyboardInterrupt:
         if resume_file.is_file():
             log.warning("interrupted: %s plays up to the last finished block; to complete it, run the same "

@@ -149,5 +149,6 @@ class LiveAvatarAudioEncode:
         encoder = LOADED.get("wav2vec2", path, dev,
                              lambda: AudioEncoder.from_pretrained(path, device=dev, dtype=dtype,
                                                                   input_name="audio_encoder"))
-        features = encoder.encode(audio, frames_per_clip=frames_per_clip)
+        # Encoded by the sampler for its mode: window by window while streaming, whole for official.
+        features = encoder.prepare(audio, frames_per_clip=frames_per_clip)
         return (features, features.num_clips)
