@@ -95,9 +95,9 @@ def as_dict(x: np.ndarray, rate: int = SAMPLE_RATE) -> dict:
 @pytest.mark.parametrize("codec,rate,channels", [("pcm_s16le", 44100, 2), ("flac", 22050, 1), ("libopus", 48000, 1)])
 def test_reader_yields_exactly_load_audio(tmp_path, codec, rate, channels):
     path = tmp_path / f"a.{codec}"
-    write_audio(path, speech(3.3, rate), rate, codec, channels)
+    write_audio(path, speech(7.3, rate), rate, codec, channels)
     chunks = list(AudioReader(path))
-    assert len(chunks) > 3  # really in pieces
+    assert len(chunks) >= 3  # really in pieces (of at least 2 s, however small the packets)
     assert np.array_equal(np.concatenate(chunks), load_audio(path))
     declared = expected_samples(path)
     assert declared is not None and abs(declared - load_audio(path).size) <= 0.02 * SAMPLE_RATE
@@ -228,8 +228,9 @@ def test_clips_pulled_lazily_and_num_clips_reads_only_what_it_needs(encoder, tmp
 
     one = StreamedAudioFeatures(encoder, path, num_clips=1, **geometry)
     assert len(list(one.clips())) == 1
-    # Window 0 (2 s + 1 s of context) and the 2 s statistics look-ahead, not the 16 s.
-    assert one.samples_read < 6 * SAMPLE_RATE
+    # Window 0 (2 s + 1 s of context), the 2 s statistics look-ahead and at most one more read
+    # chunk (about 2 s), not the 16 s.
+    assert one.samples_read < 7.5 * SAMPLE_RATE
 
 
 def test_audio_input_resolves_per_mode(encoder, tmp_path):

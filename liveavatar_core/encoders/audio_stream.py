@@ -106,6 +106,8 @@ class AudioReader:
         self.source = source
         self.samples = 0
         self.done = False
+        self._pending: list[np.ndarray] = []
+        self._held = 0
 
     def __iter__(self) -> Iterator[np.ndarray]:
         blocks = self._comfy_blocks() if isinstance(self.source, Mapping) else self._file_blocks()
@@ -126,7 +128,7 @@ class AudioReader:
             varied = varied or bool(np.any(mono != first))
             n_in += mono.size
             out = stream.resample_chunk(mono) if stream is not None else mono
-            yield from self._hand_out(out)
+            yield from self._hand_out(out, final=False)
         if n_in == 0:
             raise InputError(self.input_name, "the audio has no samples (zero length).",
                              "use an audio file that contains speech.")
@@ -136,17 +138,26 @@ class AudioReader:
                              "all-zero features and the avatar would not move.",
                              "use the speech audio you want lip-synced.")
         tail = stream.resample_chunk(np.zeros(0, np.float32), last=True) if stream is not None else np.zeros(0)
-        # librosa's length rule: trim or zero-pad the whole to ceil(n * 16000 / sr).
-        n_out = _resampled_length(n_in, rate)
-        tail = np.asarray(tail[:max(0, n_out - self.samples)], np.float32)
-        tail = np.pad(tail, (0, max(0, n_out - self.samples - tail.size)))
-        yield from self._hand_out(tail)
+        # librosa's length rule: trim or zero-pad the whole to ceil(n * 16000 / sr). The resampler
+        # lags its input, so only what is held back here can be too long.
+        rest = np.concatenate(self._pending + [np.asarray(tail, np.float32)])
+        self._pending, self._held = [], 0
+        want = max(0, _resampled_length(n_in, rate) - self.samples)
+        rest = np.pad(rest[:want], (0, max(0, want - rest.size)))
+        yield from self._hand_out(rest, final=True)
         self.done = True
 
-    def _hand_out(self, out: np.ndarray) -> Iterator[np.ndarray]:
+    def _hand_out(self, out: np.ndarray, final: bool) -> Iterator[np.ndarray]:
+        """Hand out chunks of at least `_CHUNK` samples: codecs decode in packets of 10-20 ms, and
+        consumers that append each piece to a buffer would copy it once per packet."""
         if out.size:
-            self.samples += out.size
-            yield np.asarray(out, np.float32)
+            self._pending.append(np.asarray(out, np.float32))
+            self._held += out.size
+        if self._held and (final or self._held >= _CHUNK):
+            chunk = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
+            self._pending, self._held = [], 0
+            self.samples += chunk.size
+            yield chunk
 
     def _file_blocks(self) -> Iterator[tuple[np.ndarray, int]]:
         path, rate = self.source, None
