@@ -76,6 +76,38 @@ def build(model: str, ckpt: Path) -> AudioEncoder:
                         description="random wav2vec2-large")
 
 
+def decoded_blocks(ckpt: Path, fixtures: Path, seconds: float, windows: list[str], workdir: Path) -> None:
+    """Streaming-mode video of 2 clips on the tiny checkpoint, whole-file vs windowed features:
+    max abs (0-255) and relative L2 difference of the decoded frames, worst block."""
+    from liveavatar_core.encoders.audio_stream import StreamedAudioFeatures
+    from liveavatar_core.encoders.text import TextEncoder
+    from liveavatar_core.loading import load_generator, official_folder
+    from liveavatar_core.pipeline import GenerationSettings, generate
+    from liveavatar_core.synthetic import write_wav
+
+    folder = official_folder(ckpt)
+    text = TextEncoder.from_pretrained(folder.t5, dtype=torch.float32).encode("a person talking")
+    encoder = AudioEncoder.from_pretrained(folder.wav2vec2)
+    model = load_generator(folder.dit, folder.vae, ckpt.parent / "LiveAvatar" / "liveavatar.safetensors",
+                           precision="fp32")
+    wav = workdir / "speech16k.wav"
+    write_wav(wav, speech(seconds, workdir), SAMPLE_RATE)
+    settings = GenerationSettings(size="128*64", num_clips=2)
+    image = fixtures / "inputs" / "ref_image.png"
+
+    def frames(audio):
+        return [c.frames.astype(np.float32) for c in generate(model, text, audio, image, settings)]
+
+    ref = frames(encoder.encode(wav))
+    for spec in windows:
+        window, context = (float(v) for v in spec.split(":"))
+        got = frames(StreamedAudioFeatures(encoder, wav, window_s=window, context_s=context))
+        worst = max(((np.abs(a - b).max(), np.linalg.norm(a - b) / np.linalg.norm(b)) for a, b in zip(got, ref)),
+                    key=lambda d: d[1])
+        print(f"  decoded blocks, window {window} s context {context} s: worst block max abs {worst[0]:.1f} / 255, "
+              f"rel L2 {worst[1]:.5f}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=["tiny", "large"], default="tiny")
@@ -83,8 +115,15 @@ def main() -> None:
     p.add_argument("--seconds", type=float, nargs="+", default=[30.0, 60.0])
     p.add_argument("--windows", nargs="+", default=["2:1", "4:2", "8:2", "8:4", "16:4"],
                    help="window:context in seconds")
+    p.add_argument("--blocks", action="store_true", help="compare decoded video blocks instead (tiny checkpoint)")
     args = p.parse_args()
     torch.set_grad_enabled(False)
+    if args.blocks:
+        with tempfile.TemporaryDirectory() as tmp:
+            for seconds in args.seconds:
+                print(f"tiny {seconds:.0f} s of speech, 2 clips:")
+                decoded_blocks(args.ckpt, args.ckpt.parents[1], seconds, args.windows, Path(tmp))
+        return
     encoder = build(args.model, args.ckpt)
     with tempfile.TemporaryDirectory() as tmp:
         for seconds in args.seconds:

@@ -41,7 +41,8 @@ import torch
 
 from ..errors import InputError
 from .audio import (DEFAULT_FPS, DEFAULT_FRAMES_PER_CLIP, FEATURE_RATE, SAMPLE_RATE, VIDEO_RATE, AudioEncoder,
-                    AudioFeatures, _frame_to_float, _NORM_EPS, check_frames_per_clip, clips_available)
+                    AudioFeatures, _frame_to_float, _from_comfy_audio, _NORM_EPS, check_frames_per_clip,
+                    clips_available)
 
 logger = logging.getLogger("liveavatar")
 
@@ -69,7 +70,7 @@ def check_audio_source(source, input_name: str = "audio") -> None:
     """Cheap checks before any weight is read: the file exists and has an audio stream, or the
     AUDIO dict is well formed. Decoding errors (corrupt packets, silence) surface while reading."""
     if isinstance(source, Mapping):
-        _comfy_channels(source, input_name)
+        _from_comfy_audio(source, input_name)
         return
     path = _check_path(source, input_name)
     with _open(path, input_name):
@@ -81,7 +82,7 @@ def expected_samples(source, input_name: str = "audio") -> int | None:
     what its container declares (exact for WAV, FLAC and MP3 with a length header, a few ms off
     for Opus and AAC), None when it declares nothing."""
     if isinstance(source, Mapping):
-        channels, rate = _comfy_channels(source, input_name)
+        channels, rate = _from_comfy_audio(source, input_name)
         return _resampled_length(channels.shape[-1], rate)
     with _open(_check_path(source, input_name), input_name) as (_, stream):
         rate = stream.codec_context.sample_rate
@@ -100,7 +101,7 @@ class AudioReader:
     def __init__(self, source, input_name: str = "audio"):
         self.input_name = input_name
         if isinstance(source, Mapping):
-            _comfy_channels(source, input_name)
+            _from_comfy_audio(source, input_name)
         else:
             source = _check_path(source, input_name)
         self.source = source
@@ -174,7 +175,7 @@ class AudioReader:
                 raise _decode_error(path, exc, self.input_name) from None
 
     def _comfy_blocks(self) -> Iterator[tuple[np.ndarray, int]]:
-        channels, rate = _comfy_channels(self.source, self.input_name)
+        channels, rate = _from_comfy_audio(self.source, self.input_name)
         for start in range(0, channels.shape[-1], _CHUNK):
             yield channels[:, start:start + _CHUNK], rate
 
@@ -220,12 +221,6 @@ class _open:
 def _decode_error(path: Path, exc, input_name: str) -> InputError:
     return InputError(input_name, f"cannot decode {path.name} ({exc.strerror or type(exc).__name__}); the file "
                       "is corrupt or not an audio format.", "use a wav, flac, mp3, ogg or m4a file.")
-
-
-def _comfy_channels(audio: Mapping, input_name: str) -> tuple[np.ndarray, int]:
-    from .audio import _from_comfy_audio
-
-    return _from_comfy_audio(audio, input_name)
 
 
 # ---------------------------------------------------------------------------------------------
