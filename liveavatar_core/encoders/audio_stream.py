@@ -470,16 +470,18 @@ class StreamedAudioFeatures:
             return self.requested
         return self.available_clips if self.requested is None else min(self.requested, self.available_clips)
 
-    def clips(self, start: int = 0) -> Iterator[torch.Tensor]:
-        """Clip features from clip `start` on (earlier clips are computed and dropped: the running
-        normalisation and the windows depend on everything before)."""
+    def clips(self, start: int = 0, stop: int | None = None) -> Iterator[torch.Tensor]:
+        """Features of clips [start, stop) (stop: the requested count; both ends capped by the
+        audio). Earlier clips are computed and dropped: the running normalisation and the windows
+        depend on everything before."""
+        stop = self.requested if stop is None else stop
         encoder = WindowedFeatures(self.encoder, self.frames_per_clip, self.fps, self.window_s, self.context_s,
                                    self.expected_samples, stats_lookahead_s=self.stats_lookahead_s,
                                    input_name=self.input_name)
         reader = AudioReader(self.source, self.input_name)
         chunks = iter(reader)
         f, r = self.frames_per_clip, 0
-        while self.requested is None or r < self.requested:
+        while stop is None or r < stop:
             while encoder.available_frames < (r + 1) * f and not encoder.finished:
                 chunk = next(chunks, None)
                 if chunk is None:

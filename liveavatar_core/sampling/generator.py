@@ -125,8 +125,10 @@ class BlockSampler:
         """
         if hasattr(audio, "clips"):
             self._check_frames_per_clip(audio)
-            limit = num_clips if num_clips is not None else self.config.num_clips
-            return self._stream(audio.clips(start=self.clip), limit)
+            limit = num_clips
+            if limit is None:
+                limit = min((n for n in (self.config.num_clips, audio.requested) if n is not None), default=None)
+            return self._stream(audio.clips(start=self.clip, stop=limit), limit)
         embedding = self._check_audio(audio)
         n = self._num_clips(embedding, audio, num_clips)
         f = self.config.frames_per_clip
