@@ -111,23 +111,23 @@ def full_size_block_timing(device: torch.device, iters: int) -> None:
 def tiny_model_on_gpu(fixtures: Path, device: torch.device) -> None:
     from safetensors.torch import load_file
 
-    from liveavatar_core.model.dit import load_weights
-    from liveavatar_core.weights.dit import load_dit_checkpoint
+    from liveavatar_core.weights.dit import load_dit_checkpoint, load_into_module
     from liveavatar_core.weights.lora import load_lora, merge_lora
 
     ckpt_dir = fixtures / "ckpt" / "Wan2.2-S2V-14B"
     ckpt = load_dit_checkpoint(ckpt_dir)
     lora = load_lora(fixtures / "ckpt" / "LiveAvatar" / "liveavatar.safetensors", ckpt.shapes())
-    weights = {k: v.float() for k, v in ckpt.state_dict.items()}
-    merge_lora(weights, lora, scale=0.5)
     g1 = load_file(str(fixtures / "golden" / "01_text.safetensors"))
     g4 = load_file(str(fixtures / "golden" / "04_vae.safetensors"))
     g7 = load_file(str(fixtures / "golden" / "07_dit_clip0_blocks01.safetensors"))
     preds = {}
     for label, dtype, fp8 in [("fp32", torch.float32, False), ("bf16", torch.bfloat16, False),
                               ("fp8", torch.bfloat16, True)]:
-        m = LiveAvatarDiT(ckpt.config, attention="sdpa").to(device=device, dtype=dtype)
-        load_weights(m, weights, device=device)
+        # Built as loading.load_generator builds it: meta, streamed load, LoRA merged in the weight dtype.
+        with torch.device("meta"):
+            m = LiveAvatarDiT(ckpt.config, attention="sdpa").to(dtype)
+        load_into_module(m, ckpt.state_dict, device=device)
+        merge_lora(m, lora, scale=0.5)
         if fp8:
             convert_to_fp8(m)
         lat_h, lat_w = g4["ref_latents"].shape[-2:]

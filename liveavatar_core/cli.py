@@ -1,9 +1,10 @@
 """Command line: `python -m liveavatar_core {generate,inspect,demo}`.
 
 `generate` keeps the official flag names where they make sense and validates every input before
-loading anything. An interrupted `generate` (Ctrl-C, an error) leaves a playable MP4 of every
-finished block and a resume file next to it (`<video>.resume`); the same command plus
-`--resume <video>.resume` completes that MP4 as if it had never stopped.
+loading anything. An interrupted `generate` (Ctrl-C, SIGTERM, an error, a full disk) leaves a
+playable MP4 of every finished block and, where there is room, a resume file next to it
+(`<video>.resume`); the same command plus `--resume <video>.resume` completes that MP4 as if it
+had never stopped.
 
 `demo` writes a tiny synthetic checkpoint in the official layout and runs the whole pipeline on it
 (CPU, seconds), producing a real MP4 with audio.
@@ -12,9 +13,12 @@ finished block and a resume file next to it (`<video>.resume`); the same command
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -23,6 +27,9 @@ import torch
 from .errors import LiveAvatarError
 
 log = logging.getLogger("liveavatar")
+
+# Where `generate` writes without --save_file: a new numbered file each run.
+DEFAULT_SAVE_FILE = Path("output/liveavatar.mp4")
 
 
 def _positive(value: str) -> int:
@@ -70,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--resume", type=Path, help="continue an interrupted run from its resume file (written next "
                      "to its video as <save_file>.resume); the other arguments must be those of that run")
 
-    ins = sub.add_parser("inspect", help="say what a weight file or official folder is")
+    ins = sub.add_parser("inspect", help="say what weight files or folders hold (exit status 1 when one holds "
+                                         "nothing recognised, lacks parts or is damaged)")
     ins.add_argument("paths", nargs="+", type=Path)
 
     demo = sub.add_parser("demo", help="run the whole pipeline on a tiny synthetic checkpoint (CPU)")
@@ -94,16 +102,20 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=["streaming", "official"], default="streaming")
     p.add_argument("--enable_online_decode", action="store_true",
                    help="official mode only: Mode S+ (sink refreshed from clip 0 before clip 1)")
-    p.add_argument("--save_file", type=Path, default=Path("output/liveavatar.mp4"))
+    p.add_argument("--save_file", type=Path,
+                   help=f"the MP4 to write (default: a new numbered {DEFAULT_SAVE_FILE.parent}/"
+                        f"{DEFAULT_SAVE_FILE.stem}_NNNNN.mp4); an existing file is never overwritten (a numbered "
+                        "name next to it is used) and an existing folder gets a numbered file inside it")
 
 
-def run_generation(ckpt_dir: Path, lora: Path | None, image, audio, prompt: str, save_file: Path, *,
+def run_generation(ckpt_dir: Path, lora: Path | None, image, audio, prompt: str, save_file: Path | None, *,
                    size: str, num_clip: int, infer_frames: int, sample_steps: int, seed: int, mode: str,
                    online_decode: bool, device: str, precision: str, attention: str,
                    resume: Path | None = None, offload: str = "none", blocks_on_gpu: int | None = None,
                    kv_cache_location: str = "gpu", kv_cache_dtype: str = "auto", compile: str = "auto") -> Path:
     """Validate everything, load the models, stream the video into `save_file`.
 
+    save_file: the MP4 (see `video.naming.output_target`); None: a new numbered DEFAULT_SAVE_FILE.
     resume: the resume file of an interrupted run with these arguments; its MP4 is completed
     (wherever `save_file` points). Any run that stops early saves `<video>.resume` (or `resume`).
     """
@@ -112,11 +124,13 @@ def run_generation(ckpt_dir: Path, lora: Path | None, image, audio, prompt: str,
     from .encoders.audio import AudioEncoder, check_frames_per_clip
     from .encoders.audio_stream import audio_identity, check_audio_source
     from .encoders.image import load_image, preprocess_reference, target_area
+    from .encoders.placement import audio_encoder_placement, text_encoder_placement
     from .encoders.text import TextEncoder
     from .loading import check_kv_cache_dtype, load_generator, official_folder, resolve_compile
     from .pipeline import GenerationSettings, generate, write_mp4
     from .resume import check_resume_state, input_fingerprint, load_resume_state, partial_video
-    from .video.naming import safe_output_path
+    from .video.naming import output_target
+    from .weights.check import check_run_files
 
     # 1. Cheap validation of every input before any weight is read.
     settings = GenerationSettings(size=size, seed=seed, num_clips=num_clip, frames_per_clip=infer_frames,
@@ -124,25 +138,30 @@ def run_generation(ckpt_dir: Path, lora: Path | None, image, audio, prompt: str,
     target_area(size)
     check_frames_per_clip(infer_frames)
     folder = official_folder(ckpt_dir)
+    check_run_files(folder.dit, lora_path=lora, vae_path=folder.vae, t5_path=folder.t5, wav2vec2_path=folder.wav2vec2)
     resolve_compile(compile, torch.device(device))
     check_kv_cache_dtype(kv_cache_dtype, precision)
     load_image(image)
     check_audio_source(audio)  # decoded later, as a stream
-    state = None
+    state = target = None
     if resume is not None:
         state = load_resume_state(resume)
         check_resume_state(state, asdict(settings))
         out = partial_video(state)
         log.info("resuming %s from %s", out, resume)
     else:
-        out = safe_output_path(save_file.parent, save_file.stem, save_file.suffix or ".mp4")
+        target = output_target(save_file, DEFAULT_SAVE_FILE)
+        if target.note:
+            log.warning("save_file: %s", target.note)
+        out = target.path
     resume_file = resume or out.with_name(out.name + ".resume")
-    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
 
-    # 2. Encoders, then the generator.
+    # 2. Encoders (each used once here: loaded where it runs, then dropped), then the generator.
     t0 = time.perf_counter()
-    text = TextEncoder.from_pretrained(folder.t5, device=device, dtype=dtype).encode(prompt)
-    features = AudioEncoder.from_pretrained(folder.wav2vec2, device=device, dtype=dtype).prepare(
+    # Streaming mode keeps wav2vec2 for its windowed encoding, which runs while the blocks are sampled.
+    text_at, audio_at = text_encoder_placement(device, precision), audio_encoder_placement(device, precision)
+    text = TextEncoder.from_pretrained(folder.t5, device=text_at.run_on, dtype=text_at.dtype).encode(prompt)
+    features = AudioEncoder.from_pretrained(folder.wav2vec2, device=audio_at.run_on, dtype=audio_at.dtype).prepare(
         audio, frames_per_clip=infer_frames, num_clips=num_clip or None).features(mode)
     if state is not None:  # the prompt, audio and image are known now; the model only after loading it
         check_resume_state(state, fingerprint=input_fingerprint(text=text, audio=audio_identity(features),
@@ -156,21 +175,52 @@ def run_generation(ckpt_dir: Path, lora: Path | None, image, audio, prompt: str,
 
     # 3. Stream: every block is decoded and appended to the MP4 as soon as it is sampled.
     stream = generate(model, text.to(device), features, image, settings, resume_from=state)
-    log.info("output %dx%d, %s clips, %s frames", stream.width, stream.height, stream.num_clips,
-             stream.total_frames)
+    frames = stream.total_frames  # None: streamed audio whose length is known only once read
+    log.info("output %dx%d, %s clips, %s frames (%s s) -> %s", stream.width, stream.height, stream.num_clips,
+             frames, "?" if frames is None else f"{frames / stream.fps:.2f}", out)
 
     def report(chunk):
         s = chunk.stats
         log.info("clip %d block %d: %d frames, %.2f fps, first frame after %.1f s", chunk.clip, chunk.block,
                  s.frames_done, s.fps, s.first_frame_s or 0.0)
 
+    if target is not None:
+        target.create_folders()
     try:
         return write_mp4(stream, out, on_chunk=report, resume_path=resume_file)
-    except KeyboardInterrupt:
+    except BaseException:
         if resume_file.is_file():
-            log.warning("interrupted: %s plays up to the last finished block; to complete it, run the same "
-                        "command with --resume %s", out, resume_file)
+            log.warning("%s plays up to the last finished block; to complete it, run the same command with "
+                        "--resume %s", out, resume_file)
+        elif target is not None and (removed := target.remove_if_unused()):
+            log.warning("nothing was written: removed %s", ", ".join(map(str, removed)))
         raise
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, systemd, container stops) during `generate`: handled as Ctrl-C is."""
+
+
+@contextlib.contextmanager
+def _stop_signals():
+    """SIGTERM raises `Terminated` (once: a second one cannot cut the resume save short), and
+    SIGXFSZ is ignored, so a file-size limit ends as a clear write error, not a core dump."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated
+
+    old = {signal.SIGTERM: signal.signal(signal.SIGTERM, terminate)}
+    if hasattr(signal, "SIGXFSZ"):
+        old[signal.SIGXFSZ] = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        for number, handler in old.items():
+            signal.signal(number, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,28 +230,32 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             return _demo(args)
         if args.command == "inspect":
-            from .weights.detect import identify
+            from .weights.detect import inspect_path
 
-            for p in args.paths:
-                print(f"{p}: {identify(p)}" if not p.is_dir() else identify(p))
-            return 0
-        path = run_generation(Path(args.ckpt_dir), Path(args.lora_path_dmd) if args.lora_path_dmd else None,
-                              args.image, args.audio, args.prompt, args.save_file, size=args.size,
-                              num_clip=args.num_clip, infer_frames=args.infer_frames,
-                              sample_steps=args.sample_steps, seed=args.base_seed, mode=args.mode,
-                              online_decode=args.enable_online_decode, device=args.device,
-                              precision="fp8" if args.fp8 else args.precision, attention=args.attention,
-                              offload="block_swap" if args.blocks_on_gpu is not None
-                              else "auto" if args.offload_model else "none",
-                              blocks_on_gpu=args.blocks_on_gpu,
-                              kv_cache_location="cpu" if args.offload_kv_cache else "gpu",
-                              kv_cache_dtype=args.kv_cache_dtype,
-                              resume=args.resume, compile=args.compile)
+            found = [inspect_path(p) for p in args.paths]
+            print("\n".join(f.text for f in found))
+            return 0 if all(f.ok for f in found) else 1
+        with _stop_signals():
+            path = run_generation(Path(args.ckpt_dir), Path(args.lora_path_dmd) if args.lora_path_dmd else None,
+                                  args.image, args.audio, args.prompt, args.save_file, size=args.size,
+                                  num_clip=args.num_clip, infer_frames=args.infer_frames,
+                                  sample_steps=args.sample_steps, seed=args.base_seed, mode=args.mode,
+                                  online_decode=args.enable_online_decode, device=args.device,
+                                  precision="fp8" if args.fp8 else args.precision, attention=args.attention,
+                                  offload="block_swap" if args.blocks_on_gpu is not None
+                                  else "auto" if args.offload_model else "none",
+                                  blocks_on_gpu=args.blocks_on_gpu,
+                                  kv_cache_location="cpu" if args.offload_kv_cache else "gpu",
+                                  kv_cache_dtype=args.kv_cache_dtype,
+                                  resume=args.resume, compile=args.compile)
         print(f"wrote {path}")
         return 0
     except LiveAvatarError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -55,32 +55,79 @@ class DiTConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "DiTConfig":
-        """Read an official `config.json`; keys the official class ignores are ignored here too."""
+        """Read an official `config.json`; keys the official class ignores are ignored here too.
+
+        Raises `WeightsError` for a missing or unreadable file, invalid JSON, JSON that is not an
+        object, a non-S2V model and any field of the wrong type or out of range.
+        """
         path = Path(path)
         try:
             raw = json.loads(path.read_text())
         except FileNotFoundError:
             raise WeightsError("ckpt_dir", f"{path} not found.",
                                "point to the Wan2.2-S2V-14B folder that holds config.json.") from None
+        except OSError as exc:
+            raise WeightsError("ckpt_dir", f"cannot read {path} ({exc.strerror or exc}).",
+                               "make config.json a readable file (download it again).") from None
         except ValueError as exc:
             raise WeightsError("ckpt_dir", f"{path} is not valid JSON ({exc}).",
                                "download config.json again.") from None
+        if not isinstance(raw, dict):
+            raise WeightsError("ckpt_dir", f"{path} holds a JSON {type(raw).__name__}, not an object of settings.",
+                               "download config.json again.")
         model_type = raw.get("model_type", "s2v")
         if model_type != "s2v":
             raise WeightsError("ckpt_dir", f"{path} describes a Wan '{model_type}' model, not Wan2.2-S2V.",
                                "use the Wan2.2-S2V-14B checkpoint folder.")
-        known = {f.name for f in fields(cls)} - {"extra"}
+        known = {f.name: f for f in fields(cls) if f.name != "extra"}
         values = {}
         for key, value in raw.items():
             if key in _IGNORED_JSON_KEYS or key not in known:
                 continue
-            if isinstance(value, list):
-                value = tuple(value)
-            values[key] = value
+            values[key] = _checked_value(path, key, value, known[key].type)
         extra = {k: v for k, v in raw.items() if k not in known}
-        return cls(**values, extra=extra)
+        cfg = cls(**values, extra=extra)
+        cfg._check_consistent(path)
+        return cfg
+
+    def _check_consistent(self, path: Path) -> None:
+        problem = None
+        if self.dim % self.num_heads:
+            problem = f"dim {self.dim} is not divisible by num_heads {self.num_heads}"
+        elif any(i >= self.num_layers for i in self.audio_inject_layers):
+            problem = f"audio_inject_layers {list(self.audio_inject_layers)} name layers beyond num_layers " \
+                      f"{self.num_layers}"
+        if problem:
+            raise WeightsError("ckpt_dir", f"{path}: {problem}.", "download config.json again.")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("extra")
         return d
+
+
+def _checked_value(path: Path, key: str, value, annotation: str):
+    """`value` of config field `key`, refused unless it has the field's type (lists become tuples)."""
+    def refuse(expected: str):
+        raise WeightsError("ckpt_dir", f"{path}: {key} is {json.dumps(value)}, {expected} is expected.",
+                           "fix that entry or download config.json again.")
+
+    if annotation.startswith("tuple"):
+        length = None if "..." in annotation else annotation.count(",") + 1
+        if not isinstance(value, list) or not all(_is_int(v) and v >= 0 for v in value) or (
+                length is not None and len(value) != length):
+            refuse(f"a list of {length or 'some'} non-negative integers")
+        return tuple(value)
+    if annotation == "int":
+        if not _is_int(value) or value < 1:
+            refuse("a positive integer")
+        return value
+    if annotation == "float":
+        if not (_is_int(value) or isinstance(value, float)) or not value > 0:
+            refuse("a positive number")
+        return float(value)
+    return value
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -6,6 +6,11 @@ names the offending input and the fix. ComfyUI shows the message verbatim, so it
 
 from __future__ import annotations
 
+# ComfyUI names an error's type as `__module__ + "." + __qualname__`, and it imports this package
+# under a module name made of the install's folder path: the stable name of the core package
+# keeps that path out of the UI (the CLI imports the classes under this very name).
+_STABLE_MODULE = "liveavatar_core.errors"
+
 
 class LiveAvatarError(Exception):
     """Base class for every error this pack raises deliberately."""
@@ -26,3 +31,8 @@ class InputError(LiveAvatarError, ValueError):
 
 class WeightsError(InputError):
     """A checkpoint file or folder is missing, corrupt, incomplete or of the wrong model."""
+
+
+for _cls in (LiveAvatarError, InputError, WeightsError):
+    _cls.__module__ = _STABLE_MODULE
+del _cls

@@ -22,7 +22,9 @@ from .pipeline import LiveAvatarModel
 from .placement import apply_block_swap
 from .plan import RunPlan, detect_devices, plan_run
 from .vae.loader import load_vae
+from .weights.check import check_run_files
 from .weights.dit import load_dit_checkpoint, load_into_module
+from .weights.layout import T5_FILE, VAE_FILE, WAV2VEC2_DIR
 from .weights.lora import DEFAULT_SCALE, load_lora, merge_lora
 
 log = logging.getLogger("liveavatar")
@@ -31,11 +33,6 @@ PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.bfloat
 COMPILE_CHOICES = ("auto", "on", "off")
 # auto: the rings store the DiT's compute dtype (exact); fp8: e4m3 with a scale per head row.
 KV_CACHE_DTYPES = ("auto", "fp8")
-
-# File names inside the official `Wan2.2-S2V-14B` folder (spec/pipeline.md 1.1).
-T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
-VAE_FILE = "Wan2.1_VAE.pth"
-WAV2VEC2_DIR = "wav2vec2-large-xlsr-53-english"
 
 
 @dataclass(frozen=True)
@@ -111,6 +108,7 @@ def load_generator(dit_path: str | Path, vae_path: str | Path, lora_path: str | 
 
     # 1. Base weights (validated against the config before any tensor is read), then the run
     #    plan: memory per device, refused with the cheapest fix before anything is loaded.
+    check_run_files(dit_path, lora_path=lora_path, vae_path=vae_path)  # every file's header and size, first
     ckpt = load_dit_checkpoint(dit_path)
     log.info("DiT: %s", ckpt.description)
     plan = _plan(ckpt.config, dit_device, precision, offload, blocks_on_gpu, kv_cache_location, kv_dtype,

@@ -38,19 +38,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .encoders.audio import AudioFeatures
+from .encoders.audio import SAMPLE_RATE, AudioFeatures
 from .encoders.audio_stream import AudioInput, StreamedAudioFeatures, audio_identity, features_for_mode
 from .encoders.image import preprocess_reference
 from .errors import InputError
 from .model.cache import KV_STORAGE_DTYPES, make_step_caches
 from .model.dit import LiveAvatarDiT
 from .resume import (ResumeState, build_resume_state, check_resume_state, input_fingerprint, load_resume_state,
-                     partial_video, resume_part, save_resume_state)
+                     partial_video, resume_part, save_resume_state, unwritten_chunks)
 from .sampling.config import MODES, SamplerConfig
 from .sampling.generator import BlockSampler, LatentBlock
 from .vae.model import WanVAE
 from .video.frames import DeviceFrames, to_uint8_frames
-from .video.writer import StreamingMP4Writer, WriterSettings
+from .video.writer import StreamingMP4Writer, WriterSettings, frames_within_audio
 
 log = logging.getLogger("liveavatar")
 
@@ -122,7 +122,14 @@ class LiveAvatarModel:
 
 @dataclass
 class Stats:
-    """Progress of a stream, for progress bars and logs."""
+    """Progress of a stream, for progress bars and logs.
+
+    A chunk's `stats` is a snapshot taken as its frames are handed out: `blocks_done` counts the
+    blocks handed out with it (every block of the clip in official mode), `frames_done` the frames
+    of the video so far, this chunk's included, not counting frames past the end of the audio,
+    which the MP4 leaves out. The stream's own `stats` counts blocks as they are sampled (one
+    block runs ahead of the frames handed out) and every decoded frame.
+    """
 
     blocks_done: int = 0
     blocks_total: int | None = None
@@ -143,7 +150,11 @@ class Stats:
 
 @dataclass
 class FrameChunk:
-    """Decoded frames of one block (streaming) or one clip (official), uint8 `[n, H, W, 3]`."""
+    """Decoded frames of one block (streaming) or one clip (official), uint8 `[n, H, W, 3]`.
+
+    `frames` holds every decoded frame, also those past the end of the audio that the writer
+    drops (`VideoStream.frame_limit`); `stats` is the snapshot described in `Stats`.
+    """
 
     frames: np.ndarray
     clip: int
@@ -170,6 +181,7 @@ class _Pending:
     block: LatentBlock
     decoded: "_Decoded"
     boundary: _Boundary | None
+    blocks_done: int
 
 
 class VideoStream:
@@ -194,6 +206,7 @@ class VideoStream:
         # Frame k of the output was driven by audio frame k + 3 in streaming mode (the audio is
         # shifted to match); the official mode keeps its offset.
         self.audio_offset_frames = DROPPED_START_FRAMES if settings.mode == "streaming" else 0
+        self._frame_limit: int | None = None  # set by write_mp4 from its writer
         self.blocks_per_clip = None
         self.stats = Stats()
         # Set by write_mp4(resume_path=...): keep the last two block boundaries (see _boundary).
@@ -212,16 +225,39 @@ class VideoStream:
     @property
     def num_clips(self) -> int | None:
         """Clips of this video; None while streamed audio has not been read to its end (and no
-        count was asked for)."""
+        count was asked for). Streamed audio of a file: from its declared length until then."""
         available, wanted = self.audio.available_clips, self.settings.num_clips or self.audio.num_clips
         if wanted is None or available is None:
             return wanted if wanted is not None else available
         return min(wanted, available)
 
     @property
-    def total_frames(self) -> int | None:
+    def generated_frames(self) -> int | None:
+        """Frames the stream decodes and hands out (whole clips, less the 3 dropped at the start)."""
         n = self.num_clips
         return None if n is None else n * self.settings.frames_per_clip - DROPPED_START_FRAMES
+
+    @property
+    def total_frames(self) -> int | None:
+        """Frames of the finished video: those generated, up to the end of the audio (`frame_limit`)."""
+        if self.frame_limit is None or self.generated_frames is None:
+            return self.generated_frames
+        return min(self.generated_frames, self.frame_limit)
+
+    @property
+    def frame_limit(self) -> int | None:
+        """Frames the MP4 keeps (the writer's "shortest" trim); write_mp4 sets its writer's own
+        limit. Streamed audio: None until its end has been read."""
+        if self._frame_limit is not None:
+            return self._frame_limit
+        samples = getattr(self.audio, "total_samples", None)
+        if samples is None:
+            return None
+        return frames_within_audio(samples, SAMPLE_RATE, self.fps, self.audio_offset_frames)
+
+    @frame_limit.setter
+    def frame_limit(self, value: int | None) -> None:
+        self._frame_limit = value
 
     @property
     def finished(self) -> bool:
@@ -271,7 +307,8 @@ class VideoStream:
                         break
                     self.stats.blocks_done += 1
                     pending.append(_Pending(block, decoder.launch(sampler, block),
-                                            self._boundary(sampler, decoder) if self.track_resume else None))
+                                            self._boundary(sampler, decoder) if self.track_resume else None,
+                                            self.stats.blocks_done))
                     while len(pending) > 1 or (pending and self.stats.first_frame_s is None):
                         yield from self._emit(pending)
                     if self.should_stop is not None and self.should_stop():
@@ -303,8 +340,12 @@ class VideoStream:
         if frames is not None and len(frames):
             if self.stats.first_frame_s is None:
                 self.stats.first_frame_s = self.stats.elapsed_s
-            chunk = FrameChunk(frames, item.block.clip, item.block.block, self.stats.frames_done, self.stats)
+            start_frame = self.stats.frames_done
             self.stats.frames_done += len(frames)
+            in_video = self.stats.frames_done if self.frame_limit is None else min(self.stats.frames_done,
+                                                                                   self.frame_limit)
+            chunk = FrameChunk(frames, item.block.clip, item.block.block, start_frame,
+                               replace(self.stats, blocks_done=item.blocks_done, frames_done=in_video))
         if item.boundary is not None:
             item.boundary.frames_done = self.stats.frames_done
             item.boundary.stats = {**asdict(self.stats), "blocks_done": item.boundary.blocks_done}
@@ -331,15 +372,20 @@ class VideoStream:
             state["tensors"]["clip_latents"] = sampler.clip_latents.clone()
         return _Boundary(self.stats.blocks_done, state, decoder.state())
 
-    def resume_state(self, writer_state: dict | None = None) -> ResumeState | None:
+    def resume_state(self, writer_state: dict | None = None,
+                     unwritten: list[np.ndarray] | None = None) -> ResumeState | None:
         """The state after the last completed block, or None before the first one.
 
         Needs `track_resume` set before iterating. With `writer_state` (from
         `StreamingMP4Writer.state()`), the last block whose frames the writer holds is chosen: a
-        chunk being written when the stream stopped is generated again on resume. Tensors are
-        live references: save the state (`resume.save_resume_state`) before iterating on.
+        chunk being written when the stream stopped is generated again on resume. `unwritten`:
+        the chunks handed out after those but not in the file (a failed write); they go into the
+        state and are written first on resume, chunk by chunk (each is one H.264 GOP). Tensors are live references: save the state
+        (`resume.save_resume_state`) before iterating on.
         """
         on_disk = None if writer_state is None else writer_state["frames_written"] + writer_state["frames_dropped"]
+        if on_disk is not None and unwritten:
+            on_disk += sum(len(frames) for frames in unwritten)
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the decoder's state is written on its own stream
         for b in reversed(self._boundaries):
@@ -349,8 +395,14 @@ class VideoStream:
             if on_disk is None or b.frames_done == on_disk:
                 return build_resume_state(settings=asdict(self.settings), fingerprint=self.fingerprint(),
                                           model_description=self.model.description, stream={"stats": b.stats},
-                                          sampler=b.sampler, decoder=b.decoder, writer=writer_state)
+                                          sampler=b.sampler, decoder=b.decoder, writer=writer_state,
+                                          unwritten=[torch.from_numpy(f) for f in unwritten or ()])
         return None
+
+    @property
+    def unwritten_chunks(self) -> list[np.ndarray]:
+        """Chunks of the interrupted run that its MP4 lacks (a failed write), written first on resume."""
+        return [] if self._restored is None else [t.numpy() for t in unwritten_chunks(self._restored)]
 
     def _start(self):
         ref_lat, motion_lat, decoder = self._condition()
@@ -552,19 +604,24 @@ def write_mp4(stream: VideoStream, path: str | Path, audio: np.ndarray | None = 
     """Append every chunk of `stream` to a fragmented MP4 with the audio muxed in, as it arrives.
 
     The file is playable while it grows and after an interruption (an exception, a cancel, or a
-    killed process): it then holds every chunk finished so far. With `resume_path`, a stream that
-    stops early (cancel, exception, Ctrl-C; not a killed process) also leaves there the state after
-    its last completed block, and the file is removed once the video is complete. A stream made
-    with `generate(..., resume_from=...)` appends to the interrupted MP4, which `path` must name.
-    Returns the path.
+    killed process): it then holds every chunk finished so far. A full disk ends it with an
+    InputError naming the file, which then holds every chunk written before. With `resume_path`, a
+    stream that stops early (cancel, exception, Ctrl-C, a full disk; not a killed process) also
+    leaves there the state after its last completed block (with the chunks the file lacks, if a
+    write failed), or logs in one line why it could not, and the file is removed once the video is
+    complete. A stream made with `generate(..., resume_from=...)` appends to the interrupted MP4,
+    which `path` must name. Returns the path.
     """
     settings = replace(writer_settings or WriterSettings(), audio_offset_frames=stream.audio_offset_frames)
     audio = stream.audio.waveform_16k if audio is None else audio
     if resume_path is not None:
         stream.track_resume = True
     writer = _open_writer(stream, Path(path), audio, sample_rate, settings)
+    stream.frame_limit = writer.frame_limit
     background = _BackgroundWriter(writer)
     try:
+        for frames in stream.unwritten_chunks:
+            background.append(frames)
         for chunk in stream:
             background.append(chunk.frames)
             if on_chunk is not None:
@@ -572,7 +629,7 @@ def write_mp4(stream: VideoStream, path: str | Path, audio: np.ndarray | None = 
         background.close()
     except BaseException:
         background.close(failed=True)
-        _finish(stream, writer, resume_path, failed=True)
+        _finish(stream, writer, resume_path, failed=True, unwritten=background.unwritten)
         raise
     _finish(stream, writer, resume_path, failed=False)
     return Path(path)
@@ -582,27 +639,40 @@ class _BackgroundWriter:
     """Encodes and writes chunks on a thread, so H.264 encoding (PyAV releases the GIL) overlaps
     the queuing of the next block's GPU work instead of adding to it.
 
-    At most `depth` chunks wait. An encoding error is raised in the caller at its next `append`
-    or at `close`; `close` writes everything still waiting, so the file holds every chunk the
-    stream handed out.
+    At most `depth` chunks wait. An encoding or write error (a full disk) is raised in the caller
+    at its next `append` or at `close`; `close` writes everything still waiting, so the file holds
+    every chunk the stream handed out, or, after an error, every one before the failed chunk, and
+    `unwritten` holds the frames of that chunk and of every one handed over after it.
     """
 
     def __init__(self, writer: StreamingMP4Writer, depth: int = 2):
         self.writer = writer
         self.error: BaseException | None = None
+        self.failed = False
+        self._unwritten: list[np.ndarray] = []
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._thread = threading.Thread(target=self._run, name="liveavatar-mp4", daemon=True)
         self._thread.start()
 
+    @property
+    def unwritten(self) -> list[np.ndarray]:
+        """Chunks handed over but not in the file, once a write failed (read after `close`)."""
+        return list(self._unwritten)
+
     def _run(self) -> None:
         while (frames := self._queue.get()) is not None:
-            if self.error is None:
-                try:
-                    self.writer.append(frames)
-                except BaseException as exc:  # handed to the caller, which decides
-                    self.error = exc
+            if self.failed:
+                self._unwritten.append(frames)
+                continue
+            try:
+                self.writer.append(frames)  # all or nothing: a failed append leaves the file as before
+            except BaseException as exc:  # handed to the caller, which decides
+                self.error, self.failed = exc, True
+                self._unwritten.append(frames)
 
     def append(self, frames: np.ndarray) -> None:
+        if self.failed:
+            self._unwritten.append(frames)
         self._raise()
         self._queue.put(frames)
 
@@ -640,14 +710,24 @@ def _open_writer(stream: VideoStream, path: Path, audio, sample_rate: int,
         raise InputError("resume", f"{exc.input_name}: {exc.problem}", exc.fix) from None
 
 
-def _finish(stream: VideoStream, writer: StreamingMP4Writer, resume_path, failed: bool) -> None:
+def _finish(stream: VideoStream, writer: StreamingMP4Writer, resume_path, failed: bool,
+            unwritten: list[np.ndarray] | None = None) -> None:
     """Close the MP4; when asked, save the resume state of an unfinished stream or drop a stale one."""
+    # A finished stream whose last frames could not be written is unfinished for the file.
+    complete = stream.finished and not unwritten
     try:
-        if resume_path is not None and not stream.finished:
-            _save_resume(stream, writer, Path(resume_path), failed)
+        if resume_path is not None and not complete:
+            _save_resume(stream, writer, Path(resume_path), failed, unwritten)
     finally:
-        writer.close()
-    if resume_path is not None and stream.finished:
+        try:
+            writer.close()
+        except InputError as exc:
+            if not failed:
+                raise
+            # The closing audio could not be written either (the disk is still full); the video
+            # plays without its last fraction of a second of sound. The first error is the one to see.
+            log.warning("closing %s: %s", writer.path.name, exc.problem)
+    if resume_path is not None and complete:
         _drop_stale_resume(Path(resume_path), writer.path)
 
 
@@ -663,21 +743,34 @@ def _drop_stale_resume(resume_path: Path, video: Path) -> None:
         resume_path.unlink()
 
 
-def _save_resume(stream: VideoStream, writer: StreamingMP4Writer, resume_path: Path, failed: bool) -> None:
+def _save_resume(stream: VideoStream, writer: StreamingMP4Writer, resume_path: Path, failed: bool,
+                 unwritten: list[np.ndarray] | None) -> None:
+    """Save the state after the last block the file (plus `unwritten`) holds; every outcome is one log line."""
+    earlier = " (the earlier resume file there still resumes from where it was saved)" if resume_path.is_file() else ""
     try:
         # The writer's state before close: resuming truncates the closing audio tail again.
-        state = stream.resume_state(writer.state())
+        state = stream.resume_state(writer.state(), unwritten)
         if state is None:
-            log.warning("stopped before the first block was written: nothing to resume, %s not written",
-                        resume_path)
+            if writer.frames_written == 0 and not unwritten:
+                log.warning("stopped before the first block was written: nothing to resume, %s not written%s",
+                            resume_path, earlier)
+            else:
+                log.warning("stopped with %d frames in %s, not at a block the stream can resume from: %s not "
+                            "written%s", writer.frames_written, writer.path, resume_path, earlier)
             return
         save_resume_state(state, resume_path)
-    except Exception:
+    except OSError as exc:  # no room for the state either, most often
+        log.error("could not save the resume state to %s (%s): this run cannot be resumed%s; %s keeps its %d "
+                  "frames", resume_path, exc.strerror or exc, earlier, writer.path, writer.frames_written)
+        return
+    except Exception as exc:
         if not failed:
             raise
-        # Do not hide the error that stopped the stream behind one about saving its state.
-        log.exception("could not save the resume state to %s", resume_path)
+        # One line: the error that stopped the stream is the one to see, not a traceback about its state.
+        log.error("could not save the resume state to %s (%s: %s)%s", resume_path, type(exc).__name__, exc, earlier)
         return
     s, w = state["meta"]["stream"]["stats"], state["meta"]["writer"]
-    log.warning("stopped after %d of %d blocks; %s holds %d frames; resume state saved to %s",
-                s["blocks_done"], s["blocks_total"], writer.path, w["frames_written"], resume_path)
+    lacking = sum(len(frames) for frames in unwritten or ())
+    kept = f" (and the resume file the {lacking} frames it lacks)" if lacking else ""
+    log.warning("stopped after %d of %d blocks; %s holds %d frames%s; resume state saved to %s",
+                s["blocks_done"], s["blocks_total"], writer.path, w["frames_written"], kept, resume_path)

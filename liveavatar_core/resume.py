@@ -11,6 +11,7 @@ What a file holds (`torch.save`, loadable with `weights_only=True`: tensors and 
   decoded-frame window (only its generated tail: the rest is the reference picture) and its
   re-encoded latents;
 * the stream's counters, the `GenerationSettings` and the MP4 writer's state;
+* after a failed write (a full disk), the frames handed out that the MP4 lacks;
 * digests of the inputs (text embedding, audio embedding, reference pixels, model), so that a
   resume with anything else is refused instead of silently making a different video.
 
@@ -72,13 +73,25 @@ def input_fingerprint(*, text: torch.Tensor | None = None, audio: torch.Tensor |
 
 
 def build_resume_state(*, settings: dict, fingerprint: dict[str, str], model_description: str, stream: dict,
-                       sampler: dict, decoder: dict, writer: dict | None) -> ResumeState:
-    """One resume state from its parts; `sampler` and `decoder` are `{"meta", "tensors"}` dicts."""
+                       sampler: dict, decoder: dict, writer: dict | None,
+                       unwritten: list[torch.Tensor] = ()) -> ResumeState:
+    """One resume state from its parts; `sampler` and `decoder` are `{"meta", "tensors"}` dicts.
+
+    unwritten: the uint8 chunks `[n, H, W, 3]` the stream handed out after those in the MP4 (a
+    write that failed); a resumed run writes them first.
+    """
     tensors = {f"sampler.{k}": v for k, v in sampler["tensors"].items()}
     tensors.update({f"decoder.{k}": v for k, v in decoder["tensors"].items()})
+    tensors.update({f"unwritten.{i}": frames for i, frames in enumerate(unwritten)})
     meta = {"format": FORMAT, "settings": settings, "fingerprint": fingerprint, "model": model_description,
             "stream": stream, "sampler": sampler["meta"], "decoder": decoder["meta"], "writer": writer}
     return {"meta": meta, "tensors": tensors}
+
+
+def unwritten_chunks(state: ResumeState) -> list[torch.Tensor]:
+    """The chunks a resumed run writes before its first new block (see `build_resume_state`)."""
+    count = sum(1 for k in state["tensors"] if k.startswith("unwritten."))
+    return [state["tensors"][f"unwritten.{i}"] for i in range(count)]
 
 
 def resume_part(state: ResumeState, name: str) -> dict:

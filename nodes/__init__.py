@@ -7,7 +7,7 @@ register and the log says what to install, instead of ComfyUI hiding the whole p
 import importlib
 import logging
 
-from . import host
+from . import examples, host, queue_checks
 
 log = logging.getLogger("liveavatar")
 
@@ -34,3 +34,5 @@ for _node_id, (_module, _cls, _label) in _NODES.items():
                   "(pip install -r requirements.txt) and restart ComfyUI.", _node_id, _exc)
 
 host.register_model_folder()
+queue_checks.register()
+examples.install_example_inputs()

@@ -5,16 +5,17 @@ from __future__ import annotations
 from collections import OrderedDict
 from pathlib import Path
 
-import torch
-
 from ..liveavatar_core.encoders.audio import (DEFAULT_FRAMES_PER_CLIP, FRAMES_PER_BLOCK, AudioEncoder,
                                               check_frames_per_clip)
-from ..liveavatar_core.encoders.text import TOKENIZER_SUBDIR, TextEncoder
+from ..liveavatar_core.encoders.placement import (EncoderPlacement, audio_encoder_placement,
+                                                  text_encoder_placement)
+from ..liveavatar_core.encoders.text import TextEncoder
 from ..liveavatar_core.errors import InputError
+from ..liveavatar_core.weights.layout import T5_FILE as T5_MEMBER
+from ..liveavatar_core.weights.layout import TOKENIZER_DIR as TOKENIZER_SUBDIR
+from ..liveavatar_core.weights.layout import WAV2VEC2_DIR as WAV2VEC2_MEMBER
 from . import host
 
-T5_MEMBER = "models_t5_umt5-xxl-enc-bf16.pth"
-WAV2VEC2_MEMBER = "wav2vec2-large-xlsr-53-english"
 TEXT_EMBEDS = "LIVEAVATAR_TEXT_EMBEDS"
 AUDIO_FEATURES = "LIVEAVATAR_AUDIO_FEATURES"
 
@@ -23,15 +24,15 @@ class _Loaded:
     """The last encoder of each kind, so a new prompt or audio does not reload it from disk.
 
     ComfyUI re-runs an encoder node whenever any of its inputs changes (the prompt included);
-    keying on the file's identity and the device keeps the weights across such runs.
+    keying on the file's identity and the placement keeps the weights across such runs.
     """
 
     def __init__(self):
         self._items: OrderedDict[tuple, object] = OrderedDict()
 
-    def get(self, kind: str, path: Path, device: torch.device, load):
+    def get(self, kind: str, path: Path, placement: EncoderPlacement, load):
         stat = path.stat()
-        key = (kind, str(path), stat.st_mtime_ns, stat.st_size, str(device))
+        key = (kind, str(path), stat.st_mtime_ns, stat.st_size, placement)
         for old in [k for k in self._items if k[0] == kind and k != key]:
             del self._items[old]
         if key not in self._items:
@@ -85,22 +86,17 @@ class LiveAvatarTextEncode:
 
     @classmethod
     def VALIDATE_INPUTS(cls, device):
-        try:
-            host.check_device(device, "device")
-        except InputError as exc:
-            return str(exc)
+        host.check_device(device, "device")  # raised, not returned: see queue_checks
         return True
 
     def encode(self, prompt: str, t5_encoder: str, device: str):
         weights = host.resolve("text_encoders", t5_encoder, "t5_encoder", T5_MEMBER)
         tokenizer = _tokenizer_for(weights)
-        dev = host.torch_device(device, "device")
-        encoder = LOADED.get("t5", weights, torch.device("cpu"),
-                             lambda: TextEncoder.from_pretrained(weights, tokenizer, device="cpu"))
-        try:
-            context = encoder.to(dev).encode(prompt)
-        finally:
-            encoder.to("cpu")  # the 11 GB encoder must not sit on the GPU during sampling
+        at = text_encoder_placement(host.torch_device(device, "device"))
+        encoder = LOADED.get("t5", weights, at, lambda: TextEncoder.from_pretrained(
+            weights, tokenizer, device=at.keep_on, dtype=at.dtype))
+        with at.running(encoder):
+            context = encoder.encode(prompt)
         return (context.cpu(),)
 
 
@@ -130,25 +126,21 @@ class LiveAvatarAudioEncode:
 
     @classmethod
     def VALIDATE_INPUTS(cls, device=None, frames_per_clip=None):
-        # A widget turned into a linked input arrives as None here; it is checked when the node runs.
-        try:
-            if device is not None:
-                host.check_device(device, "device")
-            if frames_per_clip is not None:
-                host.check_declared(cls.INPUT_TYPES()["required"], {"frames_per_clip": frames_per_clip})
-                check_frames_per_clip(frames_per_clip)
-        except InputError as exc:
-            return str(exc)
+        # Raises rather than returns: see queue_checks. A widget turned into a linked input arrives
+        # as None here; it is checked when the node runs.
+        if device is not None:
+            host.check_device(device, "device")
+        if frames_per_clip is not None:
+            host.check_declared(cls.INPUT_TYPES()["required"], {"frames_per_clip": frames_per_clip})
+            check_frames_per_clip(frames_per_clip)
         return True
 
     def encode(self, audio, audio_encoder: str, device: str, frames_per_clip: int):
         path = host.resolve("audio_encoders", audio_encoder, "audio_encoder", WAV2VEC2_MEMBER)
-        dev = host.torch_device(device, "device")
-        # bf16 is what the official pipeline runs on GPU; CPUs get fp32.
-        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-        encoder = LOADED.get("wav2vec2", path, dev,
-                             lambda: AudioEncoder.from_pretrained(path, device=dev, dtype=dtype,
-                                                                  input_name="audio_encoder"))
-        # Encoded by the sampler for its mode: window by window while streaming, whole for official.
+        at = audio_encoder_placement(host.torch_device(device, "device"))
+        encoder = LOADED.get("wav2vec2", path, at, lambda: AudioEncoder.from_pretrained(
+            path, device=at.keep_on, dtype=at.dtype, input_name="audio_encoder"))
+        # Encoded by the sampler for its mode, on the device the placement keeps wav2vec2 on: window
+        # by window while streaming, the whole audio at once in official mode.
         features = encoder.prepare(audio, frames_per_clip=frames_per_clip)
         return (features, features.num_clips)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,6 +187,11 @@ def new_output_path(prefix: str, width: int, height: int, ext: str = ".mp4") -> 
     """(absolute path, file name, subfolder) of a new numbered output file for `prefix`."""
     from ..liveavatar_core.video import safe_output_path
 
+    bad = sorted({f"\\x{ord(c):02x}" for c in prefix if ord(c) < 32 or ord(c) == 127})
+    if bad:
+        raise InputError("filename_prefix", f"{prefix!r} contains the control character(s) {', '.join(bad)}, "
+                         "which file names must not contain.",
+                         "type the prefix again without them, e.g. video/LiveAvatar.")
     out = output_directory()
     if folder_paths is not None:
         try:
@@ -224,9 +230,14 @@ def raise_if_interrupted() -> None:
 
 
 class Progress:
-    """ComfyUI progress bar + node status text + websocket status event; silent outside ComfyUI."""
+    """ComfyUI progress bar + node status text + websocket status event; silent outside ComfyUI.
+
+    `listener`, when set (tests, scripts), sees every call inside and outside ComfyUI:
+    `("progress", {"node", "value", "max"})` and `("status", {"node", "text", **data})`.
+    """
 
     EVENT = "liveavatar.status"
+    listener: Callable[[str, dict], None] | None = None
 
     def __init__(self, node_id: str | None):
         self.node_id = node_id
@@ -241,6 +252,8 @@ class Progress:
 
     def update(self, done: int, total: int, preview=None) -> None:
         """Move the bar to `done` of `total`; `preview` is a PIL image shown on the node."""
+        if Progress.listener is not None:  # read on the class: a plain function, not a method
+            Progress.listener("progress", {"node": self.node_id, "value": done, "max": total})
         if self._utils is None:
             return
         if self._bar is None or self._total != total:
@@ -249,6 +262,8 @@ class Progress:
 
     def status(self, text: str, data: dict) -> None:
         """Status line on the node and a `liveavatar.status` event for the web extension."""
+        if Progress.listener is not None:
+            Progress.listener("status", {"node": self.node_id, "text": text, **data})
         if folder_paths is None or self.node_id is None:
             return
         from server import PromptServer

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from ..liveavatar_core.errors import InputError
 from ..liveavatar_core.loading import (COMPILE_CHOICES, KV_CACHE_DTYPES, PRECISIONS, VAE_FILE, check_kv_cache_dtype,
                                       load_generator, resolve_compile)
 from ..liveavatar_core.ops.attention import DEFAULT_BACKEND, attention_backends
@@ -80,23 +79,18 @@ class LiveAvatarModelLoader:
     @classmethod
     def VALIDATE_INPUTS(cls, precision, dit_device, vae_device, offload="none", kv_cache="gpu", compile="auto",
                         kv_cache_dtype="auto"):
-        try:
-            if offload not in OFFLOAD_CHOICES or kv_cache not in KV_LOCATIONS:
-                raise InputError("offload", f"unknown offload '{offload}' / kv_cache '{kv_cache}'.",
-                                 f"choose offload from {', '.join(OFFLOAD_CHOICES)} and kv_cache from "
-                                 f"{', '.join(KV_LOCATIONS)}.")
-            if precision not in PRECISIONS:
-                raise InputError("precision", f"unknown precision '{precision}'.",
-                                 f"choose one of {', '.join(PRECISIONS)}.")
-            device = host.torch_device(dit_device, "dit_device")
-            if vae_device != VAE_SAME:
-                host.check_device(vae_device, "vae_device")
-            if precision == "fp8":
-                check_fp8_support(device)
-            resolve_compile(compile, device)
-            check_kv_cache_dtype(kv_cache_dtype, precision)
-        except InputError as exc:
-            return str(exc)
+        # Raises rather than returns: see queue_checks (one message, not one per input).
+        types = cls.INPUT_TYPES()
+        spec = {**types["required"], **types["optional"]}
+        host.check_declared(spec, dict(precision=precision, offload=offload, kv_cache=kv_cache, compile=compile,
+                                       kv_cache_dtype=kv_cache_dtype))
+        device = host.torch_device(dit_device, "dit_device")
+        if vae_device != VAE_SAME:
+            host.check_device(vae_device, "vae_device")
+        if precision == "fp8":
+            check_fp8_support(device)
+        resolve_compile(compile, device)
+        check_kv_cache_dtype(kv_cache_dtype, precision)
         return True
 
     def load(self, dit: str, lora: str, vae: str, precision: str, attention: str, dit_device: str,

@@ -8,7 +8,7 @@ from ..liveavatar_core.errors import InputError
 from ..liveavatar_core.model.offset import D_MAX, D_MIN
 from ..liveavatar_core.pipeline import GenerationSettings, generate
 from ..liveavatar_core.sampling.config import MODES, OFFICIAL_STEPS
-from . import host
+from . import host, queue_checks
 from .encoders import AUDIO_FEATURES, TEXT_EMBEDS
 from .loader import MODEL
 
@@ -83,21 +83,20 @@ class LiveAvatarSampler:
                                    "in latent frames for ref_offset_mode 'fixed'."}),
             "online_decode": ("BOOLEAN", {"default": False, "tooltip": "Official mode only: the release's "
                                           "online-decode variant (sink refreshed after clip 0)."}),
-        }}
+        }, "hidden": {queue_checks.AUDIO_FRAMES_PER_CLIP: queue_checks.HIDDEN_TYPE}}
 
     @classmethod
     def VALIDATE_INPUTS(cls, size=None, custom_width=None, custom_height=None, seed=None, num_clips=None,
                         frames_per_clip=None, sample_steps=None, mode=None, ref_offset_mode=None,
-                        ref_offset=None, online_decode=None):
+                        ref_offset=None, online_decode=None, audio_frames_per_clip=None):
+        # Raises rather than returns: see queue_checks (one message, not one per input).
         values = dict(size=size, custom_width=custom_width, custom_height=custom_height, seed=seed,
                       num_clips=num_clips, frames_per_clip=frames_per_clip, sample_steps=sample_steps, mode=mode,
                       ref_offset_mode=ref_offset_mode, ref_offset=ref_offset, online_decode=online_decode)
-        try:
-            if all(v is not None for v in values.values()):  # a linked widget is checked when the node runs
-                settings_from_widgets(**values)
-            host.check_declared(cls.INPUT_TYPES()["required"], {k: v for k, v in values.items() if v is not None})
-        except InputError as exc:
-            return str(exc)
+        host.check_declared(cls.INPUT_TYPES()["required"], {k: v for k, v in values.items() if v is not None})
+        if all(v is not None for v in values.values()):  # a linked widget is checked when the node runs
+            settings_from_widgets(**values)
+        queue_checks.check_audio_frames(frames_per_clip, audio_frames_per_clip)
         return True
 
     def sample(self, model, text_embeds, audio_features, image, **widgets):

@@ -98,8 +98,8 @@ class LiveAvatarVideoWriter:
                             Image.fromarray(chunk.frames[-1]))
             progress.status(status_line(stats), {
                 "blocks_done": stats.blocks_done, "blocks_total": stats.blocks_total, "fps": stats.fps,
-                "first_frame_s": stats.first_frame_s, "eta_s": stats.eta_s, "frames": stats.frames_done
-                + len(chunk.frames), "file": file_info})
+                "first_frame_s": stats.first_frame_s, "eta_s": stats.eta_s, "frames": stats.frames_done,
+                "file": file_info})
 
         settings = WriterSettings(metadata=video_metadata(prompt, extra_pnginfo))
         write_mp4(stream, path, on_chunk=on_chunk, writer_settings=settings)

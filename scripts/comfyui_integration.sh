@@ -13,16 +13,23 @@
 #      ComfyUI's requirements.txt, `requests` (ComfyUI imports it without listing it), this pack's
 #      requirements.txt and pytest;
 #   2. print the versions that matter (ComfyUI commit and version, torch, torchvision, torchaudio);
-#   3. run tests/test_comfyui_server.py with that interpreter. The test starts
-#      `main.py --cpu --listen 127.0.0.1` on a free port with a temporary --base-directory (pack
-#      linked into custom_nodes, fixture checkpoints under models/liveavatar, inputs, output and
-#      database all inside it), checks the import log, /object_info, /extensions and
-#      /workflow_templates, runs every example workflow through /prompt, checks queue-time
-#      refusals, websocket progress and Cancel, and stops the server.
+#   3. with FRONTEND_PACKAGE set (e.g. comfyui-frontend-package==1.58.1), install that frontend
+#      into VENV_DIR/frontend (apart from ComfyUI's pinned one) and serve it (--front-end-root);
+#   4. run tests/test_comfyui_server.py and tests/test_comfyui_browser.py with that interpreter.
+#      The server test starts `main.py --cpu --listen 127.0.0.1` on a free port with a temporary
+#      --base-directory (pack linked into custom_nodes as ComfyUI-LiveAvatar, fixture checkpoints
+#      under models/liveavatar, inputs, output and database all inside it), checks the import log,
+#      /object_info, /extensions, /workflow_templates and the example inputs, runs every example
+#      workflow through /prompt, checks queue-time refusals, websocket progress and Cancel, and
+#      stops the server. The browser test drives a headless Chromium (skipped when none is found;
+#      Debian: apt-get install chromium): templates open without overlapping nodes, the writer
+#      shows live stats and a player while it runs and the finished video after, and the
+#      extension loads once.
 #
 # Environment: LIVEAVATAR_FIXTURES selects another fixture set (default ../shared/fixtures/
 # liveavatar_tiny beside the repository); TORCH_PACKAGES overrides the torch pins; PIP_ARGS adds
-# pip options (e.g. a local index). Exit status is pytest's.
+# pip options (e.g. a local index); FRONTEND_PACKAGE as above; LIVEAVATAR_SCREENSHOTS a folder for
+# the browser test's screenshots. Exit status is pytest's.
 set -euo pipefail
 
 usage() { sed -n '2,7p' "$0" >&2; exit 2; }
@@ -58,6 +65,15 @@ echo "ComfyUI $version at $COMFYUI_DIR ($commit)"
 "$PY" -c 'import torch, torchvision, torchaudio; print("torch", torch.__version__, "torchvision",
 torchvision.__version__, "torchaudio", torchaudio.__version__)'
 
-# 3. the test
+# 3. another frontend
+if [[ -n ${FRONTEND_PACKAGE:-} ]]; then
+    # shellcheck disable=SC2086
+    "$PY" -m pip install ${PIP_ARGS:-} --no-deps --upgrade --target "$VENV_DIR/frontend" "$FRONTEND_PACKAGE"
+    export COMFYUI_FRONTEND_ROOT=$VENV_DIR/frontend/comfyui_frontend_package/static
+    echo "frontend: $FRONTEND_PACKAGE ($COMFYUI_FRONTEND_ROOT)"
+fi
+
+# 4. the tests
 cd "$REPO"
-COMFYUI_DIR=$COMFYUI_DIR COMFYUI_PYTHON=$PY "$PY" -m pytest tests/test_comfyui_server.py -q -rA "$@"
+COMFYUI_DIR=$COMFYUI_DIR COMFYUI_PYTHON=$PY "$PY" -m pytest tests/test_comfyui_server.py \
+    tests/test_comfyui_browser.py -q -rA "$@"

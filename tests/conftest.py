@@ -30,3 +30,17 @@ def manifest(fixtures) -> dict:
     import json
 
     return json.loads((fixtures / "manifest.json").read_text())
+
+
+@pytest.fixture()
+def writable_ckpt(tmp_path, fixtures) -> Path:
+    """A copy of the fixture `ckpt/` (official folder and LoRA folder) that a test may damage."""
+    import shutil
+    import stat
+
+    root = tmp_path / "ckpt"
+    shutil.copytree(fixtures / "ckpt", root, copy_function=shutil.copyfile)
+    for folder, dirs, _ in os.walk(root):
+        for d in dirs:
+            os.chmod(os.path.join(folder, d), stat.S_IRWXU)
+    return root

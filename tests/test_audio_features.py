@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from liveavatar_core.encoders.audio import (SAMPLE_RATE, AudioEncoder, bucket_frames, check_frames_per_clip,
-                                            clip_block_audio, clips_available, load_audio, resolve_num_clips)
+                                            clips_available, load_audio, resolve_num_clips)
 from liveavatar_core.errors import InputError
 
 WAV2VEC2_DIR = "wav2vec2-large-xlsr-53-english"
@@ -77,17 +77,6 @@ def test_frames_do_not_depend_on_clip_length(encoder, audio_path, features):
     assert short.num_clips == 1 and short.frames_per_clip == 24
     n = min(short.embedding.shape[-1], features.embedding.shape[-1])
     assert torch.equal(short.embedding[..., :n], features.embedding[..., :n])
-
-
-def test_clip_block_slices(features):
-    blocks = features.frames_per_clip // 12
-    pieces = [clip_block_audio(features, c, b) for c in range(features.available_clips) for b in range(blocks)]
-    assert all(p.shape[-1] == 12 for p in pieces)
-    assert torch.equal(torch.cat(pieces, dim=-1), features.embedding)
-    with pytest.raises(ValueError):
-        clip_block_audio(features, features.available_clips, 0)
-    with pytest.raises(ValueError):
-        clip_block_audio(features, 0, blocks)
 
 
 def test_comfy_audio_dict_encodes_like_the_file(encoder, audio_path, features):

@@ -12,8 +12,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_inspect_names_every_part(ckpt_dir, fixtures, capsys):
     assert main(["inspect", str(ckpt_dir), str(fixtures / "ckpt" / "LiveAvatar" / "liveavatar.safetensors")]) == 0
     out = capsys.readouterr().out
-    for part in ("DiT: Wan2.2-S2V DiT", "text encoder: a umT5", "VAE: Wan 2.1 VAE", "audio encoder: a wav2vec2",
-                 "a LoRA file"):
+    for part in ("DiT: Wan2.2-S2V DiT", "text encoder: umT5 encoder", "VAE: Wan 2.1 VAE",
+                 "audio encoder: wav2vec2, 24 layers", "a LoRA file"):
         assert part in out
 
 

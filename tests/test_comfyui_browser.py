@@ -27,6 +27,7 @@ import pytest
 from tests.test_comfyui_server import (  # noqa: F401  (server and object_info are fixtures)
     COMFYUI_DIR, UI_FILES, _post, _served_graph, _small, _writer_id, object_info, server, ui_to_api,
 )
+from tests.test_workflows import node_boxes, overlaps
 
 CHROMIUM = os.environ.get("CHROMIUM") or next(
     (found for name in ("chromium", "chromium-browser", "google-chrome") if (found := shutil.which(name))), None)
@@ -48,6 +49,15 @@ class Page:
 
     def __init__(self, ws):
         self.ws, self.last_id = ws, 0
+        self.console: list[str] = []  # console errors and uncaught exceptions, as text
+
+    def _record(self, message: dict) -> None:
+        method, params = message.get("method"), message.get("params", {})
+        if method == "Runtime.consoleAPICalled" and params.get("type") == "error":
+            self.console.append(" ".join(str(a.get("value", a.get("description", ""))) for a in params["args"]))
+        elif method == "Runtime.exceptionThrown":
+            details = params["exceptionDetails"]
+            self.console.append(details.get("exception", {}).get("description") or details.get("text", ""))
 
     async def call(self, method: str, **params) -> dict:
         self.last_id += 1
@@ -55,6 +65,7 @@ class Page:
         await self.ws.send_json({"id": call_id, "method": method, "params": params})
         while True:
             message = await self.ws.receive_json()
+            self._record(message)
             if message.get("id") == call_id:
                 if "error" in message:
                     raise AssertionError(f"{method}: {message['error']}")
@@ -123,7 +134,8 @@ VIEW = f"""(() => {{
     }} : null,
     finished: finished ? {{ src: finished.getAttribute("src"), ready: finished.readyState }} : null,
     fits: node.widgets.every(w => w.y + (w.computedHeight ?? 0) <= node.size[1] + 1),
-    outputs: app.nodeOutputs?.[String(node.id)] ?? null,
+    // A copy: newer frontends hand out a reactive view that does not serialise by itself.
+    outputs: JSON.parse(JSON.stringify(app.nodeOutputs?.[String(node.id)] ?? null)),
   }};
 }})()"""
 
@@ -132,12 +144,19 @@ async def _drive(devtools: str, url: str, graph: dict, prompt: dict) -> dict:
     import aiohttp
 
     async with aiohttp.ClientSession() as session:
-        async with session.put(f"{devtools}/json/new?{url}") as response:
+        async with session.put(f"{devtools}/json/new?about:blank") as response:
             target = await response.json()
         async with session.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0) as ws:
             page = Page(ws)
             await page.call("Emulation.setDeviceMetricsOverride", width=1600, height=1000, deviceScaleFactor=1,
                             mobile=False)
+            # Listen before the page loads: extensions register while it starts.
+            await page.call("Runtime.enable")
+            await page.call("Page.enable")
+            # Room for every script the UI loads (the default buffer of 250 entries fills up).
+            await page.call("Page.addScriptToEvaluateOnNewDocument",
+                            source="performance.setResourceTimingBufferSize(100000)")
+            await page.call("Page.navigate", url=url)
             await page.until("window.app?.graph && window.app.extensions?.some(e => e.name === 'liveavatar.writer')",
                              START_S, "the UI with the Live Avatar extension")
             await page.eval(f"app.loadGraphData({json.dumps(graph)})")
@@ -163,7 +182,9 @@ async def _drive(devtools: str, url: str, graph: dict, prompt: dict) -> dict:
             # The frontend's own reader of a dropped MP4, on the file as a drop would hand it over.
             tags = await page.eval(f"""fetch({json.dumps(view_url)}).then(r => r.blob()).then(b =>
                 window.comfyAPI.isobmff.getFromIsobmffFile(new File([b], {json.dumps(file["filename"])})))""")
-    return {"running": running, "done": done, "tags": tags}
+            scripts = await page.eval("performance.getEntriesByType('resource').map(e => e.name)"
+                                      ".filter(n => n.endsWith('/liveavatar.js'))")
+    return {"running": running, "done": done, "tags": tags, "console": page.console, "scripts": scripts}
 
 
 def test_writer_node_shows_live_stats_and_player(server, object_info, browser):
@@ -182,7 +203,53 @@ def test_writer_node_shows_live_stats_and_player(server, object_info, browser):
     assert done["outputs"]["animated"] == [True] and file["filename"] in done["finished"]["src"]
     # The live player gives way to ComfyUI's own; the final stats stay.
     assert done["live"] is None and done["stats"].startswith("block") and done["fits"]
+    # Served under one name only, the extension loads and registers once (the folder name is not the
+    # project name here); newer frontends report the second registration only as a failed import.
+    assert len(seen["scripts"]) == 1, seen["scripts"]
+    assert not [line for line in seen["console"] if "already registered" in line], seen["console"]
     # What a drop of the file onto the canvas reads: the workflow and prompt the run was queued with.
     assert seen["tags"]["workflow"] == graph
     assert {nid: {k: node[k] for k in ("class_type", "inputs")} for nid, node in seen["tags"]["prompt"].items()} \
         == {nid: {k: node[k] for k in ("class_type", "inputs")} for nid, node in prompt.items()}
+
+
+# Each node as the frontend laid it out after loading, and the size it says the node needs.
+LAYOUT = """app.graph.nodes.map(n => ({id: Number(n.id), pos: Array.from(n.pos), size: Array.from(n.size),
+  needs: Array.from(n.computeSize())}))"""
+
+
+async def _layouts(devtools: str, url: str, graphs: dict[str, dict]) -> dict[str, list]:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        async with session.put(f"{devtools}/json/new?{url}") as response:
+            target = await response.json()
+        async with session.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0) as ws:
+            page = Page(ws)
+            await page.call("Emulation.setDeviceMetricsOverride", width=1600, height=1000, deviceScaleFactor=1,
+                            mobile=False)
+            await page.until("window.app?.graph && window.app.extensions?.some(e => e.name === 'liveavatar.writer')",
+                             START_S, "the UI with the Live Avatar extension")
+            seen = {}
+            for name, graph in graphs.items():
+                await page.eval(f"app.loadGraphData({json.dumps(graph)})")
+                await page.until(f"app.graph.nodes.length === {len(graph['nodes'])}", 30, name)
+                await asyncio.sleep(1)  # DOM widgets (the prompt box, the note) settle their sizes
+                await page.eval("app.canvas.draw(true, true)")
+                seen[name] = await page.eval(LAYOUT)
+                await page.screenshot(f"template_{name}")
+    return seen
+
+
+def test_templates_open_without_overlapping_nodes(server, browser):
+    """As the frontend opens each template: no node needs more room than the file gives it, and no
+    node covers another (the Loader once hid Text Encode and its own last widgets)."""
+    pytest.importorskip("aiohttp")
+    assert _post(f"{server.url}/settings/Comfy.TutorialCompleted", True)[0] == 200
+    graphs = {p.stem: _served_graph(server.url, p) for p in UI_FILES}
+    seen = asyncio.run(asyncio.wait_for(_layouts(browser, server.url, graphs), 4 * START_S))
+    for name, nodes in seen.items():
+        recorded = {n["id"]: n["size"] for n in graphs[name]["nodes"]}
+        for node in nodes:
+            assert all(need <= have + 1 for need, have in zip(node["needs"], recorded[node["id"]])), (name, node)
+        assert overlaps(node_boxes({"nodes": nodes})) == [], (name, nodes)

@@ -1,12 +1,14 @@
 """The pack inside a real ComfyUI server (skipped unless COMFYUI_DIR points at a ComfyUI checkout).
 
 Starts `main.py --cpu` on 127.0.0.1 with a temporary base directory: the repository linked into
-custom_nodes, the fixture checkpoints under models/liveavatar and as single files in ComfyUI's
-standard model folders, the fixture inputs in input/ (also under the names the example workflows
-use, and a long copy of the speech for the cancel test), and the database, so the ComfyUI
-checkout is left untouched. COMFYUI_PYTHON selects the
-interpreter (ComfyUI needs torch, torchvision and torchaudio of matching versions);
-scripts/comfyui_integration.sh builds such an environment.
+custom_nodes (under the folder name a clone gets, ComfyUI-LiveAvatar), the fixture checkpoints
+under models/liveavatar and as single files in ComfyUI's standard model folders, the fixture inputs
+in input/ (with a long copy of the speech for the cancel test; the pack itself adds the example
+inputs the workflows name), and the database, so the ComfyUI checkout is left untouched.
+COMFYUI_FRONTEND_ROOT serves another frontend than the pinned one (e.g. the static/ folder of the
+newest comfyui-frontend-package). COMFYUI_PYTHON selects the interpreter (ComfyUI needs torch,
+torchvision and torchaudio of matching versions); scripts/comfyui_integration.sh builds such an
+environment.
 
 The example workflows are taken as the frontend takes them: fetched from ComfyUI's template
 route and turned into prompts with the server's /object_info (widget values by position).
@@ -38,7 +40,11 @@ from tests.test_nodes_support import REPO, load_pack, models_tree, pack_module
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run")
-PACK = "liveavatar"
+# The folder name a `git clone` gives: not a Python identifier and not the pyproject name, so
+# anything that registers the pack twice under two names shows here.
+PACK = "ComfyUI-LiveAvatar"
+# Another frontend than the pinned one (e.g. the newest comfyui-frontend-package's static/ folder).
+FRONTEND_ROOT = os.environ.get("COMFYUI_FRONTEND_ROOT")
 NODE_IDS = {"LiveAvatarModelLoader", "LiveAvatarTextEncode", "LiveAvatarAudioEncode", "LiveAvatarSampler",
             "LiveAvatarVideoWriter"}
 UI_FILES = sorted((REPO / "example_workflows").glob("*.json"))
@@ -92,14 +98,10 @@ def _tiled_wav(source: Path, target: Path, seconds: float) -> None:
 
 
 def _example_inputs(base: Path, fixtures: Path) -> None:
-    """The fixture inputs under their own names and under the names the example workflows use."""
+    """The fixture inputs under their own names, and a long speech for the cancel test. The names
+    the example workflows use are left to the pack, which copies its example inputs in when it loads."""
     shutil.copytree(fixtures / "inputs", base / "input")
-    sources = {"LoadImage": fixtures / "inputs" / "ref_image.png", "LoadAudio": fixtures / "inputs" / "audio.wav"}
-    for path in UI_FILES:
-        for node in json.loads(path.read_text())["nodes"]:
-            if node["type"] in sources:
-                shutil.copy(sources[node["type"]], base / "input" / node["widgets_values"][0])
-    _tiled_wav(sources["LoadAudio"], base / "input" / LONG_AUDIO, LONG_AUDIO_S)
+    _tiled_wav(fixtures / "inputs" / "audio.wav", base / "input" / LONG_AUDIO, LONG_AUDIO_S)
 
 
 def _standard_folders(base: Path, fixtures: Path) -> dict[str, str]:
@@ -142,7 +144,8 @@ def server(tmp_path_factory, fixtures):
     with open(log_path, "w") as log:
         proc = subprocess.Popen([python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
                                  "--base-directory", str(base), "--disable-auto-launch",
-                                 "--database-url", f"sqlite:///{base / 'comfyui.db'}"],
+                                 "--database-url", f"sqlite:///{base / 'comfyui.db'}",
+                                 *(["--front-end-root", FRONTEND_ROOT] if FRONTEND_ROOT else [])],
                                 cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
@@ -215,7 +218,7 @@ def _served_graph(url: str, path: Path) -> dict:
 
 
 def _small(prompt: dict, audio: str | None = None, num_clips: int = 1) -> dict:
-    """`prompt` at the smallest area, one DiT block per clip, fp32 (this server runs --cpu)."""
+    """`prompt` at the smallest area, one DiT block per clip, a precision a CPU runs (this server runs --cpu)."""
     pack = load_pack()
     side = pack_module(pack, "liveavatar_core.encoders.image").DIVISOR
     block_frames = pack_module(pack, "liveavatar_core.encoders.audio").FRAMES_PER_BLOCK
@@ -224,7 +227,8 @@ def _small(prompt: dict, audio: str | None = None, num_clips: int = 1) -> dict:
         if node["class_type"] == "LoadAudio" and audio is not None:
             inputs["audio"] = audio
         elif node["class_type"] == "LiveAvatarModelLoader":
-            inputs["precision"] = "fp32"
+            # fp32 is fastest on a CPU; FP8 KV caches need a bf16 DiT, which a CPU also runs.
+            inputs["precision"] = "bf16" if inputs["kv_cache_dtype"] == "fp8" else "fp32"
         elif node["class_type"] == "LiveAvatarAudioEncode":
             inputs["frames_per_clip"] = block_frames
         elif node["class_type"] == "LiveAvatarSampler":
@@ -274,9 +278,25 @@ def test_pack_loads_and_registers_every_node(server, object_info):
     assert "Traceback" not in log.split("Starting server")[0], log
 
 
+def test_example_inputs_are_in_the_input_folder(server):
+    """A fresh install: the pictures and speech the templates name are in input/ once the pack has
+    loaded (the workflow runs below use them), and ComfyUI lists them for Load Image / Load Audio."""
+    shipped = sorted((REPO / "example_inputs").iterdir())
+    assert shipped
+    for path in shipped:
+        assert (server.base / "input" / path.name).read_bytes() == path.read_bytes()
+    info = _get(f"{server.url}/object_info/LoadImage")["LoadImage"]["input"]["required"]["image"][0]
+    assert "liveavatar_reference.png" in info
+
+
 def test_web_extension_is_listed_and_served(server):
     url = server.url
-    ours = [e for e in _get(f"{url}/extensions") if e.startswith(f"/extensions/{PACK}/")]
+    # Once, under the folder name: a second copy (e.g. under the pyproject name) would register
+    # every extension twice in the browser.
+    project = re.search(r'^name = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M).group(1)
+    extensions = _get(f"{url}/extensions")
+    assert not [e for e in extensions if e.startswith(f"/extensions/{project}/")], extensions
+    ours = [e for e in extensions if e.startswith(f"/extensions/{PACK}/")]
     assert sorted(ours) == sorted(f"/extensions/{PACK}/{p.relative_to(REPO / 'web').as_posix()}"
                                   for p in (REPO / "web").rglob("*.js"))
     for route in ours:
@@ -323,7 +343,7 @@ def test_web_extension_modules_resolve_on_the_server(server, tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     names = json.loads(result.stdout.strip().splitlines()[-1])
-    assert len(names) == len(routes) and all(n.startswith(f"{PACK}.") for n in names), names
+    assert len(names) == len(routes) and all(n.startswith("liveavatar.") for n in names), names
 
 
 def test_example_workflows_are_offered_as_templates(server):
@@ -387,24 +407,38 @@ def test_writer_outputs_feed_core_nodes(server, object_info):
     assert len(entry["outputs"]["preview"]["images"]) == 2
 
 
+# How the UI names our error type: the core's module, not the install's folder path.
+ERROR_TYPE = "liveavatar_core.errors.InputError"
+
+
 def test_invalid_settings_are_refused_at_queue_time(server, object_info):
-    """HTTP 400 naming the node and the input, for a rule of ours and for declared ranges that
-    ComfyUI leaves to a node's VALIDATE_INPUTS."""
+    """HTTP 400 with one error on the node at fault, whose message starts with the input's name,
+    for rules of ours, for declared ranges that ComfyUI leaves to a node's VALIDATE_INPUTS, and
+    for the frames_per_clip of Audio Encode and Sampler disagreeing."""
     url = server.url
     prompt = json.loads((API_DIR / UI_FILES[0].name).read_text())
     by_type = {v["class_type"]: k for k, v in prompt.items()}
     limits = {name: options for name, _, options in _entries(object_info["LiveAvatarSampler"])}
-    cases = [("LiveAvatarSampler", "frames_per_clip", limits["frames_per_clip"]["step"] + 1),
-             ("LiveAvatarAudioEncode", "frames_per_clip", limits["frames_per_clip"]["step"] + 1),
-             ("LiveAvatarSampler", "ref_offset", limits["ref_offset"]["max"] + 1),
-             ("LiveAvatarSampler", "custom_width", limits["custom_width"]["max"] + limits["custom_width"]["step"])]
-    for class_type, name, value in cases:
+    step, default = limits["frames_per_clip"]["step"], limits["frames_per_clip"]["default"]
+    # (node changed, input, value, node at fault, input named by the message)
+    cases = [("LiveAvatarSampler", "frames_per_clip", step + 1, "LiveAvatarSampler", "frames_per_clip"),
+             ("LiveAvatarAudioEncode", "frames_per_clip", step + 1, "LiveAvatarAudioEncode", "frames_per_clip"),
+             ("LiveAvatarSampler", "ref_offset", limits["ref_offset"]["max"] + 1, "LiveAvatarSampler", "ref_offset"),
+             ("LiveAvatarSampler", "custom_width", limits["custom_width"]["max"] + limits["custom_width"]["step"],
+              "LiveAvatarSampler", "custom_width"),
+             ("LiveAvatarModelLoader", "dit_device", "cuda:7", "LiveAvatarModelLoader", "dit_device"),
+             ("LiveAvatarTextEncode", "device", "cuda:7", "LiveAvatarTextEncode", "device"),
+             # Valid alone: only with the Sampler's 48 is it wrong, and the Sampler reports it.
+             ("LiveAvatarAudioEncode", "frames_per_clip", 2 * default, "LiveAvatarSampler", "frames_per_clip")]
+    for class_type, name, value, fault_node, fault in cases:
         bad = json.loads(json.dumps(prompt))
         bad[by_type[class_type]]["inputs"][name] = value
         status, body = _post(f"{url}/prompt", {"prompt": bad})
         assert status == 400, (class_type, name, body)
-        errors = body["node_errors"][by_type[class_type]]["errors"]
-        assert errors and all(e["details"].split(" - ", 1)[-1].startswith(name) for e in errors), errors
+        assert list(body["node_errors"]) == [by_type[fault_node]], body["node_errors"]
+        (error,) = body["node_errors"][by_type[fault_node]]["errors"]  # once, not once per input of the node
+        assert error["details"].split(" - ", 1)[-1].startswith(f"{fault}: "), error
+        assert error["extra_info"]["exception_type"] == ERROR_TYPE, error
 
 
 def test_models_from_comfyui_standard_folders(server, object_info):
@@ -424,19 +458,18 @@ def test_models_from_comfyui_standard_folders(server, object_info):
 
 
 def test_error_while_running_names_our_node_and_input(server, object_info):
-    """Audio bucketed for other clips than the sampler makes: each is valid alone, so the refusal
-    comes when the sampler runs, as an execution error of that node."""
+    """A refusal that only running can find (an output name leaving output/) is an execution error
+    of that node, with our clean type name and a message that names the input and the fix."""
     url = server.url
     prompt = _small(ui_to_api(_served_graph(url, UI_FILES[0]), object_info))
-    (encoder,) = [v for v in prompt.values() if v["class_type"] == "LiveAvatarAudioEncode"]
-    encoder["inputs"]["frames_per_clip"] *= 2
+    prompt[_writer_id(prompt)]["inputs"]["filename_prefix"] = "../outside/LiveAvatar"
     status, body = _post(f"{url}/prompt", {"prompt": prompt})
     assert status == 200, body
     entry = _wait(url, body["prompt_id"])
     assert entry["status"]["status_str"] == "error"
     (error,) = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
-    assert error["node_type"] == "LiveAvatarSampler" and error["exception_type"].endswith("InputError")
-    assert error["exception_message"].startswith("frames_per_clip: ") and "Fix: " in error["exception_message"]
+    assert error["node_type"] == "LiveAvatarVideoWriter" and error["exception_type"] == ERROR_TYPE
+    assert error["exception_message"].startswith("filename_prefix: ") and "Fix: " in error["exception_message"]
 
 
 def test_writer_reruns_on_a_cached_stream(server, object_info):

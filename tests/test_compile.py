@@ -15,16 +15,13 @@ from torch._dynamo.utils import counters
 from liveavatar_core.errors import InputError
 from liveavatar_core.loading import resolve_compile
 from liveavatar_core.model.cache import make_step_caches, tokens_per_frame
-from liveavatar_core.model.dit import LiveAvatarDiT, load_weights
 from liveavatar_core.model.layers import round_to_bf16
 from liveavatar_core.weights.dit import load_dit_checkpoint
+from tests.dit_support import build_dit
 
 
 def _model(ckpt_dir):
-    ckpt = load_dit_checkpoint(ckpt_dir)
-    model = LiveAvatarDiT(ckpt.config)
-    load_weights(model, ckpt.state_dict)
-    return model
+    return build_dit(load_dit_checkpoint(ckpt_dir))
 
 
 def _golden(fixtures, name):

@@ -11,11 +11,12 @@ from safetensors.torch import save_file
 
 from liveavatar_core.config import DiTConfig
 from liveavatar_core.errors import WeightsError
-from liveavatar_core.weights.dit import (FORMAT_PREFIX, OFFICIAL_INDEX, describe_dit, expected_dit_keys,
+from liveavatar_core.weights.dit import (FORMAT_PREFIX, describe_dit, expected_dit_keys,
                                          from_canonical, infer_dit_config, load_dit_checkpoint, load_into_module,
                                          to_canonical)
 from liveavatar_core.weights.fp8_scaled import quantize_scaled_fp8
 from liveavatar_core.weights.io import open_checkpoint
+from liveavatar_core.weights.layout import DIT_INDEX as OFFICIAL_INDEX
 
 AUDIO_PREFIXES = ("casual_audio_encoder.", "audio_injector.", "frame_packer.", "cond_encoder.",
                   "trainable_cond_mask.")
@@ -218,7 +219,7 @@ def test_load_into_module_streams_and_casts(official, base_tensors, device):
 def test_load_into_module_refuses_other_architectures(official):
     table = expected_dit_keys(replace(official.config, num_layers=official.config.num_layers + 1))
     extra = len(table) - len(official.state_dict)
-    with pytest.raises(WeightsError, match=rf"{extra} model parameters missing from the checkpoint"):
+    with pytest.raises(WeightsError, match=rf"{extra} of {len(table)} expected tensors missing"):
         load_into_module(_module_from_table(table, "meta", torch.float32), official.state_dict)
 
 
@@ -237,7 +238,7 @@ def test_incomplete_file_lists_what_is_missing(tmp_path, ckpt_dir, base_tensors)
     with pytest.raises(WeightsError) as err:
         load_dit_checkpoint(path)
     message = str(err.value)
-    assert f"{len(dropped)} of {len(base_tensors)} expected tensors are missing" in message
+    assert f"{len(dropped)} of {len(base_tensors)} expected tensors missing" in message
     assert sum(k in message for k in dropped) == 5  # the first examples, then a count
     assert f"({len(dropped) - 5} more)" in message
 

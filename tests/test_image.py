@@ -1,6 +1,8 @@
 """Reference image: size strings, presets, every input form, refusals."""
 
 import logging
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -116,6 +118,56 @@ def test_pad_and_crop_offsets():
     assert np.all(out[:, 0] == 0) and np.all(out[:, -2:] == 0) and np.array_equal(out[:, 1:201], stripes)
     out = resize_and_crop(Image.fromarray(stripes), 100, 147)  # crop 53 px: offset round(26.5) = 26 (half-even)
     assert np.array_equal(out, stripes[:, 26:173])
+
+
+def _png(path, levels: np.ndarray, bit_depth: int = 16, width: int | None = None, height: int | None = None):
+    """A PNG written byte by byte (Pillow saves no 16-bit colour PNGs); `width`/`height` may lie."""
+    h, w = levels.shape[:2]
+    channels = 1 if levels.ndim == 2 else levels.shape[2]
+    color_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+    rows = b"".join(b"\0" + levels[y].astype(">u2" if bit_depth == 16 else "u1").tobytes() for y in range(h))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width or w, height or h, bit_depth, color_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_high_bit_depth_images_are_scaled_to_8_bits(tmp_path):
+    # A 16-bit gray ramp: Pillow opens it as mode I;16, whose convert('RGB') clips every level
+    # above 255 to white. Each level must keep its high byte, as a viewer shows it.
+    ramp = (np.arange(64)[None, :].repeat(32, 0) * 1040).astype(np.uint16)
+    gray = np.asarray(load_image(_png(tmp_path / "gray16.png", ramp)))
+    assert Image.open(tmp_path / "gray16.png").mode.startswith("I")
+    np.testing.assert_array_equal(gray, np.repeat((ramp >> 8)[..., None], 3, axis=2).astype(np.uint8))
+    # The same levels as a PIL image in memory (mode I, 32-bit) and as 16-bit RGB and gray+alpha PNGs.
+    np.testing.assert_array_equal(np.asarray(load_image(Image.fromarray(ramp.astype(np.int32)))), gray)
+    rgb = np.stack([ramp, 65535 - ramp, np.full_like(ramp, 40000)], axis=2)
+    colour = np.asarray(load_image(_png(tmp_path / "rgb16.png", rgb)))
+    np.testing.assert_array_equal(colour, (rgb >> 8).astype(np.uint8))
+    alpha = np.stack([ramp, np.full_like(ramp, 65535)], axis=2)
+    np.testing.assert_array_equal(np.asarray(load_image(_png(tmp_path / "la16.png", alpha))), gray)
+    # Float TIFFs: [0, 1] levels, or 0..255 when they exceed 1.
+    unit = ramp / 65535.0
+    Image.fromarray(unit.astype(np.float32)).save(tmp_path / "unit.tiff")
+    floats = np.asarray(load_image(tmp_path / "unit.tiff"))[..., 0]
+    np.testing.assert_array_equal(floats, np.round(unit * 255).astype(np.uint8))
+    Image.fromarray((unit * 255).astype(np.float32)).save(tmp_path / "bytes.tiff")
+    np.testing.assert_allclose(np.asarray(load_image(tmp_path / "bytes.tiff"))[..., 0], floats, atol=1)
+
+
+def test_decompression_bomb_refused_with_its_size(tmp_path):
+    # A real PNG whose header claims 20000 x 10000 pixels (200 MP, above Pillow's ~179 MP limit):
+    # Pillow refuses it from the header alone, so the test stays cheap.
+    bomb = _png(tmp_path / "huge.png", np.zeros((1, 1), np.uint8), bit_depth=8, width=20000, height=10000)
+    with pytest.raises(InputError, match=r"huge.png has 200 megapixels.*downscale") as info:
+        load_image(bomb)
+    assert info.value.input_name == "image"
+    with pytest.raises(InputError, match="200 megapixels"):
+        preprocess_reference(bomb, "704*384")
 
 
 @pytest.mark.parametrize("shape", [(8, 100, 3), (100, 15, 3)])

@@ -10,8 +10,8 @@ import torch
 
 from liveavatar_core.encoders.image import output_size, target_area
 from liveavatar_core.model.cache import make_step_caches, tokens_per_frame
-from liveavatar_core.model.dit import LiveAvatarDiT
 from liveavatar_core.weights.dit import load_dit_checkpoint
+from tests.dit_support import build_dit
 
 OFFICIAL_CAPACITY = 2800
 
@@ -19,11 +19,7 @@ OFFICIAL_CAPACITY = 2800
 @pytest.fixture(scope="module")
 def dit(ckpt_dir):
     ckpt = load_dit_checkpoint(ckpt_dir)
-    model = LiveAvatarDiT(ckpt.config)
-    from liveavatar_core.model.dit import load_weights
-
-    load_weights(model, ckpt.state_dict, dtype=torch.float32)
-    return model
+    return build_dit(ckpt, torch.float32)
 
 
 # The largest official preset; the smaller ones that crash officially (1024*704, 480*832) need fewer tokens.

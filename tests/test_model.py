@@ -7,13 +7,14 @@ from liveavatar_core.config import DiTConfig
 from liveavatar_core.errors import InputError, WeightsError
 from liveavatar_core.model.audio import conv1d_as_gemm
 from liveavatar_core.model.cache import KVCache, make_step_caches, tokens_per_frame
-from liveavatar_core.model.dit import LiveAvatarDiT, load_weights
+from liveavatar_core.model.dit import LiveAvatarDiT
 from liveavatar_core.model.layers import Attention, round_to_bf16
 from liveavatar_core.model.offset import reference_time
 from liveavatar_core.model.rope import RopeFreqs, TokenGrid
 from liveavatar_core.ops.attention import attention_backends, get_attention
 from liveavatar_core.weights.dit import expected_dit_keys, load_dit_checkpoint
 from liveavatar_core.weights.io import open_checkpoint
+from tests.dit_support import build_dit
 
 INDEX = "diffusion_pytorch_model.safetensors.index.json"
 
@@ -21,10 +22,7 @@ INDEX = "diffusion_pytorch_model.safetensors.index.json"
 @pytest.fixture(scope="module")
 def tiny(ckpt_dir):
     """The fixture DiT in fp32 with its base weights (no LoRA needed for self-consistency tests)."""
-    ckpt = load_dit_checkpoint(ckpt_dir)
-    model = LiveAvatarDiT(ckpt.config)
-    load_weights(model, ckpt.state_dict)
-    return model
+    return build_dit(load_dit_checkpoint(ckpt_dir))
 
 
 def _inputs(cfg: DiTConfig, lat_h: int, lat_w: int, frames: int, seed: int = 0):
@@ -56,31 +54,6 @@ def test_fixture_checkpoint_loads_with_no_missing_or_unexpected_keys(ckpt_dir, t
     sd = open_checkpoint(ckpt_dir / INDEX, "dit_checkpoint")
     assert set(tiny.state_dict()) == set(sd)
     assert all(torch.equal(tiny.state_dict()[k], sd[k].float()) for k in sd)
-
-
-def test_load_weights_names_missing_unexpected_and_misshaped(ckpt_dir):
-    sd = dict(open_checkpoint(ckpt_dir / INDEX, "dit_checkpoint"))
-    cfg = DiTConfig.from_json(ckpt_dir / "config.json")
-    model = LiveAvatarDiT(cfg)
-    broken = dict(sd)
-    del broken["head.head.weight"]
-    broken["blocks.0.extra.weight"] = torch.zeros(1)
-    broken["blocks.1.modulation"] = torch.zeros(1, 5, cfg.dim)
-    with pytest.raises(WeightsError) as err:
-        load_weights(model, broken)
-    msg = str(err.value)
-    assert "head.head.weight" in msg and "blocks.0.extra.weight" in msg and "blocks.1.modulation" in msg
-    # Nothing was loaded: the model still has its initial (zero) modulation.
-    assert torch.count_nonzero(model.blocks[0].modulation) == 0
-
-
-def test_load_weights_assigns_on_meta_in_requested_dtype(ckpt_dir):
-    ckpt = load_dit_checkpoint(ckpt_dir)
-    with torch.device("meta"):
-        model = LiveAvatarDiT(ckpt.config)
-    load_weights(model, ckpt.state_dict, dtype=torch.bfloat16)
-    assert {p.device.type for p in model.parameters()} == {"cpu"}
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
 def test_round_to_bf16_equals_the_cast_round_trip_bit_for_bit():
@@ -245,8 +218,7 @@ def _compare_bf16(tiny, ckpt_dir, device, attention):
     fs = tokens_per_frame(cfg, *lat_hw)
     inp = _inputs(cfg, *lat_hw, f, seed=3)
     ckpt = load_dit_checkpoint(ckpt_dir)
-    bf16 = LiveAvatarDiT(cfg, attention=attention)
-    load_weights(bf16, ckpt.state_dict, dtype=torch.bfloat16, device=device)
+    bf16 = build_dit(ckpt, torch.bfloat16, device, attention=attention)
     preds = []
     for model in (tiny, bf16):
         cache = make_step_caches(cfg, *lat_hw, num_steps=1, cache_frames=2 * f, dtype=model.dtype,

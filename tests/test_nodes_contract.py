@@ -62,7 +62,7 @@ def test_node_contract(pack, node_id):
     check = getattr(cls, "VALIDATE_INPUTS", None)
     if check is not None:
         params = set(inspect.signature(check).parameters)
-        assert params <= set(spec["required"]) | set(spec.get("optional", {}))
+        assert params <= set(spec["required"]) | set(spec.get("optional", {})) | set(spec.get("hidden", {}))
 
 
 def test_custom_types_have_one_producer_and_a_consumer(pack):
@@ -99,23 +99,44 @@ def test_model_choices_name_the_official_layout(pack):
 
 
 def test_queue_time_validation_names_the_input(pack):
+    """Each problem is one InputError naming the input at fault (ComfyUI reports a raised error once,
+    a returned string once per input the method takes)."""
+    errors = pack_module(pack, "liveavatar_core.errors")
     sampler = pack.NODE_CLASS_MAPPINGS["LiveAvatarSampler"]
     good = dict(size="704*384", custom_width=704, custom_height=384, seed=1, num_clips=0, frames_per_clip=48,
                 sample_steps=4, mode="streaming", ref_offset_mode="default", ref_offset=30, online_decode=False)
     assert sampler.VALIDATE_INPUTS(**good) is True
+    assert sampler.VALIDATE_INPUTS(**good, audio_frames_per_clip=48) is True
     for change, name in ((dict(frames_per_clip=50), "frames_per_clip"), (dict(mode="offline"), "mode"),
                          (dict(mode="official", sample_steps=8), "steps"),
                          (dict(online_decode=True), "online_decode"),
-                         (dict(size="custom", custom_width=32, custom_height=32), "size")):
-        message = sampler.VALIDATE_INPUTS(**{**good, **change})
-        assert isinstance(message, str) and message.startswith(name), message
+                         (dict(size="custom", custom_width=32, custom_height=32), "custom_width"),
+                         (dict(audio_frames_per_clip=24), "frames_per_clip")):
+        with pytest.raises(errors.InputError, match=rf"^{name}: "):
+            sampler.VALIDATE_INPUTS(**{**good, **change})
     loader = pack.NODE_CLASS_MAPPINGS["LiveAvatarModelLoader"]
     assert loader.VALIDATE_INPUTS("bf16", "cpu", "same as DiT") is True
-    assert loader.VALIDATE_INPUTS("fp8", "cpu", "cpu").startswith("fp8")
-    assert loader.VALIDATE_INPUTS("bf16", "cuda:7", "cpu").startswith("dit_device")
-    assert loader.VALIDATE_INPUTS("bf16", "cpu", "tpu").startswith("vae_device")
     assert loader.VALIDATE_INPUTS("bf16", "cpu", "cpu", kv_cache_dtype="fp8") is True
-    assert loader.VALIDATE_INPUTS("fp32", "cpu", "cpu", kv_cache_dtype="fp8").startswith("kv_cache_dtype")
+    for args, kwargs, name in ((("fp8", "cpu", "cpu"), {}, "fp8"), (("bf16", "cuda:7", "cpu"), {}, "dit_device"),
+                               (("bf16", "cpu", "tpu"), {}, "vae_device"),
+                               (("fp32", "cpu", "cpu"), dict(kv_cache_dtype="fp8"), "kv_cache_dtype"),
+                               (("bf16", "cpu", "cpu"), dict(offload="everything"), "offload")):
+        with pytest.raises(errors.InputError, match=rf"^{name}"):
+            loader.VALIDATE_INPUTS(*args, **kwargs)
+
+
+def test_frames_per_clip_mismatch_is_marked_for_the_sampler(pack):
+    """The on-prompt handler hands a differing Audio Encode value to the Sampler's hidden input and
+    leaves agreeing (or linked) prompts untouched."""
+    checks = pack_module(pack, "nodes.queue_checks")
+    prompt = {"5": {"class_type": "LiveAvatarAudioEncode", "inputs": {"frames_per_clip": 24}},
+              "6": {"class_type": "LiveAvatarSampler", "inputs": {"audio_features": ["5", 0], "frames_per_clip": 48}}}
+    marked = checks.mark_frames_per_clip_mismatch({"prompt": json.loads(json.dumps(prompt))})["prompt"]
+    assert marked["6"]["inputs"][checks.AUDIO_FRAMES_PER_CLIP] == 24
+    assert checks.AUDIO_FRAMES_PER_CLIP in pack.NODE_CLASS_MAPPINGS["LiveAvatarSampler"].INPUT_TYPES()["hidden"]
+    for same in (48, ["9", 0]):
+        prompt["5"]["inputs"]["frames_per_clip"] = same
+        assert checks.mark_frames_per_clip_mismatch({"prompt": json.loads(json.dumps(prompt))})["prompt"] == prompt
 
 
 def test_missing_model_file_names_the_input_and_folder(pack, tmp_path):

@@ -90,7 +90,10 @@ class Executor:
             if check is not None:
                 params = inspect.signature(check).parameters
                 consts = {k: v for k, v in node["inputs"].items() if k in params and not isinstance(v, list)}
-                result = check(**consts)
+                try:  # our checks raise InputError (a ValueError), as ComfyUI reports that once
+                    result = check(**consts)
+                except ValueError as exc:
+                    result = str(exc)
                 if result is not True:
                     errors[nid] = result
         return errors

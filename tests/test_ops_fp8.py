@@ -7,6 +7,7 @@ from liveavatar_core.config import DiTConfig
 from liveavatar_core.errors import InputError
 from liveavatar_core.model.dit import LiveAvatarDiT
 from liveavatar_core.ops.fp8 import E4M3, IGNORE, FP8Linear, convert_to_fp8, fp8_targets, quantize_e4m3
+from tests.dit_support import build_dit
 
 _CODES = torch.arange(256, dtype=torch.uint8)
 _VALUES = _CODES.view(E4M3).float()
@@ -104,12 +105,10 @@ def test_fp8_linear_matches_dequantised_reference_on_gpu():
 @needs_fp8
 def test_converted_tiny_model_runs_on_gpu(ckpt_dir):
     from liveavatar_core.model.cache import make_step_caches
-    from liveavatar_core.model.dit import load_weights
     from liveavatar_core.weights.dit import load_dit_checkpoint
 
     ckpt = load_dit_checkpoint(ckpt_dir)
-    model = LiveAvatarDiT(ckpt.config)
-    load_weights(model, ckpt.state_dict, dtype=torch.bfloat16, device="cuda")
+    model = build_dit(ckpt, torch.bfloat16, "cuda")
     cfg, f = model.cfg, model.cfg.num_frames_per_block
     g = torch.Generator().manual_seed(0)
     ref, motion = torch.randn(1, 16, 1, 8, 16, generator=g), torch.randn(1, 16, 19, 8, 16, generator=g)

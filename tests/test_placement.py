@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from liveavatar_core.model.cache import make_step_caches, tokens_per_frame
-from liveavatar_core.model.dit import LiveAvatarDiT, load_weights
+from liveavatar_core.model.dit import LiveAvatarDiT
 from liveavatar_core.ops.fp8 import FP8Linear, fp8_targets
 from liveavatar_core.placement import apply_block_swap, make_streamed_step_caches, on_device
 from liveavatar_core.placement.kv_stream import StreamedKVCache
 from liveavatar_core.sampling.config import SamplerConfig
 from liveavatar_core.sampling.generator import BlockSampler
 from liveavatar_core.weights.dit import load_dit_checkpoint
+from tests.dit_support import build_dit
 
 LAT_H, LAT_W = 8, 16
 CACHE_FRAMES = 6  # two blocks of 3: the ring rolls from the third block on
@@ -29,9 +30,7 @@ def ckpt(ckpt_dir):
 
 
 def build(ckpt, device="cpu", dtype=torch.float32) -> LiveAvatarDiT:
-    model = LiveAvatarDiT(ckpt.config).to(dtype)
-    load_weights(model, ckpt.state_dict, device=device)
-    return model.eval()
+    return build_dit(ckpt, dtype, device).eval()
 
 
 def inputs(cfg, seed=0, device="cpu", dtype=torch.float32):

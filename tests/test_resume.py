@@ -271,11 +271,6 @@ def _frames(path) -> int:
         return 0
 
 
-def _numbered(folder, pattern) -> Path | None:
-    found = sorted(folder.glob(pattern))
-    return found[0] if found else None
-
-
 def _start(tiny, log, *args) -> subprocess.Popen:
     with open(log, "w") as f:
         # SIGINT back to its default: a test runner started in the background (`cmd &`) ignores it,
@@ -294,33 +289,43 @@ def _wait_until(proc: subprocess.Popen, ready, log) -> None:
         time.sleep(0.05)
 
 
-def test_cli_ctrl_c_then_kill_then_resume(tiny, inputs, tmp_path):
+def test_cli_ctrl_c_then_sigterm_then_kill_then_resume(tiny, inputs, tmp_path):
     out, log = tmp_path / "out" / "clip.mp4", tmp_path / "log.txt"
     expected, _ = _run(inputs, tiny.image, tmp_path / "uninterrupted.mp4", CLI)
     total = sum(len(c[0]) for c in expected)
 
     # Ctrl-C once the first block is done (the command line logs it; probing the growing MP4 from
     # here would take longer): exit code 130, a playable MP4 holding the finished blocks, a resume
-    # file next to it (the command line numbers its outputs: clip_00001.mp4, clip_00001.mp4.resume).
+    # file next to it. An explicit --save_file is written as given, not numbered.
     proc = _start(tiny, log, out)
     _wait_until(proc, lambda: "clip 0 block 0:" in log.read_text(), log)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=300) == 130, log.read_text()[-3000:]
-    video = _numbered(out.parent, "clip_*.mp4")
-    state = video.with_name(video.name + ".resume")
+    video, state = out, out.with_name(out.name + ".resume")
     assert f"--resume {state}" in log.read_text() and state.is_file()
     head = _frames(video)
     assert 0 < head < total
 
-    # The resumed run killed outright: the MP4 still plays, with more frames; no state was written.
+    # The resumed run stopped with SIGTERM (kill, systemd, docker stop): handled as Ctrl-C, exit
+    # code 143, more frames in the MP4 and a newer resume state.
     proc = _start(tiny, log, out, "--resume", str(state))
     _wait_until(proc, lambda: _frames(video) > head, log)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 128 + signal.SIGTERM, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "terminated (SIGTERM)" in text and f"--resume {state}" in text and "resume state saved" in text
+    middle = _frames(video)
+    assert head < middle < total and state.is_file()
+
+    # The resumed run killed outright: the MP4 still plays, with more frames; no state was written.
+    proc = _start(tiny, log, out, "--resume", str(state))
+    _wait_until(proc, lambda: _frames(video) > middle, log)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
-    assert _frames(video) > head
+    assert _frames(video) > middle
 
     # Resuming again from the same file discards what the killed run added and completes that video
-    # (no new numbered output).
+    # (no new output).
     assert main(_cli(tiny, out, "--resume", str(state))) == 0
     assert not state.exists() and sorted(out.parent.iterdir()) == [video]
     _assert_same_video(video, tmp_path / "uninterrupted.mp4")

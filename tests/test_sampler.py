@@ -9,11 +9,11 @@ import torch
 
 from liveavatar_core.encoders.audio import AudioFeatures
 from liveavatar_core.errors import InputError
-from liveavatar_core.model.dit import LiveAvatarDiT, load_weights
 from liveavatar_core.sampling.config import SamplerConfig
 from liveavatar_core.sampling.generator import BlockSampler
 from liveavatar_core.sampling.scheduler import flow_match_schedule
 from liveavatar_core.weights.dit import load_dit_checkpoint
+from tests.dit_support import build_dit
 
 LAT_H, LAT_W = 8, 8  # smallest size FramePack accepts: 16 tokens per latent frame
 # Streaming mode accepts any step count; one step keeps these behaviour tests fast, the resume
@@ -24,9 +24,7 @@ FAST = dict(steps=1, frames_per_clip=24)
 @pytest.fixture(scope="module")
 def model(ckpt_dir):
     ckpt = load_dit_checkpoint(ckpt_dir)
-    m = LiveAvatarDiT(ckpt.config)
-    load_weights(m, ckpt.state_dict, dtype=torch.float32)
-    return m
+    return build_dit(ckpt, torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +106,7 @@ def test_same_seed_same_blocks_other_seed_other_blocks(model, inputs):
 
 def test_bf16_model_gives_bf16_blocks_and_caches(ckpt_dir, inputs):
     ckpt = load_dit_checkpoint(ckpt_dir)
-    m = LiveAvatarDiT(ckpt.config)
-    load_weights(m, ckpt.state_dict, dtype=torch.bfloat16)
+    m = build_dit(ckpt, torch.bfloat16)
     text = m.encode_text(torch.randn(5, m.cfg.text_dim))
     sampler = BlockSampler(m, text, inputs["ref"], inputs["motion"], SamplerConfig(dtype="bfloat16", **FAST))
     blocks = list(sampler.run(_audio(inputs, 1)))

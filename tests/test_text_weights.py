@@ -11,10 +11,10 @@ from safetensors.torch import load_file, save_file
 from liveavatar_core.encoders.text import TextEncoder
 from liveavatar_core.errors import InputError, WeightsError
 from liveavatar_core.weights.fp8_scaled import quantize_scaled_fp8
+from liveavatar_core.weights.layout import T5_FILE
 from liveavatar_core.weights.t5 import (TIED_KEY, expected_t5_shapes, hf_to_official, load_t5_weights,
                                         official_to_hf)
 
-T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 ATOL = 1e-4  # fixtures README section 7
 LINEAR_SUFFIXES = ("q.weight", "k.weight", "v.weight", "o.weight", "wi_0.weight", "wi_1.weight", "wo.weight")
 
@@ -167,7 +167,7 @@ def test_incomplete_and_reshaped_files_are_refused(tmp_path, hf_tensors, officia
     last = f"encoder.block.{config.num_layers - 1}.layer.1.DenseReluDense.wi_1.weight"
     missing = {k: v for k, v in hf_tensors.items() if k != last}
     save_file(missing, tmp_path / "missing.safetensors")
-    with pytest.raises(WeightsError, match=rf"1 tensors missing \(e.g. blocks.{config.num_layers - 1}.ffn.fc1"):
+    with pytest.raises(WeightsError, match=rf"1 of \d+ expected tensors missing \(e.g. blocks.{config.num_layers - 1}.ffn.fc1"):
         load_t5_weights(tmp_path / "missing.safetensors")
     reshaped = dict(hf_tensors)
     reshaped[last] = hf_tensors[last][:-1].contiguous()

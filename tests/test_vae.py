@@ -127,7 +127,7 @@ def test_names_missing_and_misshaped_keys(tmp_path, official_sd):
     broken["decoder.middle.1.proj.weight"] = broken["decoder.middle.1.proj.weight"][:, :, :, :1].repeat(1, 1, 1, 2)
     path = tmp_path / "broken.safetensors"
     save_file(broken, str(path))
-    with pytest.raises(WeightsError, match=r"1 keys missing \(e.g. decoder.head.2.bias\).*"
+    with pytest.raises(WeightsError, match=r"1 of 194 expected tensors missing \(e.g. decoder.head.2.bias\).*"
                                            r"decoder.middle.1.proj.weight"):
         load_vae(path)
 

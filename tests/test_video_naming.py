@@ -2,6 +2,7 @@
 
 import os
 
+import numpy as np
 import pytest
 
 from liveavatar_core.errors import InputError
@@ -77,3 +78,58 @@ def test_read_only_folder_is_rejected(tmp_path):
             safe_output_path(folder, "x")
     finally:
         folder.chmod(0o700)
+
+
+# --- the file a run writes (the command line's --save_file) ----------------------------------------------
+
+def test_an_explicit_path_is_written_as_given(tmp_path):
+    from liveavatar_core.video.naming import output_target
+
+    target = output_target(tmp_path / "out.mp4", tmp_path / "default.mp4")
+    assert target.path == tmp_path / "out.mp4" and target.note is None and target.new_folders == ()
+    assert output_target(tmp_path / "clip", tmp_path / "d.mp4").path == tmp_path / "clip.mp4"
+    # Without one, each run gets a new numbered file next to the default.
+    assert output_target(None, tmp_path / "default.mp4").path == tmp_path / "default_00001.mp4"
+
+
+def test_an_existing_file_or_folder_is_never_overwritten_and_the_note_says_where(tmp_path):
+    from liveavatar_core.video.naming import output_target
+
+    (tmp_path / "out.mp4").write_bytes(b"an earlier video")
+    target = output_target(tmp_path / "out.mp4", tmp_path / "d.mp4")
+    assert target.path == tmp_path / "out_00001.mp4"
+    assert "exists" in target.note and "out_00001.mp4" in target.note
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    target = output_target(folder, tmp_path / "d.mp4")
+    assert target.path.parent == folder and target.path.name == "liveavatar_00001.mp4"
+    assert "is a folder" in target.note
+
+
+def test_folders_are_made_only_to_write_and_removed_when_nothing_was_written(tmp_path):
+    from liveavatar_core.video import StreamingMP4Writer
+    from liveavatar_core.video.naming import output_target
+
+    target = output_target(tmp_path / "a" / "b" / "out.mp4", tmp_path / "d.mp4")
+    assert not (tmp_path / "a").exists()  # checked, not created
+    assert target.new_folders == (tmp_path / "a", tmp_path / "a" / "b")
+    target.create_folders()
+    StreamingMP4Writer(target.path, 64, 64).close()  # a run that failed before its first frame
+    assert target.remove_if_unused() == [target.path, tmp_path / "a" / "b", tmp_path / "a"]
+    assert list(tmp_path.iterdir()) == []
+
+    # A video with frames stays, and so do its folders.
+    target.create_folders()
+    with StreamingMP4Writer(target.path, 64, 64) as writer:
+        writer.append(np.zeros((3, 64, 64, 3), np.uint8))
+    assert target.remove_if_unused() == [] and target.path.is_file()
+
+
+def test_an_unusable_output_folder_is_refused_before_anything_is_made(tmp_path):
+    from liveavatar_core.video.naming import output_target
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="is not a folder") as info:
+        output_target(tmp_path / "file" / "sub" / "out.mp4", tmp_path / "d.mp4")
+    assert info.value.input_name == "output folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

@@ -135,7 +135,8 @@ def test_api_workflow_runs_end_to_end(comfy, executor, fixtures, name):
         elif node["class_type"] == "LoadAudio":
             inputs["audio"] = "audio.wav"
         elif node["class_type"] == "LiveAvatarModelLoader" and not torch.cuda.is_available():
-            inputs["precision"] = "fp32"
+            # fp32 is fastest on a CPU; FP8 KV caches need a bf16 DiT, which a CPU also runs.
+            inputs["precision"] = "bf16" if inputs["kv_cache_dtype"] == "fp8" else "fp32"
         elif node["class_type"] == "LiveAvatarAudioEncode":
             inputs["frames_per_clip"] = block_frames
         elif node["class_type"] == "LiveAvatarSampler":
@@ -160,3 +161,62 @@ def test_api_workflow_runs_end_to_end(comfy, executor, fixtures, name):
     same = float((first_frames[0] * 255 - encoded[0]).abs().mean())
     other = float((first_frames[0] * 255 - encoded[1]).abs().mean())
     assert same < other / 2, (same, other)
+
+
+# LiteGraph draws a node's title bar above its `pos` (LiteGraph.NODE_TITLE_HEIGHT in both
+# frontends ComfyUI 0.3.64 is tested with).
+TITLE_HEIGHT = 30
+
+
+def node_boxes(graph: dict) -> dict[int, tuple[float, float, float, float]]:
+    """Node id -> (left, top, right, bottom) on the canvas, title bar included."""
+    return {n["id"]: (n["pos"][0], n["pos"][1] - TITLE_HEIGHT, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+            for n in graph["nodes"]}
+
+
+def overlaps(boxes: dict) -> list[tuple[int, int]]:
+    ids = sorted(boxes)
+    return [(a, b) for i, a in enumerate(ids) for b in ids[i + 1:]
+            if boxes[a][0] < boxes[b][2] and boxes[b][0] < boxes[a][2]
+            and boxes[a][1] < boxes[b][3] and boxes[b][1] < boxes[a][3]]
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+def test_nodes_do_not_overlap_at_their_recorded_sizes(path):
+    """At the sizes stored in the file (the browser test checks the frontend needs no more), no node
+    covers another, title bars included."""
+    assert overlaps(node_boxes(json.loads(path.read_text()))) == []
+
+
+def test_overlap_check_sees_a_covered_node():
+    graph = json.loads(UI_FILES[0].read_text())
+    loader = next(n for n in graph["nodes"] if n["type"] == "LiveAvatarModelLoader")
+    loader["size"] = [loader["size"][0], loader["size"][1] + 100]
+    assert overlaps(node_boxes(graph))
+
+
+def test_shipped_workflows_name_example_inputs_that_are_shipped(tmp_path):
+    """Every file a Load Image / Load Audio node names is in example_inputs/, decodes, and is copied
+    into an input folder that lacks it, never over a file that is there."""
+    from PIL import Image
+
+    pack = load_pack()
+    examples = pack_module(pack, "nodes.examples")
+    named = {n["widgets_values"][0] for p in UI_FILES for n in json.loads(p.read_text())["nodes"]
+             if n["type"] in CORE_WIDGETS}
+    shipped = {p.name for p in examples.EXAMPLE_DIR.iterdir()}
+    assert named and named == shipped
+    image = next(examples.EXAMPLE_DIR.glob("*.png"))
+    with Image.open(image) as img:
+        assert img.mode == "RGB" and min(img.size) >= 256
+    audio = pack_module(pack, "liveavatar_core.encoders.audio")
+    speech = audio.load_audio(next(examples.EXAMPLE_DIR.glob("*.wav")))
+    assert 3 * audio.SAMPLE_RATE <= len(speech) <= 15 * audio.SAMPLE_RATE
+    mine = tmp_path / image.name
+    mine.write_bytes(b"the user's own picture")
+    written = examples.install_example_inputs(tmp_path)
+    assert [p.name for p in written] == sorted(shipped - {image.name})
+    assert mine.read_bytes() == b"the user's own picture"
+    assert examples.install_example_inputs(tmp_path) == []
+    for name in shipped - {image.name}:
+        assert (tmp_path / name).read_bytes() == (examples.EXAMPLE_DIR / name).read_bytes()

@@ -89,18 +89,38 @@ function remove(node, view) {
   node.setDirtyCanvas(true, true);
 }
 
+function previewStore() {
+  // The frontend's node-output store (Pinia) owns the progress previews from 1.2x on; only its
+  // own revoke makes them give way (the app.nodePreviewImages copy is not read back since 1.3x).
+  const pinia = document.querySelector("#vue-app")?.__vue_app__?.config?.globalProperties?.$pinia;
+  return pinia?._s?.get("nodeOutput") ?? null;
+}
+
+function locatorId(node) {
+  const graph = node.graph;
+  return !graph || graph.isRootGraph !== false ? String(node.id) : `${graph.id}:${node.id}`;
+}
+
 function dropBlockPreview(node) {
   // ComfyUI shows a node's progress previews in place of its outputs, so the picture of the last
   // block would stand where its own player of the finished video belongs.
-  const key = String(node.id);
-  for (const url of app.nodePreviewImages?.[key] ?? []) URL.revokeObjectURL(url);
-  delete app.nodePreviewImages?.[key];
+  const key = locatorId(node);
+  const store = previewStore();
+  if (store?.revokePreviewsByLocatorId) store.revokePreviewsByLocatorId(key);
+  else {
+    for (const url of app.nodePreviewImages?.[key] ?? []) URL.revokeObjectURL(url);
+    delete app.nodePreviewImages?.[key];
+  }
   node.imgs = undefined;
+  // The frontend rebuilds a node's media view when its outputs object changes; forget the one it
+  // has seen, so the next draw builds the player from the outputs rather than the preview.
+  node.images = undefined;
   // The widgets that drew those previews would now draw nothing (and fail doing so).
   for (const name of BLOCK_PREVIEW_WIDGETS) {
     const index = node.widgets?.findIndex((w) => w.name === name) ?? -1;
     if (index >= 0) node.widgets.splice(index, 1)[0].onRemove?.();
   }
+  node.setDirtyCanvas(true, true);
 }
 
 function writerNode(detail) {

@@ -56,6 +56,11 @@ class AudioFeatures:
     waveform_16k: np.ndarray
     duration_s: float
 
+    @property
+    def total_samples(self) -> int:
+        """16 kHz length of the audio."""
+        return len(self.waveform_16k)
+
 
 # ---------------------------------------------------------------------------------------------
 # Loading and resampling
@@ -210,17 +215,6 @@ def bucket_frames(features: torch.Tensor, frames_per_clip: int, fps: int = DEFAU
     picked = features[:, torch.from_numpy(np.minimum(idx, t30 - 1))]  # [L, n, C]
     out[:, :, valid] = picked[:, valid].transpose(1, 2)
     return out.unsqueeze(0), nr
-
-
-def clip_block_audio(features: AudioFeatures, clip: int, block: int,
-                     frames_per_block: int = FRAMES_PER_BLOCK) -> torch.Tensor:
-    """Audio of block `block` of clip `clip`: frames `[F*clip + 12*block, +12)`, `[1, 25, C, 12]` (spec 2.7)."""
-    blocks = features.frames_per_clip // frames_per_block
-    if not 0 <= clip < features.available_clips or not 0 <= block < blocks:
-        raise ValueError(f"clip {clip}, block {block} out of range ({features.available_clips} clips of "
-                         f"{blocks} blocks)")
-    start = clip * features.frames_per_clip + block * frames_per_block
-    return features.embedding[..., start:start + frames_per_block]
 
 
 def check_frames_per_clip(frames_per_clip: int, input_name: str = "frames_per_clip") -> None:

@@ -462,6 +462,7 @@ class StreamedAudioFeatures:
             self.available_clips = clips_available(t30, frames_per_clip, fps)
         self.waveform_16k = StreamedWaveform(source, input_name)
         self.samples_read = 0  # 16 kHz samples the last `clips` call has decoded so far
+        self.total_samples: int | None = None  # 16 kHz length, once the end has been read
         self._digest: str | None = None
 
     @property
@@ -487,6 +488,7 @@ class StreamedAudioFeatures:
                 if chunk is None:
                     encoder.finish()
                     self.available_clips = encoder.total_frames // f
+                    self.total_samples = reader.samples
                 else:
                     encoder.push(chunk)
                 self.samples_read = reader.samples
@@ -590,6 +592,10 @@ class StreamedSource:
         while self._total is None:
             self._pull()
         return self._total - self.offset
+
+    @property
+    def known_length(self) -> int | None:
+        return None if self._total is None else self._total - self.offset
 
     def clamp(self, n: int) -> int:
         while self._total is None and self._buf0 + self._buf.size < n + self.offset:

@@ -112,12 +112,17 @@ def load_image(source, input_name: str = "image") -> Image.Image:
         try:
             with Image.open(path) as img:
                 img.load()
-                image = img.copy()
+                image = _to_8bit(img)
+        except Image.DecompressionBombError as exc:
+            raise InputError(input_name, f"{path.name} has {_megapixels(exc)}, above the "
+                             f"{2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f}-megapixel limit Pillow allows for one image "
+                             "(a guard against decompression bombs).",
+                             "downscale it (the output is at most 1280x720; a few megapixels are plenty).") from None
         except (UnidentifiedImageError, OSError, SyntaxError) as exc:
             raise InputError(input_name, f"cannot read {path.name} as an image ({exc}).",
                              "use a PNG, JPEG or WebP file.") from None
     elif isinstance(source, Image.Image):
-        image = source
+        image = _to_8bit(source)
     elif isinstance(source, torch.Tensor):
         image = Image.fromarray(_comfy_to_uint8(source, input_name))
     elif isinstance(source, np.ndarray):
@@ -132,6 +137,36 @@ def load_image(source, input_name: str = "image") -> Image.Image:
         raise InputError(input_name, f"the image is {image.width}x{image.height} px, smaller than one "
                          f"{MIN_IMAGE_SIDE}-px patch in at least one side.", "use a larger reference image.")
     return image
+
+
+# Pillow keeps single-channel images of more than 8 bits in these modes; its convert('RGB')
+# clips them to 255 instead of scaling (a 16-bit grayscale PNG becomes all white).
+_HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """A copy of `image` whose high-bit-depth gray levels are scaled to 8 bits as a viewer shows them.
+
+    16-bit (and 32-bit integer) levels keep their high byte, as Pillow already does for 16-bit RGB
+    PNGs; float levels are read as [0, 1], or as 0..255 / 0..65535 when they exceed that range.
+    """
+    if image.mode not in _HIGH_BIT_MODES:
+        return image.copy()
+    levels = np.asarray(image).astype(np.float64 if image.mode == "F" else np.int64)
+    if image.mode == "F":
+        levels = np.nan_to_num(levels, nan=0.0)
+        top = levels.max(initial=0.0)
+        scale = 255.0 if top <= 1.0 else 1.0 if top <= 255.0 else 255.0 / 65535.0
+        gray = np.clip(np.round(levels * scale), 0, 255)
+    else:
+        gray = np.clip(levels, 0, 65535) >> 8
+    return Image.fromarray(gray.astype(np.uint8), "L")
+
+
+def _megapixels(error: Exception) -> str:
+    """'N megapixels' from Pillow's decompression-bomb message (it refuses before reading pixels)."""
+    match = re.search(r"\((\d+) pixels\)", str(error))
+    return f"{int(match.group(1)) / 1e6:.0f} megapixels" if match else "too many pixels"
 
 
 def _comfy_to_uint8(image: torch.Tensor, input_name: str) -> np.ndarray:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import InputError, WeightsError
-from ..weights.t5 import TIED_KEY, T5StateDict, load_t5_weights
+from ..weights.t5 import TIED_KEY, TOKENIZER_FILES, T5StateDict, load_t5_weights, tokenizer_folder
 
 if TYPE_CHECKING:
     from transformers import UMT5Config, UMT5EncoderModel
@@ -28,9 +28,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 TEXT_LEN = 512  # DiTConfig.text_len of the released model
-# Where the official checkpoint folder keeps the tokenizer, relative to the .pth.
-TOKENIZER_SUBDIR = Path("google") / "umt5-xxl"
-_TOKENIZER_FILES = "tokenizer.json, spiece.model, tokenizer_config.json, special_tokens_map.json"
 _DTYPES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
@@ -61,12 +58,7 @@ class PromptTokenizer:
     def from_folder(cls, folder: str | Path, text_len: int = TEXT_LEN,
                     input_name: str = "tokenizer_path") -> PromptTokenizer:
         """Load the `tokenizer.json` of a google/umt5-xxl folder (a file inside it also works)."""
-        folder = Path(folder)
-        if folder.is_file():
-            folder = folder.parent
-        if not (folder / "tokenizer.json").is_file():
-            raise WeightsError(input_name, f"{folder} holds no umT5 tokenizer (tokenizer.json is missing).",
-                               f"copy the google/umt5-xxl tokenizer files ({_TOKENIZER_FILES}) into it.")
+        folder = tokenizer_folder(None, folder, input_name)
         from transformers import PreTrainedTokenizerFast
 
         # The generic fast class runs tokenizer.json as written, as transformers 4.x did for the
@@ -76,7 +68,7 @@ class PromptTokenizer:
             tok = PreTrainedTokenizerFast.from_pretrained(str(folder), local_files_only=True)
         except (OSError, ValueError, TypeError) as exc:
             raise WeightsError(input_name, f"cannot load the tokenizer in {folder}: {exc}.",
-                               f"restore the tokenizer files ({_TOKENIZER_FILES}).") from None
+                               f"restore the tokenizer files ({TOKENIZER_FILES}).") from None
         if tok.eos_token_id is None or tok.pad_token_id is None:
             raise WeightsError(input_name, f"the tokenizer in {folder} defines no </s> or <pad> token.",
                                "use the google/umt5-xxl tokenizer folder of the Wan2.2-S2V-14B download.")
@@ -192,19 +184,7 @@ def _check_device(device: str | torch.device) -> torch.device:
 
 def _resolve_tokenizer(weights_path: Path, tokenizer_path: str | Path | None,
                        text_len: int) -> PromptTokenizer:
-    if tokenizer_path is not None:
-        if not Path(tokenizer_path).exists():
-            raise WeightsError("tokenizer_path", f"{tokenizer_path} does not exist.",
-                               f"point it at the google/umt5-xxl folder ({_TOKENIZER_FILES}).")
-        return PromptTokenizer.from_folder(tokenizer_path, text_len)
-    folder = weights_path.parent / TOKENIZER_SUBDIR
-    if not folder.is_dir():
-        # ComfyUI's umT5 files may embed a SentencePiece model, but its ids can differ from the
-        # official tokenizer.json (the dummy-prefix setting), so it is not used as a stand-in.
-        raise WeightsError("tokenizer_path", f"no umT5 tokenizer found for {weights_path}: {folder} does not "
-                           "exist.", f"put the google/umt5-xxl tokenizer files ({_TOKENIZER_FILES}, from the "
-                           f"Wan2.2-S2V-14B download) in {folder}, or pass tokenizer_path.")
-    return PromptTokenizer.from_folder(folder, text_len)
+    return PromptTokenizer.from_folder(tokenizer_folder(weights_path, tokenizer_path), text_len)
 
 
 def _build_model(state_dict: T5StateDict, config: UMT5Config, device: torch.device) -> UMT5EncoderModel:

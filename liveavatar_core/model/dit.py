@@ -6,14 +6,14 @@ Two entry points (spec/dit.md 3.0):
 * `denoise_block(...)` denoises one block of latent frames for one sampler step: only the block's
   tokens are queries; history and condition tokens enter through the step's `KVCache`.
 
-Parameter names are the Wan-native ones, so the official checkpoint loads with `load_weights`
-(strict). RoPE values are computed per call, never stored: the state_dict holds exactly the
+Parameter names are the Wan-native ones, so the official checkpoint loads unchanged
+(`weights.dit.load_into_module`, strict). RoPE values are computed per call, never stored: the state_dict holds exactly the
 checkpoint's tensors. The parameters' dtype is the compute dtype: fp32 for parity, bf16 for use.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -22,7 +22,6 @@ from ..config import DiTConfig
 from ..errors import InputError
 from ..ops.attention import AttentionFn, get_attention, merge_attention
 from ..ops.transfer import upload
-from ..weights.dit import check_dit_shapes
 from .audio import AudioInjector, CausalAudioEncoder, inject
 from .blocks import DiTBlock, modulate
 from .cache import CondCache, KVCache, TextCache, tokens_per_frame
@@ -355,23 +354,3 @@ class LiveAvatarDiT(nn.Module):
                              "allocate it with make_step_caches for this model, batch and latent size.")
         cache.window(current_start, f * fs)
         return b, c, f, lat_h, lat_w
-
-
-def load_weights(model: LiveAvatarDiT, state_dict: Mapping[str, torch.Tensor],
-                 dtype: torch.dtype | None = None, device=None) -> None:
-    """Load a full DiT state dict strictly; tensors are cast to `dtype` (default: the model's).
-
-    Works on a model built on the meta device (weights are assigned, not copied). Raises
-    WeightsError listing missing, unexpected or mis-shaped keys before touching the model.
-    """
-    shape_of = state_dict.shape if hasattr(state_dict, "shape") else (lambda k: tuple(state_dict[k].shape))
-    check_dit_shapes({k: tuple(shape_of(k)) for k in state_dict}, model.cfg, "the state dict",
-                     input_name="dit_weights")
-    expected = model.state_dict()
-    dtype = dtype or model.dtype
-    if device is None:
-        device = model.device if model.device.type != "meta" else torch.device("cpu")
-    # copy=True: parameters must own their memory, never alias a memory-mapped file (LoRA merges
-    # and FP8 conversion modify them in place).
-    tensors = {k: state_dict[k].to(device=device, dtype=dtype, copy=True) for k in expected}
-    model.load_state_dict(tensors, strict=True, assign=True)

@@ -1,8 +1,8 @@
-"""Whole-model offload for components used once per run (umT5, wav2vec2) or between blocks (VAE).
+"""Whole-model offload for components used once per prompt or audio track (the umT5 encoder).
 
 `on_device(component, device)` moves a component to `device` for a `with` block and back to where
-it was afterwards, freeing the GPU memory for the DiT (`offload` placement in `plan.py`).
-A component is an `nn.Module` or an object with `.to(device)` and `.device` (the encoders).
+it was afterwards, freeing the GPU memory for the DiT; `encoders.placement` decides which encoder
+runs where. A component is an `nn.Module` or an object with `.to(device)` and `.device` (the encoders).
 """
 
 from __future__ import annotations

@@ -150,6 +150,11 @@ class AudioSource:
         """min(n, length): what a streamed source answers without knowing its length yet."""
         return min(n, self.length)
 
+    @property
+    def known_length(self) -> int:
+        """The output length (a streamed source: None until its end has been read)."""
+        return self.length
+
     def identity(self) -> dict:
         """What a resumed writer checks against: rate, channels, length and checksum."""
         return {"sample_rate": self.sample_rate, "channels": self.channels,

@@ -12,12 +12,19 @@ the last fragment; `resume` truncates back to it and carries on with the same nu
 times. The video is then byte-identical to an uninterrupted run; the audio is identical up to the
 resume point and re-encoded from there (one inaudible splice, warmed up by a pre-roll).
 
+Why a full disk costs nothing already written: writes are unbuffered and an append that the OS
+refuses part way (no space, a quota, a file-size limit) is rolled back, file and counters, to the
+last complete fragment (`_rolling_back`), then reported as an InputError naming the file; the file
+plays, `state()` describes it, and the writer can append again or be resumed once there is room.
+
 Memory stays flat: the writer holds one append's frames and its packets, never the video, and
 reads the audio through a view of the caller's array.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import math
 import numbers
 import os
@@ -109,6 +116,26 @@ class WriterSettings:
                 raise InputError(name, f"{getattr(self, name)!r} is not a valid value.", fix)
 
 
+def audio_offset_samples(offset_frames: int, sample_rate: int, fps: int | Fraction) -> int:
+    """Samples skipped at the start of the audio for `WriterSettings.audio_offset_frames`."""
+    return round(offset_frames * sample_rate / _as_fps(fps))
+
+
+def frames_within_audio(samples: int, sample_rate: int, fps: int | Fraction, offset_frames: int = 0) -> int:
+    """Frames the "shortest" trim keeps: those whose start lies before the end of the audio.
+
+    `samples` is the source audio length; output frame k plays from source time (k + offset) / fps.
+    """
+    fps = _as_fps(fps)
+    length = samples - audio_offset_samples(offset_frames, sample_rate, fps)
+    return max(0, math.ceil(Fraction(length) * fps / sample_rate))
+
+
+# Why a write failed, in words, for the errors that mean "no room"; others give their strerror.
+_NO_ROOM = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+            errno.EFBIG: "the file reached the largest size allowed (by the file system or a process limit)"}
+
+
 def _as_fps(fps: int | float | Fraction | str) -> Fraction:
     try:
         value = Fraction(str(fps)) if isinstance(fps, float) else Fraction(fps)
@@ -131,7 +158,9 @@ class StreamingMP4Writer:
                  settings: WriterSettings | None = None, overwrite: bool = False):
         self._configure(Path(path), width, height, fps, audio, sample_rate, settings or WriterSettings())
         try:
-            self._file = open(self.path, "wb" if overwrite else "xb")
+            # Unbuffered: a write the disk refuses leaves nothing behind in Python's buffer that a
+            # later flush or close would try to write again (see `_rolling_back`).
+            self._file = open(self.path, "wb" if overwrite else "xb", buffering=0)
         except FileExistsError:
             raise InputError(
                 "output path", f"{self.path} already exists.",
@@ -140,8 +169,12 @@ class StreamingMP4Writer:
         except OSError as exc:
             raise InputError("output path", f"cannot create {self.path}: {exc.strerror}.",
                              "Choose a folder you can write to.") from None
-        self._file.write(self._init)
-        self._file.flush()
+        try:
+            self._write_all(self._init)
+        except OSError as exc:
+            self._file.close()
+            self.path.unlink(missing_ok=True)
+            raise self._write_error(exc) from None
 
     def _configure(self, path: Path, width: int, height: int, fps, audio, sample_rate, settings: WriterSettings):
         for name, value in (("width", width), ("height", height)):
@@ -174,7 +207,7 @@ class StreamingMP4Writer:
                 audio = audio.detach().cpu().numpy()
             if sample_rate is None:
                 raise InputError("sample_rate", "audio was given without its sample rate.", "Pass sample_rate=...")
-            offset = round(settings.audio_offset_frames * sample_rate / self.fps)
+            offset = audio_offset_samples(settings.audio_offset_frames, int(sample_rate), self.fps)
             if hasattr(audio, "open_source"):  # a track read lazily (encoders.audio_stream.StreamedWaveform)
                 if sample_rate != audio.sample_rate:
                     raise InputError("sample_rate", f"{sample_rate} Hz given for a {audio.sample_rate} Hz track.",
@@ -219,25 +252,58 @@ class StreamingMP4Writer:
         keep = len(pictures)
         if self._audio is not None and self.settings.trim == "shortest":
             keep = self._frames_within_audio(keep)
-        self.frames_dropped += len(pictures) - keep
-        gop = self.settings.max_gop_frames
-        for start in range(0, keep, gop):
-            chunk = pictures[start:min(start + gop, keep)]
-            video = encode_gop(self._video_cfg, chunk, self.frames_written, self._timescale, self._extradata)
-            runs = [TrackRun(VIDEO_TRACK_ID, self.frames_written * self._frame_ticks, video)]
-            if self._audio is not None:
-                # Audio in whole AAC frames up to the end of this chunk; the rest waits.
-                end = self._audio.clamp(self._video_end_sample(self.frames_written + len(chunk)))
-                runs.append(self._audio_run((end // AAC_FRAME) * AAC_FRAME, final=False))
-            self._write(runs)
-            self.frames_written += len(chunk)
+        with self._rolling_back():
+            self.frames_dropped += len(pictures) - keep
+            gop = self.settings.max_gop_frames
+            for start in range(0, keep, gop):
+                chunk = pictures[start:min(start + gop, keep)]
+                video = encode_gop(self._video_cfg, chunk, self.frames_written, self._timescale, self._extradata)
+                runs = [TrackRun(VIDEO_TRACK_ID, self.frames_written * self._frame_ticks, video)]
+                if self._audio is not None:
+                    # Audio in whole AAC frames up to the end of this chunk; the rest waits.
+                    end = self._audio.clamp(self._video_end_sample(self.frames_written + len(chunk)))
+                    runs.append(self._audio_run((end // AAC_FRAME) * AAC_FRAME, final=False))
+                self._write(runs)
+                self.frames_written += len(chunk)
         return keep
 
+    @contextlib.contextmanager
+    def _rolling_back(self):
+        """Undo an append (or the closing audio) that fails part way: disk full, a size limit, I/O.
+
+        The file is cut back to its last complete fragment and every counter to match, so the
+        file still plays, `state()` describes it and a later append or resume continues there;
+        the error becomes an InputError naming the file and what it holds.
+        """
+        mark = (self._bytes, self._sequence, self.frames_written, self.frames_dropped, self.audio_samples_written)
+        try:
+            yield
+        except OSError as exc:
+            self._bytes, self._sequence, self.frames_written, self.frames_dropped, self.audio_samples_written = mark
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._file.fileno(), self._bytes)  # also frees what the cut fragment took
+            self._file.seek(self._bytes)
+            if self._audio is not None:  # the encoder ran ahead into the lost fragment
+                self._aac = AacStream(self._audio_cfg, self._audio, start=self.audio_samples_written)
+            raise self._write_error(exc) from None
+
+    def _write_error(self, exc: OSError) -> InputError:
+        reason = _NO_ROOM.get(exc.errno, f"writing failed ({exc.strerror or exc})")
+        return InputError("output", f"{reason} while writing {self.path}; it holds and plays the "
+                          f"{self.frames_written} frames ({self.duration_s:.2f} s) written before.",
+                          "free space on that disk or choose a folder on another one, then run again (or "
+                          "resume, where a resume file was saved).")
+
+    def _write_all(self, data: bytes | bytearray) -> None:
+        view = memoryview(data)
+        while view:  # an unbuffered write may take only part of the data
+            view = view[self._file.write(view):]
+
     def _frames_within_audio(self, n: int) -> int:
-        """How many of the next `n` frames start before the end of the audio. Asks the source only
-        that far (a streamed track need not know its length yet)."""
+        """How many of the next `n` frames start before the end of the audio (`frames_within_audio`).
+        Asks the source only that far: a streamed track need not know its length yet."""
         rate, first = self._audio.sample_rate, self.frames_written
-        # Frame k starts at sample k * rate / fps and is kept while that lies before the end.
+        # Frame k starts at output sample k * rate / fps and is kept while that lies before the end.
         need = math.floor(Fraction(first + n - 1) * rate / self.fps) + 1
         have = self._audio.clamp(need)
         if have >= need:
@@ -262,8 +328,7 @@ class StreamingMP4Writer:
         # (skipped by every reader, whole or cut) and becomes a `moof` only once all of it is in
         # the file, by rewriting 4 bytes in one page: a kill leaves either state, never a mix.
         data[4:8] = b"free"
-        self._file.write(data)
-        self._file.flush()  # hand it to the OS now: the data outlives a killed process
+        self._write_all(data)  # unbuffered: in the OS's hands now, so it outlives a killed process
         os.pwrite(self._file.fileno(), b"moof", self._bytes + 4)
         self._sequence += 1
         self._bytes += len(data)
@@ -278,9 +343,12 @@ class StreamingMP4Writer:
         try:
             if self._audio is not None:
                 end = self._audio.clamp(self._video_end_sample(self.frames_written))
-                self._write([self._audio_run(end, final=True)])
-            self._file.flush()
-            os.fsync(self._file.fileno())
+                with self._rolling_back():
+                    self._write([self._audio_run(end, final=True)])
+            try:
+                os.fsync(self._file.fileno())
+            except OSError as exc:
+                raise self._write_error(exc) from None
         finally:
             self._file.close()
 
@@ -295,6 +363,14 @@ class StreamingMP4Writer:
         return self._closed
 
     @property
+    def frame_limit(self) -> int | None:
+        """Most frames the file takes (the "shortest" trim at the end of the audio); None: no limit,
+        or not known yet (a streamed track whose end has not been read)."""
+        if self._audio is None or self.settings.trim != "shortest" or self._audio.known_length is None:
+            return None
+        return max(0, math.ceil(Fraction(self._audio.known_length) * self.fps / self._audio.sample_rate))
+
+    @property
     def duration_s(self) -> float:
         """Seconds of video written so far."""
         return float(self.frames_written / self.fps)
@@ -307,7 +383,6 @@ class StreamingMP4Writer:
         Everything it describes is flushed to disk before it is returned.
         """
         if not self._closed:
-            self._file.flush()
             os.fsync(self._file.fileno())
         audio = None
         if self._audio is not None:
@@ -353,7 +428,7 @@ class StreamingMP4Writer:
             raise InputError("state",
                              f"{self.path} is missing or shorter than the recorded {state['bytes']} bytes.",
                              "The partial video was moved or damaged; start a new video.")
-        self._file = open(self.path, "r+b")
+        self._file = open(self.path, "r+b", buffering=0)
         if self._file.read(len(self._init)) != self._init:
             self._file.close()
             raise InputError("state",

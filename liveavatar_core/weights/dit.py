@@ -30,6 +30,9 @@ from ..config import DiTConfig
 from ..errors import WeightsError
 from .fp8_scaled import ScaledFP8View, is_scaled_fp8
 from .io import open_checkpoint
+from .keys import key_mismatch
+from .layout import DIT_CONFIG, DIT_INDEX, DIT_SINGLE
+from .layout import DIT_INDEX as OFFICIAL_INDEX  # noqa: F401  (the name nodes/loader.py imports from here)
 
 INPUT_NAME = "dit_checkpoint"
 
@@ -37,12 +40,9 @@ INPUT_NAME = "dit_checkpoint"
 KEY_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 FORMAT_PREFIX = {"official": "", "comfyui": "model.diffusion_model.", "comfyui_short": "diffusion_model."}
 
-OFFICIAL_INDEX = "diffusion_pytorch_model.safetensors.index.json"
-OFFICIAL_SINGLE = "diffusion_pytorch_model.safetensors"
 
 # Width of the only released S2V DiT; a single file of this width can only be the 14B release.
 _RELEASE_DIM = 5120
-_EXAMPLES = 5
 
 
 def expected_dit_keys(cfg: DiTConfig) -> dict[str, tuple[int, ...]]:
@@ -169,6 +169,7 @@ def _canonical_names(keys, input_name: str) -> dict[str, str]:
 # --- detection ------------------------------------------------------------------------------------
 
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
+_SELF_Q_RE = re.compile(r"^blocks\.(\d+)\.self_attn\.q\.weight$")
 _LORA_RE = re.compile(r"(^|\.)(lora_A|lora_B|lora_down|lora_up)(\.|$)")
 
 # Markers of Wan DiT variants that are not S2V (names as in the official/ComfyUI checkpoints).
@@ -183,10 +184,14 @@ _WAN_SIZES = {1536: "1.3B", 3072: "5B", 5120: "14B"}
 
 @dataclass(frozen=True)
 class DiTDetection:
-    """What a set of (canonical) keys and shapes is: `kind` is 's2v' for our model."""
+    """What a set of (canonical) keys and shapes is: `kind` is 's2v' for our model.
+
+    `name` says which model ("Wan2.2-S2V DiT (14B)"), `description` adds dtype and tensor count.
+    """
 
     kind: str
     description: str
+    name: str = ""
 
 
 def _count_indices(keys, pattern: re.Pattern) -> int:
@@ -196,6 +201,14 @@ def _count_indices(keys, pattern: re.Pattern) -> int:
 
 def _size_name(dim: int) -> str:
     return _WAN_SIZES.get(dim, f"dim {dim}")
+
+
+def _dit_width(shapes: Mapping[str, tuple]) -> int:
+    """The model width from whichever tensor that carries it is present (a shard may hold few)."""
+    for key, shape in shapes.items():
+        if key == "patch_embedding.weight" or _SELF_Q_RE.match(key) or key.endswith(".final_linear.weight"):
+            return shape[0]
+    return 0
 
 
 def detect_dit(keys_shapes: Mapping[str, tuple], dtype: str | None = None) -> DiTDetection:
@@ -211,35 +224,43 @@ def detect_dit(keys_shapes: Mapping[str, tuple], dtype: str | None = None) -> Di
     n = len(shapes)
     tail = f", {dtype}, {n} tensors" if dtype else f", {n} tensors"
     keys = list(shapes)
+
+    def found(kind: str, name: str) -> DiTDetection:
+        return DiTDetection(kind, name + tail, name)
+
     if not keys:
-        return DiTDetection("empty", "an empty checkpoint (0 tensors)")
+        return DiTDetection("empty", "an empty checkpoint (0 tensors)", "an empty checkpoint")
     if any(_LORA_RE.search(k) for k in keys):
-        return DiTDetection("lora", f"a LoRA file (adapter factors only){tail}")
+        return found("lora", "a LoRA file (adapter factors only)")
     if "casual_audio_encoder.encoder.final_linear.weight" in shapes or (
             "frame_packer.proj.weight" in shapes and "blocks.0.self_attn.q.weight" in shapes):
-        dim = shapes.get("patch_embedding.weight", shapes.get("blocks.0.self_attn.q.weight", (0,)))[0]
+        dim = _dit_width(shapes)
         layers = _count_indices(keys, _BLOCK_RE)
-        size = "14B" if dim == _RELEASE_DIM else f"dim {dim}, {layers} layers"
-        return DiTDetection("s2v", f"Wan2.2-S2V DiT ({size}){tail}")
+        return found("s2v", f"Wan2.2-S2V DiT ({'14B' if dim == _RELEASE_DIM else f'dim {dim}, {layers} layers'})")
     if "head.modulation" in shapes and "blocks.0.self_attn.q.weight" in shapes:
         dim = shapes["blocks.0.self_attn.q.weight"][0]
         for marker, name in _WAN_VARIANT_MARKERS:
             if marker in shapes:
-                return DiTDetection("wan_variant", f"{name} ({_size_name(dim)}){tail}")
+                return found("wan_variant", f"{name} ({_size_name(dim)})")
         in_dim = shapes.get("patch_embedding.weight", (0, 0))[1]
         if in_dim == 48:
-            return DiTDetection("wan_ti2v", f"Wan2.2 TI2V-5B DiT (in_dim 48){tail}")
+            return found("wan_ti2v", "Wan2.2 TI2V-5B DiT (in_dim 48)")
         if in_dim == 36 or "img_emb.proj.0.bias" in shapes:
-            return DiTDetection("wan_i2v", f"Wan 2.1/2.2 I2V DiT ({_size_name(dim)}, in_dim {in_dim}){tail}")
-        return DiTDetection("wan_t2v", f"Wan 2.1/2.2 T2V DiT ({_size_name(dim)}, in_dim {in_dim}){tail}")
+            return found("wan_i2v", f"Wan 2.1/2.2 I2V DiT ({_size_name(dim)}, in_dim {in_dim})")
+        return found("wan_t2v", f"Wan 2.1/2.2 T2V DiT ({_size_name(dim)}, in_dim {in_dim})")
     if any(k.startswith(("encoder.downsamples.", "decoder.upsamples.")) for k in keys):
-        return DiTDetection("vae", f"a Wan video VAE{tail}")
+        return found("vae", "a Wan video VAE")
     if ("token_embedding.weight" in shapes and "blocks.0.attn.q.weight" in shapes) or any(
             k.startswith("encoder.block.0.layer.0.SelfAttention.") for k in keys):
-        return DiTDetection("t5", f"a umT5 text encoder{tail}")
+        return found("t5", "a umT5 text encoder")
     if any("feature_extractor.conv_layers." in k for k in keys):
-        return DiTDetection("wav2vec2", f"a wav2vec2 audio encoder{tail}")
-    return DiTDetection("unknown", f"an unrecognised checkpoint{tail} (e.g. {', '.join(keys[:3])})")
+        return found("wav2vec2", "a wav2vec2 audio encoder")
+    if any(_SELF_Q_RE.match(k) for k in keys):
+        blocks = sorted({int(m.group(1)) for k in keys if (m := _BLOCK_RE.match(k))})
+        return found("dit_part", f"a Wan DiT (width {_dit_width(shapes)}; this file holds blocks "
+                                 f"{blocks[0]}-{blocks[-1]} only)")
+    return DiTDetection("unknown", f"an unrecognised checkpoint{tail} (e.g. {', '.join(keys[:3])})",
+                        "an unrecognised checkpoint")
 
 
 def describe_dit(keys_shapes: Mapping[str, tuple], dtype: str | None = None) -> str:
@@ -307,48 +328,32 @@ def _dominant_dtype(lazy) -> torch.dtype:
     return max(counts, key=counts.get) if counts else torch.float32
 
 
-def _resolve(path: Path, input_name: str) -> tuple[Path, Path | None, bool]:
-    """(weights file or index, config.json or None, is_official_folder_layout)."""
+def resolve_dit_files(path: str | Path, input_name: str = INPUT_NAME) -> tuple[Path, Path | None, bool]:
+    """(weights file or index, config.json or None, is_official_folder_layout) of a DiT path."""
+    path = Path(path)
     if not path.exists():
         raise WeightsError(input_name, f"{path} does not exist.",
                            "point to the Wan2.2-S2V-14B folder, its index json or a single .safetensors file.")
     if path.is_dir():
-        for name in (OFFICIAL_INDEX, OFFICIAL_SINGLE):
+        for name in (DIT_INDEX, DIT_SINGLE):
             if (path / name).exists():
-                config = path / "config.json"
+                config = path / DIT_CONFIG
                 return path / name, (config if config.exists() else None), True
-        raise WeightsError(input_name, f"the folder {path} holds neither {OFFICIAL_INDEX} nor {OFFICIAL_SINGLE}.",
+        raise WeightsError(input_name, f"the folder {path} holds neither {DIT_INDEX} nor {DIT_SINGLE}.",
                            "point to the Wan2.2-S2V-14B folder (or pass the weight file itself).")
     if path.name.endswith(".index.json"):
-        config = path.parent / "config.json"
+        config = path.parent / DIT_CONFIG
         return path, (config if config.exists() else None), True
-    for candidate in (path.with_suffix(".json"), path.parent / "config.json"):
+    for candidate in (path.with_suffix(".json"), path.parent / DIT_CONFIG):
         if candidate.exists():
             return path, candidate, False
     return path, None, False
 
 
-def _examples(items) -> str:
-    items = list(items)
-    shown = ", ".join(items[:_EXAMPLES])
-    return shown + (f", ... ({len(items) - _EXAMPLES} more)" if len(items) > _EXAMPLES else "")
-
-
 def check_dit_shapes(shapes: Mapping[str, tuple], cfg: DiTConfig, description: str,
                      input_name: str = INPUT_NAME) -> None:
     """Refuse a checkpoint whose canonical keys/shapes differ from `expected_dit_keys(cfg)`."""
-    expected = expected_dit_keys(cfg)
-    missing = [k for k in expected if k not in shapes]
-    unexpected = [k for k in shapes if k not in expected]
-    wrong = [f"{k} {tuple(shapes[k])} (expected {expected[k]})"
-             for k in expected if k in shapes and tuple(shapes[k]) != expected[k]]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} of {len(expected)} expected tensors are missing: {_examples(missing)}")
-    if wrong:
-        problems.append(f"{len(wrong)} tensors have the wrong shape: {_examples(wrong)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} tensors are not part of the S2V DiT: {_examples(unexpected)}")
+    problems = key_mismatch(expected_dit_keys(cfg), shapes)
     if problems:
         raise WeightsError(input_name, f"{description} does not match the expected architecture: "
                            + "; ".join(problems) + ".",
@@ -363,7 +368,7 @@ def load_dit_checkpoint(path: str | Path, input_name: str = INPUT_NAME) -> DiTCh
     fp8_scaled) file. Wrong models, incomplete or damaged files raise WeightsError naming the problem.
     """
     path = Path(path)
-    weights_path, config_json, official_layout = _resolve(path, input_name)
+    weights_path, config_json, official_layout = resolve_dit_files(path, input_name)
     lazy = open_checkpoint(weights_path, input_name)
     raw_keys = list(lazy)
     source_dtype = _dominant_dtype(lazy)
@@ -400,13 +405,10 @@ def load_into_module(module: torch.nn.Module, state_dict: Mapping[str, torch.Ten
     the model. Parameters on the meta device are replaced by real ones on `device`.
     """
     params = dict(module.named_parameters())
-    missing = [k for k in params if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in params]
-    if missing or unexpected:
-        raise WeightsError(input_name, f"the checkpoint and the model disagree: {len(missing)} model parameters "
-                           f"missing from the checkpoint ({_examples(missing) or 'none'}), {len(unexpected)} "
-                           f"checkpoint tensors unknown to the model ({_examples(unexpected) or 'none'}).",
-                           "load a checkpoint of the same architecture as the model config.")
+    problems = key_mismatch(list(params), list(state_dict))  # shapes: checked per tensor below
+    if problems:
+        raise WeightsError(input_name, "the checkpoint does not fit the model's parameters: " + "; ".join(problems)
+                           + ".", "load a checkpoint of the same architecture as the model config.")
     with torch.no_grad():
         for name, param in params.items():
             tensor = state_dict[name]

@@ -26,6 +26,7 @@ import torch
 from ..errors import WeightsError
 from .dit import detect_dit
 from .io import open_checkpoint
+from .keys import examples
 
 INPUT_NAME = "lora"
 DEFAULT_SCALE = 0.5
@@ -39,7 +40,6 @@ _FACTOR_RE = re.compile(r"^(?P<module>.+)\.(?P<factor>lora_A|lora_B|lora_down|lo
 _ALPHA_RE = re.compile(r"^.+\.alpha$")
 _DOWN = {"lora_A": "A", "lora_down": "A", "lora_B": "B", "lora_up": "B"}
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
-_EXAMPLES = 5
 
 
 def _strip_prefixes(key: str) -> str:
@@ -50,12 +50,6 @@ def _strip_prefixes(key: str) -> str:
             if key.startswith(prefix):
                 key, stripped = key[len(prefix):], True
     return key
-
-
-def _examples(items) -> str:
-    items = list(items)
-    shown = ", ".join(items[:_EXAMPLES])
-    return shown + (f", ... ({len(items) - _EXAMPLES} more)" if len(items) > _EXAMPLES else "")
 
 
 @dataclass(frozen=True)
@@ -89,14 +83,14 @@ def parse_lora_keys(keys, input_name: str = INPUT_NAME) -> LoraKeyPlan:
         slot[side] = key
     if foreign:
         raise WeightsError(input_name, f"{len(foreign)} tensors are not LoRA factors (full weights are never "
-                           f"merged from a LoRA file): {_examples(foreign)}.",
+                           f"merged from a LoRA file): {examples(foreign)}.",
                            "use the LiveAvatar LoRA file (liveavatar.safetensors), which holds only lora_A/lora_B.")
     if len(adapters) > 1:
         names = ", ".join(sorted(a or "<none>" for a in adapters))
         raise WeightsError(input_name, f"the file mixes several adapters ({names}).", "export a single adapter.")
     unpaired = [f"{w[:-len('.weight')]} (only {next(iter(s))})" for w, s in factors.items() if len(s) != 2]
     if unpaired:
-        raise WeightsError(input_name, f"{len(unpaired)} LoRA factors have no partner: {_examples(unpaired)}.",
+        raise WeightsError(input_name, f"{len(unpaired)} LoRA factors have no partner: {examples(unpaired)}.",
                            "the file is incomplete; download it again.")
     if not factors:
         raise WeightsError(input_name, "the file contains no LoRA A/B pairs.",
@@ -126,7 +120,7 @@ def check_lora_shapes(plan: LoraKeyPlan, lora_shapes: Mapping[str, tuple], model
     unmatched = [w for w in plan.pairs if w not in model_shapes]
     if unmatched:
         raise WeightsError(input_name, f"{len(unmatched)} of {len(plan.pairs)} LoRA pairs match no weight of the "
-                           f"model: {_examples(unmatched)}.",
+                           f"model: {examples(unmatched)}.",
                            "use the LoRA made for Wan2.2-S2V-14B (LiveAvatar liveavatar.safetensors).")
     wrong, ranks = [], set()
     for weight, (a_key, b_key) in plan.pairs.items():
@@ -138,7 +132,7 @@ def check_lora_shapes(plan: LoraKeyPlan, lora_shapes: Mapping[str, tuple], model
             ranks.add(a[0])
     if wrong:
         raise WeightsError(input_name, f"{len(wrong)} LoRA pairs do not fit their weight (A must be [rank, in], "
-                           f"B [out, rank]): {_examples(wrong)}.",
+                           f"B [out, rank]): {examples(wrong)}.",
                            "use the LoRA made for this model size (the 14B LoRA does not fit other sizes).")
     if len(ranks) > 1:
         raise WeightsError(input_name, f"the LoRA mixes ranks {sorted(ranks)}; one alpha/rank scale cannot apply "
@@ -148,7 +142,7 @@ def check_lora_shapes(plan: LoraKeyPlan, lora_shapes: Mapping[str, tuple], model
         if missing:
             total = len(plan.pairs) + len(missing)
             raise WeightsError(input_name, f"the LoRA covers {len(plan.pairs)} of the {total} layers it must adapt; "
-                               f"missing: {_examples(missing)}.",
+                               f"missing: {examples(missing)}.",
                                "the file is incomplete or made for another model; download liveavatar.safetensors "
                                "again.")
     return ranks.pop()
@@ -246,4 +240,4 @@ def _require_names(lora: LoraWeights, names) -> None:
     absent = [w for w in lora.pairs if w not in names]
     if absent:
         raise WeightsError(INPUT_NAME, f"{len(absent)} LoRA pairs target weights this model does not have: "
-                           f"{_examples(absent)}.", "load the LoRA against the same checkpoint it is merged into.")
+                           f"{examples(absent)}.", "load the LoRA against the same checkpoint it is merged into.")

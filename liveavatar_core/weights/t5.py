@@ -27,7 +27,9 @@ import torch
 
 from ..errors import WeightsError
 from .fp8_scaled import ScaledFP8View, is_scaled_fp8
-from .io import open_checkpoint
+from .io import open_checkpoint, read_json_object
+from .keys import key_mismatch
+from .layout import TOKENIZER_DIR, TOKENIZER_FILE
 
 if TYPE_CHECKING:
     from transformers import UMT5Config
@@ -71,6 +73,7 @@ LAYER_NORM_EPS = 1e-6
 # ComfyUI's umT5 single files may carry their SentencePiece model as a uint8 tensor; not a weight.
 SPIECE_KEY = "spiece_model"
 _EXAMPLES = 3
+TOKENIZER_FILES = "tokenizer.json, spiece.model, tokenizer_config.json, special_tokens_map.json"
 
 
 def official_to_hf(name: str) -> str:
@@ -283,18 +286,9 @@ def _check_and_build_config(names: dict[str, str], shapes: Mapping[str, tuple], 
     config = _umt5_config(vocab_size=emb[0], d_model=emb[1], num_heads=table[1], d_kv=q[0] // table[1],
                           d_ff=wi[0], num_layers=layers, relative_attention_num_buckets=table[0])
     expected = {official_to_hf(k): s for k, s in expected_t5_shapes(config).items()}
-    missing = [k for k in expected if k not in names]
-    unexpected = [names[k] for k in names if k not in expected]
-    wrong = [f"{names[k]} {shape(k)} (expected {s})" for k, s in expected.items()
-             if k in names and shape(k) != s]
-    problems = []
-    if missing:
-        examples = ", ".join(hf_to_official(k) for k in missing[:_EXAMPLES])
-        problems.append(f"{len(missing)} tensors missing (e.g. {examples})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensors (e.g. {', '.join(unexpected[:_EXAMPLES])})")
-    if wrong:
-        problems.append(f"{len(wrong)} tensors with the wrong shape (e.g. {'; '.join(wrong[:_EXAMPLES])})")
+    found = {k: shapes[file_key] for k, file_key in names.items()}
+    # Missing tensors have no file key: they are named as the official file spells them.
+    problems = key_mismatch(expected, found, display=lambda k: names[k] if k in names else hf_to_official(k))
     if problems:
         raise WeightsError(input_name, f"{source} does not match the umT5 encoder layout read from its own "
                            f"shapes ({layers} layers): {'; '.join(problems)}.",
@@ -325,3 +319,39 @@ def _foreign_model(shapes: Mapping[str, tuple]) -> str:
     if has("text_model.encoder.layers", "visual.transformer", "vision_model."):
         return "a CLIP model"
     return f"an unrecognised model (first keys: {', '.join(keys[:_EXAMPLES]) or 'none'})"
+
+
+def tokenizer_folder(weights_path: str | Path | None, tokenizer_path: str | Path | None = None,
+                     input_name: str = "tokenizer_path") -> Path:
+    """The umT5 tokenizer folder: `tokenizer_path` (a folder or a file in it), else google/umt5-xxl
+    beside `weights_path`, as the official folder has it. Raises `WeightsError` unless it holds
+    tokenizer.json.
+    """
+    if tokenizer_path is not None:
+        folder = Path(tokenizer_path)
+        if not folder.exists():
+            raise WeightsError(input_name, f"{folder} does not exist.",
+                               f"point it at the google/umt5-xxl folder ({TOKENIZER_FILES}).")
+        folder = folder.parent if folder.is_file() else folder
+    else:
+        folder = Path(weights_path).parent / TOKENIZER_DIR
+        if not folder.is_dir():
+            # ComfyUI's umT5 files may embed a SentencePiece model, but its ids can differ from the
+            # official tokenizer.json (the dummy-prefix setting), so it is not used as a stand-in.
+            raise WeightsError(input_name, f"no umT5 tokenizer found for {weights_path}: {folder} does not "
+                               "exist.", f"put the google/umt5-xxl tokenizer files ({TOKENIZER_FILES}, from the "
+                               f"Wan2.2-S2V-14B download) in {folder}, or pass tokenizer_path.")
+    if not (folder / TOKENIZER_FILE).is_file():
+        raise WeightsError(input_name, f"{folder} holds no umT5 tokenizer ({TOKENIZER_FILE} is missing).",
+                           f"copy the google/umt5-xxl tokenizer files ({TOKENIZER_FILES}) into it.")
+    return folder
+
+
+def describe_tokenizer(folder: str | Path, input_name: str = "tokenizer_path") -> str:
+    """One line for a umT5 tokenizer folder, e.g. "umT5 tokenizer (Unigram, 256300 tokens)"."""
+    folder = tokenizer_folder(None, folder, input_name)
+    model = read_json_object(folder / TOKENIZER_FILE, input_name).get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("vocab"), (list, dict)):
+        raise WeightsError(input_name, f"{folder / TOKENIZER_FILE} holds no tokenizer model with a vocabulary.",
+                           f"restore the tokenizer files ({TOKENIZER_FILES}).")
+    return f"umT5 tokenizer ({model.get('type', 'unknown type')}, {len(model['vocab'])} tokens)"

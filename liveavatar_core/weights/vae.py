@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import WeightsError
+from .keys import key_mismatch
 
 _ANCHOR = "encoder.conv1.weight"
 DIM_MULT = (1, 2, 4, 4)
@@ -125,20 +126,10 @@ def inspect_vae(shapes: Mapping[str, tuple[int, ...]], input_name: str = "vae",
                            "select Wan2.1_VAE.pth from the Wan2.2-S2V-14B folder or ComfyUI's "
                            "wan_2.1_vae.safetensors.")
     expected = expected_vae_shapes(base_dim, z_dim or 16)
-    missing = sorted(set(expected) - set(keys))
-    unexpected = sorted(set(keys) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(keys) if keys[k] != expected[k])
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} keys missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
-        if wrong:
-            parts.append(f"{len(wrong)} shapes differ (e.g. {wrong[0]}: {keys[wrong[0]]}, "
-                         f"expected {expected[wrong[0]]})")
+    problems = key_mismatch(expected, keys)
+    if problems:
         raise WeightsError(input_name, "looks like a Wan VAE but does not match the Wan 2.1 layout: "
-                           + "; ".join(parts) + ".",
+                           + "; ".join(problems) + ".",
                            "use the official Wan2.1_VAE.pth or ComfyUI's wan_2.1_vae.safetensors.")
     num_params = 0
     for shape in expected.values():

@@ -19,7 +19,6 @@ model.safetensors / pytorch_model.bin / sharded index) and ComfyUI's single file
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -28,7 +27,8 @@ from pathlib import Path
 import torch
 
 from ..errors import WeightsError
-from .io import open_checkpoint
+from .io import open_checkpoint, read_json_object
+from .layout import WAV2VEC2_WEIGHT_FILES
 
 # Live Avatar's DiT mixes exactly 25 hidden states (embedding output + 24 layers) with a fixed
 # (1, 25, 1, 1) learned weight, so only 24-layer encoders can drive it (fixtures README section 2).
@@ -48,7 +48,6 @@ _DROPPED_NAMES = ("masked_spec_embed",)
 # uses this 320x stack (50 Hz at 16 kHz), recognised by its kernels.
 _STANDARD_CONV_KERNEL = (10, 3, 3, 3, 3, 2, 2)
 _STANDARD_CONV_STRIDE = (5, 2, 2, 2, 2, 2, 2)
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
 @dataclass(frozen=True)
@@ -275,6 +274,14 @@ def arch_from_config(config: Mapping, input_name: str = "audio_encoder") -> Wav2
                            "use wav2vec2-large-xlsr-53-english.")
     defaults = Wav2Vec2Arch()
     get = config.get
+    try:
+        return _arch(get, defaults)
+    except TypeError as exc:
+        raise WeightsError(input_name, f"config.json has a field of the wrong type ({exc}).",
+                           "use the config.json that came with these weights.") from None
+
+
+def _arch(get, defaults: Wav2Vec2Arch) -> Wav2Vec2Arch:
     return Wav2Vec2Arch(
         hidden_size=get("hidden_size", defaults.hidden_size),
         num_layers=get("num_hidden_layers", defaults.num_layers),
@@ -332,23 +339,11 @@ def load_wav2vec2(path: str | os.PathLike, config: str | os.PathLike | Mapping |
     `config` (a config.json path or dict) overrides the architecture; a folder's own config.json is
     used otherwise, and a single file's architecture comes from its tensor shapes.
     """
-    path = Path(path)
+    weights, folder_json, preprocessor_json = wav2vec2_files(path, input_name)
+    folder_config = read_json_object(folder_json, input_name) if folder_json else None
     do_normalize = True
-    folder_config = None
-    if path.is_dir():
-        weights = next((path / n for n in _WEIGHT_FILES if (path / n).exists()), None)
-        if weights is None:
-            raise WeightsError(input_name, f"no weights in {path} (looked for {', '.join(_WEIGHT_FILES)}).",
-                               "download the complete wav2vec2-large-xlsr-53-english folder.")
-        if (path / "config.json").exists():
-            folder_config = _read_json(path / "config.json", input_name)
-        if (path / "preprocessor_config.json").exists():
-            do_normalize = bool(_read_json(path / "preprocessor_config.json", input_name).get("do_normalize", True))
-    elif path.exists():
-        weights = path
-    else:
-        raise WeightsError(input_name, f"not found: {path}.",
-                           "pass the wav2vec2-large-xlsr-53-english folder or a wav2vec2 .safetensors file.")
+    if preprocessor_json is not None:
+        do_normalize = bool(read_json_object(preprocessor_json, input_name).get("do_normalize", True))
 
     lazy = open_checkpoint(weights, input_name)
     layout = detect_layout(lazy.keys(), input_name)
@@ -360,7 +355,7 @@ def load_wav2vec2(path: str | os.PathLike, config: str | os.PathLike | Mapping |
     if isinstance(config, Mapping):
         config_dict = dict(config)
     elif config is not None:
-        config_dict = _read_json(Path(config), input_name)
+        config_dict = read_json_object(Path(config), input_name)
     else:
         config_dict = folder_config
     if config_dict is not None:
@@ -376,9 +371,32 @@ def load_wav2vec2(path: str | os.PathLike, config: str | os.PathLike | Mapping |
     return LoadedWav2Vec2(state_dict, arch, layout, do_normalize, description)
 
 
-def _read_json(path: Path, input_name: str) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise WeightsError(input_name, f"cannot read {path} ({exc}).", "download the file again.") from None
+def wav2vec2_files(path: str | os.PathLike, input_name: str = "audio_encoder") -> tuple[Path, Path | None, Path | None]:
+    """(weights file, config.json or None, preprocessor_config.json or None) of a folder or single file."""
+    path = Path(path)
+    if path.is_dir():
+        weights = next((path / n for n in WAV2VEC2_WEIGHT_FILES if (path / n).exists()), None)
+        if weights is None:
+            raise WeightsError(input_name, f"no weights in {path} (looked for {', '.join(WAV2VEC2_WEIGHT_FILES)}).",
+                               "download the complete wav2vec2-large-xlsr-53-english folder.")
+        config, preprocessor = path / "config.json", path / "preprocessor_config.json"
+        return weights, (config if config.exists() else None), (preprocessor if preprocessor.exists() else None)
+    if path.exists():
+        return path, None, None
+    raise WeightsError(input_name, f"not found: {path}.",
+                       "pass the wav2vec2-large-xlsr-53-english folder or a wav2vec2 .safetensors file.")
 
+
+def describe_wav2vec2(path: str | os.PathLike, input_name: str = "audio_encoder") -> str:
+    """One line for a wav2vec2 folder or file from its config and tensor headers (no tensor is read)."""
+    weights, config_json, _ = wav2vec2_files(path, input_name)
+    lazy = open_checkpoint(weights, input_name)
+    layout = detect_layout(lazy.keys(), input_name)
+    shapes = {canonical_key(k, layout): s for k, s in lazy.shapes().items()}
+    shapes.pop(None, None)
+    if config_json is not None:
+        arch, source = arch_from_config(read_json_object(config_json, input_name), input_name), "config.json"
+    else:
+        arch, source = arch_from_shapes(shapes, input_name=input_name), "tensor shapes"
+    fit = "" if arch.num_layers == REQUIRED_LAYERS else f"; Live Avatar needs {REQUIRED_LAYERS} layers"
+    return f"{arch.describe()} (from {source}), {lazy.dtype_summary()}, {len(lazy)} tensors{fit}"

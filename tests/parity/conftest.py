@@ -4,9 +4,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from liveavatar_core.model.dit import LiveAvatarDiT, load_weights
 from liveavatar_core.weights.dit import load_dit_checkpoint
 from liveavatar_core.weights.lora import load_lora, merge_lora
+from tests.dit_support import build_dit
 
 
 @pytest.fixture(scope="session")
@@ -23,16 +23,14 @@ def golden(fixtures):
 
 @pytest.fixture(scope="session")
 def tiny_dit(fixtures, ckpt_dir, manifest):
-    """The fixture DiT with the LoRA merged, in the run's parameter dtype, "math" attention.
+    """The fixture DiT with the LoRA merged, in the run's parameter dtype, "math" attention, loaded
+    and merged in the product's order (`loading.load_generator`: streamed load, then the merge).
 
     The golden runs computed attention as plain fp32 softmax (fixtures README 5), which "math" spells out.
     """
     ckpt = load_dit_checkpoint(ckpt_dir)
     lora_cfg = manifest["tiny_config"]["lora"]
     lora = load_lora(fixtures / "ckpt" / "LiveAvatar" / "liveavatar.safetensors", ckpt.shapes())
-    dtype = getattr(torch, manifest["settings"]["param_dtype"])
-    weights = {k: v.to(dtype) for k, v in ckpt.state_dict.items()}
-    merge_lora(weights, lora, scale=lora_cfg["alpha"] / lora_cfg["rank"])
-    model = LiveAvatarDiT(ckpt.config, attention="math").to(dtype)
-    load_weights(model, weights)
+    model = build_dit(ckpt, getattr(torch, manifest["settings"]["param_dtype"]), attention="math")
+    merge_lora(model, lora, scale=lora_cfg["alpha"] / lora_cfg["rank"])
     return model

@@ -14,10 +14,7 @@ from safetensors.torch import load_file
 from liveavatar_core.model.cache import make_step_caches, tokens_per_frame
 from liveavatar_core.model.offset import RefOffsetPolicy
 
-from tests.parity.tolerance import FORWARD_ATOL, assert_forward_close
-
-CACHE_ATOL = 2e-3  # fixtures README 7: caches
-CACHE_RTOL = 1e-3
+from tests.parity.tolerance import DIT_FORWARD, DIT_INPUT, ROLLOUT, assert_parity
 
 
 def _golden(fixtures, name):
@@ -75,7 +72,7 @@ def run(model, fixtures, manifest):
 
 def test_text_embedding(run, fixtures):
     expected = _golden(fixtures, "01_text")["dit_text_embedding_out"]
-    torch.testing.assert_close(run["text"].embedded[0], expected, atol=FORWARD_ATOL, rtol=0)
+    assert_parity(run["text"].embedded[0], expected, DIT_INPUT, "dit_text_embedding_out")
 
 
 def test_sink_cond_cache(run, fixtures, manifest, model):
@@ -85,8 +82,8 @@ def test_sink_cond_cache(run, fixtures, manifest, model):
     assert cond.num_tokens == sink_calls[0]["cond_end"]
     assert len(cond.k) == model.cfg.num_layers
     for i in range(model.cfg.num_layers):
-        torch.testing.assert_close(cond.k[i], g6[f"cond_k.layer{i}"], atol=CACHE_ATOL, rtol=CACHE_RTOL)
-        torch.testing.assert_close(cond.v[i], g6[f"cond_v.layer{i}"], atol=CACHE_ATOL, rtol=CACHE_RTOL)
+        assert_parity(cond.k[i], g6[f"cond_k.layer{i}"], ROLLOUT, f"cond_k.layer{i}")
+        assert_parity(cond.v[i], g6[f"cond_v.layer{i}"], ROLLOUT, f"cond_v.layer{i}")
     # Every step cache shares the one condition cache.
     assert all(c.cond is cond for c in run["caches"])
 
@@ -102,7 +99,7 @@ def test_sink_layer_outputs(run, model):
     g7 = run["g7"]
     assert len(run["sink_outs"]) == model.cfg.num_layers
     for i, out in enumerate(run["sink_outs"]):
-        torch.testing.assert_close(out[0], g7[f"sink.layer{i}.out"], atol=FORWARD_ATOL, rtol=0)
+        assert_parity(out[0], g7[f"sink.layer{i}.out"], DIT_FORWARD, f"sink.layer{i}.out")
 
 
 def test_block_rope_bit_exact(run, model):
@@ -128,8 +125,8 @@ def test_audio_encoder(model, run):
         audio = torch.cat([audio[..., :1].expand(*audio.shape[:-1], mf[0]), audio], dim=-1)
         with torch.no_grad():
             glob, local = model.casual_audio_encoder(audio.to(model.dtype))
-        torch.testing.assert_close(local[:, mf[1]:], g7[f"{prefix}.merged_audio_emb"], atol=FORWARD_ATOL, rtol=0)
-        torch.testing.assert_close(glob[:, mf[1]:], g7[f"{prefix}.audio_emb_global"], atol=FORWARD_ATOL, rtol=0)
+        assert_parity(local[:, mf[1]:], g7[f"{prefix}.merged_audio_emb"], DIT_INPUT, f"{prefix}.merged_audio_emb")
+        assert_parity(glob[:, mf[1]:], g7[f"{prefix}.audio_emb_global"], DIT_INPUT, f"{prefix}.audio_emb_global")
 
 
 def test_block_layer_outputs(run, model):
@@ -139,7 +136,7 @@ def test_block_layer_outputs(run, model):
         for i, out in enumerate(outs):
             key = f"{prefix}.layer{i}.out"
             if key in g7:
-                torch.testing.assert_close(out[0], g7[key], atol=FORWARD_ATOL, rtol=0)
+                assert_parity(out[0], g7[key], DIT_FORWARD, key)
                 checked += 1
     assert checked >= model.cfg.num_layers
 
@@ -148,7 +145,7 @@ def test_predictions(run):
     g7 = run["g7"]
     assert run["preds"]
     for prefix, pred in run["preds"].items():
-        assert_forward_close(pred, g7[f"{prefix}.pred"], prefix)
+        assert_parity(pred, g7[f"{prefix}.pred"], DIT_FORWARD, prefix)
 
 
 def test_step_caches_after_last_block(run, model):
@@ -161,7 +158,7 @@ def test_step_caches_after_last_block(run, model):
         expected = g7[name]
         cache = run["caches"][int(cache_no) - 1]
         got = (cache.k if kind == "k" else cache.v)[int(layer)][:, :expected.shape[1]]
-        torch.testing.assert_close(got, expected, atol=CACHE_ATOL, rtol=CACHE_RTOL, msg=name)
+        assert_parity(got, expected, ROLLOUT, name)
 
 
 def test_official_offset_policy_reproduces_recorded_draws(manifest):

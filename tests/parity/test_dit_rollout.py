@@ -11,9 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from liveavatar_core.model.cache import make_step_caches
+from tests.parity.tolerance import ROLLOUT, assert_parity
 
-ROLLOUT_ATOL = 2e-3  # fixtures README 7: caches and full rollouts
-ROLLOUT_RTOL = 1e-3
 GOLDEN = {"offline": "08_rollout_offline", "online": "09_rollout_online"}
 
 
@@ -79,10 +78,10 @@ def test_rollout_matches_official(model, fixtures, manifest, mode):
     assert len(preds) == run["num_dit_calls"] - run["num_sink_calls"]
     assert sinks == run["num_sink_calls"] // manifest["settings"]["sample_steps"]
     for key, pred in preds.items():
-        torch.testing.assert_close(pred, golden[key], atol=ROLLOUT_ATOL, rtol=ROLLOUT_RTOL, msg=key)
+        assert_parity(pred, golden[key], ROLLOUT, key)
     assert set(latents) == {k for k in golden if k.endswith(".clip_latents")}
     for key, lat in latents.items():
-        torch.testing.assert_close(lat, golden[key], atol=ROLLOUT_ATOL, rtol=ROLLOUT_RTOL, msg=key)
+        assert_parity(lat, golden[key], ROLLOUT, key)
 
 
 def test_online_sink_refill_matches_official(model, fixtures, manifest):
@@ -92,5 +91,5 @@ def test_online_sink_refill_matches_official(model, fixtures, manifest):
     context = _golden(fixtures, "01_text")["context"]
     cond = model.sink(online["sink2.ref_latents"], offline["decode1.motion_latents"][None], context)
     for i in range(model.cfg.num_layers):
-        torch.testing.assert_close(cond.k[i], online[f"sink2.cond_k.layer{i}"], atol=ROLLOUT_ATOL, rtol=ROLLOUT_RTOL)
-        torch.testing.assert_close(cond.v[i], online[f"sink2.cond_v.layer{i}"], atol=ROLLOUT_ATOL, rtol=ROLLOUT_RTOL)
+        assert_parity(cond.k[i], online[f"sink2.cond_k.layer{i}"], ROLLOUT, f"sink2.cond_k.layer{i}")
+        assert_parity(cond.v[i], online[f"sink2.cond_v.layer{i}"], ROLLOUT, f"sink2.cond_v.layer{i}")

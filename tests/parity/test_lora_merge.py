@@ -5,6 +5,7 @@ from safetensors.torch import load_file
 
 from liveavatar_core.weights.dit import load_dit_checkpoint
 from liveavatar_core.weights.lora import load_lora, merge_lora
+from tests.parity.tolerance import LORA_MERGE, assert_parity
 
 MERGED_SUFFIX = ".merged"
 
@@ -31,5 +32,5 @@ def test_merged_weights_match_official(fixtures, ckpt_dir, manifest):
         name = key.removesuffix(MERGED_SUFFIX)
         assert weights[name].dtype == expected.dtype
         # The official merge was exact (manifest: max error 0 across thread counts).
-        torch.testing.assert_close(weights[name], expected, atol=1e-6, rtol=0)
+        assert_parity(weights[name], expected, LORA_MERGE, name)
         assert not torch.equal(weights[name], base[name]), f"{name} was not changed by the merge"

@@ -12,6 +12,7 @@ import torch
 from liveavatar_core.encoders.audio import AudioFeatures
 from liveavatar_core.pipeline import GenerationSettings, LiveAvatarModel, generate
 from liveavatar_core.vae.loader import load_vae
+from tests.parity.tolerance import VIDEO_UINT8, assert_parity
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,4 @@ def test_official_video_matches(model, golden, manifest, fixtures, run, golden_f
                       fixtures / manifest["inputs"]["image"], settings)
     video = np.concatenate([chunk.frames for chunk in stream])  # [n, H, W, 3]
     expected = golden(golden_file)["video_uint8"].permute(1, 2, 3, 0).numpy()
-    assert video.shape == expected.shape
-    diff = np.abs(video.astype(np.int16) - expected.astype(np.int16))
-    assert diff.max() <= 1, f"max level difference {diff.max()}"  # fixtures README 7: within +-1
-    assert (diff > 0).mean() < 1e-3
+    assert_parity(video, expected, VIDEO_UINT8, f"{run} video_uint8")

@@ -5,9 +5,9 @@ import torch
 from safetensors.torch import load_file
 
 from liveavatar_core.encoders.text import TextEncoder
+from tests.parity.tolerance import ENCODER, assert_parity
 
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
-ATOL = 1e-4  # fixtures README section 7
 
 
 @pytest.fixture(scope="module")
@@ -38,4 +38,4 @@ def test_context_matches_official(encoder, golden, prompt):
     assert context.shape == expected.shape
     assert context.shape[0] == int(golden["attention_mask"].sum())
     assert context.dtype == torch.float32
-    torch.testing.assert_close(context, expected, atol=ATOL, rtol=0)
+    assert_parity(context, expected, ENCODER, "context")

@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from liveavatar_core.vae import load_vae
+from tests.parity.tolerance import ENCODER, FRAMES, assert_parity
 
-ATOL_LATENTS = 1e-4  # fixtures README 7
-ATOL_FRAMES = 2e-3
 PASS = 8
 
 
@@ -34,8 +33,8 @@ def test_reference_latents(vae, ref, golden):
     g = golden("04_vae")
     both = g["ref_latents_both_frames"]
     z = vae.encode(ref.repeat(1, 1, _frames_for(both.shape[1]), 1, 1))
-    torch.testing.assert_close(z[0], both, rtol=0, atol=ATOL_LATENTS)
-    torch.testing.assert_close(z[:, :, 1:], g["ref_latents"], rtol=0, atol=ATOL_LATENTS)
+    assert_parity(z[0], both, ENCODER, "ref_latents_both_frames")
+    assert_parity(z[:, :, 1:], g["ref_latents"], ENCODER, "ref_latents")
 
 
 def test_motion_latents(vae, ref, golden, manifest):
@@ -45,7 +44,7 @@ def test_motion_latents(vae, ref, golden, manifest):
     pixels = ref.repeat(1, 1, ref_frames * manifest["settings"]["motion_frames"], 1, 1)
     z = vae.encode(pixels, groups_per_pass=PASS)
     assert z.shape == expected.shape
-    torch.testing.assert_close(z, expected, rtol=0, atol=ATOL_LATENTS)
+    assert_parity(z, expected, ENCODER, "motion_latents")
 
 
 def test_pose_condition_latents(vae, ref, golden, manifest):
@@ -54,7 +53,7 @@ def test_pose_condition_latents(vae, ref, golden, manifest):
     _, _, _, h, w = ref.shape
     z = vae.encode(-torch.ones(1, 3, frames, h, w), groups_per_pass=PASS)
     assert z.shape[1:] == expected.shape
-    torch.testing.assert_close(z[0], expected, rtol=0, atol=ATOL_LATENTS)
+    assert_parity(z[0], expected, ENCODER, "pose_cond_latents_raw")
 
 
 def test_clip0_frames(vae, golden, manifest):
@@ -66,4 +65,4 @@ def test_clip0_frames(vae, golden, manifest):
     assert frames.shape[2] == _frames_for(z.shape[2])
     f_clip = manifest["settings"]["infer_frames"]
     kept = frames[0, :, -f_clip:][:, f_clip - expected.shape[1]:]  # the first clip drops its first frames
-    torch.testing.assert_close(kept, expected, rtol=0, atol=ATOL_FRAMES)
+    assert_parity(kept, expected, FRAMES, "clip0_frames")
