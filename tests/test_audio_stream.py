@@ -269,3 +269,16 @@ def test_writer_with_streamed_track_writes_the_same_file(tmp_path):
         with StreamingMP4Writer(target, 64, 64, 25, audio=audio, sample_rate=16000) as w:
             counts.append(sum(w.append(frames[i:i + 12]) for i in range(0, len(frames), 12)))
     assert counts[0] == counts[1] == 50
+
+
+def test_streamed_track_reads_back_after_a_rollback(tmp_path):
+    """A writer that rolls back a failed fragment re-reads earlier samples: near ones from the kept
+    history, far ones by decoding again."""
+    path = tmp_path / "voice.flac"
+    write_audio(path, speech(12.0), 16000, "flac")
+    samples = load_audio(path)
+    source = StreamedWaveform(path).open_source(48)
+    for start in range(0, 160000, 1024):
+        source.read(start, start + 1024)
+    for start in (150000, 1000):  # within the history, then far back
+        assert np.array_equal(source.read(start, start + 1024)[0], samples[start + 48:start + 48 + 1024])

@@ -462,7 +462,8 @@ class StreamedAudioFeatures:
             self.available_clips = clips_available(t30, frames_per_clip, fps)
         self.waveform_16k = StreamedWaveform(source, input_name)
         self.samples_read = 0  # 16 kHz samples the last `clips` call has decoded so far
-        self.total_samples: int | None = None  # 16 kHz length, once the end has been read
+        # 16 kHz length: the declared one until the end has been read, then the decoded one.
+        self.total_samples: int | None = self.expected_samples
         self._digest: str | None = None
 
     @property
@@ -572,15 +573,21 @@ class StreamedWaveform:
 class StreamedSource:
     """`video.encode.AudioSource`'s interface over a `StreamedWaveform`: output sample t plays
     source sample t + offset, silence outside. `clamp(n)` = min(n, length) reads just far enough
-    to tell; `length` reads to the end. Reads go forward (the AAC encoder's order): samples before
-    the last read's start are dropped, so a resumed writer starting late holds no prefix."""
+    to tell; `length` reads to the end. Reads go forward (the AAC encoder's order): samples more
+    than `_HISTORY` before the last read's start are dropped, so a resumed writer starting late holds
+    no prefix; a read further back (a writer rolled back after a failed write) decodes again from
+    the start."""
 
     channels = 1
+    _HISTORY = 4 * SAMPLE_RATE  # a rolled-back writer re-reads its last fragment and AAC pre-roll
 
     def __init__(self, track: StreamedWaveform, offset: int):
         self.track, self.offset = track, offset
         self.sample_rate = track.sample_rate
-        self._reader = AudioReader(track.source, track.input_name)
+        self._open()
+
+    def _open(self) -> None:
+        self._reader = AudioReader(self.track.source, self.track.input_name)
         self._chunks = iter(self._reader)
         self._buf = np.zeros(0, np.float32)
         self._buf0 = 0  # source index of _buf[0]
@@ -615,9 +622,9 @@ class StreamedSource:
     def read(self, start: int, stop: int) -> np.ndarray:
         """Float32 `[1, stop - start]`; a read must not start before an earlier read's start."""
         lo, hi = start + self.offset, stop + self.offset
-        if lo < self._keep_from and hi > 0:
-            raise RuntimeError(f"audio read at sample {lo} after the reader moved on to {self._keep_from}")
-        self._keep_from = max(lo, 0)
+        if lo < self._buf0 and hi > 0:
+            self._open()
+        self._keep_from = max(lo - self._HISTORY, 0)
         self.clamp(stop)
         out = np.zeros((1, stop - start), np.float32)
         a, b = max(lo, self._buf0), min(hi, self._buf0 + self._buf.size)
