@@ -162,6 +162,7 @@ def run_generation(ckpt_dir: Path, lora: Path | None, image, audio, prompt: str,
     from dataclasses import asdict
 
     from .encoders.audio import AudioEncoder
+    from .encoders.audio_stream import audio_identity
     from .encoders.image import preprocess_reference
     from .encoders.placement import audio_encoder_placement, text_encoder_placement
     from .encoders.text import TextEncoder
@@ -179,7 +180,7 @@ def run_generation(ckpt_dir: Path, lora: Path | None, image, audio, prompt: str,
                                kv_cache_location=kv_cache_location, kv_cache_dtype=kv_cache_dtype,
                                compile=compile, t5_cpu=t5_cpu))
     pre.log()
-    settings, folder, waveform = pre.settings, pre.folder, pre.waveform
+    settings, folder = pre.settings, pre.folder
     state = target = None
     if resume is not None:
         state = load_resume_state(resume)
@@ -195,14 +196,15 @@ def run_generation(ckpt_dir: Path, lora: Path | None, image, audio, prompt: str,
 
     # 2. Encoders (each used once here: loaded where it runs, then dropped), then the generator.
     t0 = time.perf_counter()
+    # Streaming mode keeps wav2vec2 for its windowed encoding, which runs while the blocks are sampled;
     # --t5_cpu: umT5 encodes on the CPU, as the official flag does.
     text_at = text_encoder_placement(pre.text_device, precision)
     audio_at = audio_encoder_placement(device, precision)
     text = TextEncoder.from_pretrained(folder.t5, device=text_at.run_on, dtype=text_at.dtype).encode(prompt)
-    features = AudioEncoder.from_pretrained(folder.wav2vec2, device=audio_at.run_on, dtype=audio_at.dtype).encode(
-        audio, frames_per_clip=infer_frames, num_clips=num_clip or None)
+    features = AudioEncoder.from_pretrained(folder.wav2vec2, device=audio_at.run_on, dtype=audio_at.dtype).prepare(
+        audio, frames_per_clip=infer_frames, num_clips=num_clip or None).features(mode)
     if state is not None:  # the prompt, audio and image are known now; the model only after loading it
-        check_resume_state(state, fingerprint=input_fingerprint(text=text, audio=features.embedding,
+        check_resume_state(state, fingerprint=input_fingerprint(text=text, audio=audio_identity(features),
                                                                 reference=preprocess_reference(image, size)[0]))
     model = load_generator(folder.dit, folder.vae, pre.lora, precision=precision, attention=attention,
                            dit_device=device, offload=offload, blocks_on_gpu=blocks_on_gpu,
@@ -213,8 +215,9 @@ def run_generation(ckpt_dir: Path, lora: Path | None, image, audio, prompt: str,
 
     # 3. Stream: every block is decoded and appended to the MP4 as soon as it is sampled.
     stream = generate(model, text.to(device), features, image, settings, resume_from=state)
-    log.info("output %dx%d, %d clips, %d frames (%.2f s) -> %s", stream.width, stream.height, stream.num_clips,
-             stream.total_frames, stream.total_frames / stream.fps, out)
+    frames = stream.total_frames  # None: streamed audio whose length is known only once read
+    log.info("output %dx%d, %s clips, %s frames (%s s) -> %s", stream.width, stream.height, stream.num_clips,
+             frames, "?" if frames is None else f"{frames / stream.fps:.2f}", out)
 
     def report(chunk):
         s = chunk.stats
@@ -224,7 +227,7 @@ def run_generation(ckpt_dir: Path, lora: Path | None, image, audio, prompt: str,
     if target is not None:
         target.create_folders()
     try:
-        return write_mp4(stream, out, waveform, on_chunk=report, resume_path=resume_file)
+        return write_mp4(stream, out, on_chunk=report, resume_path=resume_file)
     except BaseException:
         if resume_file.is_file():
             log.warning("%s plays up to the last finished block; to complete it, run the same command with "

@@ -40,6 +40,7 @@ import torch
 
 from .config import DEFAULT_FRAMES_PER_CLIP
 from .encoders.audio import SAMPLE_RATE, AudioFeatures, check_audio_length
+from .encoders.audio_stream import AudioInput, StreamedAudioFeatures, audio_identity, features_for_mode
 from .encoders.image import DEFAULT_SIZE, preprocess_reference, target_area
 from .errors import InputError
 from .model.cache import KV_STORAGE_DTYPES, make_step_caches
@@ -190,32 +191,34 @@ class _Pending:
 class VideoStream:
     """Iterable of `FrameChunk`s; see `generate`."""
 
-    def __init__(self, model: LiveAvatarModel, text: torch.Tensor, audio: AudioFeatures, image,
+    def __init__(self, model: LiveAvatarModel, text: torch.Tensor,
+                 audio: AudioFeatures | StreamedAudioFeatures | AudioInput, image,
                  settings: GenerationSettings, should_stop: Callable[[], bool] | None = None,
                  resume_from: str | os.PathLike | ResumeState | None = None):
         self.model, self.settings, self.should_stop = model, settings, should_stop
         self.config = settings.sampler_config()
+        audio = features_for_mode(audio, settings.mode)
         if audio.frames_per_clip != settings.frames_per_clip:
             raise InputError("frames_per_clip", f"the audio features were bucketed for {audio.frames_per_clip} "
                              f"frames per clip, the sampler is set to {settings.frames_per_clip}.",
                              "encode the audio with the same frames per clip.")
-        check_audio_length(audio.duration_s, settings.fps)
+        # A streamed track knows its length from its header (None: not declared, nothing to check).
+        seconds = audio.duration_s if isinstance(audio, AudioFeatures) else (
+            audio.expected_samples / SAMPLE_RATE if audio.expected_samples else None)
+        if seconds is not None:
+            check_audio_length(seconds, settings.fps)
         self.audio = audio
-        self.num_clips = audio.num_clips if not settings.num_clips else min(settings.num_clips,
-                                                                             audio.available_clips)
         pixels, (self.height, self.width) = preprocess_reference(image, settings.size)
         if model.plan is not None:  # loaded for another size (the loader node cannot know the sampler's)
             model.plan.replanned(self.height, self.width, settings.frames_per_clip, settings.sample_steps,
-                                 audio.duration_s).validate()
+                                 seconds).validate()
         self.reference = pixels
         self.text = text
         self.fps = settings.fps
         # Frame k of the output was driven by audio frame k + 3 in streaming mode (the audio is
         # shifted to match); the official mode keeps its offset.
         self.audio_offset_frames = DROPPED_START_FRAMES if settings.mode == "streaming" else 0
-        # Frames the MP4 keeps (the writer's "shortest" trim); write_mp4 sets its writer's own limit.
-        self.frame_limit: int | None = frames_within_audio(len(audio.waveform_16k), SAMPLE_RATE, self.fps,
-                                                           self.audio_offset_frames)
+        self._frame_limit: int | None = None  # set by write_mp4 from its writer
         self.blocks_per_clip = None
         self.stats = Stats()
         # Set by write_mp4(resume_path=...): keep the last two block boundaries (see _boundary).
@@ -232,16 +235,41 @@ class VideoStream:
             self._restored = state
 
     @property
-    def generated_frames(self) -> int:
-        """Frames the stream decodes and hands out (whole clips, less the 3 dropped at the start)."""
-        return self.num_clips * self.settings.frames_per_clip - DROPPED_START_FRAMES
+    def num_clips(self) -> int | None:
+        """Clips of this video; None while streamed audio has not been read to its end (and no
+        count was asked for). Streamed audio of a file: from its declared length until then."""
+        available, wanted = self.audio.available_clips, self.settings.num_clips or self.audio.num_clips
+        if wanted is None or available is None:
+            return wanted if wanted is not None else available
+        return min(wanted, available)
 
     @property
-    def total_frames(self) -> int:
+    def generated_frames(self) -> int | None:
+        """Frames the stream decodes and hands out (whole clips, less the 3 dropped at the start)."""
+        n = self.num_clips
+        return None if n is None else n * self.settings.frames_per_clip - DROPPED_START_FRAMES
+
+    @property
+    def total_frames(self) -> int | None:
         """Frames of the finished video: those generated, up to the end of the audio (`frame_limit`)."""
-        if self.frame_limit is None:
+        if self.frame_limit is None or self.generated_frames is None:
             return self.generated_frames
         return min(self.generated_frames, self.frame_limit)
+
+    @property
+    def frame_limit(self) -> int | None:
+        """Frames the MP4 keeps (the writer's "shortest" trim); write_mp4 sets its writer's own
+        limit. Streamed audio: None until its end has been read."""
+        if self._frame_limit is not None:
+            return self._frame_limit
+        samples = getattr(self.audio, "total_samples", None)
+        if samples is None:
+            return None
+        return frames_within_audio(samples, SAMPLE_RATE, self.fps, self.audio_offset_frames)
+
+    @frame_limit.setter
+    def frame_limit(self, value: int | None) -> None:
+        self._frame_limit = value
 
     @property
     def finished(self) -> bool:
@@ -256,7 +284,7 @@ class VideoStream:
     def fingerprint(self) -> dict[str, str]:
         """Digests of this stream's inputs, stored in resume files and checked on resume."""
         if self._fingerprint is None:  # hashing a long audio embedding takes a moment: once per stream
-            self._fingerprint = input_fingerprint(text=self.text, audio=self.audio.embedding,
+            self._fingerprint = input_fingerprint(text=self.text, audio=audio_identity(self.audio),
                                                   reference=self.reference, model=self.model)
         return self._fingerprint
 
@@ -267,7 +295,7 @@ class VideoStream:
         with torch.no_grad():
             sampler, decoder = self._start() if self._restored is None else self._restore(self._restored)
             self.blocks_per_clip = sampler.blocks_per_clip
-            self.stats.blocks_total = self.num_clips * sampler.blocks_per_clip
+            self._count_blocks()
             self._blocks_begun = self.stats.blocks_done
             self._clock = (start, self.stats.elapsed_s)  # (this run's start, time spent before an interruption)
             if self._restored is not None and self.track_resume:
@@ -278,11 +306,15 @@ class VideoStream:
             # GPU that is only queued), so decode, copy-out and the caller's encoding of block k
             # overlap the DiT work of block k+1. The first frames go out at once (time to first frame).
             pending: deque[_Pending] = deque()
-            blocks = iter(sampler.run(self.audio, self.num_clips))
+            # Streamed features are pulled clip by clip (the first clip waits only for its own window)
+            # and end with the audio; their clip count may be an estimate until then.
+            streamed = isinstance(self.audio, StreamedAudioFeatures)
+            blocks = iter(sampler.run(self.audio, (self.settings.num_clips or None) if streamed else self.num_clips))
             try:
                 while True:
                     self._blocks_begun += 1
                     block = next(blocks, None)
+                    self._count_blocks()  # streamed audio: the count is known once its end has been read
                     if block is None:
                         break
                     self.stats.blocks_done += 1
@@ -304,6 +336,10 @@ class VideoStream:
                 raise
             while pending:
                 yield from self._emit(pending)
+
+    def _count_blocks(self) -> None:
+        n = self.num_clips
+        self.stats.blocks_total = None if n is None else n * self.blocks_per_clip
 
     def _emit(self, pending: deque[_Pending]) -> Iterator[FrameChunk]:
         """Collect the oldest block in flight; it leaves `pending` only once its frames are in hand."""

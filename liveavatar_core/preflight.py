@@ -14,11 +14,11 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .config import DEFAULT_FRAMES_PER_CLIP
-from .encoders.audio import SAMPLE_RATE, check_audio_length, load_audio
+from .encoders.audio import SAMPLE_RATE, check_audio_length
+from .encoders.audio_stream import check_audio_source, expected_samples
 from .encoders.image import DEFAULT_SIZE, choose_output_size, describe_output_size, load_image
 from .errors import InputError, LiveAvatarError
 from .loading import OfficialFolder, compute_dtype, official_folder, plan_for_device, resolve_compile
@@ -73,14 +73,10 @@ class Preflight:
     lora: Path | None
     image_size: tuple[int, int]  # (W, H) of the reference image
     output_size: tuple[int, int]  # (H, W) of the video
-    waveform: np.ndarray
+    audio_seconds: float | None  # from the container's header (None: it declares no length)
     plan: RunPlan
     use_compile: bool
     warnings: list[str] = field(default_factory=list)
-
-    @property
-    def audio_seconds(self) -> float:
-        return len(self.waveform) / SAMPLE_RATE
 
     @property
     def text_device(self) -> str:
@@ -89,7 +85,8 @@ class Preflight:
     def to_dict(self) -> dict:
         """The plan as JSON (`output_size` is [width, height]) plus the inputs it was made for."""
         out = self.plan.to_dict()
-        out.update(image_size=list(self.image_size), audio_seconds=round(self.audio_seconds, 3),
+        out.update(image_size=list(self.image_size),
+                   audio_seconds=None if self.audio_seconds is None else round(self.audio_seconds, 3),
                    size=self.settings.size, warnings=list(self.warnings))
         return out
 
@@ -153,8 +150,11 @@ def preflight(req: RunRequest, check_memory: bool = True) -> Preflight:
     # 2. Inputs: the image decides the output size, the audio the length.
     image = load_image(req.image)
     output = choose_output_size(image.size, settings.size)
-    waveform = load_audio(req.audio)
-    check_audio_length(len(waveform) / SAMPLE_RATE, settings.fps)
+    check_audio_source(req.audio)  # decoded later, as a stream
+    samples = expected_samples(req.audio)
+    audio_seconds = None if samples is None else samples / SAMPLE_RATE
+    if audio_seconds is not None:
+        check_audio_length(audio_seconds, settings.fps)
     # 3. Files: the folder's parts, then every file's headers and sizes (a Hugging Face id given as
     #    the LoRA is named as one, with what to download), the DiT's config (no tensor data).
     folder = official_folder(req.ckpt_dir)
@@ -166,7 +166,7 @@ def preflight(req: RunRequest, check_memory: bool = True) -> Preflight:
     plan = plan_for_device(cfg, device, precision=req.precision, offload=req.offload,
                            blocks_on_gpu=req.blocks_on_gpu, kv_cache_location=req.kv_cache_location,
                            kv_cache_dtype=req.kv_cache_dtype, size=output, frames_per_clip=req.infer_frames,
-                           steps=req.sample_steps, audio_seconds=len(waveform) / SAMPLE_RATE,
+                           steps=req.sample_steps, audio_seconds=audio_seconds,
                            # The CLI encodes on the DiT's GPU and frees the encoders before loading it.
                            text_encoder="cpu" if req.t5_cpu else "offload", audio_encoder="offload",
                            encoder_bytes=(_weight_bytes(folder.t5, req.precision),
@@ -186,4 +186,4 @@ def preflight(req: RunRequest, check_memory: bool = True) -> Preflight:
     if lora is None:
         warnings.append("no --lora_path_dmd: the base Wan2.2-S2V model is not the 4-step distilled Live Avatar "
                         f"model; pass {LORA_FILE} from {LORA_REPO}.")
-    return Preflight(req, settings, folder, lora, image.size, output, waveform, plan, use_compile, warnings)
+    return Preflight(req, settings, folder, lora, image.size, output, audio_seconds, plan, use_compile, warnings)

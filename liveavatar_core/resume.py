@@ -54,9 +54,11 @@ def tensor_digest(tensor: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def input_fingerprint(*, text: torch.Tensor | None = None, audio: torch.Tensor | None = None,
+def input_fingerprint(*, text: torch.Tensor | None = None, audio: torch.Tensor | str | None = None,
                       reference: torch.Tensor | None = None, model=None) -> dict[str, str]:
     """Digests of the given inputs: text embedding, audio embedding, reference pixels, model.
+
+    A string is taken as an input's digest already (streamed audio: `StreamedAudioFeatures.digest`).
 
     The model is identified by its description (files, LoRA, precision) and the digest of its
     patch embedding after the LoRA merge, which tells apart checkpoints with the same layout.
@@ -64,7 +66,7 @@ def input_fingerprint(*, text: torch.Tensor | None = None, audio: torch.Tensor |
     out = {}
     for name, value in (("text", text), ("audio", audio), ("reference", reference)):
         if value is not None:
-            out[name] = tensor_digest(value)
+            out[name] = value if isinstance(value, str) else tensor_digest(value)
     if model is not None:
         out["model"] = f"{model.description}|{tensor_digest(model.dit.patch_embedding.weight)}"
     return out

@@ -47,3 +47,56 @@ def make_speech_audio(seconds: float = 3.0, sample_rate: int = 16000, seed: int 
         out[seg] = carrier * envelope * rng.uniform(0.4, 1.0)
     out += 0.003 * rng.standard_normal(n)
     return (0.3 * out / np.abs(out).max()).astype(np.float32)
+
+
+def write_long_speech(path, seconds: float, seed: int = 0, loop_seconds: float = 10.0) -> None:
+    """An Opus file (Ogg) of `seconds` of speech-like audio, written in about a second per hour.
+
+    `loop_seconds` of speech are encoded once and their packets muxed again and again with later
+    timestamps (Opus packets carry no position), one loop in five quieter so the loudness varies.
+    For tests and benchmarks of hours-long audio; 48 kHz, about 3 kB per second.
+    """
+    import io
+
+    import av
+
+    rate = 48000
+    speech = make_speech_audio(loop_seconds, rate, seed=seed)
+    encoded = [_opus(speech, rate), _opus(speech * 0.2, rate)]
+    with av.open(io.BytesIO(encoded[0]), format="ogg") as first:
+        template = first.streams.audio[0]
+        loops = []
+        for data in encoded:
+            with av.open(io.BytesIO(data), format="ogg") as src:
+                loops.append([(bytes(p), p.pts, p.duration) for p in src.demux(src.streams.audio[0]) if p.size])
+        span = sum(d for _, _, d in loops[0])
+        with av.open(str(path), "w", format="ogg") as out:
+            stream = out.add_stream_from_template(template)
+            for r in range(int(np.ceil(seconds / loop_seconds))):
+                for data, pts, duration in loops[1 if r % 5 == 4 else 0]:
+                    packet = av.Packet(data)
+                    packet.pts = packet.dts = pts + r * span
+                    packet.duration, packet.time_base, packet.stream = duration, template.time_base, stream
+                    out.mux(packet)
+
+
+def _opus(samples: np.ndarray, rate: int) -> bytes:
+    """Ogg Opus bytes of mono float samples."""
+    import io
+
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="ogg") as out:
+        stream = out.add_stream("libopus", rate=rate)
+        stream.layout = "mono"
+        stream.bit_rate = 24000
+        for i in range(0, samples.size, 960):
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[None, i:i + 960], np.float32),
+                                               format="flt", layout="mono")
+            frame.sample_rate = rate
+            for p in stream.encode(frame):
+                out.mux(p)
+        for p in stream.encode(None):
+            out.mux(p)
+    return buf.getvalue()

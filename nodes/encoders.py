@@ -140,6 +140,7 @@ class LiveAvatarAudioEncode:
         at = audio_encoder_placement(host.torch_device(device, "device"))
         encoder = LOADED.get("wav2vec2", path, at, lambda: AudioEncoder.from_pretrained(
             path, device=at.keep_on, dtype=at.dtype, input_name="audio_encoder"))
-        with at.running(encoder):
-            features = encoder.encode(audio, frames_per_clip=frames_per_clip)
+        # Encoded by the sampler for its mode, on the device the placement keeps wav2vec2 on: window
+        # by window while streaming, the whole audio at once in official mode.
+        features = encoder.prepare(audio, frames_per_clip=frames_per_clip)
         return (features, features.num_clips)

@@ -62,7 +62,8 @@ def inputs(tiny, encoders):
     """(model, text, {frames per clip: audio features}), made by the same calls as the command line."""
     folder = official_folder(tiny.ckpt_dir)
     text = encoders[0].encode(tiny.prompt)
-    audio = {s.frames_per_clip: encoders[1].encode(tiny.audio, frames_per_clip=s.frames_per_clip, num_clips=CLIPS)
+    # Prepared, as the command line does: each mode encodes it its own way (windowed when streaming).
+    audio = {s.frames_per_clip: encoders[1].prepare(tiny.audio, frames_per_clip=s.frames_per_clip, num_clips=CLIPS)
              for s in (STREAMING, OFFICIAL)}
     model = load_generator(folder.dit, folder.vae, tiny.lora, precision="fp32", attention="sdpa", dit_device="cpu")
     return model, text, audio

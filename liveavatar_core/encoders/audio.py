@@ -54,6 +54,11 @@ class AudioFeatures:
     waveform_16k: np.ndarray
     duration_s: float
 
+    @property
+    def total_samples(self) -> int:
+        """16 kHz length of the audio."""
+        return len(self.waveform_16k)
+
 
 # ---------------------------------------------------------------------------------------------
 # Loading and resampling
@@ -274,6 +279,15 @@ class AudioEncoder:
         taken from `last_hidden_state`, which is the normed one in every version.
         """
         x = normalize_waveform(waveform_16k) if self.do_normalize else np.asarray(waveform_16k, np.float32)
+        return self._states(x)
+
+    @torch.no_grad()
+    def window_states(self, inputs: np.ndarray, start: int, stop: int) -> torch.Tensor:
+        """Hidden states `[25, stop - start, C]` of frames [start, stop) of already normalised input
+        (one window of `audio_stream.WindowedFeatures`, its context cut off)."""
+        return self._states(np.asarray(inputs, np.float32))[:, start:stop].clone()
+
+    def _states(self, x: np.ndarray) -> torch.Tensor:
         inputs = torch.from_numpy(x)[None].to(device=self.device, dtype=self.dtype)
         out = self.model(inputs, output_hidden_states=True)
         states = list(out.hidden_states[: self.arch.num_layers]) + [out.last_hidden_state]
@@ -302,6 +316,22 @@ class AudioEncoder:
         logger.info("audio: %.2f s -> %d clips of %d frames available, generating %d", duration, available,
                     frames_per_clip, clips)
         return AudioFeatures(embedding, clips, available, frames_per_clip, fps, waveform, duration)
+
+
+    def prepare(self, source, frames_per_clip: int = DEFAULT_FRAMES_PER_CLIP, num_clips: int | None = None,
+                fps: int = DEFAULT_FPS, input_name: str = "audio"):
+        """`audio_stream.AudioInput`: the source checked, nothing decoded or encoded yet. The stream
+        it is given to encodes it for its mode: the whole file at once (official) or window by
+        window as the blocks need it (streaming)."""
+        from .audio_stream import AudioInput
+
+        check_frames_per_clip(frames_per_clip)
+        if num_clips is not None and (not isinstance(num_clips, int) or num_clips < 1):
+            raise InputError("num_clips", f"{num_clips!r} is not a positive number of clips.",
+                             "use a positive integer, or leave it empty to cover the whole audio.")
+        if not isinstance(fps, int) or fps <= 0:
+            raise InputError("fps", f"{fps!r} is not a positive integer frame rate.", "use 25.")
+        return AudioInput(self, source, frames_per_clip, num_clips, fps, input_name)
 
 
 def build_model(loaded: LoadedWav2Vec2, attn_implementation: str = "sdpa",

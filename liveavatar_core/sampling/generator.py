@@ -117,10 +117,18 @@ class BlockSampler:
     def run(self, audio, num_clips: int | None = None) -> Iterator[LatentBlock]:
         """Blocks of every remaining clip covered by `audio` (from the current position on).
 
-        audio: `AudioFeatures` or its `[1, 25, C, N]` embedding (N a multiple of frames_per_clip).
+        audio: `AudioFeatures` or its `[1, 25, C, N]` embedding (N a multiple of frames_per_clip),
+        or `StreamedAudioFeatures`, whose clips are computed as they are needed.
         Clip count: `num_clips` if given (refused when the audio covers fewer clips), else the
-        official rule `min(config.num_clips, clips the audio covers)`.
+        official rule `min(config.num_clips, clips the audio covers)`; streamed features stop at
+        `num_clips` or at the end of the audio, whichever comes first.
         """
+        if hasattr(audio, "clips"):
+            self._check_frames_per_clip(audio)
+            limit = num_clips
+            if limit is None:
+                limit = min((n for n in (self.config.num_clips, audio.requested) if n is not None), default=None)
+            return self._stream(audio.clips(start=self.clip, stop=limit), limit)
         embedding = self._check_audio(audio)
         n = self._num_clips(embedding, audio, num_clips)
         f = self.config.frames_per_clip
@@ -135,8 +143,12 @@ class BlockSampler:
         return self._stream(clip_audio, self.config.num_clips)
 
     def _stream(self, clip_audio: Iterable[torch.Tensor], limit: int | None) -> Iterator[LatentBlock]:
-        for audio in clip_audio:
-            if limit is not None and self.clip >= limit:
+        clips = iter(clip_audio)
+        # The limit is checked before the next clip's audio is asked for: streamed features
+        # compute nothing past the last clip.
+        while limit is None or self.clip < limit:
+            audio = next(clips, None)
+            if audio is None:
                 return
             yield from self._clip_blocks(self._check_clip_audio(audio))
 
@@ -292,13 +304,16 @@ class BlockSampler:
                              "use pixel sizes that are multiples of 64.")
         return int(h), int(w)
 
-    def _check_audio(self, audio) -> torch.Tensor:
-        embedding = getattr(audio, "embedding", audio)
+    def _check_frames_per_clip(self, audio) -> None:
         per_clip = getattr(audio, "frames_per_clip", self.config.frames_per_clip)
         if per_clip != self.config.frames_per_clip:
             raise InputError("audio", f"the audio features were bucketed for {per_clip} frames per clip, the "
                              f"sampler uses {self.config.frames_per_clip}.", "encode the audio with the same "
                              "frames_per_clip.")
+
+    def _check_audio(self, audio) -> torch.Tensor:
+        embedding = getattr(audio, "embedding", audio)
+        self._check_frames_per_clip(audio)
         self._check_audio_shape(embedding)
         n, f = embedding.shape[-1], self.config.frames_per_clip
         if n < f:

@@ -146,6 +146,20 @@ class AudioSource:
             crc = zlib.crc32(chunk.tobytes(), crc)
         self.crc32 = crc
 
+    def clamp(self, n: int) -> int:
+        """min(n, length): what a streamed source answers without knowing its length yet."""
+        return min(n, self.length)
+
+    @property
+    def known_length(self) -> int:
+        """The output length (a streamed source: None until its end has been read)."""
+        return self.length
+
+    def identity(self) -> dict:
+        """What a resumed writer checks against: rate, channels, length and checksum."""
+        return {"sample_rate": self.sample_rate, "channels": self.channels,
+                "samples": int(self.samples.shape[1]), "crc32": self.crc32}
+
     def read(self, start: int, stop: int) -> np.ndarray:
         """Float32 `[channels, stop - start]` of output samples, zero outside the audio."""
         out = np.zeros((self.channels, stop - start), np.float32)

@@ -208,7 +208,13 @@ class StreamingMP4Writer:
             if sample_rate is None:
                 raise InputError("sample_rate", "audio was given without its sample rate.", "Pass sample_rate=...")
             offset = audio_offset_samples(settings.audio_offset_frames, int(sample_rate), self.fps)
-            self._audio = AudioSource(audio, int(sample_rate), offset)
+            if hasattr(audio, "open_source"):  # a track read lazily (encoders.audio_stream.StreamedWaveform)
+                if sample_rate != audio.sample_rate:
+                    raise InputError("sample_rate", f"{sample_rate} Hz given for a {audio.sample_rate} Hz track.",
+                                     f"Pass sample_rate={audio.sample_rate}.")
+                self._audio = audio.open_source(offset)
+            else:
+                self._audio = AudioSource(audio, int(sample_rate), offset)
             channels = self._audio.channels
             # FFmpeg's AAC-LC encoder cannot spend more than 6144 bits per channel per frame.
             bitrate = min(settings.audio_bitrate, 6 * self._audio.sample_rate * channels)
@@ -220,10 +226,6 @@ class StreamingMP4Writer:
             audio_track = AudioTrack(self._audio.sample_rate, channels, config, self._priming, bitrate)
         self._init = init_segment(video_track, audio_track, settings.metadata)
 
-        self._max_frames = None
-        if self._audio is not None and settings.trim == "shortest":
-            self._max_frames = frames_within_audio(self._audio.samples.shape[1], self._audio.sample_rate, self.fps,
-                                                   settings.audio_offset_frames)
         self.frames_written = 0
         self.frames_dropped = 0
         self.audio_samples_written = 0
@@ -248,8 +250,8 @@ class StreamingMP4Writer:
                 f"writer's {self.width}x{self.height}.", "Open the writer with the pipeline's output size.",
             )
         keep = len(pictures)
-        if self._max_frames is not None:
-            keep = max(0, min(keep, self._max_frames - self.frames_written))
+        if self._audio is not None and self.settings.trim == "shortest":
+            keep = self._frames_within_audio(keep)
         with self._rolling_back():
             self.frames_dropped += len(pictures) - keep
             gop = self.settings.max_gop_frames
@@ -259,7 +261,7 @@ class StreamingMP4Writer:
                 runs = [TrackRun(VIDEO_TRACK_ID, self.frames_written * self._frame_ticks, video)]
                 if self._audio is not None:
                     # Audio in whole AAC frames up to the end of this chunk; the rest waits.
-                    end = min(self._video_end_sample(self.frames_written + len(chunk)), self._audio.length)
+                    end = self._audio.clamp(self._video_end_sample(self.frames_written + len(chunk)))
                     runs.append(self._audio_run((end // AAC_FRAME) * AAC_FRAME, final=False))
                 self._write(runs)
                 self.frames_written += len(chunk)
@@ -297,6 +299,17 @@ class StreamingMP4Writer:
         while view:  # an unbuffered write may take only part of the data
             view = view[self._file.write(view):]
 
+    def _frames_within_audio(self, n: int) -> int:
+        """How many of the next `n` frames start before the end of the audio (`frames_within_audio`).
+        Asks the source only that far: a streamed track need not know its length yet."""
+        rate, first = self._audio.sample_rate, self.frames_written
+        # Frame k starts at output sample k * rate / fps and is kept while that lies before the end.
+        need = math.floor(Fraction(first + n - 1) * rate / self.fps) + 1
+        have = self._audio.clamp(need)
+        if have >= need:
+            return n
+        return max(0, min(n, math.ceil(Fraction(have) * self.fps / rate) - first))
+
     def _video_end_sample(self, frames: int) -> int:
         return math.floor(Fraction(frames) * self._audio.sample_rate / self.fps)
 
@@ -329,7 +342,7 @@ class StreamingMP4Writer:
         self._closed = True
         try:
             if self._audio is not None:
-                end = min(self._video_end_sample(self.frames_written), self._audio.length)
+                end = self._audio.clamp(self._video_end_sample(self.frames_written))
                 with self._rolling_back():
                     self._write([self._audio_run(end, final=True)])
             try:
@@ -351,8 +364,11 @@ class StreamingMP4Writer:
 
     @property
     def frame_limit(self) -> int | None:
-        """Most frames the file takes (the "shortest" trim at the end of the audio); None: no limit."""
-        return self._max_frames
+        """Most frames the file takes (the "shortest" trim at the end of the audio); None: no limit,
+        or not known yet (a streamed track whose end has not been read)."""
+        if self._audio is None or self.settings.trim != "shortest" or self._audio.known_length is None:
+            return None
+        return max(0, math.ceil(Fraction(self._audio.known_length) * self.fps / self._audio.sample_rate))
 
     @property
     def duration_s(self) -> float:
@@ -370,10 +386,7 @@ class StreamingMP4Writer:
             os.fsync(self._file.fileno())
         audio = None
         if self._audio is not None:
-            audio = {
-                "sample_rate": self._audio.sample_rate, "channels": self._audio.channels,
-                "samples": int(self._audio.samples.shape[1]), "crc32": self._audio.crc32,
-            }
+            audio = self._audio.identity()
         return {
             "format": _STATE_FORMAT, "version": _STATE_VERSION, "path": str(self.path),
             "width": self.width, "height": self.height, "fps": str(self.fps),
@@ -406,8 +419,7 @@ class StreamingMP4Writer:
         self._configure(Path(state["path"]), state["width"], state["height"], Fraction(state["fps"]),
                         audio, sample_rate, WriterSettings(**state["settings"]))
         if expected is not None:
-            actual = {"sample_rate": self._audio.sample_rate, "channels": self._audio.channels,
-                      "samples": int(self._audio.samples.shape[1]), "crc32": self._audio.crc32}
+            actual = self._audio.identity()
             if actual != expected:
                 raise InputError("audio", "differs from the audio of the interrupted run.",
                                  "Pass the same samples and sample rate.")
