@@ -210,8 +210,7 @@ class VideoStream:
         self.audio = audio
         pixels, (self.height, self.width) = preprocess_reference(image, settings.size)
         if model.plan is not None:  # loaded for another size (the loader node cannot know the sampler's)
-            model.plan.replanned(self.height, self.width, settings.frames_per_clip, settings.sample_steps,
-                                 seconds).validate()
+            model.plan.replanned(self.height, self.width, settings.frames_per_clip, settings.sample_steps).validate()
         self.reference = pixels
         self.text = text
         self.fps = settings.fps

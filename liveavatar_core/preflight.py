@@ -166,7 +166,8 @@ def preflight(req: RunRequest, check_memory: bool = True) -> Preflight:
     plan = plan_for_device(cfg, device, precision=req.precision, offload=req.offload,
                            blocks_on_gpu=req.blocks_on_gpu, kv_cache_location=req.kv_cache_location,
                            kv_cache_dtype=req.kv_cache_dtype, size=output, frames_per_clip=req.infer_frames,
-                           steps=req.sample_steps, audio_seconds=audio_seconds,
+                           # wav2vec2 encodes in windows now: its estimate keeps the planner's default length.
+                           steps=req.sample_steps,
                            # The CLI encodes on the DiT's GPU and frees the encoders before loading it.
                            text_encoder="cpu" if req.t5_cpu else "offload", audio_encoder="offload",
                            encoder_bytes=(_weight_bytes(folder.t5, req.precision),
