@@ -74,7 +74,7 @@ class LiveAvatarModelLoader:
                                "the DiT's dtype (exact). fp8: e4m3 with a scale per head row: half the memory "
                                "(20 GiB instead of 39 GiB at 704*384) and half the bytes streamed with kv_cache=cpu; "
                                "results move slightly. Needs precision bf16 or fp8."}),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     @classmethod
     def VALIDATE_INPUTS(cls, precision, dit_device, vae_device, offload="none", kv_cache="gpu", compile="auto",
@@ -95,7 +95,7 @@ class LiveAvatarModelLoader:
 
     def load(self, dit: str, lora: str, vae: str, precision: str, attention: str, dit_device: str,
              vae_device: str, offload: str = "none", blocks_on_gpu: int = 20, kv_cache: str = "gpu",
-             compile: str = "auto", kv_cache_dtype: str = "auto"):
+             compile: str = "auto", kv_cache_dtype: str = "auto", unique_id=None):
         dit_path = host.resolve("diffusion_models", dit, "dit")
         lora_path = None if lora == LORA_NONE else host.resolve("loras", lora, "lora")
         vae_path = host.resolve("vae", vae, "vae", VAE_FILE)
@@ -106,4 +106,6 @@ class LiveAvatarModelLoader:
                                dit_device=device, vae_device=vae_dev, offload=offload,
                                blocks_on_gpu=blocks_on_gpu if offload == "block_swap" else None,
                                kv_cache_location=kv_cache, kv_cache_dtype=kv_cache_dtype, compile=compile)
+        # The node shows the plan table the log holds: placement and memory per device.
+        host.Progress(unique_id).status(model.plan.summary(), {"plan": model.plan.to_dict()})
         return (model,)

@@ -64,7 +64,11 @@ def test_progress_steps_once_per_block_and_the_caption_counts_the_file(comfy, fi
 
     bar = [(d["value"], d["max"]) for kind, d in events if kind == "progress"]
     assert bar == [(i, BLOCKS) for i in range(1, BLOCKS + 1)]  # 1, 2, ..., 8, each once
-    status = [d for kind, d in events if kind == "status"]
+    (loader,) = [d for kind, d in events if kind == "status" and "plan" in d]
+    # The loader node shows the plan table its log holds, the placement in words.
+    assert loader["text"].startswith("Run plan:") and "DiT, VAE, umT5 and wav2vec2 on cpu" in loader["text"]
+    assert loader["plan"]["devices"][0]["device"] == "cpu"
+    status = [d for kind, d in events if kind == "status" and "plan" not in d]
     assert [s["blocks_done"] for s in status] == list(range(1, BLOCKS + 1))
     # Frames so far: 9 after the first block (3 dropped at the start), 12 more per block, never
     # more than the file holds (the frames past the end of the audio are left out).
