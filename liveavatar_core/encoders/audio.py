@@ -296,12 +296,7 @@ class AudioEncoder:
     def encode(self, source, frames_per_clip: int = DEFAULT_FRAMES_PER_CLIP, num_clips: int | None = None,
                fps: int = DEFAULT_FPS, input_name: str = "audio") -> AudioFeatures:
         """File path or ComfyUI AUDIO dict -> `AudioFeatures` (spec 2.3-2.6)."""
-        check_frames_per_clip(frames_per_clip)
-        if num_clips is not None and (not isinstance(num_clips, int) or num_clips < 1):
-            raise InputError("num_clips", f"{num_clips!r} is not a positive number of clips.",
-                             "use a positive integer, or leave it empty to cover the whole audio.")
-        if not isinstance(fps, int) or fps <= 0:
-            raise InputError("fps", f"{fps!r} is not a positive integer frame rate.", "use 25.")
+        _check_clip_args(frames_per_clip, num_clips, fps)
         waveform = load_audio(source, input_name)
         if waveform.shape[0] < self.min_samples():
             raise InputError(input_name, f"the audio is {waveform.shape[0] / SAMPLE_RATE * 1000:.0f} ms long, shorter "
@@ -325,13 +320,18 @@ class AudioEncoder:
         window as the blocks need it (streaming)."""
         from .audio_stream import AudioInput
 
-        check_frames_per_clip(frames_per_clip)
-        if num_clips is not None and (not isinstance(num_clips, int) or num_clips < 1):
-            raise InputError("num_clips", f"{num_clips!r} is not a positive number of clips.",
-                             "use a positive integer, or leave it empty to cover the whole audio.")
-        if not isinstance(fps, int) or fps <= 0:
-            raise InputError("fps", f"{fps!r} is not a positive integer frame rate.", "use 25.")
+        _check_clip_args(frames_per_clip, num_clips, fps)
         return AudioInput(self, source, frames_per_clip, num_clips, fps, input_name)
+
+
+def _check_clip_args(frames_per_clip: int, num_clips: int | None, fps: int) -> None:
+    """Refuse a frames-per-clip, clip count or frame rate the encoders cannot use."""
+    check_frames_per_clip(frames_per_clip)
+    if num_clips is not None and (not isinstance(num_clips, int) or num_clips < 1):
+        raise InputError("num_clips", f"{num_clips!r} is not a positive number of clips.",
+                         "use a positive integer, or leave it empty to cover the whole audio.")
+    if not isinstance(fps, int) or fps <= 0:
+        raise InputError("fps", f"{fps!r} is not a positive integer frame rate.", "use 25.")
 
 
 def build_model(loaded: LoadedWav2Vec2, attn_implementation: str = "sdpa",
