@@ -646,6 +646,11 @@ def write_mp4(stream: VideoStream, path: str | Path, audio: np.ndarray | None = 
     return Path(path)
 
 
+# Chunks handed out but not yet in the file: the file lags the stream by up to this many blocks
+# (plus the one being encoded), which is also what a cancel can still add to what the file shows.
+WRITE_QUEUE_CHUNKS = 2
+
+
 class _BackgroundWriter:
     """Encodes and writes chunks on a thread, so H.264 encoding (PyAV releases the GIL) overlaps
     the queuing of the next block's GPU work instead of adding to it.
@@ -656,7 +661,7 @@ class _BackgroundWriter:
     `unwritten` holds the frames of that chunk and of every one handed over after it.
     """
 
-    def __init__(self, writer: StreamingMP4Writer, depth: int = 2):
+    def __init__(self, writer: StreamingMP4Writer, depth: int = WRITE_QUEUE_CHUNKS):
         self.writer = writer
         self.error: BaseException | None = None
         self.failed = False
