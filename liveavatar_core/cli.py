@@ -147,13 +147,8 @@ def request_from_args(args: argparse.Namespace) -> "RunRequest":
                       kv_cache_dtype=args.kv_cache_dtype, compile=args.compile, t5_cpu=args.t5_cpu)
 
 
-def run_generation(ckpt_dir: Path, lora: Path | None, image, audio, prompt: str, save_file: Path | None, *,
-                   size: str, num_clip: int, infer_frames: int, sample_steps: int, seed: int, mode: str,
-                   online_decode: bool, device: str, precision: str, attention: str,
-                   resume: Path | None = None, offload: str = "none", blocks_on_gpu: int | None = None,
-                   kv_cache_location: str = "gpu", kv_cache_dtype: str = "auto", compile: str = "auto",
-                   t5_cpu: bool = False) -> Path:
-    """Validate everything (`preflight`), load the models, stream the video into `save_file`.
+def run_generation(req: RunRequest, save_file: Path | None, resume: Path | None = None) -> Path:
+    """Validate `req` (`preflight`), load the models, stream the video into `save_file`.
 
     save_file: the MP4 (see `video.naming.output_target`); None: a new numbered DEFAULT_SAVE_FILE.
     resume: the resume file of an interrupted run with these arguments; its MP4 is completed
@@ -168,17 +163,12 @@ def run_generation(ckpt_dir: Path, lora: Path | None, image, audio, prompt: str,
     from .encoders.text import TextEncoder
     from .loading import load_generator
     from .pipeline import generate, write_mp4
-    from .preflight import RunRequest, preflight
+    from .preflight import preflight
     from .resume import check_resume_state, input_fingerprint, load_resume_state, partial_video
     from .video.naming import output_target
 
     # 1. Every input, and the memory plan at the real output size, checked before any weight is read.
-    pre = preflight(RunRequest(Path(ckpt_dir), image, audio, prompt, lora=lora, size=size, num_clip=num_clip,
-                               infer_frames=infer_frames, sample_steps=sample_steps, seed=seed, mode=mode,
-                               online_decode=online_decode, device=device, precision=precision,
-                               attention=attention, offload=offload, blocks_on_gpu=blocks_on_gpu,
-                               kv_cache_location=kv_cache_location, kv_cache_dtype=kv_cache_dtype,
-                               compile=compile, t5_cpu=t5_cpu))
+    pre = preflight(req)
     pre.log()
     settings, folder = pre.settings, pre.folder
     state = target = None
@@ -198,23 +188,23 @@ def run_generation(ckpt_dir: Path, lora: Path | None, image, audio, prompt: str,
     t0 = time.perf_counter()
     # Streaming mode keeps wav2vec2 for its windowed encoding, which runs while the blocks are sampled;
     # --t5_cpu: umT5 encodes on the CPU, as the official flag does.
-    text_at = text_encoder_placement(pre.text_device, precision)
-    audio_at = audio_encoder_placement(device, precision)
-    text = TextEncoder.from_pretrained(folder.t5, device=text_at.run_on, dtype=text_at.dtype).encode(prompt)
+    text_at = text_encoder_placement(pre.text_device, req.precision)
+    audio_at = audio_encoder_placement(req.device, req.precision)
+    text = TextEncoder.from_pretrained(folder.t5, device=text_at.run_on, dtype=text_at.dtype).encode(req.prompt)
     features = AudioEncoder.from_pretrained(folder.wav2vec2, device=audio_at.run_on, dtype=audio_at.dtype).prepare(
-        audio, frames_per_clip=infer_frames, num_clips=num_clip or None).features(mode)
+        req.audio, frames_per_clip=req.infer_frames, num_clips=req.num_clip or None).features(req.mode)
     if state is not None:  # the prompt, audio and image are known now; the model only after loading it
         check_resume_state(state, fingerprint=input_fingerprint(text=text, audio=audio_identity(features),
-                                                                reference=preprocess_reference(image, size)[0]))
-    model = load_generator(folder.dit, folder.vae, pre.lora, precision=precision, attention=attention,
-                           dit_device=device, offload=offload, blocks_on_gpu=blocks_on_gpu,
-                           kv_cache_location=kv_cache_location, kv_cache_dtype=kv_cache_dtype,
-                           plan_size=pre.output_size, frames_per_clip=infer_frames, steps=sample_steps,
-                           compile=compile, plan=pre.plan)
+                                                                reference=preprocess_reference(req.image, req.size)[0]))
+    model = load_generator(folder.dit, folder.vae, pre.lora, precision=req.precision, attention=req.attention,
+                           dit_device=req.device, offload=req.offload, blocks_on_gpu=req.blocks_on_gpu,
+                           kv_cache_location=req.kv_cache_location, kv_cache_dtype=req.kv_cache_dtype,
+                           plan_size=pre.output_size, frames_per_clip=req.infer_frames, steps=req.sample_steps,
+                           compile=req.compile, plan=pre.plan)
     log.info("loaded in %.1f s: %s", time.perf_counter() - t0, model.description)
 
     # 3. Stream: every block is decoded and appended to the MP4 as soon as it is sampled.
-    stream = generate(model, text.to(device), features, image, settings, resume_from=state)
+    stream = generate(model, text.to(req.device), features, req.image, settings, resume_from=state)
     frames = stream.total_frames  # None: streamed audio whose length is known only once read
     log.info("output %dx%d, %s clips, %s frames (%s s) -> %s", stream.width, stream.height, stream.num_clips,
              frames, "?" if frames is None else f"{frames / stream.fps:.2f}", out)
@@ -279,13 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if all(f.ok for f in found) else 1
         req = request_from_args(args)
         with _stop_signals():
-            path = run_generation(req.ckpt_dir, req.lora, req.image, req.audio, req.prompt, args.save_file,
-                                  size=req.size, num_clip=req.num_clip, infer_frames=req.infer_frames,
-                                  sample_steps=req.sample_steps, seed=req.seed, mode=req.mode,
-                                  online_decode=req.online_decode, device=req.device, precision=req.precision,
-                                  attention=req.attention, offload=req.offload, blocks_on_gpu=req.blocks_on_gpu,
-                                  kv_cache_location=req.kv_cache_location, kv_cache_dtype=req.kv_cache_dtype,
-                                  resume=args.resume, compile=req.compile, t5_cpu=req.t5_cpu)
+            path = run_generation(req, args.save_file, resume=args.resume)
         print(f"wrote {path}")
         return 0
     except LiveAvatarError as exc:
@@ -317,6 +301,7 @@ def _plan(args) -> int:
 
 
 def _demo(args) -> int:
+    from .preflight import RunRequest
     from .synthetic import write_tiny_checkpoint
     from .video.probe import probe_mp4
 
@@ -326,10 +311,9 @@ def _demo(args) -> int:
         tiny = write_tiny_checkpoint(root, audio_seconds=args.audio_seconds)
         log.info("tiny synthetic checkpoint written to %s in %.1f s", root, time.perf_counter() - t0)
         args.save_file.parent.mkdir(parents=True, exist_ok=True)
-        path = run_generation(tiny.ckpt_dir, tiny.lora, tiny.image, tiny.audio, tiny.prompt, args.save_file,
-                              size="128*128", num_clip=args.num_clip, infer_frames=48, sample_steps=4, seed=420,
-                              mode=args.mode, online_decode=False, device="cpu", precision="fp32",
-                              attention="sdpa")
+        req = RunRequest(tiny.ckpt_dir, tiny.image, tiny.audio, tiny.prompt, lora=tiny.lora, size="128*128",
+                         num_clip=args.num_clip, mode=args.mode, device="cpu", precision="fp32")
+        path = run_generation(req, args.save_file)
     info = probe_mp4(path)
     print(f"wrote {path}: {info.frame_count} frames {info.width}x{info.height} at {info.fps} fps, "
           f"{info.duration_s:.2f} s, audio {info.audio_duration_s:.2f} s, "
