@@ -196,7 +196,7 @@ def run_generation(req: RunRequest, save_file: Path | None, resume: Path | None 
     if state is not None:  # the prompt, audio and image are known now; the model only after loading it
         check_resume_state(state, fingerprint=input_fingerprint(text=text, audio=audio_identity(features),
                                                                 reference=preprocess_reference(req.image, req.size)[0]))
-    model = load_generator(folder.dit, folder.vae, pre.lora, precision=req.precision, attention=req.attention,
+    model = load_generator(folder.dit, folder.vae, req.lora, precision=req.precision, attention=req.attention,
                            dit_device=req.device, offload=req.offload, blocks_on_gpu=req.blocks_on_gpu,
                            kv_cache_location=req.kv_cache_location, kv_cache_dtype=req.kv_cache_dtype,
                            plan_size=pre.output_size, frames_per_clip=req.infer_frames, steps=req.sample_steps,

@@ -70,12 +70,10 @@ class Preflight:
     request: RunRequest
     settings: GenerationSettings
     folder: OfficialFolder
-    lora: Path | None
     image_size: tuple[int, int]  # (W, H) of the reference image
     output_size: tuple[int, int]  # (H, W) of the video
     audio_seconds: float | None  # from the container's header (None: it declares no length)
     plan: RunPlan
-    use_compile: bool
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -146,7 +144,7 @@ def preflight(req: RunRequest, check_memory: bool = True) -> Preflight:
     if req.precision == "fp8":
         check_fp8_support(device)
     get_attention(req.attention)
-    use_compile = resolve_compile(req.compile, device)
+    resolve_compile(req.compile, device)
     # 2. Inputs: the image decides the output size, the audio the length.
     image = load_image(req.image)
     output = choose_output_size(image.size, settings.size)
@@ -158,8 +156,7 @@ def preflight(req: RunRequest, check_memory: bool = True) -> Preflight:
     # 3. Files: the folder's parts, then every file's headers and sizes (a Hugging Face id given as
     #    the LoRA is named as one, with what to download), the DiT's config (no tensor data).
     folder = official_folder(req.ckpt_dir)
-    lora = req.lora
-    check_run_files(folder.dit, lora_path=lora, vae_path=folder.vae, t5_path=folder.t5,
+    check_run_files(folder.dit, lora_path=req.lora, vae_path=folder.vae, t5_path=folder.t5,
                     wav2vec2_path=folder.wav2vec2)
     cfg = load_dit_checkpoint(folder.dit).config
     # 4. Memory at that size, refused with the cheapest fix.
@@ -184,7 +181,7 @@ def preflight(req: RunRequest, check_memory: bool = True) -> Preflight:
     if device.type == "cpu" and req.offload in ("auto", "model"):
         warnings.append("--offload_model True on the CPU: there is no GPU memory to save, so nothing is "
                         "offloaded; the DiT, its caches, the VAE and the encoders all run in host memory.")
-    if lora is None:
+    if req.lora is None:
         warnings.append("no --lora_path_dmd: the base Wan2.2-S2V model is not the 4-step distilled Live Avatar "
                         f"model; pass {LORA_FILE} from {LORA_REPO}.")
-    return Preflight(req, settings, folder, lora, image.size, output, audio_seconds, plan, use_compile, warnings)
+    return Preflight(req, settings, folder, image.size, output, audio_seconds, plan, warnings)
