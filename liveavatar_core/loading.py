@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from .config import DEFAULT_FRAMES_PER_CLIP
+from .encoders.image import DEFAULT_SIZE
 from .errors import InputError, WeightsError
 from .model.dit import LiveAvatarDiT
 from .ops.attention import get_attention
@@ -85,8 +87,8 @@ def compute_dtype(precision: str) -> torch.dtype:
 
 def plan_for_device(cfg, device: str | torch.device, *, precision: str = "bf16", offload: str = "none",
                     blocks_on_gpu: int | None = None, kv_cache_location: str = "gpu", kv_cache_dtype: str = "auto",
-                    size: str | tuple[int, int] = "704*384", frames_per_clip: int = 48, steps: int = 4,
-                    audio_seconds: float | None = None, text_encoder: str = "cpu", audio_encoder: str = "cpu",
+                    size: str | tuple[int, int] = DEFAULT_SIZE, frames_per_clip: int = DEFAULT_FRAMES_PER_CLIP,
+                    steps: int = 4, text_encoder: str = "cpu", audio_encoder: str = "cpu",
                     encoder_bytes: tuple[int | None, int | None] = (None, None), validate: bool = True) -> RunPlan:
     """The run plan for a DiT on `device` (a CPU device gives a CPU-only plan), validated unless
     `validate` is False (then `plan.fits()` says whether it does).
@@ -106,11 +108,10 @@ def plan_for_device(cfg, device: str | torch.device, *, precision: str = "bf16",
                              f"runs on '{device}'.", "use offload 'none' or 'auto' on the CPU.")
         # On a CPU device the caches are in host memory already: nothing to stream.
         kv_cache_location = "gpu"
-    extra = {} if audio_seconds is None else {"audio_seconds": audio_seconds}
     plan = plan_run(cfg, size=size, frames_per_clip=frames_per_clip, steps=steps, devices=devices,
                     precision=precision, offload=offload, blocks_on_gpu=blocks_on_gpu,
                     kv_cache_location=kv_cache_location, kv_cache_dtype=kv_cache_dtype,
-                    text_encoder=text_encoder, audio_encoder=audio_encoder, encoder_bytes=encoder_bytes, **extra)
+                    text_encoder=text_encoder, audio_encoder=audio_encoder, encoder_bytes=encoder_bytes)
     return plan.validate() if validate else plan
 
 
@@ -166,7 +167,8 @@ def load_generator(dit_path: str | Path, vae_path: str | Path, lora_path: str | 
                    vae_device: str | torch.device | None = None, vae_dtype: torch.dtype | None = None,
                    lora_scale: float = DEFAULT_SCALE, offload: str = "none", blocks_on_gpu: int | None = None,
                    kv_cache_location: str = "gpu", kv_cache_dtype: str = "auto",
-                   plan_size: str | tuple[int, int] = "704*384", frames_per_clip: int = 48, steps: int = 4,
+                   plan_size: str | tuple[int, int] = DEFAULT_SIZE,
+                   frames_per_clip: int = DEFAULT_FRAMES_PER_CLIP, steps: int = 4,
                    compile: str = "auto", plan: RunPlan | None = None) -> LiveAvatarModel:
     """Plan, load, merge, convert and place the DiT and the VAE.
 
