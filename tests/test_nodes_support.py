@@ -47,6 +47,27 @@ def models_tree(root: Path, fixtures: Path) -> Path:
     return root / "models"
 
 
+def cpu_prompt(prompt: dict, frames_per_clip: int, sampler: dict, writer: dict) -> dict:
+    """An API prompt with the fixture's inputs, a precision a CPU runs well, `frames_per_clip` on both
+    the Audio Encode and the Sampler, and the given Sampler and Video Writer inputs (changed in place)."""
+    for node in prompt.values():
+        inputs, kind = node["inputs"], node["class_type"]
+        if kind == "LoadImage":
+            inputs["image"] = "ref_image.png"
+        elif kind == "LoadAudio":
+            inputs["audio"] = "audio.wav"
+        elif kind == "LiveAvatarModelLoader" and not torch.cuda.is_available():
+            # fp32 is fastest on a CPU; FP8 KV caches need a bf16 DiT, which a CPU also runs.
+            inputs["precision"] = "bf16" if inputs["kv_cache_dtype"] == "fp8" else "fp32"
+        elif kind == "LiveAvatarAudioEncode":
+            inputs["frames_per_clip"] = frames_per_clip
+        elif kind == "LiveAvatarSampler":
+            inputs.update(frames_per_clip=frames_per_clip, **sampler)
+        elif kind == "LiveAvatarVideoWriter":
+            inputs.update(writer)
+    return prompt
+
+
 def load_image(path: Path) -> torch.Tensor:
     with Image.open(path) as img:
         image = ImageOps.exif_transpose(img).convert("RGB")

@@ -10,9 +10,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
-from tests.test_nodes_support import REPO, Executor, load_pack, models_tree, pack_module
+from tests.test_nodes_support import REPO, Executor, cpu_prompt, load_pack, models_tree, pack_module
 
 # 4 clips of 24 frames: 8 blocks and 93 generated frames, of which the 3 s fixture audio keeps 72
 # (the numbers of the issue: "93 frames" logged, 72 in the file, 8/8 reported twice).
@@ -29,22 +28,9 @@ def comfy(tmp_path_factory, fixtures):
 
 def _prompt() -> dict:
     prompt = json.loads((REPO / "workflows" / "api" / "liveavatar_basic.json").read_text())
-    for node in prompt.values():
-        inputs = node["inputs"]
-        if node["class_type"] == "LoadImage":
-            inputs["image"] = "ref_image.png"
-        elif node["class_type"] == "LoadAudio":
-            inputs["audio"] = "audio.wav"
-        elif node["class_type"] == "LiveAvatarModelLoader" and not torch.cuda.is_available():
-            inputs["precision"] = "fp32"
-        elif node["class_type"] == "LiveAvatarAudioEncode":
-            inputs["frames_per_clip"] = FRAMES_PER_CLIP
-        elif node["class_type"] == "LiveAvatarSampler":
-            inputs.update(size="custom", custom_width=64, custom_height=64, num_clips=CLIPS,
-                          frames_per_clip=FRAMES_PER_CLIP, sample_steps=2)
-        elif node["class_type"] == "LiveAvatarVideoWriter":
-            inputs["filename_prefix"] = "video/progress"
-    return prompt
+    return cpu_prompt(prompt, FRAMES_PER_CLIP,
+                      sampler=dict(size="custom", custom_width=64, custom_height=64, num_clips=CLIPS, sample_steps=2),
+                      writer=dict(filename_prefix="video/progress"))
 
 
 def test_progress_steps_once_per_block_and_the_caption_counts_the_file(comfy, fixtures):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_nodes_support import REPO, Executor, load_pack, models_tree, pack_module
+from tests.test_nodes_support import REPO, Executor, cpu_prompt, load_pack, models_tree, pack_module
 
 UI_DIR = REPO / "example_workflows"
 API_DIR = REPO / "workflows" / "api"
@@ -128,22 +128,8 @@ def test_api_workflow_runs_end_to_end(comfy, executor, fixtures, name):
     prompt = json.loads((API_DIR / name).read_text())
     side = image_mod.DIVISOR
     block_frames = pack_module(pack, "liveavatar_core.encoders.audio").FRAMES_PER_BLOCK
-    for node in prompt.values():
-        inputs = node["inputs"]
-        if node["class_type"] == "LoadImage":
-            inputs["image"] = "ref_image.png"
-        elif node["class_type"] == "LoadAudio":
-            inputs["audio"] = "audio.wav"
-        elif node["class_type"] == "LiveAvatarModelLoader" and not torch.cuda.is_available():
-            # fp32 is fastest on a CPU; FP8 KV caches need a bf16 DiT, which a CPU also runs.
-            inputs["precision"] = "bf16" if inputs["kv_cache_dtype"] == "fp8" else "fp32"
-        elif node["class_type"] == "LiveAvatarAudioEncode":
-            inputs["frames_per_clip"] = block_frames
-        elif node["class_type"] == "LiveAvatarSampler":
-            inputs.update(size="custom", custom_width=side, custom_height=side, num_clips=1,
-                          frames_per_clip=block_frames)
-        elif node["class_type"] == "LiveAvatarVideoWriter":
-            inputs["return_frames"] = 2
+    cpu_prompt(prompt, block_frames, sampler=dict(size="custom", custom_width=side, custom_height=side, num_clips=1),
+               writer=dict(return_frames=2))
     ui = executor.run(prompt)
     (writer_id, out), = ui.items()
     assert out["animated"] == [True]
