@@ -1,0 +1,126 @@
+"""Who does what in a multi-process run: the step layout (timestep-forcing pipeline parallelism).
+
+Each DiT rank owns a contiguous range of whole denoising steps of every block and passes the
+latents on (spec/parallel.md 2): with 4 steps, N = 2 gives {0,1} {2,3}, N = 3 gives {0,1} {2} {3}
+(the first rank carries the extra step, so the ranks after it never wait for a busy successor),
+N = 4 one step each. The VAE (conditioning encode, block decode) runs on the last DiT rank, on its
+own CUDA stream, or on a rank of its own (`vae_device`), which with 4 DiT GPUs is the official
+five-GPU layout. One process is the N = 1 case of the same layout.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import InputError
+
+LAYOUTS = ("steps",)
+
+
+@dataclass(frozen=True)
+class StepLayout:
+    """Ranks 0..N-1 run the DiT (rank r the steps `steps[r]`); rank `vae_rank` runs the VAE:
+    N - 1 (the last DiT rank) or N (a dedicated rank, then `world_size` is N + 1)."""
+
+    devices: tuple[str, ...]  # one per rank, the VAE rank's last when it is dedicated
+    steps: tuple[tuple[int, ...], ...]
+    vae_rank: int
+
+    @property
+    def world_size(self) -> int:
+        return len(self.devices)
+
+    @property
+    def dit_ranks(self) -> int:
+        return len(self.steps)
+
+    @property
+    def num_steps(self) -> int:
+        return sum(len(s) for s in self.steps)
+
+    @property
+    def dedicated_vae(self) -> bool:
+        return self.vae_rank == self.dit_ranks
+
+    @property
+    def backend(self) -> str:
+        """The torch.distributed backend: NCCL between CUDA ranks, gloo when any rank is a CPU or
+        two ranks share a GPU (NCCL refuses that; tensors are then staged through host memory)."""
+        cuda = [d for d in self.devices if d.startswith("cuda")]
+        if len(cuda) == len(self.devices) and len(set(cuda)) == len(cuda):
+            return "nccl"
+        return "gloo"
+
+    def owner(self, step: int) -> int:
+        """The rank that runs denoising step `step`."""
+        return next(r for r, owned in enumerate(self.steps) if step in owned)
+
+    def describe(self) -> str:
+        parts = [f"rank {r} ({self.devices[r]}): step{'s' if len(s) > 1 else ''} {','.join(map(str, s))}"
+                 + (" + VAE" if r == self.vae_rank else "") for r, s in enumerate(self.steps)]
+        if self.dedicated_vae:
+            parts.append(f"rank {self.vae_rank} ({self.devices[self.vae_rank]}): VAE")
+        return "; ".join(parts)
+
+
+def split_steps(num_steps: int, ranks: int) -> tuple[tuple[int, ...], ...]:
+    """Contiguous step ranges, the longer ones first."""
+    base, extra = divmod(num_steps, ranks)
+    out, start = [], 0
+    for r in range(ranks):
+        n = base + (r < extra)
+        out.append(tuple(range(start, start + n)))
+        start += n
+    return tuple(out)
+
+
+def parse_devices(text: str, input_name: str = "devices") -> tuple[str, ...]:
+    """`cuda:0,cuda:1`, `0,1` (GPU indices) or `cpu,cpu` -> canonical device names, checked."""
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not items:
+        raise InputError(input_name, "no device given.", "list devices such as cuda:0,cuda:1 (or cpu,cpu).")
+    out = []
+    for item in items:
+        name = f"cuda:{item}" if item.isdigit() else ("cuda:0" if item == "cuda" else item)
+        try:
+            dev = torch.device(name)
+        except RuntimeError:
+            dev = None
+        if dev is None or dev.type not in ("cuda", "cpu") or (dev.type == "cuda" and dev.index is None):
+            raise InputError(input_name, f"'{item}' is not a device.",
+                             "list devices such as cuda:0,cuda:1 (GPU indices also work: 0,1) or cpu,cpu.")
+        out.append(str(dev))
+    return tuple(out)
+
+
+def step_layout(devices: tuple[str, ...] | list[str], num_steps: int = 4, vae_device: str | None = None,
+                share_gpus: bool = False, input_name: str = "devices") -> StepLayout:
+    """The step layout over `devices` (one DiT rank each), the VAE on `vae_device` or on the last.
+
+    Refused with the reason and the alternative: more DiT ranks than steps, one GPU listed twice
+    (CPU ranks may repeat; `share_gpus` lets GPU ranks share too, over gloo through host memory,
+    which tests and benchmarks use on one GPU), NCCL ranks on a platform without NCCL.
+    """
+    devices = tuple(devices)
+    n = len(devices)
+    if n > num_steps:
+        alt = ("two independent 4-GPU pipelines need two streams: run two jobs with 4 GPUs each"
+               if n == 2 * num_steps else f"use at most {num_steps} DiT GPUs")
+        raise InputError(input_name, f"{n} DiT ranks for {num_steps} denoising steps: the step layout gives each "
+                         "rank whole steps, so a rank would have none.",
+                         f"{alt}, and --vae_gpu for one more GPU (the official 4 + 1 layout).")
+    everything = devices + ((vae_device,) if vae_device is not None else ())
+    gpus = [d for d in everything if d.startswith("cuda")]
+    repeated = sorted({d for d in gpus if gpus.count(d) > 1})
+    if repeated and not share_gpus:
+        raise InputError(input_name, f"{', '.join(repeated)} is listed more than once: each rank needs a GPU of "
+                         "its own (NCCL refuses two ranks on one GPU).", "list each GPU once.")
+    if gpus and n > 1 and not sys.platform.startswith("linux"):
+        raise InputError(input_name, f"several GPUs need NCCL, which PyTorch ships for Linux only (this is "
+                         f"{sys.platform}).", "run on Linux (on Windows: WSL2), or use one GPU.")
+    steps = split_steps(num_steps, n)
+    vae_rank = n if vae_device is not None else n - 1
+    return StepLayout(everything, steps, vae_rank)
