@@ -33,6 +33,17 @@ class WeightsError(InputError):
     """A checkpoint file or folder is missing, corrupt, incomplete or of the wrong model."""
 
 
-for _cls in (LiveAvatarError, InputError, WeightsError):
+class WorkerError(LiveAvatarError):
+    """A worker process of a multi-GPU run died or failed; names its rank, device and exit cause."""
+
+    def __init__(self, rank: int, device: str, cause: str, log_tail: str = ""):
+        self.rank, self.device, self.cause, self.log_tail = rank, device, cause, log_tail
+        message = f"worker rank {rank} ({device}) {cause}"
+        if log_tail:
+            message += f"\nlast lines of its log:\n{log_tail}"
+        super().__init__(message)
+
+
+for _cls in (LiveAvatarError, InputError, WeightsError, WorkerError):
     _cls.__module__ = _STABLE_MODULE
 del _cls

@@ -156,13 +156,15 @@ def prepare_vae(vae, device: torch.device, use_compile: bool = False):
     return vae
 
 
-def assemble(dit: LiveAvatarDiT, vae, plan: RunPlan, description: str) -> LiveAvatarModel:
-    """The generator the pipeline runs, with the plan it was placed by (re-checked per video size)."""
+def assemble(dit: LiveAvatarDiT, vae, plan: RunPlan, description: str, weights: str = "") -> LiveAvatarModel:
+    """The generator the pipeline runs, with the plan it was placed by (re-checked per video size);
+    `weights`: the part of the description that sets the numbers (see `LiveAvatarModel.identity`)."""
     return LiveAvatarModel(dit, vae, description, kv_cache_location=plan.kv_cache_location,
-                           kv_cache_dtype="fp8" if plan.kv_cache_dtype == "fp8" else None, plan=plan)
+                           kv_cache_dtype="fp8" if plan.kv_cache_dtype == "fp8" else None, plan=plan,
+                           weights=weights)
 
 
-def load_generator(dit_path: str | Path, vae_path: str | Path, lora_path: str | Path | None = None, *,
+def load_generator(dit_path: str | Path, vae_path: str | Path | None, lora_path: str | Path | None = None, *,
                    precision: str = "bf16", attention: str = "sdpa", dit_device: str | torch.device = "cpu",
                    vae_device: str | torch.device | None = None, vae_dtype: torch.dtype | None = None,
                    lora_scale: float = DEFAULT_SCALE, offload: str = "none", blocks_on_gpu: int | None = None,
@@ -172,7 +174,8 @@ def load_generator(dit_path: str | Path, vae_path: str | Path, lora_path: str | 
                    compile: str = "auto", plan: RunPlan | None = None) -> LiveAvatarModel:
     """Plan, load, merge, convert and place the DiT and the VAE.
 
-    dit_path: official folder, shard index or single file; lora_path: `liveavatar.safetensors`
+    dit_path: official folder, shard index or single file; vae_path: the VAE file (None: no VAE,
+    for a pipeline rank that does not decode); lora_path: `liveavatar.safetensors`
     (None: base model only, which is not the distilled 4-step model); precision: bf16, fp8
     (bf16 compute with FP8 GEMMs) or fp32 (CPU parity); offload: none, block_swap (keep
     `blocks_on_gpu` blocks resident) or auto (the planner picks the cheapest placement that fits);
@@ -219,13 +222,16 @@ def load_generator(dit_path: str | Path, vae_path: str | Path, lora_path: str | 
     if lora is None and planned_here:  # a preflight has said so already
         log.warning("no LoRA given: the base Wan2.2-S2V model is not the 4-step distilled Live Avatar model")
     prepare_dit(dit, plan, dit_device, lora=lora, lora_scale=lora_scale, use_compile=use_compile)
-    vae = load_vae(vae_path, device=vae_device, dtype=vae_dtype or dtype)
-    log.info("VAE: %s", vae.description)
-    prepare_vae(vae, vae_device, use_compile)
+    vae = None
+    if vae_path is not None:
+        vae = prepare_vae(load_vae(vae_path, device=vae_device, dtype=vae_dtype or dtype), vae_device, use_compile)
+        log.info("VAE: %s", vae.description)
     kv_words = ", FP8 KV cache" if plan.kv_cache_dtype == "fp8" else ""
-    return assemble(dit, vae, plan, f"{ckpt.description}; {lora.description if lora else 'no LoRA'}; "
-                                    f"{precision}{', compiled' if use_compile else ''}{kv_words}; "
-                                    f"{plan.placement_words()}; {vae.description}")
+    files = f"{ckpt.description}; {lora.description if lora else 'no LoRA'}"
+    vae_words = f"; {vae.description}" if vae is not None else ""
+    return assemble(dit, vae, plan, f"{files}; {precision}{', compiled' if use_compile else ''}{kv_words}; "
+                                    f"{plan.placement_words()}{vae_words}",
+                    weights=f"{files}; {precision}{kv_words}")
 
 
 def resolve_compile(choice: str, device: torch.device) -> bool:

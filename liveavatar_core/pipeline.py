@@ -111,6 +111,15 @@ class LiveAvatarModel:
     kv_cache_location: str = "gpu"  # "cpu": pinned host rings streamed per layer (placement/)
     kv_cache_dtype: str | None = None  # None: the DiT's compute dtype; "fp8": e4m3 rings (model/cache.py)
     plan: RunPlan | None = None  # the placement it was loaded with; re-checked at each video's size
+    weights: str = ""  # what sets the numbers (files, LoRA, precision, KV dtype); "" = the description
+
+    @property
+    def identity(self) -> str:
+        """The weights' identity for resume files: the same whatever the placement or GPU count."""
+        from .resume import tensor_digest
+
+        return model_identity(self.weights or self.description, tensor_digest(self.dit.patch_embedding.weight),
+                              self.vae.description if self.vae is not None else "")
 
     def cache_factory(self):
         """The step-cache constructor matching `kv_cache_location` and `kv_cache_dtype`."""
@@ -122,6 +131,12 @@ class LiveAvatarModel:
             return make
         # Fused dequantisation only where the DiT is compiled too (compile='off': nothing compiles).
         return functools.partial(make, storage_dtype=KV_STORAGE_DTYPES[self.kv_cache_dtype], fused=self.dit.compiled)
+
+
+def model_identity(weights: str, dit_digest: str, vae: str) -> str:
+    """What identifies a generator's numbers: the DiT's files, LoRA, precision and KV dtype
+    (`weights`), the digest of its patch embedding after the LoRA merge, and the VAE."""
+    return f"{weights}|{dit_digest}|{vae}"
 
 
 @dataclass
@@ -183,7 +198,7 @@ class _Pending:
     """A sampled block whose frames have not been handed out yet."""
 
     block: LatentBlock
-    decoded: "_Decoded"
+    decoded: Decoded
     boundary: _Boundary | None
     blocks_done: int
 
@@ -416,9 +431,15 @@ class VideoStream:
         return [] if self._restored is None else [t.numpy() for t in unwritten_chunks(self._restored)]
 
     def _start(self):
-        ref_lat, motion_lat, decoder = self._condition()
+        ref_lat, motion_lat, decoder = start_decoder(self.model.vae, self.reference, self.settings,
+                                                     self.model.dit.cfg.motion_frames[0], self._more_clips)
         return BlockSampler(self.model.dit, self.text, ref_lat, motion_lat, self.config,
                             cache_factory=self.model.cache_factory()), decoder
+
+    def _more_clips(self, clips_done: int) -> bool:
+        """Whether the video has more than `clips_done` clips (the official decoder skips the last
+        context encode)."""
+        return clips_done < self.num_clips
 
     def _restore(self, state: ResumeState):
         """Sampler and decoder continuing after the saved block (no VAE encode, no warm-up)."""
@@ -428,11 +449,9 @@ class VideoStream:
             sampler = BlockSampler(self.model.dit, self.text, t["ref_latents"], t["motion_latents"], self.config,
                                    cache_factory=self.model.cache_factory())
             sampler.load_state_dict(part)
-            decoder_part = resume_part(state, "decoder")
-            if self.settings.mode == "streaming":
-                decoder = _StreamingDecode.restore(self.model.vae, decoder_part)
-            else:
-                decoder = _OfficialDecode.restore(self, decoder_part)
+            decoder = restore_decoder(self.model.vae, self.reference, self.settings,
+                                      self.model.dit.cfg.motion_frames[0], self._more_clips,
+                                      resume_part(state, "decoder"))
         except KeyError as exc:
             raise InputError("resume", f"the resume file lacks the tensor {exc.args[0]}.",
                              "the file is damaged; start the video again without resuming.") from None
@@ -441,33 +460,49 @@ class VideoStream:
         self.stats = Stats(**state["meta"]["stream"]["stats"])
         return sampler, decoder
 
-    # --- conditioning and decoding per mode -------------------------------------------------
 
-    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        vae = self.model.vae
-        return vae.encode(pixels.to(device=vae.device, dtype=vae.dtype))
+# --- conditioning and decoding per mode (shared by one process and the parallel VAE rank) --------
 
-    def _condition(self):
-        """(reference latent, motion latents, block -> frames decoder) of the chosen mode."""
-        ref = self.reference[None, :, None]  # [1, 3, 1, H, W]
-        motion_frames = self.model.dit.cfg.motion_frames[0]
-        if self.settings.mode == "streaming":
-            ref_lat = self._encode(ref)
-            motion_lat = self._encode(ref.expand(-1, -1, motion_frames, -1, -1))
-            return ref_lat, motion_lat, _StreamingDecode(self.model.vae, motion_lat)
-        ref5 = ref.expand(-1, -1, OFFICIAL_REF_REPEAT, -1, -1)
-        ref_lat = self._encode(ref5)[:, :, 1:]
-        window = self._official_window()
-        motion_lat = self._encode(window)
-        return ref_lat, motion_lat, _OfficialDecode(self, window, motion_lat)
-
-    def _official_window(self) -> torch.Tensor:
-        """The first motion window of Mode S: the 5-frame reference clip repeated (spec 3.2)."""
-        ref5 = self.reference[None, :, None].expand(-1, -1, OFFICIAL_REF_REPEAT, -1, -1)
-        return ref5.repeat(1, 1, self.model.dit.cfg.motion_frames[0], 1, 1)
+def encode_pixels(vae: WanVAE, pixels: torch.Tensor) -> torch.Tensor:
+    """VAE latents of `[1, 3, T, H, W]` pixels in [-1, 1]."""
+    return vae.encode(pixels.to(device=vae.device, dtype=vae.dtype))
 
 
-class _Decoded:
+def official_window(reference: torch.Tensor, motion_frames: int) -> torch.Tensor:
+    """The first motion window of Mode S: the 5-frame reference clip repeated (spec 3.2)."""
+    ref5 = reference[None, :, None].expand(-1, -1, OFFICIAL_REF_REPEAT, -1, -1)
+    return ref5.repeat(1, 1, motion_frames, 1, 1)
+
+
+def start_decoder(vae: WanVAE, reference: torch.Tensor, settings: GenerationSettings, motion_frames: int,
+                  more_clips: Callable[[int], bool]):
+    """(reference latent, motion latents, block -> frames decoder) of the settings' mode.
+
+    reference: the preprocessed picture `[3, H, W]`; more_clips(n): whether the video has more
+    than n clips (official mode re-encodes its context only for a clip that follows).
+    """
+    ref = reference[None, :, None]  # [1, 3, 1, H, W]
+    if settings.mode == "streaming":
+        ref_lat = encode_pixels(vae, ref)
+        motion_lat = encode_pixels(vae, ref.expand(-1, -1, motion_frames, -1, -1))
+        return ref_lat, motion_lat, StreamingDecode(vae, motion_lat)
+    ref5 = ref.expand(-1, -1, OFFICIAL_REF_REPEAT, -1, -1)
+    ref_lat = encode_pixels(vae, ref5)[:, :, 1:]
+    window = official_window(reference, motion_frames)
+    motion_lat = encode_pixels(vae, window)
+    return ref_lat, motion_lat, OfficialDecode(vae, settings, motion_frames, more_clips, window, motion_lat)
+
+
+def restore_decoder(vae: WanVAE, reference: torch.Tensor, settings: GenerationSettings, motion_frames: int,
+                    more_clips: Callable[[int], bool], part: dict):
+    """The decoder of the settings' mode from the `decoder` part of a resume state."""
+    if settings.mode == "streaming":
+        return StreamingDecode.restore(vae, part)
+    return OfficialDecode.restore(vae, settings, motion_frames, more_clips, official_window(reference, motion_frames),
+                                  part)
+
+
+class Decoded:
     """Frames of one block: ready, or being decoded and copied out behind the caller's back."""
 
     def __init__(self, frames: np.ndarray | DeviceFrames | None):
@@ -479,7 +514,7 @@ class _Decoded:
         return self._frames
 
 
-class _StreamingDecode:
+class StreamingDecode:
     """Decodes every block as it arrives with a causal decoder warmed on the static motion clip.
 
     On a GPU the decoder runs on its own CUDA stream: `launch` queues the decode of a block and the
@@ -516,7 +551,7 @@ class _StreamingDecode:
                 "tensors": {f"slot{i}": t for i, t in enumerate(cache.slots) if t is not None}}
 
     @classmethod
-    def restore(cls, vae: WanVAE, part: dict) -> "_StreamingDecode":
+    def restore(cls, vae: WanVAE, part: dict) -> "StreamingDecode":
         meta, tensors = part["meta"], part["tensors"]
         if meta.get("mode") != "streaming":
             raise InputError("resume", f"the file holds a {meta.get('mode')} decoder state.",
@@ -529,22 +564,23 @@ class _StreamingDecode:
         decode.first = meta["first"]
         return decode
 
-    def launch(self, sampler: BlockSampler, block: LatentBlock) -> _Decoded:
+    def launch(self, sampler: BlockSampler, block: LatentBlock) -> Decoded:
         with self._on_stream(block.latents):
             frames = self.decoder.decode(block.latents)[0]
             if self.first:
                 frames = frames[:, DROPPED_START_FRAMES:]
             self.first = False
             if self.stream is None:
-                return _Decoded(to_uint8_frames(frames))
-            return _Decoded(DeviceFrames(frames))
+                return Decoded(to_uint8_frames(frames))
+            return Decoded(DeviceFrames(frames))
 
 
-class _OfficialDecode:
+class OfficialDecode:
     """Mode S / S+ decoding: per clip, a full decode after the re-encoded 92-latent context."""
 
-    def __init__(self, stream: VideoStream, window: torch.Tensor, motion_latents: torch.Tensor):
-        self.stream = stream
+    def __init__(self, vae: WanVAE, settings: GenerationSettings, motion_frames: int,
+                 more_clips: Callable[[int], bool], window: torch.Tensor, motion_latents: torch.Tensor):
+        self.vae, self.settings, self.motion_frames, self.more_clips = vae, settings, motion_frames, more_clips
         self.window = window.float()  # the last 365 frames: reference, then generated
         self.context = motion_latents
         self.clip = 0
@@ -556,41 +592,42 @@ class _OfficialDecode:
                 "tensors": {"window_tail": tail, "context": self.context}}
 
     @classmethod
-    def restore(cls, stream: VideoStream, part: dict) -> "_OfficialDecode":
+    def restore(cls, vae: WanVAE, settings: GenerationSettings, motion_frames: int,
+                more_clips: Callable[[int], bool], window: torch.Tensor, part: dict) -> "OfficialDecode":
         meta, tensors = part["meta"], part["tensors"]
         if meta.get("mode") != "official":
             raise InputError("resume", f"the file holds a {meta.get('mode')} decoder state.",
                              "resume in the mode of the interrupted run.")
-        window = stream._official_window().float()
+        window = window.float()
         tail = tensors["window_tail"]
         if tail.shape[:2] != window.shape[:2] or tail.shape[3:] != window.shape[3:] \
                 or not 0 <= tail.shape[2] <= window.shape[2]:
             raise InputError("resume", f"the saved frame window {tuple(tail.shape)} does not fit this stream's "
                              f"{tuple(window.shape)}.", "resume with the size of the interrupted run.")
-        vae = stream.model.vae
-        decode = cls(stream, torch.cat([window[:, :, :window.shape[2] - tail.shape[2]], tail.float()], dim=2),
+        decode = cls(vae, settings, motion_frames, more_clips,
+                     torch.cat([window[:, :, :window.shape[2] - tail.shape[2]], tail.float()], dim=2),
                      tensors["context"].to(vae.device))
         decode.clip, decode.generated = int(meta["clip"]), int(meta["generated"])
         return decode
 
-    def launch(self, sampler: BlockSampler, block: LatentBlock) -> _Decoded:
-        return _Decoded(self._decode(sampler, block))
+    def launch(self, sampler: BlockSampler, block: LatentBlock) -> Decoded:
+        return Decoded(self._decode(sampler, block))
 
     def _decode(self, sampler: BlockSampler, block: LatentBlock) -> np.ndarray | None:
         if not block.last_in_clip:
             return None
-        vae = self.stream.model.vae
+        vae = self.vae
         z = torch.cat([self.context.to(sampler.clip_latents.device), sampler.clip_latents.float()], dim=2)
-        frames = vae.decode(z.to(vae.device))[:, :, -self.stream.settings.frames_per_clip:]
+        frames = vae.decode(z.to(vae.device))[:, :, -self.settings.frames_per_clip:]
         if self.clip == 0:
             frames = frames[:, :, DROPPED_START_FRAMES:]
-        n = min(self.stream.model.dit.cfg.motion_frames[0], frames.shape[2])
+        n = min(self.motion_frames, frames.shape[2])
         self.window = torch.cat([self.window[:, :, n:], frames[:, :, -n:].to(self.window)], dim=2)
         self.generated = min(self.window.shape[2], self.generated + n)
         self.clip += 1
-        if self.clip < self.stream.num_clips:  # after the last clip the context would go unused
-            self.context = self.stream._encode(self.window)
-            if self.clip == 1 and self.stream.settings.online_decode:
+        if self.more_clips(self.clip):  # after the last clip the context would go unused
+            self.context = encode_pixels(vae, self.window)
+            if self.clip == 1 and self.settings.online_decode:
                 sampler.refresh_condition(sampler.clip_latents[:, :, :1].clone(), self.context)
         return to_uint8_frames(frames[0].cpu())
 
@@ -605,7 +642,10 @@ def generate(model: LiveAvatarModel, text: torch.Tensor, audio: AudioFeatures, i
     resume_from: a resume file (or its loaded state) of an interrupted run with the same inputs
     and settings, checked now: the stream continues after its last completed block.
     """
-    return VideoStream(model, text, audio, image, settings or GenerationSettings(), should_stop, resume_from)
+    from .parallel.remote import RemoteModel, RemoteStream
+
+    kind = RemoteStream if isinstance(model, RemoteModel) else VideoStream
+    return kind(model, text, audio, image, settings or GenerationSettings(), should_stop, resume_from)
 
 
 def write_mp4(stream: VideoStream, path: str | Path, audio: np.ndarray | None = None,

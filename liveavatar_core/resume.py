@@ -60,15 +60,16 @@ def input_fingerprint(*, text: torch.Tensor | None = None, audio: torch.Tensor |
 
     A string is taken as an input's digest already (streamed audio: `StreamedAudioFeatures.digest`).
 
-    The model is identified by its description (files, LoRA, precision) and the digest of its
-    patch embedding after the LoRA merge, which tells apart checkpoints with the same layout.
+    The model is identified by its `identity`: files, LoRA, precision and the digest of its patch
+    embedding after the LoRA merge (which tells apart checkpoints with the same layout), not its
+    placement, so a run resumes on another GPU count.
     """
     out = {}
     for name, value in (("text", text), ("audio", audio), ("reference", reference)):
         if value is not None:
             out[name] = value if isinstance(value, str) else tensor_digest(value)
     if model is not None:
-        out["model"] = f"{model.description}|{tensor_digest(model.dit.patch_embedding.weight)}"
+        out["model"] = model.identity
     return out
 
 

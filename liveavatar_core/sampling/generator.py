@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -73,7 +73,8 @@ class BlockSampler:
 
     def __init__(self, model: LiveAvatarDiT, context, ref_latents: torch.Tensor, motion_latents: torch.Tensor,
                  config: SamplerConfig | None = None, schedule: FlowMatchSchedule | None = None,
-                 on_clip_end: ClipEndHook | None = None, cache_factory: CacheFactory = make_step_caches):
+                 on_clip_end: ClipEndHook | None = None, cache_factory: CacheFactory = make_step_caches,
+                 steps: Sequence[int] | None = None):
         self.config = config = config or SamplerConfig()
         self.model = model
         cfg = model.cfg
@@ -99,7 +100,9 @@ class BlockSampler:
         self.text = context if isinstance(context, TextCache) else model.encode_text(context)
         # The factory decides where the step caches live (GPU rings, or host memory streamed per
         # layer by placement.make_streamed_step_caches); the sampler only needs the KVCache interface.
-        self.caches: list[KVCache] = cache_factory(cfg, *self.lat_hw, num_steps=config.steps,
+        # The denoising steps run here: all of them, or a pipeline stage's (parallel/stage.py).
+        self.steps = tuple(range(config.steps)) if steps is None else tuple(steps)
+        self.caches: list[KVCache] = cache_factory(cfg, *self.lat_hw, num_steps=len(self.steps),
                                                    cache_frames=self.latent_frames, dtype=self.dtype,
                                                    device=model.device)
         self.policy = self._new_policy()
@@ -123,16 +126,8 @@ class BlockSampler:
         official rule `min(config.num_clips, clips the audio covers)`; streamed features stop at
         `num_clips` or at the end of the audio, whichever comes first.
         """
-        if hasattr(audio, "clips"):
-            self._check_frames_per_clip(audio)
-            limit = num_clips
-            if limit is None:
-                limit = min((n for n in (self.config.num_clips, audio.requested) if n is not None), default=None)
-            return self._stream(audio.clips(start=self.clip, stop=limit), limit)
-        embedding = self._check_audio(audio)
-        n = self._num_clips(embedding, audio, num_clips)
-        f = self.config.frames_per_clip
-        return self._stream((embedding[..., r * f:(r + 1) * f] for r in range(self.clip, n)), None)
+        clips, limit = clip_source(audio, self.model.cfg, self.config, self.clip, num_clips)
+        return self._stream(clips, limit)
 
     def stream(self, clip_audio: Iterable[torch.Tensor]) -> Iterator[LatentBlock]:
         """Blocks of as many clips as `clip_audio` yields (unbounded streams, audio arriving live).
@@ -150,23 +145,29 @@ class BlockSampler:
             audio = next(clips, None)
             if audio is None:
                 return
-            yield from self._clip_blocks(self._check_clip_audio(audio))
+            if (yield from self._clip_blocks(self._check_clip_audio(audio))):
+                return
 
-    def _clip_blocks(self, audio: torch.Tensor) -> Iterator[LatentBlock]:
+    def _clip_blocks(self, audio: torch.Tensor) -> Generator[LatentBlock, None, bool]:
+        """The clip's remaining blocks; returns True if a pipeline stage was told to stop in it."""
         r, nfb, model = self.clip, self.frames_per_block, self.model
         if self.block == 0:
             self._begin_clip(r)
-        noise = self._clip_noise(r)
         for b in range(self.block, self.blocks_per_clip):
             frame = r * self.latent_frames + b * nfb
-            x = noise[:, :, b * nfb:(b + 1) * nfb]
+            x = self._block_input(r, b)
+            if x is None:  # a pipeline stage told that the stream stops here
+                return True
             block_audio = audio[..., b * nfb * VIDEO_PER_LATENT:(b + 1) * nfb * VIDEO_PER_LATENT]
-            for i, cache in enumerate(self.caches):
+            # Every step's offset is drawn, also those of steps run elsewhere: the draws are
+            # counted per call, so each stage replays the single-process sequence.
+            offsets = [self.policy.draw() for _ in range(self.config.steps)]
+            for i, cache in zip(self.steps, self.caches):
                 t = self.schedule.timesteps[i].expand(1, nfb)
-                v = model.denoise_block(x, t, self.text, block_audio, None, cache, frame * self.fs,
-                                        self.policy.draw())
+                v = model.denoise_block(x, t, self.text, block_audio, None, cache, frame * self.fs, offsets[i])
                 x = self.schedule.step(x, v, i)
-            self.clip_latents[:, :, b * nfb:(b + 1) * nfb] = x
+            if self.finishes_blocks:
+                self.clip_latents[:, :, b * nfb:(b + 1) * nfb] = x
             last = b == self.blocks_per_clip - 1
             # Counters move before the yield so that a state saved while the consumer holds this
             # block resumes at the next one.
@@ -176,6 +177,17 @@ class BlockSampler:
                 if self.on_clip_end is not None:
                     self.on_clip_end(self, r, self.clip_latents)
             yield LatentBlock(r, b, frame, x, last)
+        return False
+
+    @property
+    def finishes_blocks(self) -> bool:
+        """Whether this sampler runs the last step (its blocks are denoised; it keeps clip_latents)."""
+        return self.steps[-1] == self.config.steps - 1
+
+    def _block_input(self, clip: int, block: int) -> torch.Tensor | None:
+        """The noisy latents entering this sampler's first step: the clip's noise slice."""
+        nfb = self.frames_per_block
+        return self._clip_noise(clip)[:, :, block * nfb:(block + 1) * nfb]
 
     def _begin_clip(self, r: int) -> None:
         """Sink at stream start; the configured refresh before clip 1 (spec 3.5)."""
@@ -191,7 +203,11 @@ class BlockSampler:
                              "call sampler.refresh_condition(first latent of clip 0, re-encoded motion latents) "
                              "in on_clip_end or after the last block of clip 0.")
         if policy == "first_clip_output":
-            self.refresh_condition(self.clip_latents[:, :, :1], self.motion_latents)
+            self.refresh_condition(self._first_clip_latent(), self.motion_latents)
+
+    def _first_clip_latent(self) -> torch.Tensor:
+        """The first denoised latent of clip 0 (the streaming sink refresh's new reference)."""
+        return self.clip_latents[:, :, :1]
 
     def _sink(self) -> None:
         self.model.sink(self.ref_latents, self.motion_latents, self.text, self.caches)
@@ -230,7 +246,7 @@ class BlockSampler:
     def load_state_dict(self, state: SamplerState) -> None:
         """Continue from `state_dict()` of a sampler built with the same config, model and prompt."""
         meta, tensors = state["meta"], state["tensors"]
-        needed = [f"cache{i}.{n}" for i, cache in enumerate(self.caches) for n in cache.tensors()]
+        needed = [f"cache{i}.{n}" for i, cache in zip(self.steps, self.caches) for n in cache.tensors()]
         missing = [k for k in needed + ["ref_latents", "motion_latents", "clip_latents"] if k not in tensors]
         if missing:
             raise InputError("resume_state", f"the state lacks {', '.join(missing)} (saved with a different "
@@ -245,7 +261,7 @@ class BlockSampler:
         if tuple(meta["lat_hw"]) != self.lat_hw:
             raise InputError("resume_state", f"the saved run has latents of {tuple(meta['lat_hw'])}, this one "
                              f"{self.lat_hw}.", "resume with the same reference size.")
-        for i, cache in enumerate(self.caches):
+        for i, cache in zip(self.steps, self.caches):
             for name, dst in cache.tensors().items():
                 src = tensors[f"cache{i}.{name}"]
                 if src.shape != dst.shape or src.dtype != dst.dtype:
@@ -304,36 +320,8 @@ class BlockSampler:
                              "use pixel sizes that are multiples of 64.")
         return int(h), int(w)
 
-    def _check_frames_per_clip(self, audio) -> None:
-        per_clip = getattr(audio, "frames_per_clip", self.config.frames_per_clip)
-        if per_clip != self.config.frames_per_clip:
-            raise InputError("audio", f"the audio features were bucketed for {per_clip} frames per clip, the "
-                             f"sampler uses {self.config.frames_per_clip}.", "encode the audio with the same "
-                             "frames_per_clip.")
-
-    def _check_audio(self, audio) -> torch.Tensor:
-        embedding = getattr(audio, "embedding", audio)
-        self._check_frames_per_clip(audio)
-        self._check_audio_shape(embedding)
-        n, f = embedding.shape[-1], self.config.frames_per_clip
-        if n < f:
-            raise InputError("audio", f"{n} frames of audio features are shorter than one clip of {f} frames.",
-                             "use a longer audio (the encoder pads the last clip with zeros).")
-        if n % f:
-            raise InputError("audio", f"{n} frames of audio features are not whole clips of {f} frames.",
-                             "pass the bucketed embedding of the audio encoder (a multiple of frames_per_clip).")
-        return embedding
-
-    def _check_audio_shape(self, audio) -> None:
-        cfg = self.model.cfg
-        if not torch.is_tensor(audio) or audio.dim() != 4 or audio.shape[:3] != (1, cfg.num_wav2vec_layers,
-                                                                                    cfg.audio_dim):
-            raise InputError("audio", f"expected wav2vec2 features [1, {cfg.num_wav2vec_layers}, {cfg.audio_dim}, "
-                             f"frames], got {tuple(audio.shape) if torch.is_tensor(audio) else type(audio).__name__}.",
-                             "pass the audio encoder's embedding for this model.")
-
     def _check_clip_audio(self, audio) -> torch.Tensor:
-        self._check_audio_shape(audio)
+        check_audio_shape(self.model.cfg, audio)
         f = self.config.frames_per_clip
         if audio.shape[-1] != f:
             raise InputError("audio", f"clip {self.clip} got {audio.shape[-1]} frames of audio features, a clip "
@@ -341,18 +329,71 @@ class BlockSampler:
                              "bucketing does.")
         return audio
 
-    def _num_clips(self, embedding: torch.Tensor, audio, requested: int | None) -> int:
-        available = embedding.shape[-1] // self.config.frames_per_clip
-        if requested is not None:
-            if not isinstance(requested, int) or isinstance(requested, bool) or requested < 1:
-                raise InputError("num_clips", f"must be a positive integer, got {requested!r}.",
-                                 "ask for at least one clip.")
-            if requested > available:
-                raise InputError("num_clips", f"{requested} clips requested but the audio covers {available}.",
-                                 "use a longer audio or ask for fewer clips.")
-            return requested
-        n = min(available, getattr(audio, "num_clips", available))
-        if self.config.num_clips is not None:
-            n = min(n, self.config.num_clips)
-        logger.info("sampler: %d clips (%d covered by the audio)", n, available)
-        return n
+
+def clip_source(audio, cfg, config: SamplerConfig, start: int, num_clips: int | None = None
+                ) -> tuple[Iterator[torch.Tensor], int | None]:
+    """(each clip's audio `[1, 25, C, frames_per_clip]` from clip `start` on, clip limit or None).
+
+    audio: `AudioFeatures`, its embedding, or `StreamedAudioFeatures` (clips computed as they are
+    needed; the limit is then `num_clips`, else the smaller of `config.num_clips` and the clips
+    requested from the encoder). Whole features: see `BlockSampler.run` for the clip count.
+    """
+    if hasattr(audio, "clips"):
+        check_frames_per_clip(config, audio)
+        limit = num_clips
+        if limit is None:
+            limit = min((n for n in (config.num_clips, audio.requested) if n is not None), default=None)
+        return audio.clips(start=start, stop=limit), limit
+    embedding = _check_audio(cfg, config, audio)
+    n = _num_clips(config, embedding, audio, num_clips)
+    f = config.frames_per_clip
+    return (embedding[..., r * f:(r + 1) * f] for r in range(start, n)), None
+
+
+def check_frames_per_clip(config: SamplerConfig, audio) -> None:
+    """Refuse features bucketed for another clip length than the sampler's."""
+    per_clip = getattr(audio, "frames_per_clip", config.frames_per_clip)
+    if per_clip != config.frames_per_clip:
+        raise InputError("audio", f"the audio features were bucketed for {per_clip} frames per clip, the "
+                         f"sampler uses {config.frames_per_clip}.", "encode the audio with the same "
+                         "frames_per_clip.")
+
+
+def _check_audio(cfg, config: SamplerConfig, audio) -> torch.Tensor:
+    embedding = getattr(audio, "embedding", audio)
+    check_frames_per_clip(config, audio)
+    check_audio_shape(cfg, embedding)
+    n, f = embedding.shape[-1], config.frames_per_clip
+    if n < f:
+        raise InputError("audio", f"{n} frames of audio features are shorter than one clip of {f} frames.",
+                         "use a longer audio (the encoder pads the last clip with zeros).")
+    if n % f:
+        raise InputError("audio", f"{n} frames of audio features are not whole clips of {f} frames.",
+                         "pass the bucketed embedding of the audio encoder (a multiple of frames_per_clip).")
+    return embedding
+
+
+def check_audio_shape(cfg, audio) -> None:
+    """Refuse anything but wav2vec2 features `[1, layers, C, frames]` of this model."""
+    if not torch.is_tensor(audio) or audio.dim() != 4 or audio.shape[:3] != (1, cfg.num_wav2vec_layers,
+                                                                                cfg.audio_dim):
+        raise InputError("audio", f"expected wav2vec2 features [1, {cfg.num_wav2vec_layers}, {cfg.audio_dim}, "
+                         f"frames], got {tuple(audio.shape) if torch.is_tensor(audio) else type(audio).__name__}.",
+                         "pass the audio encoder's embedding for this model.")
+
+
+def _num_clips(config: SamplerConfig, embedding: torch.Tensor, audio, requested: int | None) -> int:
+    available = embedding.shape[-1] // config.frames_per_clip
+    if requested is not None:
+        if not isinstance(requested, int) or isinstance(requested, bool) or requested < 1:
+            raise InputError("num_clips", f"must be a positive integer, got {requested!r}.",
+                             "ask for at least one clip.")
+        if requested > available:
+            raise InputError("num_clips", f"{requested} clips requested but the audio covers {available}.",
+                             "use a longer audio or ask for fewer clips.")
+        return requested
+    n = min(available, getattr(audio, "num_clips", available))
+    if config.num_clips is not None:
+        n = min(n, config.num_clips)
+    logger.info("sampler: %d clips (%d covered by the audio)", n, available)
+    return n

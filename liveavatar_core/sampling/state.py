@@ -40,7 +40,7 @@ def _grid(g: TokenGrid) -> list[list[int]]:
 def snapshot(sampler: "BlockSampler") -> SamplerState:
     """The sampler's state; tensors are the live ones (save or clone before continuing)."""
     tensors: dict[str, torch.Tensor] = {}
-    for i, cache in enumerate(sampler.caches):
+    for i, cache in zip(sampler.steps, sampler.caches):
         tensors.update({f"cache{i}.{name}": t for name, t in cache.tensors().items()})
     cond = sampler.caches[0].cond
     meta: dict[str, Any] = {
@@ -105,3 +105,22 @@ def load_state(path: str | os.PathLike) -> SamplerState:
         raise InputError("resume_state", f"{path} is not a block sampler state ({FORMAT}).",
                          "pass the file written by sampler.save().")
     return state
+
+
+def merge_stage_states(parts: list[SamplerState], finishing: int) -> SamplerState:
+    """One sampler state from the states of pipeline stages that stopped after the same block:
+    every stage's step caches, the rest from the stage that runs the last step (`finishing`,
+    the one whose clip buffer holds denoised latents). The result resumes on any stage split,
+    one process included."""
+    base = parts[finishing]
+    tensors = dict(base["tensors"])
+    for part in parts:
+        tensors.update({k: v for k, v in part["tensors"].items() if k.startswith("cache")})
+    return {"meta": base["meta"], "tensors": tensors}
+
+
+def stage_part(state: SamplerState, steps: tuple[int, ...]) -> SamplerState:
+    """The part of a sampler state a stage running `steps` needs (its step caches and the rest)."""
+    mine = {f"cache{i}." for i in steps}
+    tensors = {k: v for k, v in state["tensors"].items() if not k.startswith("cache") or k[:k.index(".") + 1] in mine}
+    return {"meta": state["meta"], "tensors": tensors}

@@ -1,0 +1,59 @@
+"""What crosses processes: block latents between ranks (torch.distributed point-to-point, in
+block order) and control messages between a rank and the controller (a loopback socket).
+
+A message is a header `(clip, block)` followed by the block's latents, or the header END alone
+when the sending rank's stream has ended (audio exhausted, a cancel). Messages only flow forward
+(rank r to r + 1, the last DiT rank to a dedicated VAE rank), each pair in block order, so blocking
+sends and receives cannot deadlock. NCCL moves CUDA tensors directly; gloo (CPU ranks, or ranks
+sharing one GPU in tests and benchmarks) moves them through host memory.
+"""
+
+from __future__ import annotations
+
+import pickle
+from multiprocessing.connection import Connection
+
+import torch
+import torch.distributed as dist
+
+END = -1
+
+
+class Peers:
+    """This rank's side of the point-to-point links; `device` is where its latents live."""
+
+    def __init__(self, device: torch.device, backend: str):
+        self.device = device
+        # gloo sends host tensors only; NCCL sends device tensors only.
+        self.wire = device if backend == "nccl" else torch.device("cpu")
+
+    def send(self, dst: int, clip: int, block: int, x: torch.Tensor) -> None:
+        """Block `(clip, block)`'s latents to rank `dst`."""
+        dist.send(torch.tensor([clip, block], dtype=torch.int64, device=self.wire), dst)
+        dist.send(x.detach().to(self.wire).contiguous(), dst)
+
+    def send_end(self, dst: int) -> None:
+        """Tell rank `dst` that no block follows."""
+        dist.send(torch.tensor([END, END], dtype=torch.int64, device=self.wire), dst)
+
+    def recv(self, src: int, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[int, int, torch.Tensor] | None:
+        """The next block from rank `src` as (clip, block, latents on `device`), or None at END."""
+        header = torch.empty(2, dtype=torch.int64, device=self.wire)
+        dist.recv(header, src)
+        clip, block = (int(v) for v in header.tolist())
+        if clip == END:
+            return None
+        x = torch.empty(shape, dtype=dtype, device=self.wire)
+        dist.recv(x, src)
+        return clip, block, x.to(self.device)
+
+
+def send_message(conn: Connection, message) -> None:
+    """A control message by value: plain pickle, since torch's multiprocessing reducers would
+    pass tensors as shared-memory handles that only a forked child could open."""
+    conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def recv_message(conn: Connection):
+    """The next control message (see `send_message`)."""
+    return pickle.loads(conn.recv_bytes())

@@ -1,0 +1,285 @@
+"""A rank of a parallel run: `python -m liveavatar_core.parallel.worker`.
+
+Started by `WorkerGroup` (one process per rank; the authkey arrives on stdin) or under torchrun
+(`LIVEAVATAR_CONTROL=host:port LIVEAVATAR_AUTHKEY=<hex> torchrun ... -m liveavatar_core.parallel.worker`,
+rendezvous through torchrun's environment). The rank connects to the controller's control socket,
+joins the process group, then serves commands: `load` (its part of the model, from the
+memory-mapped files), `job` (one video), `state` (its part of the resume state), `shutdown`.
+
+During a job the rank never waits on a peer for input from outside: clip audio, admission of each
+block (how a cancel stops the head), the conditioning latents and the sink refreshes come from the
+controller over the control socket; only block latents cross ranks (transport.py). Any error is
+reported to the controller with its traceback, then the process exits: the controller stops the
+other ranks, which may be blocked in a receive. The process also exits when the control socket
+closes (its controller is gone), so no rank outlives the ComfyUI or CLI process that started it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import sys
+import traceback
+from multiprocessing.connection import Client, Connection
+
+import torch
+import torch.distributed as dist
+
+from ..errors import InputError
+from ..pipeline import GenerationSettings, restore_decoder, start_decoder
+from ..sampling.generator import LatentBlock
+from .layout import StepLayout
+from .stage import StageSampler
+from .transport import Peers, recv_message, send_message
+
+log = logging.getLogger("liveavatar")
+
+# How long a rank waits in a collective before torch.distributed gives up; the controller notices
+# a dead rank within a second and stops the others long before this.
+PROCESS_GROUP_TIMEOUT_S = 600
+
+
+class ControlClient:
+    """The rank's end of the control socket: requests answered in order, and posts."""
+
+    def __init__(self, conn: Connection):
+        self.conn = conn
+
+    def request(self, kind: str, *args):
+        send_message(self.conn, (kind, *args))
+        return recv_message(self.conn)
+
+    def post(self, kind: str, *args) -> None:
+        send_message(self.conn, (kind, *args))
+
+
+class _Publishing:
+    """What a decoder needs of the sampler, on the VAE rank: the clip's denoised latents, and the
+    online-decode sink refresh, which is published for the other DiT ranks (and applied to the
+    local sampler when this rank has one)."""
+
+    def __init__(self, control: ControlClient, clip_latents: torch.Tensor, sampler: StageSampler | None = None):
+        self.control, self.clip_latents, self.sampler = control, clip_latents, sampler
+
+    def refresh_condition(self, ref_latents: torch.Tensor, motion_latents: torch.Tensor) -> None:
+        self.control.post("put", "refreshed_condition", (ref_latents.cpu(), motion_latents.cpu()))
+        if self.sampler is not None:
+            self.sampler.refresh_condition(ref_latents, motion_latents)
+
+
+class Worker:
+    """The state of one rank: its model part and, between jobs, the last job's sampler/decoder."""
+
+    def __init__(self, rank: int, layout: StepLayout, device: torch.device, control: ControlClient):
+        self.rank, self.layout, self.device, self.control = rank, layout, device, control
+        self.peers = Peers(device, layout.backend)
+        self.dit = self.vae = self.cache_factory = None
+        self.sampler: StageSampler | None = None
+        self.decoder = None
+
+    @property
+    def is_dit(self) -> bool:
+        return self.rank < self.layout.dit_ranks
+
+    @property
+    def has_vae(self) -> bool:
+        return self.rank == self.layout.vae_rank
+
+    # --- commands -----------------------------------------------------------------------------
+
+    def load(self, spec: dict) -> dict:
+        """Load this rank's part: the DiT (tensor by tensor from the mapped files) and/or the VAE."""
+        from ..loading import load_generator, prepare_vae
+        from ..vae.loader import load_vae
+
+        if self.is_dit:
+            model = load_generator(spec["dit_path"], spec["vae_path"] if self.has_vae else None, spec["lora_path"],
+                                   precision=spec["precision"], attention=spec["attention"], dit_device=self.device,
+                                   lora_scale=spec["lora_scale"], kv_cache_dtype=spec["kv_cache_dtype"],
+                                   compile=spec["compile"], plan=spec["plans"][self.rank])
+            self.dit, self.vae, self.cache_factory = model.dit, model.vae, model.cache_factory()
+            from ..resume import tensor_digest
+
+            return {"description": model.description, "weights": model.weights, "cfg": model.dit.cfg,
+                    "digest": tensor_digest(model.dit.patch_embedding.weight),
+                    "vae": model.vae.description if model.vae is not None else None}
+        dtype = torch.float32 if spec["precision"] == "fp32" else torch.bfloat16
+        self.vae = prepare_vae(load_vae(spec["vae_path"], device=self.device, dtype=dtype), self.device,
+                               spec["compile_vae"])
+        return {"description": self.vae.description, "vae": self.vae.description}
+
+    def run_job(self, job: dict) -> None:
+        """One video: this rank's stage of every block until the stream ends."""
+        self.sampler = self.decoder = None
+        settings = GenerationSettings(**job["settings"])
+        motion_frames = job["motion_frames"]
+        cond = None
+        if self.has_vae:
+            more = lambda n: self.control.request("more_clips", n)  # noqa: E731
+            reference = job["reference"]
+            if job["decoder"] is None:
+                ref_lat, motion_lat, self.decoder = start_decoder(self.vae, reference, settings, motion_frames, more)
+                cond = (ref_lat, motion_lat)
+                if self.layout.dit_ranks > 1 or not self.is_dit:
+                    self.control.post("put", "condition", (ref_lat.cpu(), motion_lat.cpu()))
+            else:
+                self.decoder = restore_decoder(self.vae, reference, settings, motion_frames, more, job["decoder"])
+        with torch.no_grad():
+            if self.is_dit:
+                self._run_stage(job, settings, cond)
+            else:
+                self._run_vae_rank(job)
+        self.control.post("done", self.rank)
+
+    def _run_stage(self, job: dict, settings: GenerationSettings, cond) -> None:
+        part = job["sampler"]
+        if part is not None:
+            cond = (part["tensors"]["ref_latents"], part["tensors"]["motion_latents"])
+        elif cond is None:
+            cond = self.control.request("get", "condition")
+        r, lay = self.rank, self.layout
+        sampler = StageSampler(self.dit, job["text"].to(self.device), *cond, settings.sampler_config(),
+                               cache_factory=self.cache_factory, steps=lay.steps[r], control=self.control,
+                               peers=self.peers, prev=r - 1 if r > 0 else None, has_vae=self.has_vae)
+        if part is not None:
+            sampler.load_state_dict(part)
+        self.sampler = sampler
+        publish_first = sampler.finishes_blocks and lay.dit_ranks > 1 \
+            and sampler.config.sink_refresh == "first_clip_output"
+        if publish_first and sampler.clip == 0 and sampler.block > 0:  # resumed after block (0, 0)
+            self.control.post("put", "first_clip_latent", sampler.clip_latents[:, :, :1].cpu())
+        target = _Publishing(self.control, sampler.clip_latents, sampler)
+        frames = _FrameSender(self.control)
+        for block in sampler.stream(self._clips(sampler.clip)):
+            if not sampler.finishes_blocks:
+                self.peers.send(r + 1, block.clip, block.block, block.latents)
+                continue
+            if publish_first and (block.clip, block.block) == (0, 0):
+                self.control.post("put", "first_clip_latent", block.latents[:, :, :1].cpu())
+            if self.has_vae:
+                frames.add(block, self.decoder.launch(target, block))
+            else:
+                self.peers.send(lay.vae_rank, block.clip, block.block, block.latents)
+        frames.flush()
+        block_shape = (1, self.dit.cfg.in_dim, sampler.frames_per_block, *sampler.lat_hw)
+        if r > 0 and not sampler.ended and self.peers.recv(r - 1, block_shape, sampler.dtype) is not None:
+            raise RuntimeError(f"rank {r - 1} sent a block after the stream ended here")
+        successor = r + 1 if r + 1 < lay.dit_ranks else (lay.vae_rank if lay.dedicated_vae else None)
+        if successor is not None:
+            self.peers.send_end(successor)
+
+    def _run_vae_rank(self, job: dict) -> None:
+        """The dedicated VAE rank: decode every block the last DiT rank sends."""
+        part = job["sampler"]
+        shape = job["clip_latents_shape"]
+        dtype = getattr(torch, job["latents_dtype"])
+        clip_latents = torch.zeros(shape, dtype=dtype, device=self.device) if part is None else \
+            part["tensors"]["clip_latents"].to(self.device, dtype)
+        target = _Publishing(self.control, clip_latents)
+        frames = _FrameSender(self.control)
+        nfb, blocks_per_clip = job["frames_per_block"], job["blocks_per_clip"]
+        block_shape = (*shape[:2], nfb, *shape[3:])
+        while (got := self.peers.recv(self.layout.dit_ranks - 1, block_shape, dtype)) is not None:
+            clip, b, x = got
+            clip_latents[:, :, b * nfb:(b + 1) * nfb] = x
+            block = LatentBlock(clip, b, clip * shape[2] + b * nfb, x, b == blocks_per_clip - 1)
+            frames.add(block, self.decoder.launch(target, block))
+        frames.flush()
+        self.clip_latents = clip_latents
+
+    def _clips(self, start: int):
+        """Clip audio from the controller, from clip `start` on, until it has no more."""
+        clip = start
+        while (audio := self.control.request("clip", clip)) is not None:
+            yield audio.to(self.device)
+            clip += 1
+
+    def state(self) -> dict:
+        """This rank's part of the resume state, in host memory."""
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the decoder's state is written on its own stream
+        out = {}
+        if self.sampler is not None:
+            s = self.sampler.state_dict()
+            out["sampler"] = {"meta": s["meta"], "tensors": {k: v.cpu() for k, v in s["tensors"].items()}}
+        if self.decoder is not None:
+            d = self.decoder.state()
+            out["decoder"] = {"meta": d["meta"], "tensors": {k: v.cpu() for k, v in d["tensors"].items()}}
+        return out
+
+
+class _FrameSender:
+    """Sends each block's frames to the controller, one block behind: block k's decode and copy to
+    host memory run on the GPU while block k+1 is denoised."""
+
+    def __init__(self, control: ControlClient):
+        self.control = control
+        self.pending = None
+
+    def add(self, block: LatentBlock, decoded) -> None:
+        self.flush()
+        self.pending = (block, decoded)
+
+    def flush(self) -> None:
+        if self.pending is not None:
+            block, decoded = self.pending
+            self.pending = None
+            self.control.post("frames", block.clip, block.block, block.last_in_clip, decoded.result())
+
+
+def _report(control: ControlClient, exc: BaseException) -> None:
+    fields = (exc.input_name, exc.problem, exc.fix) if isinstance(exc, InputError) else None
+    try:
+        control.post("error", type(exc).__name__, str(exc), fields, traceback.format_exc())
+    except OSError:
+        pass
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank {os.environ.get('RANK', '?')} %(message)s")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    host, port = os.environ["LIVEAVATAR_CONTROL"].rsplit(":", 1)
+    authkey = bytes.fromhex(os.environ.get("LIVEAVATAR_AUTHKEY") or sys.stdin.readline().strip())
+    conn = Client((host, int(port)), authkey=authkey)
+    control = ControlClient(conn)
+    send_message(conn, ("hello", rank, os.getpid()))
+    try:
+        _kind, layout, store_address = recv_message(conn)
+        device = torch.device(os.environ.get("LIVEAVATAR_DEVICE") or layout.devices[rank])
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        timeout = datetime.timedelta(seconds=PROCESS_GROUP_TIMEOUT_S)
+        if "MASTER_ADDR" in os.environ:  # torchrun
+            dist.init_process_group(layout.backend, rank=rank, world_size=world, timeout=timeout)
+        else:
+            store = dist.TCPStore(store_address[0], store_address[1], is_master=False, timeout=timeout)
+            dist.init_process_group(layout.backend, store=store, rank=rank, world_size=world, timeout=timeout)
+        worker = Worker(rank, layout, device, control)
+        send_message(conn, ("ready", rank))
+        while True:
+            try:
+                msg = recv_message(conn)
+            except EOFError:
+                os._exit(0)  # the controller is gone; nothing is left to finish
+            kind = msg[0]
+            if kind == "load":
+                send_message(conn, ("loaded", worker.load(msg[1])))
+            elif kind == "job":
+                worker.run_job(msg[1])
+            elif kind == "state":
+                send_message(conn, ("state", worker.state()))
+            elif kind == "shutdown":
+                break
+    except (EOFError, ConnectionError):
+        os._exit(0)
+    except BaseException as exc:
+        _report(control, exc)
+        logging.getLogger("liveavatar").exception("rank %d failed", rank)
+        os._exit(1)
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
