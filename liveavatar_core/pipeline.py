@@ -23,7 +23,6 @@ except one clip of latents at each clip end).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
@@ -39,6 +38,7 @@ import numpy as np
 import torch
 
 from .config import DEFAULT_FRAMES_PER_CLIP
+from .decoding import DROPPED_START_FRAMES, Decoded, restore_decoder, start_decoder
 from .encoders.audio import SAMPLE_RATE, AudioFeatures, check_audio_length
 from .encoders.audio_stream import AudioInput, StreamedAudioFeatures, audio_identity, features_for_mode
 from .encoders.image import DEFAULT_SIZE, preprocess_reference, target_area
@@ -51,17 +51,10 @@ from .resume import (ResumeState, build_resume_state, check_resume_state, input_
 from .sampling.config import MODES, SamplerConfig
 from .sampling.generator import BlockSampler, LatentBlock
 from .vae.model import WanVAE
-from .video.frames import DeviceFrames, to_uint8_frames
 from .video.writer import StreamingMP4Writer, WriterSettings, frames_within_audio
 
 log = logging.getLogger("liveavatar")
 
-# Frames the official pipeline drops at the very start of the video (spec 3.11).
-DROPPED_START_FRAMES = 3
-# Official Mode S conditioning: the reference repeated 5 times, then that clip 73 times (spec 3.2).
-OFFICIAL_REF_REPEAT = 5
-# Latents of the static motion clip that warm the streaming decoder's causal state (spec 4.5).
-DECODER_WARMUP_LATENTS = 7
 
 
 @dataclass(frozen=True)
@@ -459,177 +452,6 @@ class VideoStream:
             raise InputError("resume", f"{exc.input_name}: {exc.problem}", exc.fix) from None
         self.stats = Stats(**state["meta"]["stream"]["stats"])
         return sampler, decoder
-
-
-# --- conditioning and decoding per mode (shared by one process and the parallel VAE rank) --------
-
-def encode_pixels(vae: WanVAE, pixels: torch.Tensor) -> torch.Tensor:
-    """VAE latents of `[1, 3, T, H, W]` pixels in [-1, 1]."""
-    return vae.encode(pixels.to(device=vae.device, dtype=vae.dtype))
-
-
-def official_window(reference: torch.Tensor, motion_frames: int) -> torch.Tensor:
-    """The first motion window of Mode S: the 5-frame reference clip repeated (spec 3.2)."""
-    ref5 = reference[None, :, None].expand(-1, -1, OFFICIAL_REF_REPEAT, -1, -1)
-    return ref5.repeat(1, 1, motion_frames, 1, 1)
-
-
-def start_decoder(vae: WanVAE, reference: torch.Tensor, settings: GenerationSettings, motion_frames: int,
-                  more_clips: Callable[[int], bool]):
-    """(reference latent, motion latents, block -> frames decoder) of the settings' mode.
-
-    reference: the preprocessed picture `[3, H, W]`; more_clips(n): whether the video has more
-    than n clips (official mode re-encodes its context only for a clip that follows).
-    """
-    ref = reference[None, :, None]  # [1, 3, 1, H, W]
-    if settings.mode == "streaming":
-        ref_lat = encode_pixels(vae, ref)
-        motion_lat = encode_pixels(vae, ref.expand(-1, -1, motion_frames, -1, -1))
-        return ref_lat, motion_lat, StreamingDecode(vae, motion_lat)
-    ref5 = ref.expand(-1, -1, OFFICIAL_REF_REPEAT, -1, -1)
-    ref_lat = encode_pixels(vae, ref5)[:, :, 1:]
-    window = official_window(reference, motion_frames)
-    motion_lat = encode_pixels(vae, window)
-    return ref_lat, motion_lat, OfficialDecode(vae, settings, motion_frames, more_clips, window, motion_lat)
-
-
-def restore_decoder(vae: WanVAE, reference: torch.Tensor, settings: GenerationSettings, motion_frames: int,
-                    more_clips: Callable[[int], bool], part: dict):
-    """The decoder of the settings' mode from the `decoder` part of a resume state."""
-    if settings.mode == "streaming":
-        return StreamingDecode.restore(vae, part)
-    return OfficialDecode.restore(vae, settings, motion_frames, more_clips, official_window(reference, motion_frames),
-                                  part)
-
-
-class Decoded:
-    """Frames of one block: ready, or being decoded and copied out behind the caller's back."""
-
-    def __init__(self, frames: np.ndarray | DeviceFrames | None):
-        self._frames = frames
-
-    def result(self) -> np.ndarray | None:
-        if isinstance(self._frames, DeviceFrames):
-            self._frames = self._frames.result()
-        return self._frames
-
-
-class StreamingDecode:
-    """Decodes every block as it arrives with a causal decoder warmed on the static motion clip.
-
-    On a GPU the decoder runs on its own CUDA stream: `launch` queues the decode of a block and the
-    copy of its frames to host memory, then returns at once, so the DiT work of the next block is
-    queued while this one decodes and the caller encodes the previous block's frames meanwhile.
-    Every tensor of the decoder's state is made on that stream, so the allocator never hands its
-    memory to the DiT while a queued decode still reads it.
-    """
-
-    def __init__(self, vae: WanVAE, motion_latents: torch.Tensor | None):
-        self.vae = vae
-        self.stream = torch.cuda.Stream(vae.device) if vae.device.type == "cuda" else None
-        self.decoder = vae.stream_decoder()
-        if motion_latents is not None:  # None: state restored by `restore`
-            with self._on_stream(motion_latents):
-                self.decoder.decode(motion_latents[:, :, :DECODER_WARMUP_LATENTS])  # warm-up frames are discarded
-        self.first = True
-
-    def _on_stream(self, *inputs: torch.Tensor):
-        """Context running on the decoder's stream after the work that produced `inputs`."""
-        if self.stream is None:
-            return contextlib.nullcontext()
-        for t in inputs:
-            if t.is_cuda:
-                self.stream.wait_stream(torch.cuda.current_stream(t.device))
-                if t.device == self.vae.device:
-                    t.record_stream(self.stream)
-        return torch.cuda.stream(self.stream)
-
-    def state(self) -> dict:
-        cache = self.decoder.cache
-        return {"meta": {"mode": "streaming", "first": self.first, "first_chunk": cache.first_chunk,
-                         "slots": [t is not None for t in cache.slots]},
-                "tensors": {f"slot{i}": t for i, t in enumerate(cache.slots) if t is not None}}
-
-    @classmethod
-    def restore(cls, vae: WanVAE, part: dict) -> "StreamingDecode":
-        meta, tensors = part["meta"], part["tensors"]
-        if meta.get("mode") != "streaming":
-            raise InputError("resume", f"the file holds a {meta.get('mode')} decoder state.",
-                             "resume in the mode of the interrupted run.")
-        decode = cls(vae, None)
-        with decode._on_stream():
-            decode.decoder.cache.slots = [tensors[f"slot{i}"].to(vae.device) if present else None
-                                          for i, present in enumerate(meta["slots"])]
-        decode.decoder.cache.first_chunk = meta["first_chunk"]
-        decode.first = meta["first"]
-        return decode
-
-    def launch(self, sampler: BlockSampler, block: LatentBlock) -> Decoded:
-        with self._on_stream(block.latents):
-            frames = self.decoder.decode(block.latents)[0]
-            if self.first:
-                frames = frames[:, DROPPED_START_FRAMES:]
-            self.first = False
-            if self.stream is None:
-                return Decoded(to_uint8_frames(frames))
-            return Decoded(DeviceFrames(frames))
-
-
-class OfficialDecode:
-    """Mode S / S+ decoding: per clip, a full decode after the re-encoded 92-latent context."""
-
-    def __init__(self, vae: WanVAE, settings: GenerationSettings, motion_frames: int,
-                 more_clips: Callable[[int], bool], window: torch.Tensor, motion_latents: torch.Tensor):
-        self.vae, self.settings, self.motion_frames, self.more_clips = vae, settings, motion_frames, more_clips
-        self.window = window.float()  # the last 365 frames: reference, then generated
-        self.context = motion_latents
-        self.clip = 0
-        self.generated = 0  # frames of the window that were generated (the rest is the reference)
-
-    def state(self) -> dict:
-        tail = self.window[:, :, self.window.shape[2] - self.generated:]
-        return {"meta": {"mode": "official", "clip": self.clip, "generated": self.generated},
-                "tensors": {"window_tail": tail, "context": self.context}}
-
-    @classmethod
-    def restore(cls, vae: WanVAE, settings: GenerationSettings, motion_frames: int,
-                more_clips: Callable[[int], bool], window: torch.Tensor, part: dict) -> "OfficialDecode":
-        meta, tensors = part["meta"], part["tensors"]
-        if meta.get("mode") != "official":
-            raise InputError("resume", f"the file holds a {meta.get('mode')} decoder state.",
-                             "resume in the mode of the interrupted run.")
-        window = window.float()
-        tail = tensors["window_tail"]
-        if tail.shape[:2] != window.shape[:2] or tail.shape[3:] != window.shape[3:] \
-                or not 0 <= tail.shape[2] <= window.shape[2]:
-            raise InputError("resume", f"the saved frame window {tuple(tail.shape)} does not fit this stream's "
-                             f"{tuple(window.shape)}.", "resume with the size of the interrupted run.")
-        decode = cls(vae, settings, motion_frames, more_clips,
-                     torch.cat([window[:, :, :window.shape[2] - tail.shape[2]], tail.float()], dim=2),
-                     tensors["context"].to(vae.device))
-        decode.clip, decode.generated = int(meta["clip"]), int(meta["generated"])
-        return decode
-
-    def launch(self, sampler: BlockSampler, block: LatentBlock) -> Decoded:
-        return Decoded(self._decode(sampler, block))
-
-    def _decode(self, sampler: BlockSampler, block: LatentBlock) -> np.ndarray | None:
-        if not block.last_in_clip:
-            return None
-        vae = self.vae
-        z = torch.cat([self.context.to(sampler.clip_latents.device), sampler.clip_latents.float()], dim=2)
-        frames = vae.decode(z.to(vae.device))[:, :, -self.settings.frames_per_clip:]
-        if self.clip == 0:
-            frames = frames[:, :, DROPPED_START_FRAMES:]
-        n = min(self.motion_frames, frames.shape[2])
-        self.window = torch.cat([self.window[:, :, n:], frames[:, :, -n:].to(self.window)], dim=2)
-        self.generated = min(self.window.shape[2], self.generated + n)
-        self.clip += 1
-        if self.more_clips(self.clip):  # after the last clip the context would go unused
-            self.context = encode_pixels(vae, self.window)
-            if self.clip == 1 and self.settings.online_decode:
-                sampler.refresh_condition(sampler.clip_latents[:, :, :1].clone(), self.context)
-        return to_uint8_frames(frames[0].cpu())
 
 
 def generate(model: LiveAvatarModel, text: torch.Tensor, audio: AudioFeatures, image,

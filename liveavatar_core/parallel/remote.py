@@ -31,7 +31,8 @@ import torch
 from ..config import DiTConfig
 from ..errors import InputError
 from ..loading import compute_dtype, resolve_compile
-from ..pipeline import Decoded, Stats, VideoStream, _Pending, model_identity
+from ..decoding import Decoded
+from ..pipeline import Stats, VideoStream, _Pending, model_identity
 from ..resume import ResumeState, build_resume_state, resume_part
 from ..sampling.generator import LatentBlock, clip_source
 from ..sampling.state import merge_stage_states, stage_part

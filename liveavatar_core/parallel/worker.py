@@ -27,7 +27,8 @@ import torch
 import torch.distributed as dist
 
 from ..errors import InputError
-from ..pipeline import GenerationSettings, restore_decoder, start_decoder
+from ..decoding import restore_decoder, start_decoder
+from ..pipeline import GenerationSettings
 from ..sampling.generator import LatentBlock
 from .layout import StepLayout
 from .stage import StageSampler
