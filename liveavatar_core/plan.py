@@ -29,7 +29,7 @@ from .encoders.image import DEFAULT_SIZE, assumed_output_size
 from .errors import InputError
 from .ops.fp8 import IGNORE as FP8_IGNORE
 from .weights.dit import expected_dit_keys
-from .weights.vae import DIM_MULT, NUM_RES_BLOCKS, TEMPORAL_DOWNSAMPLE, expected_vae_shapes
+from .weights.vae import DIM_MULT, NUM_RES_BLOCKS, SPATIAL_STRIDE, TEMPORAL_DOWNSAMPLE, expected_vae_shapes
 
 GiB = 2 ** 30
 
@@ -143,7 +143,7 @@ def geometry(cfg: DiTConfig, height: int, width: int, frames_per_clip: int = DEF
     check_frames_per_clip(frames_per_clip)
     if steps < 1:
         raise InputError("sample_steps", f"must be positive, got {steps}.", "use 4.")
-    lat_h, lat_w = height // 8, width // 8
+    lat_h, lat_w = height // SPATIAL_STRIDE, width // SPATIAL_STRIDE
     _, ph, pw = cfg.patch_size
     fs = (lat_h // ph) * (lat_w // pw)
     m_video, m_lat = cfg.motion_frames
@@ -287,7 +287,7 @@ def vae_decoder_state_bytes(height: int, width: int, base_dim: int = 96, z_dim: 
     e = _BYTES[dtype] * batch
     dims = [base_dim * m for m in (DIM_MULT[-1], *DIM_MULT[::-1])]
     temporal_up = TEMPORAL_DOWNSAMPLE[::-1]
-    h, w = height // 8, width // 8
+    h, w = height // SPATIAL_STRIDE, width // SPATIAL_STRIDE
     total = 2 * z_dim * h * w * e                          # conv1 input
     total += 4 * 2 * dims[0] * h * w * e                   # middle: two residual blocks, 2 convs each
     for stage, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):

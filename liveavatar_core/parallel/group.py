@@ -23,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from multiprocessing.connection import Connection, Listener, wait
+from multiprocessing.connection import Connection, Listener
 from pathlib import Path
 
 import torch.distributed as dist

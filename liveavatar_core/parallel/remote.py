@@ -39,6 +39,7 @@ from ..sampling.state import merge_stage_states, stage_part
 from ..weights.check import check_run_files
 from ..weights.dit import load_dit_checkpoint
 from ..weights.lora import DEFAULT_SCALE
+from ..weights.vae import SPATIAL_STRIDE
 from .group import WorkerGroup
 from .layout import StepLayout
 
@@ -57,7 +58,6 @@ class RemoteModel:
     cfg: DiTConfig
     description: str
     identity: str
-    precision: str
     plan: object = None  # the parallel plan it was loaded with (re-checked per video size), if any
     load_spec: dict = field(default_factory=dict, repr=False)
 
@@ -77,7 +77,7 @@ def load_parallel(dit_path: str | Path, vae_path: str | Path, lora_path: str | P
     """
     check_run_files(dit_path, lora_path=lora_path, vae_path=vae_path)
     cfg = load_dit_checkpoint(dit_path).config
-    compute_dtype(precision)
+    compute_dtype(precision)  # an unknown precision is refused before any worker starts
     compile_vae = resolve_compile(compile, torch.device(layout.devices[layout.vae_rank]))
     plans = list(getattr(plan, "rank_plans", None) or [None] * layout.world_size)
     spec = {"dit_path": str(dit_path), "vae_path": str(vae_path), "lora_path": str(lora_path) if lora_path else None,
@@ -96,7 +96,7 @@ def load_parallel(dit_path: str | Path, vae_path: str | Path, lora_path: str | P
     identity = model_identity(head["weights"], head["digest"], vae["vae"])
     description = f"{head['description']}; {layout.world_size} processes: {layout.describe()}"
     log.info("parallel: loaded in %.1f s", time.perf_counter() - t0)
-    model = RemoteModel(group, layout, cfg, description, identity, precision, plan, spec)
+    model = RemoteModel(group, layout, cfg, description, identity, plan, spec)
     weakref.finalize(model, group.close)
     return model
 
@@ -253,7 +253,7 @@ class _Job:
         self._clips, _limit = clip_source(s.audio, cfg, s.config, start, num_clips)
         self._next_clip = start
         latents = cfg.out_dim, s.config.latent_frames_per_clip(*cfg.motion_frames)
-        lat_hw = (s.height // 8, s.width // 8)
+        lat_hw = (s.height // SPATIAL_STRIDE, s.width // SPATIAL_STRIDE)
         common = {"settings": asdict(s.settings), "motion_frames": cfg.motion_frames[0]}
         for rank in range(lay.world_size):
             job = dict(common, text=None, reference=None, sampler=None, decoder=None)
@@ -268,7 +268,6 @@ class _Job:
                     job.update(sampler=None if sampler is None else {"tensors": {
                         "clip_latents": sampler["tensors"]["clip_latents"]}},
                         clip_latents_shape=(1, latents[0], latents[1], *lat_hw),
-                        latents_dtype=str(compute_dtype(self.model.precision)).removeprefix("torch."),
                         frames_per_block=cfg.num_frames_per_block, blocks_per_clip=s.blocks_per_clip)
             self.group.send(rank, ("job", job))
 

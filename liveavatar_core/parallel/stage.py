@@ -38,8 +38,7 @@ class StageSampler(BlockSampler):
                 self.ended = True
                 return None
             return super()._block_input(clip, block)
-        shape = (1, self.model.cfg.in_dim, self.frames_per_block, *self.lat_hw)
-        got = self.peers.recv(self.prev, shape, self.dtype)
+        got = self.peers.recv(self.prev, self.block_shape, self.dtype)
         if got is None:
             self.ended = True
             return None
@@ -47,6 +46,11 @@ class StageSampler(BlockSampler):
             raise RuntimeError(f"pipeline out of order: expected clip {clip} block {block} from rank {self.prev}, "
                                f"got clip {got[0]} block {got[1]}")
         return got[2]
+
+    @property
+    def block_shape(self) -> tuple[int, ...]:
+        """Shape of one block's latents, as they cross ranks."""
+        return (1, self.model.cfg.in_dim, self.frames_per_block, *self.lat_hw)
 
     def _first_clip_latent(self) -> torch.Tensor:
         if self.finishes_blocks:

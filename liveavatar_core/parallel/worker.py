@@ -75,7 +75,7 @@ class Worker:
     def __init__(self, rank: int, layout: StepLayout, device: torch.device, control: ControlClient):
         self.rank, self.layout, self.device, self.control = rank, layout, device, control
         self.peers = Peers(device, layout.backend)
-        self.dit = self.vae = self.cache_factory = None
+        self.dit = self.vae = self.cache_factory = self.dtype = None
         self.sampler: StageSampler | None = None
         self.decoder = None
 
@@ -91,8 +91,10 @@ class Worker:
 
     def load(self, spec: dict) -> dict:
         """Load this rank's part: the DiT (tensor by tensor from the mapped files) and/or the VAE."""
-        from ..loading import load_generator, prepare_vae
+        from ..loading import compute_dtype, load_generator, prepare_vae
         from ..vae.loader import load_vae
+
+        self.dtype = compute_dtype(spec["precision"])  # the DiT's, and so the latents' and the VAE's
 
         if self.is_dit:
             model = load_generator(spec["dit_path"], spec["vae_path"] if self.has_vae else None, spec["lora_path"],
@@ -105,8 +107,7 @@ class Worker:
             return {"description": model.description, "weights": model.weights, "cfg": model.dit.cfg,
                     "digest": tensor_digest(model.dit.patch_embedding.weight),
                     "vae": model.vae.description if model.vae is not None else None}
-        dtype = torch.float32 if spec["precision"] == "fp32" else torch.bfloat16
-        self.vae = prepare_vae(load_vae(spec["vae_path"], device=self.device, dtype=dtype), self.device,
+        self.vae = prepare_vae(load_vae(spec["vae_path"], device=self.device, dtype=self.dtype), self.device,
                                spec["compile_vae"])
         return {"description": self.vae.description, "vae": self.vae.description}
 
@@ -163,8 +164,7 @@ class Worker:
             else:
                 self.peers.send(lay.vae_rank, block.clip, block.block, block.latents)
         frames.flush()
-        block_shape = (1, self.dit.cfg.in_dim, sampler.frames_per_block, *sampler.lat_hw)
-        if r > 0 and not sampler.ended and self.peers.recv(r - 1, block_shape, sampler.dtype) is not None:
+        if r > 0 and not sampler.ended and self.peers.recv(r - 1, sampler.block_shape, sampler.dtype) is not None:
             raise RuntimeError(f"rank {r - 1} sent a block after the stream ended here")
         successor = r + 1 if r + 1 < lay.dit_ranks else (lay.vae_rank if lay.dedicated_vae else None)
         if successor is not None:
@@ -174,7 +174,7 @@ class Worker:
         """The dedicated VAE rank: decode every block the last DiT rank sends."""
         part = job["sampler"]
         shape = job["clip_latents_shape"]
-        dtype = getattr(torch, job["latents_dtype"])
+        dtype = self.dtype
         clip_latents = torch.zeros(shape, dtype=dtype, device=self.device) if part is None else \
             part["tensors"]["clip_latents"].to(self.device, dtype)
         target = _Publishing(self.control, clip_latents)
@@ -187,7 +187,6 @@ class Worker:
             block = LatentBlock(clip, b, clip * shape[2] + b * nfb, x, b == blocks_per_clip - 1)
             frames.add(block, self.decoder.launch(target, block))
         frames.flush()
-        self.clip_latents = clip_latents
 
     def _clips(self, start: int):
         """Clip audio from the controller, from clip `start` on, until it has no more."""

@@ -25,6 +25,8 @@ DIM_MULT = (1, 2, 4, 4)
 NUM_RES_BLOCKS = 2
 # Encoder stages 2 and 3 halve time (spec/pipeline.md 4.1); the decoder mirrors them.
 TEMPORAL_DOWNSAMPLE = (False, True, True)
+# Pixels per latent along height and width: every one of the len(DIM_MULT) - 1 stages halves both.
+SPATIAL_STRIDE = 2 ** (len(DIM_MULT) - 1)
 
 
 @dataclass(frozen=True)
