@@ -21,7 +21,7 @@ import os
 import time
 import weakref
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from multiprocessing.connection import wait
 from pathlib import Path
 
@@ -59,7 +59,6 @@ class RemoteModel:
     description: str
     identity: str
     plan: object = None  # the parallel plan it was loaded with (re-checked per video size), if any
-    load_spec: dict = field(default_factory=dict, repr=False)
 
     def close(self) -> None:
         """Stop the worker processes (the GPUs are free afterwards)."""
@@ -96,7 +95,7 @@ def load_parallel(dit_path: str | Path, vae_path: str | Path, lora_path: str | P
     identity = model_identity(head["weights"], head["digest"], vae["vae"])
     description = f"{head['description']}; {layout.world_size} processes: {layout.describe()}"
     log.info("parallel: loaded in %.1f s", time.perf_counter() - t0)
-    model = RemoteModel(group, layout, cfg, description, identity, plan, spec)
+    model = RemoteModel(group, layout, cfg, description, identity, plan)
     weakref.finalize(model, group.close)
     return model
 
@@ -108,9 +107,6 @@ class RemoteStream(VideoStream):
         super().__init__(model, *args, **kwargs)
         self._job: _Job | None = None
         self._held: list[np.ndarray] = []  # drained frames that could not be handed out
-
-    def _motion_frames(self) -> int:
-        return self.model.cfg.motion_frames[0]
 
     def __iter__(self):
         cfg = self.model.cfg
