@@ -4,11 +4,11 @@ Each rank is `python -m liveavatar_core.parallel.worker` (never a fork of ComfyU
 `main.py` a spawned child would import again), with its own GPU in `CUDA_VISIBLE_DEVICES`. The
 ranks meet in a `TCPStore` this process hosts and talk to it over a loopback control socket that
 only holds a connection presenting the random authkey (sent on the worker's stdin, never in its
-environment or command line). A rank that dies is noticed within a poll period: the others are
-killed by PID (a rank blocked in NCCL or gloo cannot be asked to stop) and `WorkerError` names the
-rank, its device, how it ended and the tail of its log. The group is closed when its model is
-released, at interpreter exit, or by `close()`; every worker also exits on its own when the
-control socket closes.
+environment or command line); once every rank is in, the socket stops listening. A rank that
+dies is noticed within a poll period: the others are killed by PID (a rank blocked in NCCL or
+gloo cannot be asked to stop) and `WorkerError` names the rank, its device, how it ended and the
+tail of its log. The group is closed when its model is released, at interpreter exit, or by
+`close()`; every worker also exits on its own when the control socket closes.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, Listener
 from pathlib import Path
 
@@ -82,6 +83,8 @@ class WorkerGroup:
                 self.close()
                 raise WorkerError(len(accepted), "?", f"did not connect within {START_TIMEOUT_S} s")
             time.sleep(0.02)
+        # Every rank is in: nothing else may connect, so the port closes.
+        self._listener.close()
         for conn in accepted:
             _hello, rank, _pid = recv_message(conn)
             self.conns[rank] = conn
@@ -93,12 +96,13 @@ class WorkerGroup:
         return self
 
     def _accept(self, n: int, accepted: list) -> None:
-        for _ in range(n):
+        while len(accepted) < n:
             try:
                 accepted.append(self._listener.accept())
-            except OSError:  # closed while waiting, or a client without the authkey (refused)
-                if self._closed:
-                    return
+            except AuthenticationError:  # a client without the authkey: refused, keep listening
+                continue
+            except OSError:  # closed while waiting
+                return
 
     def _env(self, rank: int, control: str) -> dict[str, str]:
         env = dict(os.environ)
