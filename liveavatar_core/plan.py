@@ -388,6 +388,7 @@ class RunPlan:
     note: str = ""
     audio_seconds: float = DEFAULT_AUDIO_SECONDS
     encoder_bytes: tuple[int | None, int | None] = (None, None)  # (umT5, wav2vec2) weights; None = release
+    has_dit: bool = True  # False: a pipeline rank that only runs the VAE
 
     # --- numbers ---------------------------------------------------------------------------
 
@@ -582,7 +583,7 @@ def _rebuild(plan: RunPlan, geometry: Geometry | None = None, **changes) -> RunP
     args = dict(precision=plan.precision, blocks_on_gpu=plan.blocks_on_gpu,
                 kv_layers_on_gpu=plan.kv_layers_on_gpu, kv_cache_dtype="fp8" if plan.kv_cache_dtype == "fp8" else None,
                 vae=plan.vae, text_encoder=plan.text_encoder, audio_encoder=plan.audio_encoder,
-                audio_seconds=plan.audio_seconds, encoder_bytes=plan.encoder_bytes)
+                audio_seconds=plan.audio_seconds, encoder_bytes=plan.encoder_bytes, has_dit=plan.has_dit)
     args.update(changes)
     return _build(plan.cfg, geometry or plan.geometry, plan.devices, plan.host, plan.memory_cap_bytes,
                   plan.dit_device, **args)
@@ -599,8 +600,8 @@ def _auto(plan: RunPlan) -> RunPlan | None:
     layers = plan.cfg.num_layers
     best = None
     for enc_rank, enc in enumerate(("offload", "cpu")):
-        text = plan.text_encoder if plan.text_encoder == "cpu" else enc
-        audio = plan.audio_encoder if plan.audio_encoder == "cpu" else enc
+        text = plan.text_encoder if plan.text_encoder in ("cpu", "none") else enc
+        audio = plan.audio_encoder if plan.audio_encoder in ("cpu", "none") else enc
         options = [dict(blocks_on_gpu=layers, kv_layers_on_gpu=k) for k in (layers, 0)]
         options += [dict(blocks_on_gpu=n, kv_layers_on_gpu=0) for n in range(layers - 1, -1, -1)]
         for opt in options:
@@ -684,7 +685,9 @@ def _build(cfg: DiTConfig, geo: Geometry, devices: tuple[DeviceSpec, ...], host:
            dit_device: str, *, precision: str, blocks_on_gpu: int, kv_layers_on_gpu: int,
            kv_cache_dtype: str | None, vae: str, text_encoder: str, audio_encoder: str,
            audio_seconds: float = DEFAULT_AUDIO_SECONDS,
-           encoder_bytes: tuple[int | None, int | None] = (None, None)) -> RunPlan:
+           encoder_bytes: tuple[int | None, int | None] = (None, None), has_dit: bool = True) -> RunPlan:
+    """The itemised plan. A pipeline rank (parallel/planner.py) plans its own steps (`geo.steps`), and
+    `vae` / `text_encoder` / `audio_encoder` "none" or `has_dit` False for what runs elsewhere."""
     check_kv_cache_dtype(kv_cache_dtype or "auto", precision)
     if dit_device == "cpu":  # one memory: an encoder "offloaded" to the host is just on the CPU
         text_encoder, audio_encoder = "cpu", "cpu"
@@ -694,47 +697,50 @@ def _build(cfg: DiTConfig, geo: Geometry, devices: tuple[DeviceSpec, ...], host:
     layers = cfg.num_layers
     swapped = swapped_layers(layers, blocks_on_gpu)
     base, units = dit_unit_bytes(cfg, precision)
-    items = [MemoryItem(gpu, "DiT weights (resident)", base + sum(u for i, u in enumerate(units) if i not in swapped),
-                        note=f"{layers - len(swapped)} of {layers} blocks, {precision}")]
-    if swapped:
-        slot = max(units[i] for i in swapped)
-        items.append(MemoryItem(gpu, "block swap staging", SWAP_SLOTS * slot, note=f"{SWAP_SLOTS} slots"))
-        items.append(MemoryItem(cpu, "swapped DiT blocks (pinned)", sum(units[i] for i in swapped),
-                                note=f"{len(swapped)} blocks"))
-    ring = kv_layer_bytes(cfg, geo, kv_dtype)
-    streamed = layers - kv_layers_on_gpu
-    if kv_layers_on_gpu:
-        items.append(MemoryItem(gpu, "KV caches", geo.steps * kv_layers_on_gpu * ring, _GENERATE,
-                                f"{geo.steps} steps x {kv_layers_on_gpu} layers x {ring / GiB:.3f} GiB"))
-    if streamed:
-        items.append(MemoryItem(cpu, "KV caches (pinned)", geo.steps * streamed * ring, _GENERATE,
-                                f"{geo.steps} steps x {streamed} layers"))
-        items.append(MemoryItem(gpu, "KV streaming staging", KV_STREAM_SLOTS * ring, _GENERATE,
-                                f"{KV_STREAM_SLOTS} layers"))
-    items.append(MemoryItem(gpu, "condition cache", cond_cache_bytes(cfg, geo, compute), _GENERATE,
-                            f"{geo.cond_tokens} tokens"))
-    items.append(MemoryItem(gpu, "text keys/values", text_cache_bytes(cfg, geo, compute), _GENERATE))
-    dit_act = max(block_call_activation_bytes(cfg, geo, precision, kv_dtype),
-                  sink_activation_bytes(cfg, geo, precision))
-    vae_dev = gpu if vae == "gpu" else cpu
-    vae_dtype = compute
-    items.append(MemoryItem(vae_dev, "VAE weights", vae_weight_bytes(dtype=vae_dtype)))
-    items.append(MemoryItem(vae_dev, "VAE streaming state",
-                            vae_decoder_state_bytes(geo.height, geo.width, dtype=vae_dtype, batch=geo.batch),
-                            _GENERATE))
-    vae_act = vae_decode_peak_bytes(geo.height, geo.width, dtype=vae_dtype, batch=geo.batch, taps=vae == "gpu")
-    if vae_dev == gpu:
-        # A block's decode runs on its own stream while the next block is sampled: both transients.
-        items.append(MemoryItem(gpu, "activations (block call)", dit_act, _GENERATE))
-        items.append(MemoryItem(gpu, "VAE decode activations", vae_act, _GENERATE))
-    else:
-        items.append(MemoryItem(gpu, "activations (block call)", dit_act, _GENERATE))
-        items.append(MemoryItem(cpu, "VAE decode activations", vae_act, _GENERATE))
+    items = []
+    streamed = layers - kv_layers_on_gpu if has_dit else 0
+    if has_dit:
+        items.append(MemoryItem(gpu, "DiT weights (resident)",
+                                base + sum(u for i, u in enumerate(units) if i not in swapped),
+                                note=f"{layers - len(swapped)} of {layers} blocks, {precision}"))
+        if swapped:
+            slot = max(units[i] for i in swapped)
+            items.append(MemoryItem(gpu, "block swap staging", SWAP_SLOTS * slot, note=f"{SWAP_SLOTS} slots"))
+            items.append(MemoryItem(cpu, "swapped DiT blocks (pinned)", sum(units[i] for i in swapped),
+                                    note=f"{len(swapped)} blocks"))
+        ring = kv_layer_bytes(cfg, geo, kv_dtype)
+        if kv_layers_on_gpu:
+            items.append(MemoryItem(gpu, "KV caches", geo.steps * kv_layers_on_gpu * ring, _GENERATE,
+                                    f"{geo.steps} steps x {kv_layers_on_gpu} layers x {ring / GiB:.3f} GiB"))
+        if streamed:
+            items.append(MemoryItem(cpu, "KV caches (pinned)", geo.steps * streamed * ring, _GENERATE,
+                                    f"{geo.steps} steps x {streamed} layers"))
+            items.append(MemoryItem(gpu, "KV streaming staging", KV_STREAM_SLOTS * ring, _GENERATE,
+                                    f"{KV_STREAM_SLOTS} layers"))
+        items.append(MemoryItem(gpu, "condition cache", cond_cache_bytes(cfg, geo, compute), _GENERATE,
+                                f"{geo.cond_tokens} tokens"))
+        items.append(MemoryItem(gpu, "text keys/values", text_cache_bytes(cfg, geo, compute), _GENERATE))
+        items.append(MemoryItem(gpu, "activations (block call)",
+                                max(block_call_activation_bytes(cfg, geo, precision, kv_dtype),
+                                    sink_activation_bytes(cfg, geo, precision)), _GENERATE))
+    if vae != "none":
+        # On the DiT's GPU a block's decode runs on its own stream while the next block is sampled:
+        # both transients count.
+        vae_dev = gpu if vae == "gpu" else cpu
+        items.append(MemoryItem(vae_dev, "VAE weights", vae_weight_bytes(dtype=compute)))
+        items.append(MemoryItem(vae_dev, "VAE streaming state",
+                                vae_decoder_state_bytes(geo.height, geo.width, dtype=compute, batch=geo.batch),
+                                _GENERATE))
+        items.append(MemoryItem(vae_dev, "VAE decode activations",
+                                vae_decode_peak_bytes(geo.height, geo.width, dtype=compute, batch=geo.batch,
+                                                      taps=vae == "gpu"), _GENERATE))
     text_bytes, audio_bytes = encoder_bytes
     for name, placement, weights, act in (
             ("umT5 encoder", text_encoder, text_bytes or text_encoder_bytes(), 0),
             ("wav2vec2 encoder", audio_encoder, audio_bytes or audio_encoder_bytes(),
              audio_encoder_activation_bytes(audio_seconds))):
+        if placement == "none":
+            continue
         if placement == "gpu":
             items.append(MemoryItem(gpu, name, weights))
         else:
@@ -748,7 +754,7 @@ def _build(cfg: DiTConfig, geo: Geometry, devices: tuple[DeviceSpec, ...], host:
     return RunPlan(cfg, geo, precision, "block_swap" if swapped else "none", blocks_on_gpu, swapped,
                    "cpu" if streamed else "gpu", kv_layers_on_gpu, kv_dtype, vae, text_encoder, audio_encoder,
                    dit_device, devices, host, cap, tuple(items), audio_seconds=audio_seconds,
-                   encoder_bytes=encoder_bytes)
+                   encoder_bytes=encoder_bytes, has_dit=has_dit)
 
 
 def _cap_bytes(memory_cap, devices) -> int | None:
