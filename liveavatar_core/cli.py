@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -31,6 +32,7 @@ import torch
 from .encoders.image import DEFAULT_SIZE, SIZE_PRESETS, SIZE_RULE
 from .errors import LiveAvatarError
 from .official_flags import add_official_flags, apply_official_flags
+from .parallel.layout import LAYOUTS
 from .plan import KV_CACHE_DTYPES, PRECISIONS
 
 if TYPE_CHECKING:
@@ -68,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "device, without loading any weight")
     _generate_args(plan)
     plan.add_argument("--json", action="store_true", help="print the plan as JSON (output_size, devices, ...)")
+    plan.add_argument("--gpu_count", type=int, help="plan a parallel run for this many GPUs that are not "
+                      "present (with --gpu_memory_gib); --devices then names them cuda:0..cuda:N-1")
+    plan.add_argument("--gpu_memory_gib", type=float, help="memory of each of those GPUs, as the driver reports it")
+    plan.add_argument("--gpu_model", default="", help="their model, for the speed estimate (e.g. 'RTX 4090'; "
+                      "default: guessed from the memory)")
 
     ins = sub.add_parser("inspect", help="say what weight files or folders hold (exit status 1 when one holds "
                                          "nothing recognised, lacks parts or is damaged)")
@@ -104,6 +111,12 @@ def _generate_args(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--kv_cache_dtype", choices=KV_CACHE_DTYPES, default="auto",
                      help="auto: the step KV caches in the compute dtype; fp8: e4m3 with a scale per head row "
                           "(half the memory and streamed bytes, slightly different results)")
+    gen.add_argument("--devices", help="several GPUs, one DiT process each, the denoising steps laid over them "
+                     "(timestep-forcing pipeline): a list such as cuda:0,cuda:1 (or 0,1), or 'auto' for every GPU "
+                     "(with 5 GPUs: 4 for the DiT + 1 for the VAE, the official layout)")
+    gen.add_argument("--vae_gpu", help="a GPU for the VAE alone in a parallel run (default: the last DiT GPU)")
+    gen.add_argument("--layout", choices=LAYOUTS, default="steps",
+                     help="how a parallel run divides the work: steps (each GPU owns whole denoising steps)")
     gen.add_argument("--resume", type=Path, help="continue an interrupted run from its resume file (written next "
                      "to its video as <save_file>.resume); the other arguments must be those of that run")
     add_official_flags(gen)
@@ -144,7 +157,14 @@ def request_from_args(args: argparse.Namespace) -> "RunRequest":
                       else "auto" if args.offload_model else "none",
                       blocks_on_gpu=args.blocks_on_gpu,
                       kv_cache_location="cpu" if args.offload_kv_cache else "gpu",
-                      kv_cache_dtype=args.kv_cache_dtype, compile=args.compile, t5_cpu=args.t5_cpu)
+                      kv_cache_dtype=args.kv_cache_dtype, compile=args.compile, t5_cpu=args.t5_cpu,
+                      devices=_devices_arg(args.devices), vae_gpu=args.vae_gpu, layout=args.layout)
+
+
+def _devices_arg(value: str | None) -> tuple[str, ...] | str:
+    if value is None:
+        return ()
+    return "auto" if value.strip() == "auto" else tuple(v.strip() for v in value.split(",") if v.strip())
 
 
 def run_generation(req: RunRequest, save_file: Path | None, resume: Path | None = None) -> Path:
@@ -162,7 +182,6 @@ def run_generation(req: RunRequest, save_file: Path | None, resume: Path | None 
     from .encoders.placement import audio_encoder_placement, text_encoder_placement
     from .encoders.text import TextEncoder
     from .loading import load_generator
-    from .pipeline import generate, write_mp4
     from .preflight import preflight
     from .resume import check_resume_state, input_fingerprint, load_resume_state, partial_video
     from .video.naming import output_target
@@ -189,22 +208,43 @@ def run_generation(req: RunRequest, save_file: Path | None, resume: Path | None 
     # Streaming mode keeps wav2vec2 for its windowed encoding, which runs while the blocks are sampled;
     # --t5_cpu: umT5 encodes on the CPU, as the official flag does.
     text_at = text_encoder_placement(pre.text_device, req.precision)
-    audio_at = audio_encoder_placement(req.device, req.precision)
+    audio_at = audio_encoder_placement(pre.device, req.precision)
     text = TextEncoder.from_pretrained(folder.t5, device=text_at.run_on, dtype=text_at.dtype).encode(req.prompt)
     features = AudioEncoder.from_pretrained(folder.wav2vec2, device=audio_at.run_on, dtype=audio_at.dtype).prepare(
         req.audio, frames_per_clip=req.infer_frames, num_clips=req.num_clip or None).features(req.mode)
     if state is not None:  # the prompt, audio and image are known now; the model only after loading it
         check_resume_state(state, fingerprint=input_fingerprint(text=text, audio=audio_identity(features),
                                                                 reference=preprocess_reference(req.image, req.size)[0]))
-    model = load_generator(folder.dit, folder.vae, req.lora, precision=req.precision, attention=req.attention,
-                           dit_device=req.device, offload=req.offload, blocks_on_gpu=req.blocks_on_gpu,
-                           kv_cache_location=req.kv_cache_location, kv_cache_dtype=req.kv_cache_dtype,
-                           plan_size=pre.output_size, frames_per_clip=req.infer_frames, steps=req.sample_steps,
-                           compile=req.compile, plan=pre.plan)
-    log.info("loaded in %.1f s: %s", time.perf_counter() - t0, model.description)
+    if req.parallel:
+        from .parallel.remote import load_parallel
 
-    # 3. Stream: every block is decoded and appended to the MP4 as soon as it is sampled.
-    stream = generate(model, text.to(req.device), features, req.image, settings, resume_from=state)
+        gc.collect()  # the text encoder's GPU memory goes back to the driver: a worker needs it
+        torch.cuda.empty_cache()
+        model = load_parallel(folder.dit, folder.vae, req.lora, layout=pre.plan.layout, precision=req.precision,
+                              attention=req.attention, compile=req.compile, kv_cache_dtype=req.kv_cache_dtype,
+                              plan=pre.plan)
+        text = text.cpu()
+    else:
+        model = load_generator(folder.dit, folder.vae, req.lora, precision=req.precision, attention=req.attention,
+                               dit_device=req.device, offload=req.offload, blocks_on_gpu=req.blocks_on_gpu,
+                               kv_cache_location=req.kv_cache_location, kv_cache_dtype=req.kv_cache_dtype,
+                               plan_size=pre.output_size, frames_per_clip=req.infer_frames, steps=req.sample_steps,
+                               compile=req.compile, plan=pre.plan)
+        text = text.to(req.device)
+    log.info("loaded in %.1f s: %s", time.perf_counter() - t0, model.description)
+    try:
+        return _stream_to_file(model, text, features, req, settings, state, target, out, resume_file)
+    finally:
+        if req.parallel:
+            model.close()
+
+
+def _stream_to_file(model, text, features, req: RunRequest, settings, state, target, out: Path,
+                    resume_file: Path) -> Path:
+    """Stream: every block is decoded and appended to the MP4 as soon as it is sampled."""
+    from .pipeline import generate, write_mp4
+
+    stream = generate(model, text, features, req.image, settings, resume_from=state)
     frames = stream.total_frames  # None: streamed audio whose length is known only once read
     log.info("output %dx%d, %s clips, %s frames (%s s) -> %s", stream.width, stream.height, stream.num_clips,
              frames, "?" if frames is None else f"{frames / stream.fps:.2f}", out)
@@ -290,13 +330,22 @@ def _plan(args) -> int:
 
     from .preflight import preflight
 
-    pre = preflight(request_from_args(args), check_memory=False)
+    hardware = None
+    if args.gpu_count is not None or args.gpu_memory_gib is not None:
+        from .parallel.planner import hypothetical_devices
+
+        hardware = hypothetical_devices(args.gpu_count, args.gpu_memory_gib, args.gpu_model)
+        if args.devices is None:
+            args.devices = "auto"
+    pre = preflight(request_from_args(args), check_memory=False, hardware=hardware)
     pre.log(table=not args.json)  # on stderr; stdout holds only the JSON
     if args.json:
         print(json.dumps(pre.to_dict(), indent=1))
     pre.plan.validate()
     if not args.json:
         print(f"fits: {pre.plan.placement_words()}; output {pre.output_size[1]}x{pre.output_size[0]} (W x H)")
+        if getattr(pre.plan, "fps", None) is not None:  # a parallel plan's speed estimate
+            print(f"estimate: {pre.plan.fps:.1f} FPS, first frame after {pre.plan.first_frame_s:.1f} s")
     return 0
 
 

@@ -3,7 +3,8 @@
 Every flag the official generate scripts pass, and every other flag of that script, is known here:
 mapped to ours (`--t5_cpu`, `--save_dir`, `--base_seed -1`), accepted where the official code itself
 ignores it or where it asks for what we do anyway (`--sample_guide_scale 0`, `--num_gpus_dit 1`,
-`--convert_model_dtype`), or refused with the reason and the fix. Copying an official command line
+`--convert_model_dtype`), or refused with the reason and the fix. The official five-GPU command
+(`--num_gpus_dit 4 --enable_vae_parallel`) maps to `--devices cuda:0,...,cuda:3 --vae_gpu cuda:4`. Copying an official command line
 therefore never ends in argparse's "unrecognized arguments".
 """
 
@@ -21,10 +22,10 @@ log = logging.getLogger("liveavatar")
 # Official flags with no effect in the official code either (spec/pipeline.md 7, 8.14).
 _IGNORED_STORE_TRUE = ("convert_model_dtype", "single_gpu", "start_from_ref", "drop_motion_noisy", "use_dataset",
                        "using_merged_ckpt")
-_MULTI_GPU = ("this implementation runs on one GPU for now (the official 5-GPU timestep-forcing pipeline is not "
-              "supported yet)")
-_ONE_GPU_FIX = ("drop the flag to run on one GPU; if the model does not fit, --offload_model True picks a "
-                "placement that does (python -m liveavatar_core plan ... shows it)")
+_NO_FSDP = ("FSDP sharding is not available yet: the step layout keeps the whole DiT on each GPU (with 4 GPUs the "
+            "official timestep-forcing pipeline)")
+_FSDP_FIX = ("drop the flag; if a GPU is too small, --offload_model True lets each rank stream its caches or swap "
+             "blocks (python -m liveavatar_core plan ... --devices auto shows it)")
 
 
 def add_official_flags(parser: argparse.ArgumentParser) -> None:
@@ -42,11 +43,13 @@ def add_official_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--training_config", help="accepted and unused: the LoRA's rank and alpha are read from the file")
     g.add_argument("--t5_cpu", action="store_true", help="run the umT5 text encoder on the CPU (bf16)")
     g.add_argument("--save_dir", type=Path, help="folder for the video when --save_file is not given")
-    g.add_argument("--num_gpus_dit", type=int, default=1, help="1 only for now (multi-GPU is not supported yet)")
+    g.add_argument("--num_gpus_dit", type=int, default=1, help="DiT GPUs of the step pipeline: the same as "
+                   "--devices cuda:0,...,cuda:N-1 (1 to the step count)")
     g.add_argument("--ulysses_size", type=int, default=1, help="1 only (the official code refuses other values too)")
-    g.add_argument("--enable_vae_parallel", action="store_true", help="not supported yet (multi-GPU)")
-    g.add_argument("--t5_fsdp", action="store_true", help="not supported yet (multi-GPU)")
-    g.add_argument("--dit_fsdp", action="store_true", help="not supported yet (multi-GPU)")
+    g.add_argument("--enable_vae_parallel", action="store_true", help="the VAE on the GPU after the DiT GPUs: the "
+                   "same as --vae_gpu cuda:N")
+    g.add_argument("--t5_fsdp", action="store_true", help="not supported yet (FSDP)")
+    g.add_argument("--dit_fsdp", action="store_true", help="not supported yet (FSDP)")
     g.add_argument("--frame_num", type=int, help="accepted and unused, as in the official code (see --infer_frames)")
     g.add_argument("--lora_path", help="refused: unused by the official code; the Live Avatar LoRA is --lora_path_dmd")
     g.add_argument("--pose_video", help="not supported")
@@ -60,6 +63,24 @@ def add_official_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset_sample_idx", type=int, help="accepted and unused, as in the official code")
     for name in _IGNORED_STORE_TRUE:
         g.add_argument(f"--{name}", action="store_true", help="accepted and unused, as in the official code")
+
+
+def _map_gpu_flags(args: argparse.Namespace) -> None:
+    """--num_gpus_dit N / --enable_vae_parallel as --devices / --vae_gpu (refused beside those)."""
+    n = args.num_gpus_dit
+    if n < 1:
+        raise InputError("num_gpus_dit", f"must be at least 1, got {n}.", "use 1 to 4 (4 is the official layout).")
+    if n == 1 and not args.enable_vae_parallel:
+        return
+    if args.devices is not None or args.vae_gpu is not None:
+        raise InputError("num_gpus_dit", "--num_gpus_dit/--enable_vae_parallel and --devices/--vae_gpu both say "
+                         "which GPUs to use.", "keep one pair: the official flags or --devices/--vae_gpu.")
+    if n > 1:
+        args.devices = ",".join(f"cuda:{i}" for i in range(n))
+    else:
+        args.devices = "cuda:0"
+    if args.enable_vae_parallel:
+        args.vae_gpu = f"cuda:{n}"
 
 
 def apply_official_flags(args: argparse.Namespace, default_save_file: Path) -> None:
@@ -81,16 +102,13 @@ def apply_official_flags(args: argparse.Namespace, default_save_file: Path) -> N
     if args.sample_shift is not None and args.sample_shift != 3:
         raise InputError("sample_shift", f"{args.sample_shift} differs from the distilled schedule's shift 3, which "
                          "the official code uses whatever this flag says.", "leave --sample_shift out (or pass 3).")
-    if args.num_gpus_dit != 1:
-        raise InputError("num_gpus_dit", f"{args.num_gpus_dit} DiT GPUs: {_MULTI_GPU}.",
-                         "use --num_gpus_dit 1 (or leave it out) to run on one GPU; if the model does not fit, "
-                         "--offload_model True picks a placement that does (the plan command shows it).")
+    _map_gpu_flags(args)
     if args.ulysses_size != 1:
         raise InputError("ulysses_size", f"{args.ulysses_size}: sequence parallelism is not supported (the official "
                          "Live Avatar code refuses it too).", "use --ulysses_size 1 (or leave it out).")
-    for flag in ("enable_vae_parallel", "t5_fsdp", "dit_fsdp"):
+    for flag in ("t5_fsdp", "dit_fsdp"):
         if getattr(args, flag):
-            raise InputError(flag, f"--{flag} needs several GPUs: {_MULTI_GPU}.", _ONE_GPU_FIX + ".")
+            raise InputError(flag, f"--{flag}: {_NO_FSDP}.", _FSDP_FIX + ".")
     if args.lora_path:
         raise InputError("lora_path", "the official code never reads --lora_path; the Live Avatar LoRA is given with "
                          "--lora_path_dmd.", f"pass --lora_path_dmd {args.lora_path}.")

@@ -25,7 +25,9 @@ from .loading import OfficialFolder, compute_dtype, official_folder, plan_for_de
 from .ops.attention import get_attention
 from .ops.fp8 import check_fp8_support
 from .pipeline import GenerationSettings
-from .plan import RunPlan, check_kv_cache_dtype
+from .parallel.layout import step_layout
+from .parallel.planner import ParallelPlan, choose_devices, plan_parallel
+from .plan import DeviceSpec, RunPlan, check_kv_cache_dtype, detect_devices
 from .sampling.config import OFFICIAL_STEPS
 from .weights.check import check_run_files
 from .weights.dit import load_dit_checkpoint
@@ -61,6 +63,14 @@ class RunRequest:
     kv_cache_dtype: str = "auto"
     compile: str = "auto"
     t5_cpu: bool = False
+    devices: tuple[str, ...] | str = ()  # several: one worker process per DiT rank; "auto": every GPU
+    vae_gpu: str | None = None  # a device for the VAE alone (parallel runs)
+    layout: str = "steps"
+
+    @property
+    def parallel(self) -> bool:
+        """Whether the run uses worker processes (several devices, or the VAE on its own)."""
+        return self.devices == "auto" or len(self.devices) > 1 or self.vae_gpu is not None
 
 
 @dataclass
@@ -73,12 +83,20 @@ class Preflight:
     image_size: tuple[int, int]  # (W, H) of the reference image
     output_size: tuple[int, int]  # (H, W) of the video
     audio_seconds: float | None  # from the container's header (None: it declares no length)
-    plan: RunPlan
+    plan: RunPlan | ParallelPlan
     warnings: list[str] = field(default_factory=list)
 
     @property
+    def device(self) -> str:
+        """Where this process runs the encoders: the DiT's device, or the first rank's."""
+        if isinstance(self.plan, ParallelPlan):
+            first = self.plan.ranks[0].device.name
+            return first if first.startswith("cuda") else "cpu"
+        return self.request.device
+
+    @property
     def text_device(self) -> str:
-        return "cpu" if self.request.t5_cpu else self.request.device
+        return "cpu" if self.request.t5_cpu else self.device
 
     def to_dict(self) -> dict:
         """The plan as JSON (`output_size` is [width, height]) plus the inputs it was made for."""
@@ -129,20 +147,32 @@ def check_device(name: str) -> torch.device:
     return device
 
 
-def preflight(req: RunRequest, check_memory: bool = True) -> Preflight:
+def preflight(req: RunRequest, check_memory: bool = True, hardware: list[DeviceSpec] | None = None) -> Preflight:
     """Validate `req` completely and plan it at the real output size, reading no weight.
 
-    check_memory: refuse a plan that does not fit (False: return it, `plan.fits()` tells).
+    check_memory: refuse a plan that does not fit (False: return it, `plan.fits()` tells);
+    hardware: plan a parallel run for these GPUs instead of the ones present (`hypothetical_devices`).
     """
     # 1. Settings, in the order a user reads them on the command line.
     settings = GenerationSettings(size=req.size, seed=req.seed, num_clips=req.num_clip,
                                   frames_per_clip=req.infer_frames, sample_steps=req.sample_steps, mode=req.mode,
                                   online_decode=req.online_decode)
-    device = check_device(req.device)
+    if hardware is not None and not req.parallel:
+        raise InputError("gpu_count", "planning for GPUs that are not present is for parallel runs.",
+                         "add --devices auto (or a list such as cuda:0,cuda:1).")
+    devices = None  # (DiT ranks, VAE rank or None, spare GPUs) of a parallel run
+    ranks = [req.device]
+    if req.parallel:
+        devices = choose_devices(detect_devices() if hardware is None else hardware, req.devices or (req.device,),
+                                 req.vae_gpu, req.sample_steps)
+        ranks = [d.name for d in devices[0] + [devices[1]] if d is not None]
+        step_layout(ranks[:len(devices[0])], req.sample_steps, devices[1] and devices[1].name)  # refusals first
+    device = torch.device("cpu") if hardware is not None else check_device(ranks[0])
     compute_dtype(req.precision)
     check_kv_cache_dtype(req.kv_cache_dtype, req.precision)
-    if req.precision == "fp8":
-        check_fp8_support(device)
+    if req.precision == "fp8" and hardware is None:
+        for name in ranks:
+            check_fp8_support(torch.device(name))
     get_attention(req.attention)
     resolve_compile(req.compile, device)
     # 2. Inputs: the image decides the output size, the audio the length.
@@ -160,16 +190,19 @@ def preflight(req: RunRequest, check_memory: bool = True) -> Preflight:
                     wav2vec2_path=folder.wav2vec2)
     cfg = load_dit_checkpoint(folder.dit).config
     # 4. Memory at that size, refused with the cheapest fix.
-    plan = plan_for_device(cfg, device, precision=req.precision, offload=req.offload,
-                           blocks_on_gpu=req.blocks_on_gpu, kv_cache_location=req.kv_cache_location,
-                           kv_cache_dtype=req.kv_cache_dtype, size=output, frames_per_clip=req.infer_frames,
-                           # wav2vec2 encodes in windows now: its estimate keeps the planner's default length.
-                           steps=req.sample_steps,
-                           # The CLI encodes on the DiT's GPU and frees the encoders before loading it.
-                           text_encoder="cpu" if req.t5_cpu else "offload", audio_encoder="offload",
-                           encoder_bytes=(_weight_bytes(folder.t5, req.precision),
-                                          _weight_bytes(folder.wav2vec2, req.precision)),
-                           validate=check_memory)
+    if devices is not None:
+        plan = _parallel_plan(req, cfg, output, devices, check_memory)
+    else:
+        plan = plan_for_device(cfg, device, precision=req.precision, offload=req.offload,
+                               blocks_on_gpu=req.blocks_on_gpu, kv_cache_location=req.kv_cache_location,
+                               kv_cache_dtype=req.kv_cache_dtype, size=output, frames_per_clip=req.infer_frames,
+                               # wav2vec2 encodes in windows now: its estimate keeps the planner's default length.
+                               steps=req.sample_steps,
+                               # The CLI encodes on the DiT's GPU and frees the encoders before loading it.
+                               text_encoder="cpu" if req.t5_cpu else "offload", audio_encoder="offload",
+                               encoder_bytes=(_weight_bytes(folder.t5, req.precision),
+                                              _weight_bytes(folder.wav2vec2, req.precision)),
+                               validate=check_memory)
     warnings = []
     _, small = describe_output_size(image.size, settings.size, output)
     if small:
@@ -185,3 +218,17 @@ def preflight(req: RunRequest, check_memory: bool = True) -> Preflight:
         warnings.append("no --lora_path_dmd: the base Wan2.2-S2V model is not the 4-step distilled Live Avatar "
                         f"model; pass {LORA_FILE} from {LORA_REPO}.")
     return Preflight(req, settings, folder, image.size, output, audio_seconds, plan, warnings)
+
+
+def _parallel_plan(req: RunRequest, cfg, output: tuple[int, int], devices, check_memory: bool) -> ParallelPlan:
+    """The multi-process plan; this process (the controller) encodes on the first rank's GPU."""
+    if req.offload == "block_swap":
+        raise InputError("blocks_on_gpu", "a parallel run places each rank itself.",
+                         "leave --blocks_on_gpu out; --offload_model True lets every rank offload what it must.")
+    dit, vae, spare = devices
+    plan = plan_parallel(cfg, devices=dit, vae_device=vae, spare=spare, size=output, frames_per_clip=req.infer_frames,
+                         steps=req.sample_steps, precision=req.precision,
+                         kv_cache_dtype=req.kv_cache_dtype, kv_cache_location=req.kv_cache_location,
+                         offload="auto" if req.offload != "none" else "none",
+                         layout=req.layout)
+    return plan.validate() if check_memory else plan

@@ -6,18 +6,23 @@ bit, cancel/resume must complete the same video (also on another rank count), an
 must be reported at once with no process left behind.
 """
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import replace
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from liveavatar_core.cli import main
 from liveavatar_core.encoders.audio import AudioEncoder
 from liveavatar_core.encoders.text import TextEncoder
 from liveavatar_core.errors import InputError, WorkerError
@@ -150,3 +155,75 @@ def test_control_socket_refuses_a_client_without_the_key_then_stops_listening():
     finally:
         group.close()
     assert all(p.poll() is not None for p in group.procs)
+
+
+# --- command line ------------------------------------------------------------------------------------
+
+def _cli(tiny, save_file, *extra) -> list[str]:
+    return ["generate", "--ckpt_dir", str(tiny.ckpt_dir), "--lora_path_dmd", str(tiny.lora), "--image",
+            str(tiny.image), "--audio", str(tiny.audio), "--prompt", tiny.prompt, "--save_file", str(save_file),
+            "--size", STREAMING.size, "--num_clip", str(CLIPS), "--base_seed", str(STREAMING.seed),
+            "--device", "cpu", "--precision", "fp32", *extra]
+
+
+def test_cli_ctrl_c_stops_every_rank_then_resumes_on_another_rank_count(tiny, tmp_path):
+    reference, out, log = tmp_path / "one.mp4", tmp_path / "out" / "clip.mp4", tmp_path / "log.txt"
+    assert main(_cli(tiny, reference)) == 0
+    total = probe_mp4(reference).frame_count
+
+    # Ctrl-C (SIGINT to the CLI only: the workers run in sessions of their own, as from a
+    # terminal) once the first block is logged: exit 130 within a block period or so, every rank
+    # gone, a playable MP4 of the finished blocks and a resume file.
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "liveavatar_core", *_cli(tiny, out, "--devices", "cpu,cpu")],
+                                stdout=f, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1],
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 300
+    while "clip 0 block 0:" not in log.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+    workers = _children(proc.pid)
+    assert len(workers) == 2
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130, log.read_text()[-3000:]
+    assert time.monotonic() - t0 < 10
+    assert not any(_exists(pid) for pid in workers)
+    state = out.with_name(out.name + ".resume")
+    assert state.is_file() and f"--resume {state}" in log.read_text()
+    assert 0 < probe_mp4(out).frame_count < total
+
+    # The same command on three ranks with --resume completes the video of one process.
+    assert main(_cli(tiny, out, "--devices", "cpu,cpu,cpu", "--resume", str(state))) == 0
+    assert not state.exists()
+    a, b = probe_mp4(reference, max_frames=total), probe_mp4(out, max_frames=total)
+    assert b.frame_count == a.frame_count == total
+    np.testing.assert_array_equal(b.frames, a.frames)
+
+
+def _children(pid: int) -> list[int]:
+    """The worker processes a CLI started (they are in sessions of their own, still its children)."""
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_plan_command_for_hardware_not_present(tiny, capsys):
+    base = ["plan", "--ckpt_dir", str(tiny.ckpt_dir), "--lora_path_dmd", str(tiny.lora), "--image", str(tiny.image),
+            "--audio", str(tiny.audio), "--prompt", "hi"]
+    assert main([*base, "--gpu_count", "4", "--gpu_memory_gib", "24", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["world_size"] == 4 and [r["steps"] for r in plan["ranks"]] == [[0], [1], [2], [3]]
+    assert plan["fits"] and plan["fps"] > 0 and all(r["planned_bytes"] <= r["budget_bytes"] for r in plan["ranks"])
+    assert main([*base, "--gpu_count", "5", "--gpu_memory_gib", "80"]) == 0
+    text = capsys.readouterr().out
+    assert "fits:" in text and "rank 4 (cuda:4): VAE" in text and "FPS" in text
+    assert main([*base, "--gpu_count", "2", "--gpu_memory_gib", "24", "--devices", "cuda:0,cuda:2"]) == 2
+    assert "cuda:2 does not exist" in capsys.readouterr().err

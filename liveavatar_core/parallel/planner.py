@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from ..config import DEFAULT_FRAMES_PER_CLIP, DiTConfig
 from ..encoders.image import DEFAULT_SIZE, assumed_output_size
 from ..errors import InputError
-from ..plan import (CONTEXT_BYTES, COMPUTE_DTYPES, DEFAULT_AUDIO_SECONDS, FRAGMENTATION, PRECISIONS, GiB,
+from ..plan import (CONTEXT_BYTES, COMPUTE_DTYPES, DEFAULT_AUDIO_SECONDS, FRAGMENTATION, KV_LOCATIONS, PRECISIONS, GiB,
                     DeviceSpec, RunPlan, _auto, _build, _cap_bytes, _choice, audio_encoder_bytes,
                     check_kv_cache_dtype, geometry, host_device)
 from ..weights.vae import TEMPORAL_DOWNSAMPLE
@@ -255,7 +255,8 @@ class ParallelPlan:
 
 def plan_parallel(cfg: DiTConfig, *, devices, size=DEFAULT_SIZE, frames_per_clip: int = DEFAULT_FRAMES_PER_CLIP,
                   steps: int = 4, vae_device: DeviceSpec | None = None, precision: str = "bf16",
-                  kv_cache_dtype: str | None = None, offload: str = "auto", memory_cap=None,
+                  kv_cache_dtype: str | None = None, kv_cache_location: str = "gpu", offload: str = "auto",
+                  memory_cap=None,
                   host: DeviceSpec | None = None, share_gpus: bool = False, layout: str = "steps",
                   controller: str | None = "first", spare=(), audio_seconds: float = DEFAULT_AUDIO_SECONDS
                   ) -> ParallelPlan:
@@ -269,12 +270,14 @@ def plan_parallel(cfg: DiTConfig, *, devices, size=DEFAULT_SIZE, frames_per_clip
     not on a GPU of this plan); spare: GPUs present but not used, which fixes may suggest.
     """
     request = dict(cfg=cfg, devices=tuple(devices), size=size, frames_per_clip=frames_per_clip, steps=steps,
-                   vae_device=vae_device, precision=precision, kv_cache_dtype=kv_cache_dtype, offload=offload,
+                   vae_device=vae_device, precision=precision, kv_cache_dtype=kv_cache_dtype,
+                   kv_cache_location=kv_cache_location, offload=offload,
                    memory_cap=memory_cap, host=host, share_gpus=share_gpus, layout=layout, controller=controller,
                    spare=tuple(spare), audio_seconds=audio_seconds)
     _choice("layout", layout, LAYOUTS)
     _choice("precision", precision, PRECISIONS)
     _choice("offload", offload, PARALLEL_OFFLOAD)
+    _choice("kv_cache_location", kv_cache_location, KV_LOCATIONS)
     check_kv_cache_dtype(kv_cache_dtype or "auto", precision)
     devices = tuple(devices)
     everything = devices + ((vae_device,) if vae_device is not None else ())
@@ -285,6 +288,10 @@ def plan_parallel(cfg: DiTConfig, *, devices, size=DEFAULT_SIZE, frames_per_clip
     sharing = Counter(d.name for d in everything if d.name.startswith("cuda"))
     notes = []
     labels = {d.label for d in everything if d.name.startswith("cuda")}
+    if spare:
+        notes.append(f"{', '.join(d.name for d in spare)} not used: the step layout gives each GPU whole steps "
+                     f"(at most {steps} DiT GPUs and one for the VAE); a second job can run on "
+                     f"{'them' if len(spare) > 1 else 'it'}")
     if len(labels) > 1:
         notes.append(f"mixed GPU models ({', '.join(sorted(labels))}): the slowest sets the pace, and kernels "
                      "may differ between models, so frames are not bit-identical to one GPU")
@@ -294,7 +301,7 @@ def plan_parallel(cfg: DiTConfig, *, devices, size=DEFAULT_SIZE, frames_per_clip
         if spec.name.startswith("cuda") and spec.name == controller and r == everything.index(spec):
             reserved = CONTEXT_BYTES + audio_encoder_bytes()
         ranks.append(_rank(cfg, lay, r, spec, sharing[spec.name] or 1, reserved, host, memory_cap, height, width,
-                           frames_per_clip, precision, kv_cache_dtype, offload, audio_seconds))
+                           frames_per_clip, precision, kv_cache_dtype, kv_cache_location, offload, audio_seconds))
     timed = all(r.gpu is not None for r in ranks)
     first = None
     if timed:
@@ -308,8 +315,8 @@ def plan_parallel(cfg: DiTConfig, *, devices, size=DEFAULT_SIZE, frames_per_clip
 
 
 def _rank(cfg, lay: StepLayout, r: int, spec: DeviceSpec, sharing: int, reserved: int, host: DeviceSpec, memory_cap,
-          height: int, width: int, frames_per_clip: int, precision: str, kv_cache_dtype, offload: str,
-          audio_seconds: float) -> RankPlan:
+          height: int, width: int, frames_per_clip: int, precision: str, kv_cache_dtype, kv_cache_location: str,
+          offload: str, audio_seconds: float) -> RankPlan:
     """One rank's single-device plan, its budget (a share of a shared GPU, less what the controller
     holds there) and its time per block."""
     is_dit = r < lay.dit_ranks
@@ -320,7 +327,8 @@ def _rank(cfg, lay: StepLayout, r: int, spec: DeviceSpec, sharing: int, reserved
     cap = _cap_bytes(memory_cap, (spec,)) if on_gpu else None
     layers = cfg.num_layers
     plan = _build(cfg, geo, gpu_devices, host, cap, spec.name if on_gpu else "cpu", precision=precision,
-                  blocks_on_gpu=layers, kv_layers_on_gpu=layers, kv_cache_dtype=kv_cache_dtype,
+                  blocks_on_gpu=layers, kv_layers_on_gpu=0 if on_gpu and kv_cache_location == "cpu" else layers,
+                  kv_cache_dtype=kv_cache_dtype,
                   vae="gpu" if r == lay.vae_rank else "none", text_encoder="none", audio_encoder="none",
                   audio_seconds=audio_seconds, has_dit=is_dit)
     if offload == "auto" and on_gpu and is_dit and not plan.fits():
@@ -336,3 +344,43 @@ def _rank(cfg, lay: StepLayout, r: int, spec: DeviceSpec, sharing: int, reserved
 
 def _latent_bytes(precision: str) -> int:
     return _DTYPE_BYTES[COMPUTE_DTYPES[precision]]
+
+
+def choose_devices(available, requested: tuple[str, ...] | str, vae_gpu: str | None = None, steps: int = 4,
+                   input_name: str = "devices"):
+    """(DiT devices, VAE device or None, spare GPUs) from the GPUs present (`available`, DeviceSpecs).
+
+    requested: device names (`parse_devices` forms) or "auto": every GPU present, at most one DiT
+    rank per step, one more for the VAE (with 5 GPUs the official 4 + 1 layout); GPUs left over
+    are spare (the step layout has no work for them). "cpu" names a rank on the host."""
+    from .layout import parse_devices
+
+    by_name = {d.name: d for d in available}
+    if requested == "auto":
+        gpus = [d for d in available if d.name.startswith("cuda")]
+        if len(gpus) < 2:
+            raise InputError(input_name, f"'auto' needs several GPUs; {len(gpus)} {'is' if len(gpus) == 1 else 'are'} "
+                             "visible.", "run on one GPU (parallel off), or list the devices.")
+        dit = gpus[:steps]
+        vae = gpus[steps] if len(gpus) > steps and vae_gpu is None else None
+        rest = gpus[len(dit) + (vae is not None):]
+    else:
+        names = parse_devices(",".join(requested) if not isinstance(requested, str) else requested, input_name)
+        dit = [_spec(n, by_name, input_name) for n in names]
+        vae, rest = None, [d for d in available if d.name.startswith("cuda") and d.name not in names]
+    if vae_gpu is not None:
+        vae = _spec(parse_devices(vae_gpu, "vae_gpu")[0], by_name, "vae_gpu")
+        rest = [d for d in rest if d.name != vae.name]
+    return dit, vae, rest
+
+
+def _spec(name: str, by_name: dict, input_name: str) -> DeviceSpec:
+    if name == "cpu":
+        return replace(host_device(), label="CPU")
+    if name not in by_name:
+        gpus = sorted(n for n in by_name if n.startswith("cuda"))
+        have = f"the GPUs are {', '.join(gpus)}" if gpus else "no CUDA GPU is visible"
+        raise InputError(input_name, f"{name} does not exist here: {have}.",
+                         "list only GPUs this machine has (nvidia-smi, CUDA_VISIBLE_DEVICES), or plan for "
+                         "hardware that is not present with --gpu_count and --gpu_memory_gib.")
+    return by_name[name]
