@@ -18,6 +18,7 @@ _NODES = {
     "LiveAvatarAudioEncode": ("encoders", "LiveAvatarAudioEncode", "Live Avatar Audio Encode"),
     "LiveAvatarSampler": ("sampler", "LiveAvatarSampler", "Live Avatar Sampler"),
     "LiveAvatarVideoWriter": ("writer", "LiveAvatarVideoWriter", "Live Avatar Video Writer"),
+    "LiveAvatarReleaseGPUs": ("release", "LiveAvatarReleaseGPUs", "Live Avatar Release GPUs"),
 }
 
 NODE_CLASS_MAPPINGS = {}

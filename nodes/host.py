@@ -325,3 +325,20 @@ def free_comfy_models() -> None:
 
     comfy.model_management.unload_all_models()
     comfy.model_management.soft_empty_cache()
+
+
+def worker_log_dir() -> Path | None:
+    """Where parallel workers write their logs: ComfyUI's temp folder (None: a new temp folder)."""
+    if folder_paths is None:
+        return None
+    return Path(folder_paths.get_temp_directory()) / "liveavatar_workers"
+
+
+def drop_cached_outputs() -> None:
+    """Have ComfyUI forget every cached node output once the running prompt ends (as its "Free model
+    and node cache" does), so a released model is loaded again by the next run."""
+    if folder_paths is None:
+        return
+    from server import PromptServer
+
+    PromptServer.instance.prompt_queue.set_flag("free_memory", True)

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import torch
+
+from ..liveavatar_core.encoders.image import DEFAULT_SIZE
+from ..liveavatar_core.errors import InputError
 from ..liveavatar_core.loading import COMPILE_CHOICES, VAE_FILE, load_generator, resolve_compile
 from ..liveavatar_core.ops.attention import DEFAULT_BACKEND, attention_backends
 from ..liveavatar_core.ops.fp8 import check_fp8_support
-from ..liveavatar_core.plan import KV_CACHE_DTYPES, KV_LOCATIONS, PRECISIONS, check_kv_cache_dtype
-from ..liveavatar_core.weights.dit import OFFICIAL_INDEX
+from ..liveavatar_core.parallel.layout import LAYOUTS, step_layout
+from ..liveavatar_core.parallel.planner import choose_devices, plan_parallel
+from ..liveavatar_core.plan import KV_CACHE_DTYPES, KV_LOCATIONS, PRECISIONS, check_kv_cache_dtype, detect_devices
+from ..liveavatar_core.weights.dit import OFFICIAL_INDEX, load_dit_checkpoint
 from . import host
 
 MODEL = "LIVEAVATAR_MODEL"
@@ -14,6 +20,9 @@ LORA_NONE = "none"
 LORA_FILE = r"liveavatar\.safetensors"
 VAE_SAME = "same as DiT"
 OFFLOAD_CHOICES = ("none", "auto", "block_swap")
+# off: one process (dit_device); auto: the step layout when `gpus` gives several devices; or a layout.
+PARALLEL_CHOICES = ("off", "auto", *LAYOUTS)
+VAE_LAST = "last DiT GPU"
 
 
 def dit_choices() -> list[str]:
@@ -74,16 +83,36 @@ class LiveAvatarModelLoader:
                                "the DiT's dtype (exact). fp8: e4m3 with a scale per head row: half the memory "
                                "(20 GiB instead of 39 GiB at 704*384) and half the bytes streamed with kv_cache=cpu; "
                                "results move slightly. Needs precision bf16 or fp8."}),
+            "parallel": (list(PARALLEL_CHOICES), {"default": "off", "tooltip": "off: one GPU (dit_device). "
+                         "steps: one worker process per GPU in gpus, each running whole denoising steps of every "
+                         "block and passing it on (timestep-forcing pipeline: 4 GPUs make about 3x the frames of "
+                         "one). auto: steps when gpus gives several GPUs, else one GPU. The node shows the plan: "
+                         "memory per GPU and the FPS estimate."}),
+            "gpus": ("STRING", {"default": "auto", "tooltip": "With parallel: auto = every visible GPU (at most "
+                     "one per step; with 5 GPUs the fifth runs the VAE, the official 4 + 1 layout), or a list such "
+                     "as 0,1 or cuda:0,cuda:2 (cpu,cpu runs CPU processes, for tests)."}),
+            "vae_gpu": ([VAE_LAST] + [d for d in devices if d.startswith("cuda")], {"default": VAE_LAST,
+                        "tooltip": "With parallel: a GPU for the VAE alone (decoding then leaves the last DiT "
+                        "GPU, which is the slowest stage otherwise)."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     @classmethod
     def VALIDATE_INPUTS(cls, precision, dit_device, vae_device, offload="none", kv_cache="gpu", compile="auto",
-                        kv_cache_dtype="auto"):
+                        kv_cache_dtype="auto", parallel="off", gpus="auto", vae_gpu=VAE_LAST):
         # Raises rather than returns: see queue_checks (one message, not one per input).
         types = cls.INPUT_TYPES()
         spec = {**types["required"], **types["optional"]}
         host.check_declared(spec, dict(precision=precision, offload=offload, kv_cache=kv_cache, compile=compile,
-                                       kv_cache_dtype=kv_cache_dtype))
+                                       kv_cache_dtype=kv_cache_dtype, parallel=parallel, vae_gpu=vae_gpu))
+        ranks = _ranks(parallel, gpus, vae_gpu, offload)
+        if ranks is not None:
+            dit, vae, _ = ranks
+            step_layout([d.name for d in dit], vae_device=vae and vae.name, input_name="gpus")
+            for d in dit + ([vae] if vae else []):
+                if precision == "fp8":
+                    check_fp8_support(torch.device(d.name))
+            check_kv_cache_dtype(kv_cache_dtype, precision)
+            return True
         device = host.torch_device(dit_device, "dit_device")
         if vae_device != VAE_SAME:
             host.check_device(vae_device, "vae_device")
@@ -95,10 +124,16 @@ class LiveAvatarModelLoader:
 
     def load(self, dit: str, lora: str, vae: str, precision: str, attention: str, dit_device: str,
              vae_device: str, offload: str = "none", blocks_on_gpu: int = 20, kv_cache: str = "gpu",
-             compile: str = "auto", kv_cache_dtype: str = "auto", unique_id=None):
+             compile: str = "auto", kv_cache_dtype: str = "auto", parallel: str = "off", gpus: str = "auto",
+             vae_gpu: str = VAE_LAST, unique_id=None):
         dit_path = host.resolve("diffusion_models", dit, "dit")
         lora_path = None if lora == LORA_NONE else host.resolve("loras", lora, "lora")
         vae_path = host.resolve("vae", vae, "vae", VAE_FILE)
+        ranks = _ranks(parallel, gpus, vae_gpu, offload)
+        if ranks is not None:
+            return (_load_parallel(dit_path, vae_path, lora_path, ranks, precision=precision, attention=attention,
+                                   offload=offload, kv_cache=kv_cache, compile=compile,
+                                   kv_cache_dtype=kv_cache_dtype, unique_id=unique_id),)
         device = host.torch_device(dit_device, "dit_device")
         vae_dev = device if vae_device == VAE_SAME else host.torch_device(vae_device, "vae_device")
         host.free_comfy_models()
@@ -109,3 +144,45 @@ class LiveAvatarModelLoader:
         # The node shows the plan table the log holds: placement and memory per device.
         host.Progress(unique_id).status(model.plan.summary(), {"plan": model.plan.to_dict()})
         return (model,)
+
+
+def _ranks(parallel: str, gpus: str, vae_gpu: str, offload: str):
+    """(DiT devices, VAE device, spare GPUs) when the run is parallel, else None (one process)."""
+    if parallel == "off":
+        return None
+    available = detect_devices()
+    try:
+        dit, vae, spare = choose_devices(available, gpus.strip() if gpus.strip() == "auto" else gpus,
+                                         None if vae_gpu == VAE_LAST else vae_gpu, input_name="gpus")
+    except InputError:
+        if parallel == "auto":  # fewer than two GPUs: one process, as with parallel off
+            return None
+        raise
+    if parallel == "auto" and len(dit) < 2 and vae is None:
+        return None
+    if len(dit) < 2 and vae is None:
+        raise InputError("gpus", f"parallel '{parallel}' needs several devices; gpus gives {len(dit)}.",
+                         "list two or more GPUs (e.g. 0,1), choose a vae_gpu, or set parallel to off.")
+    if offload == "block_swap":
+        raise InputError("offload", "block_swap with parallel: each worker places itself.",
+                         "use offload 'auto' (each GPU streams its caches or swaps blocks only if it must).")
+    return dit, vae, spare
+
+
+def _load_parallel(dit_path, vae_path, lora_path, ranks, *, precision, attention, offload, kv_cache, compile,
+                   kv_cache_dtype, unique_id):
+    """Plan (refused with its fix before any weight is read), then start the workers."""
+    from ..liveavatar_core.parallel.remote import load_parallel
+
+    dit, vae, spare = ranks
+    cfg = load_dit_checkpoint(dit_path).config
+    controller = host.torch_device("auto", "dit_device")
+    plan = plan_parallel(cfg, devices=dit, vae_device=vae, spare=spare, size=DEFAULT_SIZE, precision=precision,
+                         kv_cache_dtype=kv_cache_dtype, kv_cache_location=kv_cache,
+                         offload="auto" if offload == "auto" else "none",
+                         controller=str(controller) if controller.type == "cuda" else None).validate()
+    host.free_comfy_models()
+    model = load_parallel(dit_path, vae_path, lora_path, layout=plan.layout, precision=precision, attention=attention,
+                          compile=compile, kv_cache_dtype=kv_cache_dtype, plan=plan, log_dir=host.worker_log_dir())
+    host.Progress(unique_id).status(plan.summary(), {"plan": plan.to_dict()})
+    return model

@@ -46,7 +46,7 @@ PACK = "ComfyUI-LiveAvatar"
 # Another frontend than the pinned one (e.g. the newest comfyui-frontend-package's static/ folder).
 FRONTEND_ROOT = os.environ.get("COMFYUI_FRONTEND_ROOT")
 NODE_IDS = {"LiveAvatarModelLoader", "LiveAvatarTextEncode", "LiveAvatarAudioEncode", "LiveAvatarSampler",
-            "LiveAvatarVideoWriter"}
+            "LiveAvatarVideoWriter", "LiveAvatarReleaseGPUs"}
 UI_FILES = sorted((REPO / "example_workflows").glob("*.json"))
 API_DIR = REPO / "workflows" / "api"
 FRONTEND_ONLY = {"MarkdownNote", "Note", "Reroute"}
@@ -565,3 +565,62 @@ def test_cancel_stops_within_a_block_and_leaves_a_playable_file(server, object_i
     in_flight = pack_module(pack, "liveavatar_core.pipeline").WRITE_QUEUE_CHUNKS + 1
     assert frames_asked <= probe.frame_count <= frames_asked + (in_flight + 1) * block_frames
     assert probe.has_audio and abs(probe.audio_duration_s - probe.duration_s) < 0.1
+
+
+def _workers(base: Path) -> list[int]:
+    """PIDs of parallel worker processes whose parent is this test's ComfyUI server."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+            if b"liveavatar_core.parallel.worker" not in args:
+                continue
+            ppid = (proc / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            if str(base).encode() in Path(f"/proc/{ppid}/cmdline").read_bytes():
+                found.append(int(proc.name))
+        except (OSError, IndexError):
+            continue
+    return found
+
+
+def _gone(base: Path, timeout_s: float = 10) -> bool:
+    deadline = time.time() + timeout_s
+    while _workers(base):
+        if time.time() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def test_parallel_workers_make_the_video_and_stop_when_released(server, object_info):
+    """The multi-GPU workflow with two CPU worker processes (gloo; GPUs would use NCCL): the video
+    plays, the loader shows the plan; the Release GPUs node stops the workers and the next run
+    loads them again; ComfyUI's "Free model and node cache" (POST /free) stops them too."""
+    url, base = server.url, server.base
+    path = next(p for p in UI_FILES if p.stem == "liveavatar_multi_gpu")
+    prompt = _small(ui_to_api(_served_graph(url, path), object_info))
+    loader = next(k for k, v in prompt.items() if v["class_type"] == "LiveAvatarModelLoader")
+    prompt[loader]["inputs"].update(parallel="steps", gpus="cpu,cpu")
+    pack = load_pack()
+    frames = (pack_module(pack, "liveavatar_core.encoders.audio").FRAMES_PER_BLOCK
+              - pack_module(pack, "liveavatar_core.pipeline").DROPPED_START_FRAMES)
+
+    def run() -> None:
+        status, body = _post(f"{url}/prompt", {"prompt": prompt})
+        assert status == 200, body
+        _check_video(url, base, _wait(url, body["prompt_id"]), _writer_id(prompt), frames)
+        assert len(_workers(base)) == 2
+        assert "parallel: 2 worker processes ready" in server.log.read_text()
+
+    run()
+    status, body = _post(f"{url}/prompt", {"prompt": {"9": {"class_type": "LiveAvatarReleaseGPUs", "inputs": {}}}})
+    assert status == 200, body
+    entry = _wait(url, body["prompt_id"])
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    (text,) = entry["outputs"]["9"]["text"]
+    assert text.startswith("stopped: rank 0 (cpu): steps 0,1; rank 1 (cpu): steps 2,3 + VAE"), text
+    assert _gone(base)
+    run()  # the cached loader output was dropped with the workers: loaded again
+    status, _ = _post(f"{url}/free", {"unload_models": True, "free_memory": True})
+    assert status == 200
+    assert _gone(base, timeout_s=30)

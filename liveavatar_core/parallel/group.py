@@ -46,6 +46,7 @@ class WorkerGroup:
     def __init__(self, layout: StepLayout, log_dir: str | os.PathLike | None = None):
         self.layout = layout
         self.log_dir = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="liveavatar-workers-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         self.procs: list[subprocess.Popen] = []
         self.conns: list[Connection | None] = []
         self.error: WorkerError | None = None

@@ -45,6 +45,8 @@ from .layout import StepLayout
 
 log = logging.getLogger("liveavatar")
 
+# Every model whose workers may be running, for `release_all` (weak: a dropped model closes itself).
+_LIVE: dict[int, weakref.ref] = {}
 POLL_S = 0.05  # how often the controller checks for a cancel and for dead ranks while it waits
 DRAIN_TIMEOUT_S = 10.0  # a cancelled pipeline still running after this long is killed
 
@@ -97,7 +99,19 @@ def load_parallel(dit_path: str | Path, vae_path: str | Path, lora_path: str | P
     log.info("parallel: loaded in %.1f s", time.perf_counter() - t0)
     model = RemoteModel(group, layout, cfg, description, identity, plan)
     weakref.finalize(model, group.close)
+    _LIVE[id(model)] = weakref.ref(model, lambda _, key=id(model): _LIVE.pop(key, None))
     return model
+
+
+def release_all() -> list[str]:
+    """Stop the workers of every loaded parallel model; what each ran (its layout), in load order."""
+    released = []
+    for ref in list(_LIVE.values()):
+        model = ref()
+        if model is not None and model.group.alive:
+            model.close()
+            released.append(model.layout.describe())
+    return released
 
 
 class RemoteStream(VideoStream):

@@ -10,13 +10,20 @@ sharing one GPU in tests and benchmarks) moves them through host memory.
 
 from __future__ import annotations
 
+import io
 import pickle
+import sys
 from multiprocessing.connection import Connection
 
 import torch
 import torch.distributed as dist
 
 END = -1
+# The name this process knows the core by: "liveavatar_core" in a worker or a script, but inside
+# ComfyUI the pack is imported under its folder's path, so its classes pickle as
+# "<path>.liveavatar_core.plan.RunPlan". Messages name core classes relative to the core.
+_CORE = "liveavatar_core"
+_HERE = __name__[:-len(".parallel.transport")]
 
 
 class Peers:
@@ -56,4 +63,16 @@ def send_message(conn: Connection, message) -> None:
 
 def recv_message(conn: Connection):
     """The next control message (see `send_message`)."""
-    return pickle.loads(conn.recv_bytes())
+    return _Unpickler(io.BytesIO(conn.recv_bytes())).load()
+
+
+class _Unpickler(pickle.Unpickler):
+    """Finds a core class under this process's name for the core, whatever the sender's was."""
+
+    def find_class(self, module: str, name: str):
+        head, sep, rest = module.partition(_CORE)
+        if sep and (not head or head.endswith(".")) and (not rest or rest.startswith(".")):
+            module = _HERE + rest
+            __import__(module)
+            return getattr(sys.modules[module], name)
+        return super().find_class(module, name)
