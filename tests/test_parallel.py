@@ -227,3 +227,27 @@ def test_plan_command_for_hardware_not_present(tiny, capsys):
     assert "fits:" in text and "rank 4 (cuda:4): VAE" in text and "FPS" in text
     assert main([*base, "--gpu_count", "2", "--gpu_memory_gib", "24", "--devices", "cuda:0,cuda:2"]) == 2
     assert "cuda:2 does not exist" in capsys.readouterr().err
+
+
+def test_workers_exit_when_their_controller_dies(tiny):
+    """A controller killed outright (ComfyUI or the CLI, SIGKILL: no atexit runs) leaves no worker:
+    each rank exits when its control socket closes."""
+    script = (f"import time\nfrom liveavatar_core.loading import official_folder\n"
+              f"from liveavatar_core.parallel.layout import step_layout\n"
+              f"from liveavatar_core.parallel.remote import load_parallel\n"
+              f"folder = official_folder({str(tiny.ckpt_dir)!r})\n"
+              f"model = load_parallel(folder.dit, folder.vae, {str(tiny.lora)!r}, precision='fp32', "
+              f"layout=step_layout(['cpu', 'cpu']))\nprint('ready', flush=True)\ntime.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                            cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert proc.stdout.readline().strip() == b"ready"
+        workers = _children(proc.pid)
+        assert len(workers) == 2 and all(map(_exists, workers))
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 5
+    while any(map(_exists, workers)):
+        assert time.monotonic() < deadline, "a worker outlived its controller"
+        time.sleep(0.05)
