@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .encoders.image import DEFAULT_SIZE, SIZE_PRESETS, SIZE_RULE
+from .errors import InputError as LiveAvatarInputError
 from .errors import LiveAvatarError
 from .official_flags import add_official_flags, apply_official_flags
 from .parallel.layout import LAYOUTS
@@ -70,11 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
                           "device, without loading any weight")
     _generate_args(plan)
     plan.add_argument("--json", action="store_true", help="print the plan as JSON (output_size, devices, ...)")
-    plan.add_argument("--gpu_count", type=int, help="plan a parallel run for this many GPUs that are not "
-                      "present (with --gpu_memory_gib); --devices then names them cuda:0..cuda:N-1")
-    plan.add_argument("--gpu_memory_gib", type=float, help="memory of each of those GPUs, as the driver reports it")
-    plan.add_argument("--gpu_model", default="", help="their model, for the speed estimate (e.g. 'RTX 4090'; "
-                      "default: guessed from the memory)")
 
     ins = sub.add_parser("inspect", help="say what weight files or folders hold (exit status 1 when one holds "
                                          "nothing recognised, lacks parts or is damaged)")
@@ -117,6 +113,14 @@ def _generate_args(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--vae_gpu", help="a GPU for the VAE alone in a parallel run (default: the last DiT GPU)")
     gen.add_argument("--layout", choices=LAYOUTS, default="steps",
                      help="how a parallel run divides the work: steps (each GPU owns whole denoising steps)")
+    gen.add_argument("--attach", help="HOST:PORT: start no workers; wait there for ranks launched elsewhere "
+                     "(LIVEAVATAR_CONTROL=HOST:PORT torchrun ... -m liveavatar_core.parallel.worker, on this or other "
+                     "machines), which present the authkey in LIVEAVATAR_AUTHKEY (set it on both sides)")
+    gen.add_argument("--gpu_count", type=int, help="GPUs that are not visible here: plan for them (plan), or the "
+                     "GPUs of attached ranks (generate --attach); --devices then names them cuda:0..cuda:N-1")
+    gen.add_argument("--gpu_memory_gib", type=float, help="memory of each of those GPUs, as the driver reports it")
+    gen.add_argument("--gpu_model", default="", help="their model, for the speed estimate (e.g. 'RTX 4090'; "
+                     "default: guessed from the memory)")
     gen.add_argument("--resume", type=Path, help="continue an interrupted run from its resume file (written next "
                      "to its video as <save_file>.resume); the other arguments must be those of that run")
     add_official_flags(gen)
@@ -158,7 +162,28 @@ def request_from_args(args: argparse.Namespace) -> "RunRequest":
                       blocks_on_gpu=args.blocks_on_gpu,
                       kv_cache_location="cpu" if args.offload_kv_cache else "gpu",
                       kv_cache_dtype=args.kv_cache_dtype, compile=args.compile, t5_cpu=args.t5_cpu,
-                      devices=_devices_arg(args.devices), vae_gpu=args.vae_gpu, layout=args.layout)
+                      devices=_devices_arg(args.devices), vae_gpu=args.vae_gpu, layout=args.layout,
+                      attach=_address(args.attach))
+
+
+def _address(value: str | None) -> tuple[str, int] | None:
+    if value is None:
+        return None
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit():
+        raise LiveAvatarInputError("attach", f"'{value}' is not HOST:PORT.", "give an address such as 0.0.0.0:29600.")
+    return host, int(port)
+
+
+def hardware_from_args(args: argparse.Namespace):
+    """The GPUs `--gpu_count/--gpu_memory_gib/--gpu_model` describe (None: the GPUs present)."""
+    if args.gpu_count is None and args.gpu_memory_gib is None:
+        return None
+    from .parallel.planner import hypothetical_devices
+
+    if args.devices is None:
+        args.devices = "auto"
+    return hypothetical_devices(args.gpu_count, args.gpu_memory_gib, args.gpu_model)
 
 
 def _devices_arg(value: str | None) -> tuple[str, ...] | str:
@@ -167,12 +192,13 @@ def _devices_arg(value: str | None) -> tuple[str, ...] | str:
     return "auto" if value.strip() == "auto" else tuple(v.strip() for v in value.split(",") if v.strip())
 
 
-def run_generation(req: RunRequest, save_file: Path | None, resume: Path | None = None) -> Path:
+def run_generation(req: RunRequest, save_file: Path | None, resume: Path | None = None, hardware=None) -> Path:
     """Validate `req` (`preflight`), load the models, stream the video into `save_file`.
 
     save_file: the MP4 (see `video.naming.output_target`); None: a new numbered DEFAULT_SAVE_FILE.
     resume: the resume file of an interrupted run with these arguments; its MP4 is completed
     (wherever `save_file` points). Any run that stops early saves `<video>.resume` (or `resume`).
+    hardware: the GPUs of attached ranks (`--attach`), which this machine cannot see.
     """
     from dataclasses import asdict
 
@@ -187,7 +213,7 @@ def run_generation(req: RunRequest, save_file: Path | None, resume: Path | None 
     from .video.naming import output_target
 
     # 1. Every input, and the memory plan at the real output size, checked before any weight is read.
-    pre = preflight(req)
+    pre = preflight(req, hardware=hardware)
     pre.log()
     settings, folder = pre.settings, pre.folder
     state = target = None
@@ -222,7 +248,7 @@ def run_generation(req: RunRequest, save_file: Path | None, resume: Path | None 
         torch.cuda.empty_cache()
         model = load_parallel(folder.dit, folder.vae, req.lora, layout=pre.plan.layout, precision=req.precision,
                               attention=req.attention, compile=req.compile, kv_cache_dtype=req.kv_cache_dtype,
-                              plan=pre.plan)
+                              plan=pre.plan, attach=req.attach, authkey=pre.authkey)
         text = text.cpu()
     else:
         model = load_generator(folder.dit, folder.vae, req.lora, precision=req.precision, attention=req.attention,
@@ -307,9 +333,10 @@ def main(argv: list[str] | None = None) -> int:
             found = [inspect_path(p) for p in args.paths]
             print("\n".join(f.text for f in found))
             return 0 if all(f.ok for f in found) else 1
+        hardware = hardware_from_args(args)
         req = request_from_args(args)
         with _stop_signals():
-            path = run_generation(req, args.save_file, resume=args.resume)
+            path = run_generation(req, args.save_file, resume=args.resume, hardware=hardware)
         print(f"wrote {path}")
         return 0
     except LiveAvatarError as exc:
@@ -330,13 +357,7 @@ def _plan(args) -> int:
 
     from .preflight import preflight
 
-    hardware = None
-    if args.gpu_count is not None or args.gpu_memory_gib is not None:
-        from .parallel.planner import hypothetical_devices
-
-        hardware = hypothetical_devices(args.gpu_count, args.gpu_memory_gib, args.gpu_model)
-        if args.devices is None:
-            args.devices = "auto"
+    hardware = hardware_from_args(args)
     pre = preflight(request_from_args(args), check_memory=False, hardware=hardware)
     pre.log(table=not args.json)  # on stderr; stdout holds only the JSON
     if args.json:

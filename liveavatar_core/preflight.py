@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,11 +67,12 @@ class RunRequest:
     devices: tuple[str, ...] | str = ()  # several: one worker process per DiT rank; "auto": every GPU
     vae_gpu: str | None = None  # a device for the VAE alone (parallel runs)
     layout: str = "steps"
+    attach: tuple[str, int] | None = None  # wait there for ranks launched elsewhere (torchrun)
 
     @property
     def parallel(self) -> bool:
-        """Whether the run uses worker processes (several devices, or the VAE on its own)."""
-        return self.devices == "auto" or len(self.devices) > 1 or self.vae_gpu is not None
+        """Whether the run uses worker processes (several devices, the VAE on its own, or attached ranks)."""
+        return self.devices == "auto" or len(self.devices) > 1 or self.vae_gpu is not None or self.attach is not None
 
 
 @dataclass
@@ -85,6 +87,7 @@ class Preflight:
     audio_seconds: float | None  # from the container's header (None: it declares no length)
     plan: RunPlan | ParallelPlan
     warnings: list[str] = field(default_factory=list)
+    authkey: bytes | None = None  # what attached ranks present (LIVEAVATAR_AUTHKEY)
 
     @property
     def device(self) -> str:
@@ -160,6 +163,7 @@ def preflight(req: RunRequest, check_memory: bool = True, hardware: list[DeviceS
     if hardware is not None and not req.parallel:
         raise InputError("gpu_count", "planning for GPUs that are not present is for parallel runs.",
                          "add --devices auto (or a list such as cuda:0,cuda:1).")
+    authkey = _attach_authkey(req, hardware)
     devices = None  # (DiT ranks, VAE rank or None, spare GPUs) of a parallel run
     ranks = [req.device]
     if req.parallel:
@@ -217,7 +221,29 @@ def preflight(req: RunRequest, check_memory: bool = True, hardware: list[DeviceS
     if req.lora is None:
         warnings.append("no --lora_path_dmd: the base Wan2.2-S2V model is not the 4-step distilled Live Avatar "
                         f"model; pass {LORA_FILE} from {LORA_REPO}.")
-    return Preflight(req, settings, folder, image.size, output, audio_seconds, plan, warnings)
+    return Preflight(req, settings, folder, image.size, output, audio_seconds, plan, warnings, authkey)
+
+
+def _attach_authkey(req: RunRequest, hardware) -> bytes | None:
+    """The authkey attached ranks must present; refuse what an attached run cannot plan."""
+    if req.attach is None:
+        return None
+    key = os.environ.get("LIVEAVATAR_AUTHKEY", "")
+    try:
+        authkey = bytes.fromhex(key)
+    except ValueError:
+        authkey = b""
+    if len(authkey) < 16:
+        raise InputError("attach", "attached ranks prove themselves with a shared key; LIVEAVATAR_AUTHKEY holds "
+                         "none (or one shorter than 32 hex digits).",
+                         "export LIVEAVATAR_AUTHKEY=$(python -c 'import secrets; print(secrets.token_hex(32))') "
+                         "here and where the ranks are launched.")
+    names = req.devices if isinstance(req.devices, tuple) else ()
+    if hardware is None and (req.devices == "auto" or any(n != "cpu" for n in names)):
+        raise InputError("attach", "the GPUs of attached ranks are not visible here, so the memory plan needs "
+                         "them described.", "add --gpu_memory_gib G (and --gpu_model NAME) for them, and list the "
+                         "ranks with --devices cuda:0,...")
+    return authkey
 
 
 def _parallel_plan(req: RunRequest, cfg, output: tuple[int, int], devices, check_memory: bool) -> ParallelPlan:

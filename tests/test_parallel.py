@@ -8,7 +8,9 @@ must be reported at once with no process left behind.
 
 import json
 import os
+import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -251,3 +253,37 @@ def test_workers_exit_when_their_controller_dies(tiny):
     while any(map(_exists, workers)):
         assert time.monotonic() < deadline, "a worker outlived its controller"
         time.sleep(0.05)
+
+
+def test_cli_attaches_to_ranks_launched_by_torchrun(tiny, tmp_path, monkeypatch):
+    """generate --attach starts no worker: two ranks torchrun launched join with the authkey, make
+    the one-process video, and exit when the run ends."""
+    reference, out = tmp_path / "one.mp4", tmp_path / "attached.mp4"
+    assert main(_cli(tiny, reference)) == 0
+    key = secrets.token_hex(32)
+    port = _free_port()
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, LIVEAVATAR_CONTROL=f"127.0.0.1:{port}", LIVEAVATAR_AUTHKEY=key, CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=str(repo))
+    ranks = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                              "-m", "liveavatar_core.parallel.worker"], env=env, cwd=repo,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        monkeypatch.setenv("LIVEAVATAR_AUTHKEY", key)
+        assert main(_cli(tiny, out, "--devices", "cpu,cpu", "--attach", f"127.0.0.1:{port}")) == 0
+        assert ranks.wait(timeout=30) == 0
+    finally:
+        if ranks.poll() is None:
+            ranks.kill()
+        log = ranks.communicate()[0].decode(errors="replace")
+    a, b = probe_mp4(reference, max_frames=10 ** 4), probe_mp4(out, max_frames=10 ** 4)
+    assert b.frame_count == a.frame_count > 0, log[-3000:]
+    np.testing.assert_array_equal(b.frames, a.frames)
+    monkeypatch.delenv("LIVEAVATAR_AUTHKEY")
+    assert main(_cli(tiny, out, "--devices", "cpu,cpu", "--attach", f"127.0.0.1:{port}")) == 2  # no key
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -9,6 +9,11 @@ dies is noticed within a poll period: the others are killed by PID (a rank block
 gloo cannot be asked to stop) and `WorkerError` names the rank, its device, how it ended and the
 tail of its log. The group is closed when its model is released, at interpreter exit, or by
 `close()`; every worker also exits on its own when the control socket closes.
+
+`attach=(host, port)` starts no process: ranks launched elsewhere (`torchrun`, other machines)
+connect to that address with the authkey, and the group waits for all of them. Such ranks are
+watched through their connections only: one that drops is reported, and closing the group closes
+the connections, on which every rank exits.
 """
 
 from __future__ import annotations
@@ -43,8 +48,11 @@ LOG_TAIL_LINES = 30
 class WorkerGroup:
     """The processes of one `StepLayout`; `start()` launches them, `close()` stops them."""
 
-    def __init__(self, layout: StepLayout, log_dir: str | os.PathLike | None = None):
+    def __init__(self, layout: StepLayout, log_dir: str | os.PathLike | None = None,
+                 attach: tuple[str, int] | None = None, authkey: bytes | None = None):
         self.layout = layout
+        self.attach = attach
+        self.authkey = authkey
         self.log_dir = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="liveavatar-workers-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.procs: list[subprocess.Popen] = []
@@ -59,12 +67,16 @@ class WorkerGroup:
     def start(self) -> "WorkerGroup":
         """Launch every rank and wait until all have joined the process group."""
         n = self.layout.world_size
-        authkey = secrets.token_bytes(32)
-        self._listener = Listener(("127.0.0.1", 0), authkey=authkey)
-        self._store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+        authkey = self.authkey or secrets.token_bytes(32)
+        self._listener = Listener(self.attach or ("127.0.0.1", 0), authkey=authkey)
+        self._store = None if self.attach else dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
         atexit.register(self.close)
         host, port = self._listener.address
-        for rank in range(n):
+        if self.attach:
+            log.info("parallel: waiting for %d ranks at %s:%d (launch them with LIVEAVATAR_CONTROL=%s:%d and the "
+                     "authkey in LIVEAVATAR_AUTHKEY: torchrun ... -m liveavatar_core.parallel.worker)", n, host, port,
+                     host, port)
+        for rank in range(n if not self.attach else 0):
             env = self._env(rank, f"{host}:{port}")
             out = open(self.log_path(rank), "wb")
             proc = subprocess.Popen([sys.executable, "-m", "liveavatar_core.parallel.worker"], env=env,
@@ -89,8 +101,9 @@ class WorkerGroup:
         for conn in accepted:
             _hello, rank, _pid = recv_message(conn)
             self.conns[rank] = conn
+        store = None if self._store is None else ("127.0.0.1", self._store.port)
         for conn in self.conns:
-            send_message(conn, ("setup", self.layout, ("127.0.0.1", self._store.port)))
+            send_message(conn, ("setup", self.layout, store))
         for rank in range(n):
             self.receive(rank, "ready", timeout=START_TIMEOUT_S)
         log.info("parallel: %d worker processes ready (%s); logs in %s", n, self.layout.describe(), self.log_dir)
@@ -155,6 +168,10 @@ class WorkerGroup:
         self._closed = True
         atexit.unregister(self.close)
         self._reap(0.0)
+        if self.attach:  # not ours to signal: each rank exits when its connection closes
+            for conn in self.conns:
+                if conn is not None:
+                    conn.close()
         if self._listener is not None:
             self._listener.close()
 
@@ -241,8 +258,7 @@ class WorkerGroup:
             raise self.error
 
     def _death(self, rank: int) -> WorkerError:
-        proc = self.procs[rank]
-        code = proc.poll()
+        code = self.procs[rank].poll() if self.procs else None
         self.kill()
         if code is None:
             cause = "closed its control connection"
@@ -255,6 +271,8 @@ class WorkerGroup:
         return self.error
 
     def log_tail(self, rank: int) -> str:
+        if self.attach:
+            return "(an attached rank logs where it was launched)"
         try:
             return _tail(self.log_path(rank).read_text(errors="replace"), LOG_TAIL_LINES)
         except OSError:

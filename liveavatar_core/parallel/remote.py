@@ -70,11 +70,13 @@ class RemoteModel:
 def load_parallel(dit_path: str | Path, vae_path: str | Path, lora_path: str | Path | None = None, *,
                   layout: StepLayout, precision: str = "bf16", attention: str = "sdpa", compile: str = "auto",
                   kv_cache_dtype: str = "auto", lora_scale: float = DEFAULT_SCALE, plan=None,
-                  log_dir: str | os.PathLike | None = None) -> RemoteModel:
+                  log_dir: str | os.PathLike | None = None, attach: tuple[str, int] | None = None,
+                  authkey: bytes | None = None) -> RemoteModel:
     """Start one worker per rank of `layout` and load each rank's part (see module docstring).
 
     plan: a `ParallelPlan` (its per-rank `RunPlan`s place each rank); None: each rank plans for
-    its own device. Every file is checked before a worker starts.
+    its own device. attach / authkey: wait at that address for ranks launched elsewhere (torchrun)
+    that present `authkey` (see `WorkerGroup`). Every file is checked before a worker starts.
     """
     check_run_files(dit_path, lora_path=lora_path, vae_path=vae_path)
     cfg = load_dit_checkpoint(dit_path).config
@@ -85,7 +87,7 @@ def load_parallel(dit_path: str | Path, vae_path: str | Path, lora_path: str | P
             "precision": precision, "attention": attention, "compile": compile, "compile_vae": compile_vae,
             "kv_cache_dtype": kv_cache_dtype, "lora_scale": lora_scale, "plans": plans}
     t0 = time.perf_counter()
-    group = WorkerGroup(layout, log_dir).start()
+    group = WorkerGroup(layout, log_dir, attach=attach, authkey=authkey).start()
     try:
         for rank in range(layout.world_size):
             group.send(rank, ("load", spec))

@@ -19,7 +19,11 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import select
+import socket
 import sys
+import threading
+import time
 import traceback
 from multiprocessing.connection import Client, Connection
 
@@ -39,6 +43,7 @@ log = logging.getLogger("liveavatar")
 # How long a rank waits in a collective before torch.distributed gives up; the controller notices
 # a dead rank within a second and stops the others long before this.
 PROCESS_GROUP_TIMEOUT_S = 600
+CONNECT_TIMEOUT_S = 120
 
 
 class ControlClient:
@@ -236,21 +241,55 @@ def _report(control: ControlClient, exc: BaseException) -> None:
         pass
 
 
+def _connect(address: tuple[str, int], authkey: bytes) -> Connection:
+    """The control connection; a rank launched by hand may start before its controller listens."""
+    deadline = time.monotonic() + CONNECT_TIMEOUT_S
+    while True:
+        try:
+            return Client(address, authkey=authkey)
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def _exit_when_closed(conn: Connection) -> None:
+    """Exit as soon as the controller's end of `conn` closes, even while this rank is blocked in a
+    collective (which an attached rank's controller cannot interrupt with a signal)."""
+    sock = socket.socket(fileno=os.dup(conn.fileno()))
+
+    def watch():
+        while True:
+            readable, _, _ = select.select([sock], [], [], 1.0)
+            if readable:
+                try:
+                    if not sock.recv(1, socket.MSG_PEEK):
+                        os._exit(0)
+                except OSError:
+                    os._exit(0)
+                time.sleep(0.2)  # data waiting: the main thread reads it
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank {os.environ.get('RANK', '?')} %(message)s")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     host, port = os.environ["LIVEAVATAR_CONTROL"].rsplit(":", 1)
     authkey = bytes.fromhex(os.environ.get("LIVEAVATAR_AUTHKEY") or sys.stdin.readline().strip())
-    conn = Client((host, int(port)), authkey=authkey)
+    conn = _connect((host, int(port)), authkey)
     control = ControlClient(conn)
     send_message(conn, ("hello", rank, os.getpid()))
     try:
         _kind, layout, store_address = recv_message(conn)
+        _exit_when_closed(conn)
         device = torch.device(os.environ.get("LIVEAVATAR_DEVICE") or layout.devices[rank])
+        if store_address is None and device.type == "cuda":  # launched by torchrun: its own GPU on its node
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         if device.type == "cuda":
             torch.cuda.set_device(device)
         timeout = datetime.timedelta(seconds=PROCESS_GROUP_TIMEOUT_S)
-        if "MASTER_ADDR" in os.environ:  # torchrun
+        if store_address is None:  # torchrun's rendezvous
             dist.init_process_group(layout.backend, rank=rank, world_size=world, timeout=timeout)
         else:
             store = dist.TCPStore(store_address[0], store_address[1], is_master=False, timeout=timeout)
