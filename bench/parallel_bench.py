@@ -281,6 +281,14 @@ def _print(result: dict) -> None:
               f"(max abs diff {exact['max_abs_diff']}, {exact['frames_compared']} frames)")
 
 
+def _save(results: list, result: dict, out: Path | None) -> None:
+    """Add `result`; rewrite the JSON after every run, so a killed invocation keeps the runs done."""
+    results.append(result)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "parallel_results.json").write_text(json.dumps(results, indent=1))
+
+
 def _child(name: str, frames_dir: str, args) -> dict:
     cmd = [sys.executable, __file__, *sys.argv[1:], "--one", name, "--frames_dir", frames_dir]
     try:
@@ -311,7 +319,7 @@ def main() -> None:
                     "compare every decoded frame")
     ap.add_argument("--config", choices=sorted(CONFIGS), default="full", help="tiny: the fixture's architecture")
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: CPU ranks over gloo")
-    ap.add_argument("--timeout", type=int, default=900, help="seconds per run")
+    ap.add_argument("--timeout", type=int, default=420, help="seconds per run")
     ap.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None,
                     help="folder for parallel_results.json (default $OUT)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -344,17 +352,14 @@ def main() -> None:
                 single_fps = ref["steady_fps"]  # measured beside the runs: the fairer ratio
                 _ratios(ref, single_fps, args)
             _print(ref)
-            results.append(ref)
+            _save(results, ref, args.out)
         for n in counts:
             print(f"=== {n} DiT ranks{' + VAE rank' if args.vae_gpu else ''} ===", flush=True)
             result = _child(str(n), frames_dir, args)
             if "error" not in result:
                 _ratios(result, single_fps, args)
             _print(result)
-            results.append(result)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "parallel_results.json").write_text(json.dumps(results, indent=1))
+            _save(results, result, args.out)
     failed = [r for r in results if "error" in r or (r.get("exact") is not None and not r["exact"]["bit_identical"])]
     sys.exit(1 if failed else 0)
 
