@@ -22,9 +22,9 @@ import time
 import weakref
 from collections import deque
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
 from multiprocessing.connection import wait
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch

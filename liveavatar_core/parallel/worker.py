@@ -110,10 +110,13 @@ class Worker:
         """This rank's part with random weights (`synthetic.RandomWeights`): the same numbers on
         every rank, as from a file, placed by the same steps as `load_generator`."""
         from ..loading import assemble, plan_for_device, prepare_dit, prepare_vae, resolve_compile
+        from ..ops.fp8 import check_fp8_support
         from ..resume import tensor_digest
         from ..synthetic import random_dit, random_vae
 
         weights, precision = spec["random_weights"], spec["precision"]
+        if precision == "fp8" and self.is_dit:
+            check_fp8_support(self.device)
         vae = None
         if self.has_vae:
             vae = prepare_vae(random_vae(weights, self.device, self.dtype), self.device, spec["compile_vae"])
