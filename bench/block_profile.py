@@ -29,12 +29,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.run_bench import build_vae, peak_tflops, random_init_  # noqa: E402
+from bench.run_bench import build_vae, peak_tflops  # noqa: E402
 from bench.timing import cuda_times  # noqa: E402
 from liveavatar_core.config import DiTConfig  # noqa: E402
 from liveavatar_core.model.cache import make_step_caches, tokens_per_frame  # noqa: E402
 from liveavatar_core.model.dit import LiveAvatarDiT  # noqa: E402
 from liveavatar_core.ops.fp8 import convert_to_fp8  # noqa: E402
+from liveavatar_core.synthetic import random_init_  # noqa: E402
 
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION}

@@ -27,25 +27,13 @@ from liveavatar_core.config import DiTConfig  # noqa: E402
 from liveavatar_core.model.cache import make_step_caches, tokens_per_frame  # noqa: E402
 from liveavatar_core.model.dit import LiveAvatarDiT  # noqa: E402
 from liveavatar_core.ops.fp8 import convert_to_fp8  # noqa: E402
+from liveavatar_core.synthetic import random_init_  # noqa: E402
 
 OFFICIAL_FORWARD_S = (0.31, 0.37)  # spec/baseline.md, H200, bf16, eager
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def random_init_(model: torch.nn.Module, seed: int = 0) -> None:
-    """Small random weights in place; norm gains 1 so activations stay O(1)."""
-    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    for name, p in model.named_parameters():
-        if name.endswith(("norm_q.weight", "norm_k.weight", "norm3.weight")):
-            p.data.fill_(1.0)
-        elif p.dim() >= 2:
-            fan_in = p[0].numel()
-            p.data.normal_(0.0, fan_in ** -0.5, generator=g)
-        else:
-            p.data.normal_(0.0, 0.02, generator=g)
 
 
 def fp8_layer_errors(device: torch.device) -> None:
@@ -68,7 +56,7 @@ def full_size_block_timing(device: torch.device, iters: int) -> None:
     with torch.device("meta"):
         model = LiveAvatarDiT(cfg, attention="sdpa")
     model = model.to_empty(device=device).to(torch.bfloat16)
-    random_init_(model)
+    random_init_(model, torch.Generator(device=device).manual_seed(0))
     model.eval()
     lat_h, lat_w = 384 // 8, 704 // 8
     fs = tokens_per_frame(cfg, lat_h, lat_w)

@@ -44,6 +44,7 @@ from liveavatar_core.config import DiTConfig  # noqa: E402
 from liveavatar_core.encoders.image import assumed_output_size  # noqa: E402
 from liveavatar_core.errors import LiveAvatarError  # noqa: E402
 from liveavatar_core.plan import GiB, RunPlan, detect_devices, plan_run  # noqa: E402
+from liveavatar_core.synthetic import RandomWeights, random_dit, random_vae  # noqa: E402
 
 # name: (precision, memory cap in GiB, KV cache dtype; None = the compute dtype)
 PLANS = {
@@ -80,41 +81,23 @@ def peak_tflops(name: str, override: float | None) -> float | None:
 # model construction
 
 
-def random_init_(module: torch.nn.Module, gen: torch.Generator) -> None:
-    """Fan-in scaled normal weights, unit norm gains: activations stay O(1) through 40 layers."""
-    for name, p in module.named_parameters():
-        if name.endswith(("norm_q.weight", "norm_k.weight", "norm3.weight", "gamma")):
-            p.data.fill_(1.0)
-        elif p.dim() >= 2:
-            p.data.normal_(0.0, p[0].numel() ** -0.5, generator=gen)
-        else:
-            p.data.normal_(0.0, 0.02, generator=gen)
-
-
 def build_dit(cfg: DiTConfig, plan: RunPlan, attention: str, compile_blocks: bool):
-    """The product's DiT steps with random weights: `new_dit` on meta, random weights on the GPU
-    (standing for the checkpoint load), then `prepare_dit` (FP8, placement, compilation)."""
-    from liveavatar_core.loading import new_dit, prepare_dit
+    """The product's DiT steps with random weights (`random_dit`, standing for the checkpoint
+    load), then `prepare_dit` (FP8, placement, compilation)."""
+    from liveavatar_core.loading import prepare_dit
 
     device = torch.device(plan.dit_device)
-    model = new_dit(cfg, plan.precision, attention).to_empty(device=device)
-    random_init_(model, torch.Generator(device=device).manual_seed(0))
+    model = random_dit(RandomWeights(cfg), plan.precision, attention, device)
     swap = prepare_dit(model, plan, device, use_compile=compile_blocks)
     torch.cuda.empty_cache()  # the swapped blocks' GPU copies
     return model, swap
 
 
-def build_vae(device: torch.device, compile_vae: bool):
+def build_vae(device: torch.device, compile_vae: bool = False):
     """The Wan 2.1 VAE with random weights, placed by the product's `prepare_vae`."""
     from liveavatar_core.loading import prepare_vae
-    from liveavatar_core.vae.config import VAEConfig
-    from liveavatar_core.vae.model import WanVAE
 
-    with torch.device("meta"):
-        vae = WanVAE(VAEConfig())
-    vae = vae.to(torch.bfloat16).to_empty(device=device)
-    random_init_(vae, torch.Generator(device=device).manual_seed(1))
-    return prepare_vae(vae, device, compile_vae)
+    return prepare_vae(random_vae(RandomWeights(DiTConfig.wan_s2v_14b()), device, torch.bfloat16), device, compile_vae)
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,12 +149,35 @@ def gpu_busy(fn, blocks: int) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
 
 
-def run_plan(name: str, args) -> dict:
+def random_inputs(cfg: DiTConfig, geo, clips: int, seed: int = 2):
+    """Random text embedding, audio features of `clips` clips and reference image at the plan's
+    geometry (the encoders are not benchmarked); the same `seed` gives the same inputs."""
     import numpy as np
 
     from liveavatar_core.encoders.audio import AudioFeatures
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    fpc = geo.frames_per_clip
+    text = torch.randn(30, cfg.text_dim, generator=g)
+    seconds = clips * fpc / 25
+    audio = AudioFeatures(embedding=torch.randn(1, cfg.num_wav2vec_layers, cfg.audio_dim, clips * fpc, generator=g),
+                          num_clips=clips, available_clips=clips, frames_per_clip=fpc, fps=25,
+                          waveform_16k=np.zeros(int(seconds * 16000), np.float32), duration_s=seconds)
+    image = np.random.default_rng(seed + 1).integers(0, 256, (geo.height, geo.width, 3), dtype=np.uint8)
+    return text, audio, image
+
+
+def bench_settings(size: str, geo, clips: int):
+    """The generation settings every benchmark stream uses (fixed seed, the plan's steps)."""
+    from liveavatar_core.pipeline import GenerationSettings
+
+    return GenerationSettings(size=size, seed=420, num_clips=clips, frames_per_clip=geo.frames_per_clip,
+                              sample_steps=geo.steps)
+
+
+def run_plan(name: str, args) -> dict:
     from liveavatar_core.loading import assemble
-    from liveavatar_core.pipeline import GenerationSettings, generate, write_mp4
+    from liveavatar_core.pipeline import generate, write_mp4
 
     precision, cap_gib, kv_dtype = PLANS[name]
     devices = detect_devices()
@@ -197,24 +203,12 @@ def run_plan(name: str, args) -> dict:
         # card of that size.
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GiB / gpu.total_bytes), device)
     geo = plan.geometry
-    g = torch.Generator(device="cpu").manual_seed(2)
-    text = torch.randn(30, cfg.text_dim, generator=g)
     fpc = geo.frames_per_clip
-
-    def features(clips: int) -> AudioFeatures:
-        seconds = clips * fpc / 25
-        return AudioFeatures(embedding=torch.randn(1, cfg.num_wav2vec_layers, cfg.audio_dim, clips * fpc, generator=g),
-                             num_clips=clips, available_clips=clips, frames_per_clip=fpc, fps=25,
-                             waveform_16k=np.zeros(int(seconds * 16000), np.float32), duration_s=seconds)
-
-    image = np.random.default_rng(3).integers(0, 256, (geo.height, geo.width, 3), dtype=np.uint8)
 
     def stream(clips: int, path: Path, record: list | None) -> float:
         """The product path: VideoStream (sampler, streaming VAE on its stream, frames in host
         memory), into an MP4 with --mp4."""
-        settings = GenerationSettings(size=args.size, seed=420, num_clips=clips, frames_per_clip=fpc,
-                                      sample_steps=geo.steps)
-        video = generate(model, text, features(clips), image, settings)
+        video = generate(model, *random_inputs(cfg, geo, clips), bench_settings(args.size, geo, clips))
         start = time.perf_counter()
 
         def on_chunk(chunk):

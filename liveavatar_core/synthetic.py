@@ -1,9 +1,14 @@
-"""A tiny, randomly initialised Live Avatar checkpoint in the official on-disk layout.
+"""Random weights: a tiny checkpoint written in the official layout, and models built in memory.
 
-The demo and the end-to-end tests run every real loader on it: sharded DiT safetensors with an
-index and `config.json`, the umT5 `.pth` with official Wan names and a tokenizer folder, the wav2vec2
-HF folder, `Wan2.1_VAE.pth` and a PEFT-named LoRA. Widths are tiny; the architecture and the file
-formats are the real ones (the umT5 width stays 4096 because the DiT's text projection is fixed).
+The demo and the end-to-end tests run every real loader on the tiny checkpoint: sharded DiT
+safetensors with an index and `config.json`, the umT5 `.pth` with official Wan names and a tokenizer
+folder, the wav2vec2 HF folder, `Wan2.1_VAE.pth` and a PEFT-named LoRA. Widths are tiny; the
+architecture and the file formats are the real ones (the umT5 width stays 4096 because the DiT's
+text projection is fixed).
+
+The benchmarks build full-size models with random weights directly on the device instead
+(`RandomWeights`, `random_dit`, `random_vae`): timing does not depend on the values, and a 14B
+checkpoint need not be on the machine. The same seed gives the same weights in every process.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import json
 import string
 import wave
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +24,59 @@ import torch
 from safetensors.torch import save_file
 
 from .config import DiTConfig
+from .vae.config import VAEConfig
 from .synthetic_inputs import make_face_image, make_speech_audio
 
 TINY_DIT = DiTConfig(dim=128, ffn_dim=256, num_heads=2, num_layers=4, audio_dim=32,
                      audio_inject_layers=(0, 2, 3))
 DEMO_PROMPT = "A cheerful cartoon robot with round glasses talks to the camera in a bright studio."
+
+
+@dataclass(frozen=True)
+class RandomWeights:
+    """Random weights in place of checkpoint files (`load_parallel`, the benchmarks): the DiT and
+    VAE architectures and the seed; every process that builds them gets the same numbers."""
+
+    dit: DiTConfig
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    seed: int = 0
+
+    def describe(self) -> str:
+        return f"random weights (seed {self.seed}; DiT dim {self.dit.dim} x {self.dit.num_layers} layers)"
+
+
+def random_init_(module: torch.nn.Module, gen: torch.Generator) -> None:
+    """Fan-in scaled normal weights, unit norm gains: activations stay O(1) through 40 layers."""
+    for name, p in module.named_parameters():
+        if name.endswith(("norm_q.weight", "norm_k.weight", "norm3.weight", "gamma")):
+            p.data.fill_(1.0)
+        elif p.dim() >= 2:
+            p.data.normal_(0.0, p[0].numel() ** -0.5, generator=gen)
+        else:
+            p.data.normal_(0.0, 0.02, generator=gen)
+
+
+def random_dit(weights: RandomWeights, precision: str, attention: str, device: torch.device):
+    """Step 0-1 of `loading` with random weights: `new_dit` on meta, then random weights made on
+    `device` (standing for the checkpoint load); `prepare_dit` comes next, as for a file."""
+    from .loading import new_dit
+
+    device = torch.device(device)
+    model = new_dit(weights.dit, precision, attention).to_empty(device=device)
+    random_init_(model, torch.Generator(device=device).manual_seed(weights.seed))
+    return model
+
+
+def random_vae(weights: RandomWeights, device: torch.device, dtype: torch.dtype):
+    """The Wan 2.1 VAE with random weights on `device` in `dtype` (not yet placed: `prepare_vae`)."""
+    from .vae.model import WanVAE
+
+    device = torch.device(device)
+    with torch.device("meta"):
+        vae = WanVAE(weights.vae)
+    vae = vae.to(dtype).to_empty(device=device)
+    random_init_(vae, torch.Generator(device=device).manual_seed(weights.seed + 1))
+    return vae
 
 
 @dataclass(frozen=True)
@@ -159,7 +212,6 @@ def _write_wav2vec2(folder: Path) -> None:
 
 
 def _write_vae(path: Path) -> None:
-    from .vae.config import VAEConfig
     from .vae.model import WanVAE
 
     torch.save({k: v.contiguous() for k, v in WanVAE(VAEConfig(base_dim=8)).state_dict().items()}, path)

@@ -24,6 +24,7 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import wait
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -42,6 +43,9 @@ from ..weights.lora import DEFAULT_SCALE
 from ..weights.vae import SPATIAL_STRIDE
 from .group import WorkerGroup
 from .layout import StepLayout
+
+if TYPE_CHECKING:
+    from ..synthetic import RandomWeights
 
 log = logging.getLogger("liveavatar")
 
@@ -67,25 +71,37 @@ class RemoteModel:
         self.group.close()
 
 
-def load_parallel(dit_path: str | Path, vae_path: str | Path, lora_path: str | Path | None = None, *,
+def load_parallel(dit_path: str | Path | None, vae_path: str | Path | None, lora_path: str | Path | None = None, *,
                   layout: StepLayout, precision: str = "bf16", attention: str = "sdpa", compile: str = "auto",
                   kv_cache_dtype: str = "auto", lora_scale: float = DEFAULT_SCALE, plan=None,
                   log_dir: str | os.PathLike | None = None, attach: tuple[str, int] | None = None,
-                  authkey: bytes | None = None) -> RemoteModel:
+                  authkey: bytes | None = None, random_weights: RandomWeights | None = None,
+                  memory_cap: int | None = None) -> RemoteModel:
     """Start one worker per rank of `layout` and load each rank's part (see module docstring).
 
     plan: a `ParallelPlan` (its per-rank `RunPlan`s place each rank); None: each rank plans for
     its own device. attach / authkey: wait at that address for ranks launched elsewhere (torchrun)
     that present `authkey` (see `WorkerGroup`). Every file is checked before a worker starts.
+    random_weights: build random weights of these architectures on every rank instead of reading
+    files (benchmarks; the paths are then None); memory_cap: bytes each GPU rank may allocate once
+    loaded (benchmarks emulating a smaller card, as `torch.cuda.set_per_process_memory_fraction`
+    imposes).
     """
-    check_run_files(dit_path, lora_path=lora_path, vae_path=vae_path)
-    cfg = load_dit_checkpoint(dit_path).config
+    if random_weights is None:
+        check_run_files(dit_path, lora_path=lora_path, vae_path=vae_path)
+        cfg = load_dit_checkpoint(dit_path).config
+    elif dit_path is not None or vae_path is not None or lora_path is not None:
+        raise InputError("random_weights", "random weights were asked for together with weight files.",
+                         "pass either the files or random_weights, with the paths None.")
+    else:
+        cfg = random_weights.dit
     compute_dtype(precision)  # an unknown precision is refused before any worker starts
     compile_vae = resolve_compile(compile, torch.device(layout.devices[layout.vae_rank]))
     plans = list(getattr(plan, "rank_plans", None) or [None] * layout.world_size)
     spec = {"dit_path": str(dit_path), "vae_path": str(vae_path), "lora_path": str(lora_path) if lora_path else None,
             "precision": precision, "attention": attention, "compile": compile, "compile_vae": compile_vae,
-            "kv_cache_dtype": kv_cache_dtype, "lora_scale": lora_scale, "plans": plans}
+            "kv_cache_dtype": kv_cache_dtype, "lora_scale": lora_scale, "plans": plans,
+            "random_weights": random_weights, "memory_cap": memory_cap}
     t0 = time.perf_counter()
     group = WorkerGroup(layout, log_dir, attach=attach, authkey=authkey).start()
     try:

@@ -4,7 +4,8 @@ Started by `WorkerGroup` (one process per rank; the authkey arrives on stdin) or
 (`LIVEAVATAR_CONTROL=host:port LIVEAVATAR_AUTHKEY=<hex> torchrun ... -m liveavatar_core.parallel.worker`,
 rendezvous through torchrun's environment). The rank connects to the controller's control socket,
 joins the process group, then serves commands: `load` (its part of the model, from the
-memory-mapped files), `job` (one video), `state` (its part of the resume state), `shutdown`.
+memory-mapped files or random weights), `job` (one video), `state` (its part of the resume state),
+`stats` (its peak GPU memory), `shutdown`.
 
 During a job the rank never waits on a peer for input from outside: clip audio, admission of each
 block (how a cancel stops the head), the conditioning latents and the sink refreshes come from the
@@ -95,11 +96,57 @@ class Worker:
     # --- commands -----------------------------------------------------------------------------
 
     def load(self, spec: dict) -> dict:
-        """Load this rank's part: the DiT (tensor by tensor from the mapped files) and/or the VAE."""
-        from ..loading import compute_dtype, load_generator, prepare_vae
-        from ..vae.loader import load_vae
+        """Load this rank's part: the DiT (tensor by tensor from the mapped files, or random weights)
+        and/or the VAE; then cap its GPU memory if the spec asks (a benchmark emulating a smaller card)."""
+        from ..loading import compute_dtype
 
         self.dtype = compute_dtype(spec["precision"])  # the DiT's, and so the latents' and the VAE's
+        info = self._load_random(spec) if spec.get("random_weights") is not None else self._load_files(spec)
+        cap = spec.get("memory_cap")
+        if cap is not None and self.device.type == "cuda":
+            # After building (random weights are made whole on the GPU), before the first job, as
+            # bench/run_bench.py does: compilation, caches and decoding run inside the budget.
+            torch.cuda.empty_cache()
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), self.device)
+        return info
+
+    def _load_random(self, spec: dict) -> dict:
+        """This rank's part with random weights (`synthetic.RandomWeights`): the same numbers on
+        every rank, as from a file, placed by the same steps as `load_generator`."""
+        from ..loading import assemble, plan_for_device, prepare_dit, prepare_vae, resolve_compile
+        from ..ops.fp8 import check_fp8_support
+        from ..resume import tensor_digest
+        from ..synthetic import random_dit, random_vae
+
+        weights, precision = spec["random_weights"], spec["precision"]
+        if precision == "fp8" and self.is_dit:
+            check_fp8_support(self.device)
+        vae = None
+        if self.has_vae:
+            vae = prepare_vae(random_vae(weights, self.device, self.dtype), self.device, spec["compile_vae"])
+        if not self.is_dit:
+            self.vae = vae
+            return {"description": vae.description, "vae": vae.description}
+        plan = spec["plans"][self.rank] or plan_for_device(weights.dit, self.device, precision=precision,
+                                                           kv_cache_dtype=spec["kv_cache_dtype"])
+        dit = random_dit(weights, precision, spec["attention"], self.device)
+        use_compile = resolve_compile(spec["compile"], self.device)
+        prepare_dit(dit, plan, self.device, use_compile=use_compile)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the swapped blocks' GPU copies
+        kv_words = ", FP8 KV cache" if plan.kv_cache_dtype == "fp8" else ""
+        words = f"{weights.describe()}; {precision}{kv_words}"
+        model = assemble(dit, vae, plan, f"{words}{', compiled' if use_compile else ''}; {plan.placement_words()}",
+                         weights=words)
+        self.dit, self.vae, self.cache_factory = model.dit, model.vae, model.cache_factory()
+        return {"description": model.description, "weights": words, "cfg": dit.cfg,
+                "digest": tensor_digest(dit.patch_embedding.weight), "vae": vae.description if vae else None}
+
+    def _load_files(self, spec: dict) -> dict:
+        """This rank's part from the checkpoint files of the spec."""
+        from ..loading import load_generator, prepare_vae
+        from ..vae.loader import load_vae
 
         if self.is_dit:
             model = load_generator(spec["dit_path"], spec["vae_path"] if self.has_vae else None, spec["lora_path"],
@@ -199,6 +246,19 @@ class Worker:
         while (audio := self.control.request("clip", clip)) is not None:
             yield audio.to(self.device)
             clip += 1
+
+    def stats(self, reset_peak: bool = False) -> dict:
+        """This rank's device, its total memory and its peak allocated GPU memory since the last
+        reset (None on a CPU rank); `reset_peak` starts a new peak afterwards (a benchmark's
+        warm-up is over)."""
+        peak = total = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            if reset_peak:
+                torch.cuda.reset_peak_memory_stats(self.device)
+        return {"rank": self.rank, "device": self.layout.devices[self.rank], "peak_bytes": peak, "total_bytes": total}
 
     def state(self) -> dict:
         """This rank's part of the resume state, in host memory."""
@@ -308,6 +368,8 @@ def main() -> None:
                 worker.run_job(msg[1])
             elif kind == "state":
                 send_message(conn, ("state", worker.state()))
+            elif kind == "stats":
+                send_message(conn, ("stats", worker.stats(*msg[1:])))
             elif kind == "shutdown":
                 break
     except (EOFError, ConnectionError):
