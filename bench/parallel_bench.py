@@ -118,24 +118,18 @@ def _rank_stats(model, reset_peak: bool = False) -> list[dict]:
     return [group.receive(rank, "stats", timeout=60)[1] for rank in range(model.layout.world_size)]
 
 
-def planned_rank_bytes(weights: RandomWeights, layout, stats: list[dict], args) -> list[int | None]:
-    """PLANNER HOOK, per rank: the bytes planned for its generation phase, printed beside its
-    measured peak. Until `plan_parallel` is connected here: `plan_run` for a device of the rank's
-    memory holding the whole DiT, the caches of the rank's steps and, on the VAE rank, the VAE;
-    None for a CPU rank and for a dedicated VAE rank (which `plan_run` cannot describe)."""
-    from liveavatar_core.plan import DeviceSpec, plan_run
+def rank_plan(weights: RandomWeights, layout, args):
+    """The planner's `ParallelPlan` for this run (validated: a run that cannot fit is refused here,
+    as the CLI would refuse it); its per-rank plans place the workers."""
+    from liveavatar_core.parallel.planner import plan_parallel
+    from liveavatar_core.plan import detect_devices, host_device
 
-    out = []
-    for rank, st in enumerate(stats):
-        if st["total_bytes"] is None or rank >= layout.dit_ranks:
-            out.append(None)
-            continue
-        device = DeviceSpec("cuda:0", st["total_bytes"])  # the worker sees its GPU as cuda:0
-        plan = plan_run(weights.dit, size=args.size, steps=len(layout.steps[rank]), devices=[device],
-                        precision=args.precision, vae="gpu" if rank == layout.vae_rank else "cpu",
-                        text_encoder="cpu", audio_encoder="cpu", memory_cap=_cap_bytes(args))
-        out.append(plan.generate_bytes(plan.dit_device))
-    return out
+    gpus = {d.name: d for d in detect_devices()}
+    specs = [gpus[d] if d in gpus else host_device() for d in layout.devices]
+    dit, vae = specs[:layout.dit_ranks], specs[layout.dit_ranks] if layout.dedicated_vae else None
+    return plan_parallel(weights.dit, devices=dit, vae_device=vae, size=args.size, steps=STEPS,
+                         precision=args.precision, memory_cap=_cap_bytes(args), offload="auto",
+                         share_gpus=len(set(layout.devices)) < layout.world_size, controller=None).validate()
 
 
 def _cap_bytes(args) -> int | None:
@@ -182,23 +176,30 @@ def run_parallel(n: int, weights: RandomWeights, args) -> tuple[dict, list]:
     from liveavatar_core.parallel.remote import load_parallel
 
     layout = _layout(n, args)
+    plan = rank_plan(weights, layout, args)
+    print(plan.summary(), flush=True)
     t0 = time.perf_counter()
     model = load_parallel(None, None, layout=layout, precision=args.precision, compile=args.compile,
-                          random_weights=weights, memory_cap=_cap_bytes(args))
+                          random_weights=weights, memory_cap=_cap_bytes(args), plan=plan)
     built_s = time.perf_counter() - t0
     try:
         record, frames, total_s = _timed(model, weights, args, keep_frames=args.check_exact)
         stats = _rank_stats(model)
     finally:
         model.close()
-    planned = planned_rank_bytes(weights, layout, stats, args)
+    # The generation phase (what a DiT + VAE run allocates) of each rank, beside its measured peak.
+    planned = [r.plan.generate_bytes(r.plan.dit_device) if r.device.name != "cpu" else None for r in plan.ranks]
     ranks = [{"rank": s["rank"], "device": s["device"],
               "peak_gib": None if s["peak_bytes"] is None else s["peak_bytes"] / GiB,
               "planned_gib": None if p is None else p / GiB} for s, p in zip(stats, planned)]
+    if plan.fps is not None:
+        result_estimate = {"planned_fps": plan.fps, "planned_first_frame_s": plan.first_frame_s}
+    else:
+        result_estimate = {}
     words = f"{layout.describe()} [{layout.backend}]"
     result = _result(f"{n}{'+vae' if args.vae_gpu else ''}", weights, args, words, record, total_s, built_s, ranks)
     result.update(ranks_dit=n, vae_gpu=bool(args.vae_gpu), world_size=layout.world_size, backend=layout.backend,
-                  shared_gpu=args.device != "cpu" and _shares_gpus(n, args))
+                  shared_gpu=args.device != "cpu" and _shares_gpus(n, args), **result_estimate)
     return result, frames
 
 
