@@ -59,7 +59,20 @@ def inputs(tiny):
 def single(tiny, inputs):
     folder, text, audio = inputs
     model = load_generator(folder.dit, folder.vae, tiny.lora, precision="fp32")
-    return {s.mode: [c.frames for c in generate(model, text, audio, tiny.image, s)] for s in (STREAMING, OFFICIAL)}
+    out = {}
+    for settings in (STREAMING, OFFICIAL):
+        stream = generate(model, text, audio, tiny.image, settings)
+        stream.track_resume = True
+        out[settings.mode] = [c.frames for c in stream]
+        out[settings.mode + " state"] = _sampler_tensors(stream)
+    return out
+
+
+def _sampler_tensors(stream) -> dict:
+    """The sampler's tensors after the last block: the last clip's denoised latents, every step's
+    KV cache, the condition (sink) cache, the motion latents."""
+    state = stream.resume_state()
+    return {k: v.clone() for k, v in state["tensors"].items() if k.startswith("sampler.")}
 
 
 def _load(tiny, inputs, n, vae=False):
@@ -78,8 +91,13 @@ def test_step_layout_gives_the_frames_of_one_process(tiny, inputs, single, n, va
     model = _load(tiny, inputs, n, vae)
     try:
         for settings in (STREAMING, OFFICIAL) if n != 4 or vae else (STREAMING,):
-            got = [c.frames for c in generate(model, text, audio, tiny.image, settings)]
+            stream = generate(model, text, audio, tiny.image, settings)
+            got = [c.frames for c in stream]
             assert _same(got, single[settings.mode]), (n, settings.mode)
+            # The latents and caches, not only the decoded frames: torch.equal, tensor by tensor.
+            want, have = single[settings.mode + " state"], _sampler_tensors(stream)
+            assert sorted(have) == sorted(want) and any("latents" in k for k in want)
+            assert all(torch.equal(have[k], want[k]) for k in want), [k for k in want if not torch.equal(have[k], want[k])]
     finally:
         model.close()
     assert all(p.poll() is not None for p in model.group.procs)
