@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 
 from .config import DEFAULT_FRAMES_PER_CLIP, DiTConfig, check_frames_per_clip
 from .encoders.image import DEFAULT_SIZE, assumed_output_size
+from .model.dit import unit_of
 from .errors import InputError
 from .ops.fp8 import IGNORE as FP8_IGNORE
 from .weights.dit import expected_dit_keys
@@ -183,16 +184,6 @@ def dit_tensor_bytes(cfg: DiTConfig, precision: str) -> dict[str, int]:
         else:
             out[k] = n * elem
     return out
-
-
-def unit_of(key: str, cfg: DiTConfig) -> int | None:
-    """Swap unit of a DiT tensor: block i with the audio injector that follows it; None = base."""
-    if key.startswith("blocks."):
-        return int(key.split(".")[1])
-    for prefix in ("audio_injector.injector.", "audio_injector.injector_adain_layers."):
-        if key.startswith(prefix):
-            return cfg.audio_inject_layers[int(key[len(prefix):].split(".")[0])]
-    return None
 
 
 def dit_unit_bytes(cfg: DiTConfig, precision: str) -> tuple[int, list[int]]:

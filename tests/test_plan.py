@@ -36,6 +36,24 @@ def meta_model():
 
 # --- sizes against the spec's figures (spec/dit.md 1, 2, 5; spec/pipeline.md 3.4) ---------------
 
+def test_block_unit_is_one_description(meta_model):
+    """The modules of each unit (what block swap moves) and the state-dict keys the planner sizes
+    per unit are the same tensors: block i, plus its injector slot where layer i injects audio."""
+    from liveavatar_core.model.dit import unit_of
+
+    keys = {k for k, _ in meta_model.state_dict().items()}
+    owned = {}
+    for layer in range(CFG.num_layers):
+        for module in meta_model.unit_modules(layer):
+            prefix = next(n for n, m in meta_model.named_modules() if m is module)
+            for name in module.state_dict():
+                owned[f"{prefix}.{name}"] = layer
+    assert all(unit_of(k, CFG) == owned.get(k) for k in keys)
+    injected = [layer for layer in range(CFG.num_layers) if len(meta_model.unit_modules(layer)) == 3]
+    assert injected == list(CFG.audio_inject_layers)
+    assert sum(1 for k in keys if unit_of(k, CFG) is None) > 0  # the base: embeddings, head, audio encoder
+
+
 def test_weight_bytes_match_spec():
     bf16 = dit_tensor_bytes(CFG, "bf16")
     assert len(bf16) == 1260

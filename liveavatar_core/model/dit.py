@@ -13,6 +13,8 @@ checkpoint's tensors. The parameters' dtype is the compute dtype: fp32 for parit
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Sequence
 
 import torch
@@ -78,6 +80,33 @@ class Head(nn.Module):
         return self.head(y).to(x.dtype)
 
 
+def unit_names(cfg: DiTConfig, layer: int) -> tuple[str, ...]:
+    """The block unit of `layer`: the module names of transformer block `layer` and, when that
+    layer injects audio, of its injector slot, which runs right after it. Block swap moves a unit as
+    one piece, the planner sizes it, and sharding will wrap it; everything else is the base."""
+    names = (f"blocks.{layer}",)
+    if layer in cfg.audio_inject_layers:
+        slot = cfg.audio_inject_layers.index(layer)
+        names += (f"audio_injector.injector.{slot}", f"audio_injector.injector_adain_layers.{slot}")
+    return names
+
+
+@functools.lru_cache(maxsize=8)
+def _unit_owners(cfg: DiTConfig) -> dict[str, int]:
+    return {name: layer for layer in range(cfg.num_layers) for name in unit_names(cfg, layer)}
+
+
+def unit_of(key: str, cfg: DiTConfig) -> int | None:
+    """The layer whose block unit holds state-dict entry `key` (None: the base)."""
+    owners = _unit_owners(cfg)
+    parts = key.split(".")
+    for n in (3, 2):  # "audio_injector.injector.3.*" or "blocks.7.*"
+        layer = owners.get(".".join(parts[:n]))
+        if layer is not None:
+            return layer
+    return None
+
+
 class LiveAvatarDiT(nn.Module):
     """Causal S2V DiT. Build from a `DiTConfig`; inject the attention kernel by name or function."""
 
@@ -99,6 +128,10 @@ class LiveAvatarDiT(nn.Module):
         self.audio_injector = AudioInjector(cfg, attn)
         self.rope = RopeFreqs(cfg.head_dim, cfg.rope_theta)
         self._rotate = rotate_condition  # or its compiled version (compile_regions)
+
+    def unit_modules(self, layer: int) -> list[nn.Module]:
+        """The modules of `layer`'s block unit (see `unit_names`)."""
+        return [self.get_submodule(name) for name in unit_names(self.cfg, layer)]
 
     # ----------------------------------------------------------------------------------------
     # helpers

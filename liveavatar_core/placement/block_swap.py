@@ -39,14 +39,6 @@ class _Unit:
     loaded: torch.cuda.Event | None = None
 
 
-def _unit_modules(model: LiveAvatarDiT, layer: int) -> list[nn.Module]:
-    mods: list[nn.Module] = [model.blocks[layer]]
-    slot = model.audio_injector.slot.get(layer)
-    if slot is not None:
-        mods += [model.audio_injector.injector[slot], model.audio_injector.injector_adain_layers[slot]]
-    return mods
-
-
 def _view(buf: torch.Tensor, offset: int, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     n = shape.numel() * torch.empty((), dtype=dtype).element_size()
     return buf[offset:offset + n].view(dtype).view(shape)
@@ -67,7 +59,7 @@ class BlockSwap:
         self.order = layers
         self.units: dict[int, _Unit] = {}
         for layer in layers:
-            self.units[layer] = self._pack(layer, _unit_modules(model, layer))
+            self.units[layer] = self._pack(layer, model.unit_modules(layer))
         size = max((u.host.numel() for u in self.units.values()), default=0)
         self.slots = [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(min(SWAP_SLOTS, len(layers)))]
         self.slot_unit: list[int | None] = [None] * len(self.slots)
@@ -158,7 +150,7 @@ def apply_block_swap(model: LiveAvatarDiT, blocks_on_gpu: int, device: str | tor
     device = torch.device(device)
     layers = tuple(sorted(layers)) if layers is not None else swapped_layers(n, blocks_on_gpu)
     swap = BlockSwap(model, layers, device)
-    unit_ids = {id(m) for layer in layers for top in _unit_modules(model, layer) for m in top.modules()}
+    unit_ids = {id(m) for layer in layers for top in model.unit_modules(layer) for m in top.modules()}
     for mod in model.modules():
         if id(mod) in unit_ids:
             continue
