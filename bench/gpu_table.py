@@ -20,19 +20,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from liveavatar_core.config import DiTConfig  # noqa: E402
 from liveavatar_core.encoders.image import DEFAULT_SIZE  # noqa: E402
 from liveavatar_core.errors import InputError  # noqa: E402
+from liveavatar_core.parallel.cost import GPU_MODELS  # noqa: E402
 from liveavatar_core.plan import GiB, DeviceSpec, plan_run  # noqa: E402
 
-# (label, usable memory as the driver reports it, GiB; has FP8 GEMMs)
+# (label, the planner's GPU model: its usable memory and whether it has FP8 GEMMs)
 CARDS = (
-    ("RTX 3090 (24 GB)", 23.6, False),
-    ("RTX 4090 (24 GB)", 23.6, True),
-    ("RTX 5090 (32 GB)", 31.4, True),
-    ("A100 40 GB", 39.4, False),
-    ("RTX A6000 (48 GB)", 47.5, False),
-    ("L40S / RTX 6000 Ada (48 GB)", 44.4, True),
-    ("A100 80 GB", 79.1, False),
-    ("H100 80 GB", 79.1, True),
-    ("H200 (141 GB)", 139.8, True),
+    ("RTX 3090 (24 GB)", "RTX 3090"),
+    ("RTX 4090 (24 GB)", "RTX 4090"),
+    ("RTX 5090 (32 GB)", "RTX 5090"),
+    ("A100 40 GB", "A100 40GB"),
+    ("RTX A6000 (48 GB)", "RTX A6000"),
+    ("L40S / RTX 6000 Ada (48 GB)", "L40S"),
+    ("A100 80 GB", "A100"),
+    ("H100 80 GB", "H100"),
+    ("H200 (141 GB)", "H200"),
 )
 # Host memory assumed for the pinned KV caches and swapped blocks.
 HOST_GIB = 128
@@ -42,7 +43,8 @@ def rows(size: str):
     """(card, precision, KV dtype, placement, planned GPU GiB, planned host GiB) per fitting plan."""
     cfg = DiTConfig.wan_s2v_14b()
     host = DeviceSpec("cpu", int(HOST_GIB * GiB), "host memory")
-    for label, gib, fp8 in CARDS:
+    for label, model in CARDS:
+        _, gib, fp8 = GPU_MODELS[model]
         device = DeviceSpec("cuda:0", int(gib * GiB), label)
         for precision in ("fp8",) if fp8 else ("bf16",):
             for kv in (None, "fp8"):
