@@ -43,6 +43,7 @@ import torch  # noqa: E402
 from liveavatar_core.config import DiTConfig  # noqa: E402
 from liveavatar_core.encoders.image import assumed_output_size  # noqa: E402
 from liveavatar_core.errors import LiveAvatarError  # noqa: E402
+from liveavatar_core.parallel.cost import gpu_model  # noqa: E402
 from liveavatar_core.plan import GiB, RunPlan, detect_devices, plan_run  # noqa: E402
 from liveavatar_core.synthetic import RandomWeights, random_dit, random_vae  # noqa: E402
 
@@ -64,17 +65,13 @@ PLANS = {
 DEFAULT_PLANS = "bf16,fp8,cap48,cap24"
 # spec/baseline.md: official single-GPU path on an H200, bf16, eager, offline decode.
 OFFICIAL = {"fps": 2.91, "first_frame_s": 29.4, "peak_gib": 73.1}
-# Dense bf16 tensor-core peaks (TFLOP/s); FP8 GEMMs run at twice these.
-PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "H20": 148.0}
-
-
+# FP8 GEMMs run at twice the dense bf16 peak.
 def peak_tflops(name: str, override: float | None) -> float | None:
+    """Dense bf16 TFLOP/s of the GPU called `name` (the planner's catalogue), or `override`."""
     if override:
         return override
-    for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):
-        if key in name:
-            return PEAK_BF16_TFLOPS[key]
-    return None
+    model = gpu_model(name)
+    return None if model is None else model.bf16_tflops
 
 
 # --------------------------------------------------------------------------------------------
