@@ -65,6 +65,8 @@ PLANS = {
 DEFAULT_PLANS = "bf16,fp8,cap48,cap24"
 # spec/baseline.md: official single-GPU path on an H200, bf16, eager, offline decode.
 OFFICIAL = {"fps": 2.91, "first_frame_s": 29.4, "peak_gib": 73.1}
+
+
 # FP8 GEMMs run at twice the dense bf16 peak.
 def peak_tflops(name: str, override: float | None) -> float | None:
     """Dense bf16 TFLOP/s of the GPU called `name` (the planner's catalogue), or `override`."""
