@@ -2,12 +2,14 @@
 caches holding only its layers, give the whole call's results bit for bit (spec/parallel.md 2, the
 layer layout), and sampler states split into layer parts and merge back unchanged."""
 
+import functools
+
 import pytest
 import torch
 
 from liveavatar_core.errors import InputError
 from liveavatar_core.model.cache import make_step_caches, tokens_per_frame
-from liveavatar_core.placement import make_streamed_step_caches
+from liveavatar_core.placement import apply_block_swap, make_streamed_step_caches
 from liveavatar_core.sampling.config import SamplerConfig
 from liveavatar_core.sampling.generator import BlockSampler
 from liveavatar_core.sampling.state import load_state, merge_stage_states, restore_cond, save_state, stage_part
@@ -124,6 +126,21 @@ def test_streamed_caches_of_a_layer_range_are_bit_identical(model, inputs, refer
         assert torch.equal(cache.k, torch.cat([cs[i].k for cs in p_caches]))
 
 
+def test_layer_ranges_under_block_swap_and_compiled_regions(ckpt_dir, inputs, reference):
+    """The pieces keep the placement hooks and compiled regions of the whole call."""
+    model = build_dit(load_dit_checkpoint(ckpt_dir)).eval()
+    apply_block_swap(model, 1, "cpu")
+    parts = ranges(model.cfg.num_layers, (1, 3))
+    assert all(torch.equal(a, b) for a, b in zip(reference[3], split(model, inputs, parts)[3]))
+    torch._dynamo.reset()
+    model.compile_regions(backend="aot_eager", fullgraph=True)
+    try:
+        outs = split(model, inputs, parts)[3]
+    finally:
+        model.compile_regions(False)
+    assert all(torch.equal(a, b) for a, b in zip(reference[3], outs))
+
+
 def test_layers_outside_a_range_are_refused(model, inputs):
     cfg = model.cfg
     text = model.encode_text(inputs["context"], layers=range(1, 3))
@@ -168,6 +185,15 @@ def test_sampler_state_splits_into_layer_parts_and_merges_back(model, inputs, tm
     cells = [stage_part(state, (0,)), stage_part(state, (1,), range(0, 1)), stage_part(state, (1,), range(1, 4))]
     merged = merge_stage_states(cells, finishing=2)
     assert all(torch.equal(merged["tensors"][k], v) for k, v in state["tensors"].items())
+    # A rank's sampler with caches of its layers loads its part and saves it back unchanged.
+    part = stage_part(state, steps, range(1, 3))
+    rank = BlockSampler(model, inputs["context"], inputs["ref"], inputs["motion"], config,
+                        cache_factory=functools.partial(make_step_caches, layers=range(1, 3)))
+    rank.load_state_dict(part)
+    assert rank.caches[0].cond.layers == range(1, 3)
+    again = rank.state_dict()
+    assert again["meta"] == part["meta"] and again["tensors"].keys() == part["tensors"].keys()
+    assert all(torch.equal(again["tensors"][k], v) for k, v in part["tensors"].items())
     with pytest.raises(InputError, match="layer range missing"):
         merge_stage_states(cells[:1] + cells[2:], finishing=1)
     with pytest.raises(InputError, match="already one rank's part"):
