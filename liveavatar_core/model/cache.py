@@ -8,6 +8,9 @@
   of a stream may share one (the single-GPU official behaviour: the four sink passes are identical).
 * `TextCache`: per-layer text cross-attention keys/values; they depend only on the prompt, so they
   are computed once per stream instead of on every call.
+
+Each of them may hold a contiguous range of layers only (a rank of the layer layout,
+spec/parallel.md 2); layers are always addressed by their global index.
 """
 
 from __future__ import annotations
@@ -22,14 +25,40 @@ from ..ops.fp8 import E4M3, dequantize_kv, quantize_rows
 from .rope import RopeFreqs, TokenGrid
 
 
+def check_layers(layers, num_layers: int, name: str = "layers") -> range:
+    """`layers` as a non-empty contiguous range inside 0..num_layers (refused otherwise)."""
+    if not isinstance(layers, range) or layers.step != 1 or not 0 <= layers.start < layers.stop <= num_layers:
+        raise InputError(name, f"{layers!r} is not a non-empty range of consecutive layers in 0..{num_layers}.",
+                         f"pass range(a, b) with 0 <= a < b <= {num_layers}.")
+    return layers
+
+
+def _missing(what: str, layer: int, held: range) -> InputError:
+    return InputError(what, f"layer {layer} is not among its layers {held.start}..{held.stop - 1}.",
+                      "build it for a layer range covering the layers you run (layers=...).")
+
+
 @dataclass
 class CondCache:
-    """Condition tokens of every layer: k, v `[B, Lc, H, HD]`, keys not rotated."""
+    """Condition tokens per layer: k, v `[B, Lc, H, HD]`, keys not rotated; `k[j]` is layer
+    `layers[j]` (default: all layers from 0)."""
 
     k: list[torch.Tensor]
     v: list[torch.Tensor]
     ref: TokenGrid  # reference group at its sink position; its time index moves per call
     motion: list[TokenGrid]  # FramePack groups; their positions never move
+    layers: range | None = None
+
+    def __post_init__(self):
+        if self.layers is None:
+            self.layers = range(len(self.k))
+
+    def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, v) of global layer `layer`."""
+        if layer not in self.layers:
+            raise _missing("cond_cache", layer, self.layers)
+        j = layer - self.layers.start
+        return self.k[j], self.v[j]
 
     @property
     def num_tokens(self) -> int:
@@ -47,14 +76,29 @@ class CondCache:
 
 @dataclass
 class TextCache:
-    """Embedded text `[B, text_len, D]` and each layer's cross-attention (k, v) heads."""
+    """Embedded text `[B, text_len, D]` and each layer's cross-attention (k, v) heads; `kv[j]` is
+    layer `layers[j]` (default: all layers from 0)."""
 
     embedded: torch.Tensor
     kv: list[tuple[torch.Tensor, torch.Tensor]]
+    layers: range | None = None
+
+    def __post_init__(self):
+        if self.layers is None:
+            self.layers = range(len(self.kv))
+
+    def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, v) of global layer `layer`."""
+        if layer not in self.layers:
+            raise _missing("text_cache", layer, self.layers)
+        return self.kv[layer - self.layers.start]
 
 
 class KVCache:
-    """Ring buffer of rotated self-attention keys/values for one denoising step, all layers.
+    """Ring buffer of rotated self-attention keys/values for one denoising step.
+
+    It holds `num_layers` layers from `first_layer` on (default all of the model's); `update`
+    takes the global layer index, the tensors' first dimension is the local one.
 
     `dtype` is how the ring stores them. `torch.float8_e4m3fn` (an FP8 KV cache) halves the
     memory of bf16: each key and value head of a row is kept as e4m3 codes with its own scale
@@ -65,8 +109,9 @@ class KVCache:
 
     def __init__(self, num_layers: int, batch: int, length: int, num_heads: int, head_dim: int,
                  dtype: torch.dtype, device=None, cond: CondCache | None = None,
-                 compute_dtype: torch.dtype | None = None, fused: bool = True):
+                 compute_dtype: torch.dtype | None = None, fused: bool = True, first_layer: int = 0):
         shape = (num_layers, batch, length, num_heads, head_dim)
+        self.layers = range(first_layer, first_layer + num_layers)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.cond = cond
@@ -85,6 +130,12 @@ class KVCache:
     @property
     def length(self) -> int:
         return self.k.shape[2]
+
+    def local(self, layer: int) -> int:
+        """Index into the ring tensors of global layer `layer`."""
+        if layer not in self.layers:
+            raise _missing("kv_cache", layer, self.layers)
+        return layer - self.layers.start
 
     def window(self, current_start: int, num_tokens: int) -> tuple[int, int]:
         """(write row, rows to attend) for a block of `num_tokens` starting at `current_start`.
@@ -107,12 +158,12 @@ class KVCache:
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the block's rotated k and v, return the keys/values history it attends to."""
         row, visible = self.window(current_start, k.shape[1])
+        j = self.local(layer)
         if self.quantized:
-            return store_fp8(self.k[layer], self.k_scale[layer], self.v[layer], self.v_scale[layer],
-                             row, visible, k, v, self.fused)
-        self.k[layer, :, row:row + k.shape[1]] = k
-        self.v[layer, :, row:row + v.shape[1]] = v
-        return self.k[layer, :, :visible], self.v[layer, :, :visible]
+            return store_fp8(self.k[j], self.k_scale[j], self.v[j], self.v_scale[j], row, visible, k, v, self.fused)
+        self.k[j, :, row:row + k.shape[1]] = k
+        self.v[j, :, row:row + v.shape[1]] = v
+        return self.k[j, :, :visible], self.v[j, :, :visible]
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The ring's tensors by name (k, v, and with an FP8 ring k_scale, v_scale), for resume files."""
@@ -166,13 +217,15 @@ def ring_length(cfg: DiTConfig, lat_h: int, lat_w: int, cache_frames: int) -> in
 
 def make_step_caches(cfg: DiTConfig, lat_h: int, lat_w: int, *, num_steps: int, cache_frames: int,
                      batch: int = 1, dtype: torch.dtype = torch.bfloat16, device=None,
-                     storage_dtype: torch.dtype | None = None, fused: bool = True) -> list[KVCache]:
+                     storage_dtype: torch.dtype | None = None, fused: bool = True,
+                     layers: range | None = None) -> list[KVCache]:
     """One `KVCache` per denoising step, `cache_frames` latent frames long (12 for 48-frame clips).
 
     `dtype` is the DiT's compute dtype, `storage_dtype` the rings' (default the same;
-    `torch.float8_e4m3fn` for an FP8 cache; `fused`: see `KVCache`). The condition cache is
-    attached by `LiveAvatarDiT.sink`, shared by all of them.
+    `torch.float8_e4m3fn` for an FP8 cache; `fused`: see `KVCache`); `layers`: the range of layers
+    stored (default all). The condition cache is attached by `LiveAvatarDiT.sink`, shared by all of them.
     """
     length = ring_length(cfg, lat_h, lat_w, cache_frames)
-    return [KVCache(cfg.num_layers, batch, length, cfg.num_heads, cfg.head_dim, storage_dtype or dtype, device,
-                    compute_dtype=dtype, fused=fused) for _ in range(num_steps)]
+    layers = check_layers(range(cfg.num_layers) if layers is None else layers, cfg.num_layers)
+    return [KVCache(len(layers), batch, length, cfg.num_heads, cfg.head_dim, storage_dtype or dtype, device,
+                    compute_dtype=dtype, fused=fused, first_layer=layers.start) for _ in range(num_steps)]

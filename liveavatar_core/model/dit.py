@@ -6,6 +6,11 @@ Two entry points (spec/dit.md 3.0):
 * `denoise_block(...)` denoises one block of latent frames for one sampler step: only the block's
   tokens are queries; history and condition tokens enter through the step's `KVCache`.
 
+Both (and `encode_text`) are compositions of public pieces, begin / layers / finish, so a process
+owning only layers [a, b) (the layer layout, spec/parallel.md 2) runs the same operations on its
+layers with caches holding only those layers: `begin_block` -> `run_layers` -> `finish_block`,
+`begin_sink` -> `sink_layers` -> `finish_sink`, `encode_text(context, layers=...)`.
+
 Parameter names are the Wan-native ones, so the official checkpoint loads unchanged
 (`weights.dit.load_into_module`, strict). RoPE values are computed per call, never stored: the state_dict holds exactly the
 checkpoint's tensors. The parameters' dtype is the compute dtype: fp32 for parity, bf16 for use.
@@ -16,6 +21,7 @@ from __future__ import annotations
 import functools
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -26,7 +32,7 @@ from ..ops.attention import AttentionFn, get_attention, merge_attention
 from ..ops.transfer import upload
 from .audio import AudioInjector, CausalAudioEncoder, inject
 from .blocks import DiTBlock, modulate
-from .cache import CondCache, KVCache, TextCache, tokens_per_frame
+from .cache import CondCache, KVCache, TextCache, check_layers, tokens_per_frame
 from .framepack import FramePacker
 from .layers import Attention, Fp32Linear, Linear, layer_norm
 from .offset import reference_time
@@ -105,6 +111,42 @@ def unit_of(key: str, cfg: DiTConfig) -> int | None:
         if layer is not None:
             return layer
     return None
+
+
+@dataclass
+class BlockCall:
+    """Per-call inputs of one `denoise_block` call, shared by all its layers (`begin_block`).
+
+    `h` `[B, F*fs, D]` is the hidden state entering the next layer to run: the embedded block
+    tokens after `begin_block`, each `run_layers` replaces it; a process whose range starts
+    later sets it to the previous range's output.
+    """
+
+    h: torch.Tensor | None
+    e: torch.Tensor  # fp32 time embedding [B, F, D] (head)
+    e0: torch.Tensor  # fp32 time projection [B, F, 6, D] (blocks)
+    rope: tuple[torch.Tensor, torch.Tensor]  # block tokens' cos/sin
+    cond_rope: tuple[torch.Tensor, torch.Tensor]  # condition keys' cos/sin at this call's offset
+    audio_tokens: torch.Tensor  # [B, F, n, D]
+    audio_global: torch.Tensor  # [B, F, D]
+    text: TextCache
+    current_start: int
+    shape: tuple[int, int, int, int]  # (B, F, H_l, W_l) of the latents
+
+
+@dataclass
+class SinkCall:
+    """Inputs of one sink pass (`begin_sink`) and the keys/values stored so far (`sink_layers`)."""
+
+    h: torch.Tensor | None  # condition tokens entering the next layer (see BlockCall.h)
+    e0: torch.Tensor
+    rope: tuple[torch.Tensor, torch.Tensor]
+    text: TextCache
+    ref: TokenGrid
+    motion: list[TokenGrid]
+    k: list[torch.Tensor] = field(default_factory=list)
+    v: list[torch.Tensor] = field(default_factory=list)
+    layers: range | None = None  # layers run so far (one contiguous range)
 
 
 class LiveAvatarDiT(nn.Module):
@@ -203,12 +245,14 @@ class LiveAvatarDiT(nn.Module):
         return TokenGrid(tuple(range(frame0, frame0 + frames)), tuple(range(hp)), tuple(range(wp)))
 
     @torch.no_grad()
-    def encode_text(self, context) -> TextCache:
-        """Embed the umT5 context and compute every layer's cross-attention keys/values once.
+    def encode_text(self, context, layers: range | None = None) -> TextCache:
+        """Embed the umT5 context and compute each layer's cross-attention keys/values once.
 
         `context`: `[L, text_dim]`, `[B, L, text_dim]` or a list of `[L_i, text_dim]`; each is
         zero-padded to `text_len` rows, all of which are attended (as in the official model).
+        `layers`: the layers whose keys/values are computed and kept (default all).
         """
+        layers = self._layers(layers)
         items = [context] if torch.is_tensor(context) and context.dim() == 2 else list(context)
         rows = []
         for u in items:
@@ -220,7 +264,10 @@ class LiveAvatarDiT(nn.Module):
                                  "shorten the prompt.")
             rows.append(torch.cat([u, u.new_zeros(self.cfg.text_len - u.shape[0], u.shape[1])]))
         text = self.text_embedding(torch.stack(rows).to(self.device))
-        return TextCache(text, [blk.text_kv(text) for blk in self.blocks])
+        return TextCache(text, [self.blocks[i].text_kv(text) for i in layers], layers)
+
+    def _layers(self, layers: range | None) -> range:
+        return check_layers(range(self.cfg.num_layers) if layers is None else layers, self.cfg.num_layers)
 
     def _text(self, context_or_text_cache) -> TextCache:
         if isinstance(context_or_text_cache, TextCache):
@@ -239,6 +286,15 @@ class LiveAvatarDiT(nn.Module):
         sum(zip_frame_buckets) frames are used). The returned `CondCache` is attached to every
         given step cache (they share it).
         """
+        call = self.begin_sink(ref_latents, motion_latents, context)
+        self.sink_layers(call, range(self.cfg.num_layers))
+        return self.finish_sink(call, caches)
+
+    @torch.no_grad()
+    def begin_sink(self, ref_latents: torch.Tensor, motion_latents: torch.Tensor, context,
+                   embed: bool = True) -> SinkCall:
+        """The sink's per-pass inputs (see `sink` for the arguments). With `embed=False` the
+        condition tokens are not computed: the caller sets `h` to the previous layer range's output."""
         cfg = self.cfg
         if ref_latents.dim() != 5 or ref_latents.shape[1] != cfg.in_dim or ref_latents.shape[2] != 1:
             raise InputError("ref_latents", f"expected [B, {cfg.in_dim}, 1, H, W], got {tuple(ref_latents.shape)}.",
@@ -256,11 +312,13 @@ class LiveAvatarDiT(nn.Module):
         hp, wp = self._grid(lat_h, lat_w)
 
         # 1. Condition tokens: reference then FramePack post / 2x / 4x, with their mask rows.
-        ref = self._patchify(self.patch_embedding, ref_latents)
-        mot = self.frame_packer(motion_latents.to(self.device))
-        x = torch.cat([ref, mot], dim=1)
-        rows = upload(torch.tensor([_REF] * ref.shape[1] + [_MOTION] * mot.shape[1]), self.device)
-        x = x + self.trainable_cond_mask(rows).to(x.dtype)
+        x = None
+        if embed:
+            ref = self._patchify(self.patch_embedding, ref_latents)
+            mot = self.frame_packer(motion_latents.to(self.device))
+            x = torch.cat([ref, mot], dim=1)
+            rows = upload(torch.tensor([_REF] * ref.shape[1] + [_MOTION] * mot.shape[1]), self.device)
+            x = x + self.trainable_cond_mask(rows).to(x.dtype)
 
         # 2. RoPE positions (reference at its fixed index, motion at negative times) and t = 0.
         ref_grid = TokenGrid((cfg.ref_rope_index,), tuple(range(hp)), tuple(range(wp)))
@@ -268,19 +326,38 @@ class LiveAvatarDiT(nn.Module):
         rope = self.rope.sequence([ref_grid, *motion_grids], device=self.device)
         _, e0 = self._time(torch.zeros(1))
         e0 = e0.view(1, 1, 6, -1).expand(b, 1, 6, -1)
-        text = self._text(context)
+        return SinkCall(x, e0, rope, self._text(context), ref_grid, motion_grids)
 
-        # 3. Blocks: store un-rotated keys and values; attend bidirectionally among cond tokens.
-        ks, vs = [], []
+    @torch.no_grad()
+    def sink_layers(self, call: SinkCall, layers: range) -> torch.Tensor:
+        """Run the sink through blocks `layers`, keeping their un-rotated keys and values in `call`;
+        returns (and sets) `call.h`. Successive calls must continue the layers already run."""
+        layers = self._layers(layers)
+        if call.h is None:
+            raise InputError("sink_call", "its hidden state h is not set.",
+                             "set call.h to the previous layer range's output (or begin with embed=True).")
+        if call.layers is not None and layers.start != call.layers.stop:
+            raise InputError("layers", f"{layers!r} does not continue the layers {call.layers!r} already run.",
+                             "run the sink's layer ranges in order.")
 
+        # Blocks: store un-rotated keys and values; attend bidirectionally among cond tokens.
         def store(k_rot, k, v):
-            ks.append(k)
-            vs.append(v)
+            call.k.append(k)
+            call.v.append(v)
             return [(k_rot, v)]
 
-        for i, block in enumerate(self.blocks):
-            x = block(x, e0, rope, store, text.kv[i])
-        cond = CondCache(ks, vs, ref_grid, motion_grids)
+        x = call.h
+        for i in layers:
+            x = self.blocks[i](x, call.e0, call.rope, store, call.text.layer_kv(i))
+        call.h = x
+        call.layers = layers if call.layers is None else range(call.layers.start, layers.stop)
+        return x
+
+    def finish_sink(self, call: SinkCall, caches: KVCache | Sequence[KVCache] = ()) -> CondCache:
+        """The `CondCache` of the layers the sink ran, attached to every given step cache."""
+        if call.layers is None:
+            raise InputError("sink_call", "no layers were run.", "call sink_layers first.")
+        cond = CondCache(call.k, call.v, call.ref, call.motion, call.layers)
         for cache in ([caches] if isinstance(caches, KVCache) else caches):
             cache.cond = cond
         return cond
@@ -300,6 +377,19 @@ class LiveAvatarDiT(nn.Module):
         current_start: token offset of the block (absolute latent frame * fs); ref_offset: this
         call's reference distance `d` (see offset.py). Returns `[B, 16, F, H_l, W_l]` in the
         model dtype.
+        """
+        call = self.begin_block(x, t, context_or_text_cache, audio, cond_states, cache, current_start, ref_offset)
+        self.run_layers(call, range(self.cfg.num_layers), cache)
+        return self.finish_block(call)
+
+    @torch.no_grad()
+    def begin_block(self, x: torch.Tensor, t, context_or_text_cache, audio: torch.Tensor,
+                    cond_states: torch.Tensor | None, cache: KVCache, current_start: int, ref_offset: int,
+                    embed: bool = True) -> BlockCall:
+        """The per-call inputs of `denoise_block` (same arguments), inputs checked.
+
+        With `embed=False` the block tokens are not computed and only x's shape is read (a meta
+        tensor will do): the caller sets `h` to the previous layer range's output.
         """
         cfg = self.cfg
         dt = self.dtype
@@ -321,12 +411,14 @@ class LiveAvatarDiT(nn.Module):
                              "pass 4 video frames of wav2vec2 states per latent frame.")
 
         # 2. Noisy tokens (+ pose latents, zeros -> the cond_encoder bias only) and mask row 0.
-        h = self._patchify(self.patch_embedding, x)
-        if cond_states is None:
-            h = h + self.cond_encoder.bias.to(h.dtype)
-        else:
-            h = h + self._patchify(self.cond_encoder, cond_states)
-        h = h + self.trainable_cond_mask.weight[_NOISY].to(h.dtype)
+        h = None
+        if embed:
+            h = self._patchify(self.patch_embedding, x)
+            if cond_states is None:
+                h = h + self.cond_encoder.bias.to(h.dtype)
+            else:
+                h = h + self._patchify(self.cond_encoder, cond_states)
+            h = h + self.trainable_cond_mask.weight[_NOISY].to(h.dtype)
 
         # 3. Text and per-frame time modulation.
         text = self._text(context_or_text_cache)
@@ -337,25 +429,45 @@ class LiveAvatarDiT(nn.Module):
 
         # 4. RoPE: block tokens at their absolute frames; cached reference keys moved by d.
         rope = self.rope.sequence([self.block_grid(frame0, f, lat_h, lat_w)], device=self.device)
-        cond = cache.cond
-        cond_cos, cond_sin = cond.rope(self.rope, reference_time(cfg.ref_rope_index, frame0, ref_offset),
-                                       device=self.device)
+        cond_rope = cache.cond.rope(self.rope, reference_time(cfg.ref_rope_index, frame0, ref_offset),
+                                    device=self.device)
+        return BlockCall(h, e.view(b, f, -1), e0, rope, cond_rope, audio_tokens, audio_global, text,
+                         current_start, (b, f, lat_h, lat_w))
 
-        # 5. Blocks with the step cache, audio injection after the listed layers.
-        for i, block in enumerate(self.blocks):
-            def self_kv(k_rot, k, v, i=i):
+    @torch.no_grad()
+    def run_layers(self, call: BlockCall, layers: range, cache: KVCache) -> torch.Tensor:
+        """Run blocks `layers` (each followed by its audio injection) through the step cache
+        `cache` (holding at least those layers); returns (and sets) `call.h`."""
+        layers = self._layers(layers)
+        if call.h is None:
+            raise InputError("block_call", "its hidden state h is not set.",
+                             "set call.h to the previous layer range's output (or begin with embed=True).")
+        cond, current_start = cache.cond, call.current_start
+        cond_cos, cond_sin = call.cond_rope
+        h = call.h
+        # Blocks with the step cache, audio injection after the listed layers.
+        for i in layers:
+            cond_k, cond_v = cond.layer_kv(i)
+
+            def self_kv(k_rot, k, v, i=i, cond_k=cond_k, cond_v=cond_v):
                 history = cache.update(i, current_start, k_rot, v)
-                return history, (self._rotate(cond.k[i], cond_cos, cond_sin, v.dtype), cond.v[i])
+                return history, (self._rotate(cond_k, cond_cos, cond_sin, v.dtype), cond_v)
 
-            h = block(h, e0, rope, self_kv, text.kv[i])
-            h = self.audio_injector(i, h, audio_tokens, audio_global)
+            h = self.blocks[i](h, call.e0, call.rope, self_kv, call.text.layer_kv(i))
+            h = self.audio_injector(i, h, call.audio_tokens, call.audio_global)
+        call.h = h
+        return h
 
-        # 6. Head (fp32) and unpatchify: channel index (q*2 + r)*16 + c -> latent [c, f, 2h+q, 2w+r].
-        out = self.head(h, e.view(b, f, -1))
+    def finish_block(self, call: BlockCall) -> torch.Tensor:
+        """Head (fp32) and unpatchify of the last layer's output: `[B, 16, F, H_l, W_l]`."""
+        cfg = self.cfg
+        b, f, lat_h, lat_w = call.shape
+        hp, wp = self._grid(lat_h, lat_w)
+        # Channel index (q*2 + r)*16 + c -> latent [c, f, 2h+q, 2w+r].
+        out = self.head(call.h, call.e)
         _, ph, pw = cfg.patch_size
         out = out.view(b, f, hp, wp, ph, pw, cfg.out_dim).permute(0, 6, 1, 2, 4, 3, 5)
         return out.reshape(b, cfg.out_dim, f, lat_h, lat_w)
-
     def _check_block(self, x, audio, cond_states, cache, current_start):
         cfg = self.cfg
         if x.dim() != 5 or x.shape[1] != cfg.in_dim:
@@ -381,8 +493,9 @@ class LiveAvatarDiT(nn.Module):
         if current_start % fs:
             raise InputError("current_start", f"{current_start} is not a multiple of the {fs} tokens per frame.",
                              "pass absolute latent frame index * tokens per frame.")
-        if cache.length % fs or cache.k.shape[0] != cfg.num_layers or cache.k.shape[1] != b:
-            raise InputError("kv_cache", f"cache {tuple(cache.k.shape)} does not fit {cfg.num_layers} layers, "
+        if cache.length % fs or cache.layers.stop > cfg.num_layers or cache.k.shape[1] != b:
+            raise InputError("kv_cache", f"cache {tuple(cache.k.shape)} of layers {cache.layers.start}.."
+                             f"{cache.layers.stop - 1} does not fit {cfg.num_layers} layers, "
                              f"batch {b} and whole frames of {fs} tokens.",
                              "allocate it with make_step_caches for this model, batch and latent size.")
         cache.window(current_start, f * fs)

@@ -25,7 +25,7 @@ import torch
 
 from ..config import DiTConfig
 from ..errors import InputError
-from ..model.cache import CondCache, KVCache, kv_compute_dtype, ring_length, store_fp8
+from ..model.cache import CondCache, KVCache, check_layers, kv_compute_dtype, ring_length, store_fp8
 from ..ops.fp8 import E4M3
 from ..plan import KV_STREAM_SLOTS
 from .copier import Copier
@@ -89,8 +89,9 @@ class StreamedKVCache(KVCache):
 
     def __init__(self, streamer: KVStreamer, num_layers: int, batch: int, length: int, num_heads: int,
                  head_dim: int, dtype: torch.dtype, cond: CondCache | None = None,
-                 compute_dtype: torch.dtype | None = None, fused: bool = True):
+                 compute_dtype: torch.dtype | None = None, fused: bool = True, first_layer: int = 0):
         shape = (num_layers, batch, length, num_heads, head_dim)
+        self.layers = range(first_layer, first_layer + num_layers)
         self.streamer = streamer
         self.host_k = streamer.copier.host_like(shape, dtype)
         self.host_v = streamer.copier.host_like(shape, dtype)
@@ -137,7 +138,7 @@ class StreamedKVCache(KVCache):
 
     def window(self, current_start: int, num_tokens: int) -> tuple[int, int]:
         row, visible = super().window(current_start, num_tokens)
-        self.streamer.fetch(self, 0, visible, keep=None)  # the call's first layer, ahead of use
+        self.streamer.fetch(self, 0, visible, keep=None)  # the call's first (local) layer, ahead of use
         return row, visible
 
     def update(self, layer: int, current_start: int, k: torch.Tensor, v: torch.Tensor
@@ -145,6 +146,7 @@ class StreamedKVCache(KVCache):
         """Write the block's rows (staging + host write-back), return the staged history."""
         st = self.streamer
         row, visible = KVCache.window(self, current_start, k.shape[1])
+        layer = self.local(layer)  # the host rings and staging tags use the local index
         slot = st.fetch(self, layer, visible, keep=None)
         st.copier.wait(st.loaded[slot])
         n = k.shape[1]
@@ -167,12 +169,13 @@ class StreamedKVCache(KVCache):
 
 def make_streamed_step_caches(cfg: DiTConfig, lat_h: int, lat_w: int, *, num_steps: int, cache_frames: int,
                               device: str | torch.device, batch: int = 1, dtype: torch.dtype = torch.bfloat16,
-                              storage_dtype: torch.dtype | None = None, fused: bool = True
-                              ) -> list[StreamedKVCache]:
+                              storage_dtype: torch.dtype | None = None, fused: bool = True,
+                              layers: range | None = None) -> list[StreamedKVCache]:
     """Drop-in replacement for `model.cache.make_step_caches` with the rings in host memory."""
     length = ring_length(cfg, lat_h, lat_w, cache_frames)
+    layers = check_layers(range(cfg.num_layers) if layers is None else layers, cfg.num_layers)
     storage = storage_dtype or dtype
     compute = kv_compute_dtype(storage, dtype)
     streamer = KVStreamer(device, (batch, length, cfg.num_heads, cfg.head_dim), storage, compute_dtype=compute)
-    return [StreamedKVCache(streamer, cfg.num_layers, batch, length, cfg.num_heads, cfg.head_dim, storage,
-                            compute_dtype=compute, fused=fused) for _ in range(num_steps)]
+    return [StreamedKVCache(streamer, len(layers), batch, length, cfg.num_heads, cfg.head_dim, storage,
+                            compute_dtype=compute, fused=fused, first_layer=layers.start) for _ in range(num_steps)]

@@ -10,6 +10,13 @@ What is kept (enough to continue bit-identically, spec/pipeline.md 3.4-3.9):
 The noise is not stored: clip r's noise is regenerated from `seed + r` on a CPU generator.
 The text cache is not stored either: it is rebuilt from the prompt given to the new sampler.
 
+Layouts over several processes save one part per rank; the parts merge into this single-process
+format (`merge_stage_states`) and a state splits into any layout's parts (`stage_part`), so a
+resume file is valid whatever the layout. A rank of the step layout holds some steps' caches, one
+of the layer layout a layer range of every step's cache and of the condition cache (marked by
+`meta["layers"]`, absent in a whole state); cache tensors keep their names, with only the part's
+layers along their first dimension.
+
 Files load with `torch.load(weights_only=True)`: only tensors, strings, numbers, lists and dicts.
 At release size the step caches are large (4 steps x 2 x 40 layers x 12 frames of tokens).
 """
@@ -23,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import InputError
-from ..model.cache import CondCache
+from ..model.cache import CondCache, check_layers
 from ..model.rope import TokenGrid
 
 if TYPE_CHECKING:
@@ -43,6 +50,7 @@ def snapshot(sampler: "BlockSampler") -> SamplerState:
     for i, cache in zip(sampler.steps, sampler.caches):
         tensors.update({f"cache{i}.{name}": t for name, t in cache.tensors().items()})
     cond = sampler.caches[0].cond
+    total, layers = sampler.model.cfg.num_layers, sampler.caches[0].layers
     meta: dict[str, Any] = {
         "format": FORMAT,
         "config": sampler.config.to_dict(),
@@ -54,9 +62,11 @@ def snapshot(sampler: "BlockSampler") -> SamplerState:
         "cond": None,
     }
     if cond is not None:
-        meta["cond"] = {"ref": _grid(cond.ref), "motion": [_grid(g) for g in cond.motion], "layers": len(cond.k)}
-        for i, (k, v) in enumerate(zip(cond.k, cond.v)):
+        meta["cond"] = {"ref": _grid(cond.ref), "motion": [_grid(g) for g in cond.motion], "layers": total}
+        for i, k, v in zip(cond.layers, cond.k, cond.v):
             tensors[f"cond.k.layer{i}"], tensors[f"cond.v.layer{i}"] = k, v
+    if layers != range(total):
+        meta["layers"] = _layer_meta(layers, total)
     tensors["ref_latents"] = sampler.ref_latents
     tensors["motion_latents"] = sampler.motion_latents
     tensors["clip_latents"] = sampler.clip_latents
@@ -68,16 +78,16 @@ def restore_cond(meta: dict, tensors: dict[str, torch.Tensor], device, dtype: to
     info = meta["cond"]
     if info is None:
         return None
-    n = int(info["layers"])
+    layers = part_layers(meta) or range(int(info["layers"]))
     try:
-        k = [tensors[f"cond.k.layer{i}"].to(device=device, dtype=dtype) for i in range(n)]
-        v = [tensors[f"cond.v.layer{i}"].to(device=device, dtype=dtype) for i in range(n)]
+        k = [tensors[f"cond.k.layer{i}"].to(device=device, dtype=dtype) for i in layers]
+        v = [tensors[f"cond.v.layer{i}"].to(device=device, dtype=dtype) for i in layers]
     except KeyError as exc:
         raise InputError("resume_state", f"the condition cache tensor {exc.args[0]} is missing.",
                          "save the state again with sampler.save().") from None
     ref = TokenGrid(*(tuple(p) for p in info["ref"]))
     motion = [TokenGrid(*(tuple(p) for p in g)) for g in info["motion"]]
-    return CondCache(k, v, ref, motion)
+    return CondCache(k, v, ref, motion, layers)
 
 
 def save_state(state: SamplerState, path: str | os.PathLike) -> None:
@@ -107,20 +117,77 @@ def load_state(path: str | os.PathLike) -> SamplerState:
     return state
 
 
+def _layer_meta(layers: range, total: int) -> dict[str, int]:
+    return {"start": layers.start, "stop": layers.stop, "of": total}
+
+
+def part_layers(meta: dict) -> range | None:
+    """The layer range a rank's part holds, None for a whole state (every layer)."""
+    info = meta.get("layers")
+    return None if info is None else range(int(info["start"]), int(info["stop"]))
+
+
 def merge_stage_states(parts: list[SamplerState], finishing: int) -> SamplerState:
-    """One sampler state from the states of pipeline stages that stopped after the same block:
-    every stage's step caches, the rest from the stage that runs the last step (`finishing`,
-    the one whose clip buffer holds denoised latents). The result resumes on any stage split,
-    one process included."""
+    """One sampler state from the parts of ranks that stopped after the same block.
+
+    Each part holds some steps' caches, of all layers or of a layer range (`stage_part`); every
+    step cache is put together from the parts holding it, in layer order, and must cover all
+    layers once. Condition cache layers come from whichever part holds them, everything else from
+    the part of the rank that finishes blocks (`finishing`, whose clip buffer holds denoised
+    latents). The result resumes on any layout, one process included."""
     base = parts[finishing]
-    tensors = dict(base["tensors"])
-    for part in parts:
-        tensors.update({k: v for k, v in part["tensors"].items() if k.startswith("cache")})
-    return {"meta": base["meta"], "tensors": tensors}
+    where = (base["meta"]["clip"], base["meta"]["block"])
+    tensors = {k: v for k, v in base["tensors"].items() if not k.startswith("cache")}
+    pieces: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    totals = set()
+    for r, part in enumerate(parts):
+        if (part["meta"]["clip"], part["meta"]["block"]) != where:
+            raise InputError("resume_state", f"part {r} stopped at clip {part['meta']['clip']} block "
+                             f"{part['meta']['block']}, part {finishing} at clip {where[0]} block {where[1]}.",
+                             "merge the parts of one stop (all ranks drain to the same block boundary).")
+        info = part["meta"].get("layers")
+        if info is not None:
+            totals.add(int(info["of"]))
+        for k, v in part["tensors"].items():
+            if k.startswith("cache"):
+                pieces.setdefault(k, []).append((0 if info is None else int(info["start"]), v))
+            elif k.startswith("cond.") and k not in tensors:
+                tensors[k] = v
+    for k, got in pieces.items():
+        got.sort(key=lambda p: p[0])
+        stop = 0
+        for start, t in got:
+            if start != stop:
+                raise InputError("resume_state", f"{k}: the parts hold layers from {start}, expected {stop} "
+                                 "(a layer range missing or held twice).", "merge the parts of every rank.")
+            stop += t.shape[0]
+        if totals and totals != {stop}:
+            raise InputError("resume_state", f"{k}: the parts cover {stop} layers, the model has "
+                             f"{sorted(totals)}.", "merge the parts of every rank.")
+        tensors[k] = got[0][1] if len(got) == 1 else torch.cat([t for _, t in got])
+    meta = {k: v for k, v in base["meta"].items() if k != "layers"}
+    return {"meta": meta, "tensors": tensors}
 
 
-def stage_part(state: SamplerState, steps: tuple[int, ...]) -> SamplerState:
-    """The part of a sampler state a stage running `steps` needs (its step caches and the rest)."""
+def stage_part(state: SamplerState, steps: tuple[int, ...], layers: range | None = None) -> SamplerState:
+    """The part of a whole sampler state a rank running `steps` needs: those step caches (only
+    `layers` of them and of the condition cache when given: a layer layout rank) and the rest."""
+    if "layers" in state["meta"]:
+        raise InputError("resume_state", "this state is already one rank's part of a layer layout.",
+                         "merge the parts with merge_stage_states before splitting them again.")
     mine = {f"cache{i}." for i in steps}
     tensors = {k: v for k, v in state["tensors"].items() if not k.startswith("cache") or k[:k.index(".") + 1] in mine}
-    return {"meta": state["meta"], "tensors": tensors}
+    if layers is None:
+        return {"meta": state["meta"], "tensors": tensors}
+    total = next((v.shape[0] for k, v in state["tensors"].items() if k.startswith("cache")), None)
+    if total is None:
+        raise InputError("resume_state", "the state holds no step cache.", "pass a whole sampler state.")
+    layers = check_layers(layers, total)
+    part: dict[str, torch.Tensor] = {}
+    for k, v in tensors.items():
+        if k.startswith("cache"):
+            # A copy: a saved view would carry the whole ring's storage into the part's file.
+            part[k] = v[layers.start:layers.stop].clone()
+        elif not k.startswith("cond.") or int(k.rsplit("layer", 1)[1]) in layers:
+            part[k] = v
+    return {"meta": {**state["meta"], "layers": _layer_meta(layers, total)}, "tensors": part}
