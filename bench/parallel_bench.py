@@ -7,8 +7,8 @@ VAE rank), and the controller runs the product path (`pipeline.generate` -> `Rem
 random text, audio features and reference image (`run_bench.random_inputs`). One warm-up clip
 (compilation, allocator), then `--clips` timed clips on a fresh stream.
 
-Printed per run: the layout, the steady block period and FPS (chunk-to-chunk intervals after the
-first timed clip, which fills the pipeline), the run FPS, the time to first frame, each rank's peak
+Printed per run: the layout, the steady block period and FPS (the span from the first timed clip's
+last chunk to the last chunk, per block: the first clip fills the pipeline), the run FPS, the time to first frame, each rank's peak
 `torch.cuda.max_memory_allocated` after the warm-up (read in the worker) beside the planned bytes,
 and the ratios to our single-GPU figure (measured here by `--check_exact`, else spec/baseline.md),
 to the official 45 FPS five-GPU claim and to the official single-GPU 2.91 FPS (spec/baseline.md).
@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -137,11 +136,13 @@ def _cap_bytes(args) -> int | None:
 
 
 def _steady(record: list, blocks_per_clip: int, frames_per_block: int) -> tuple[float, float]:
-    """Median chunk-to-chunk interval after the first clip (the pipeline fill), and its FPS."""
+    """Block period and FPS after the first clip (the pipeline fill): the time from the first
+    clip's last chunk to the last chunk, over the blocks in between. Chunks from the ranks arrive
+    in bursts, so single intervals (or their median) say little; the span does not."""
     times = [t for t, _, _ in record]
-    intervals = [b - a for a, b in zip(times, times[1:])]
-    steady = intervals[blocks_per_clip:] or intervals
-    period = statistics.median(steady) if steady else float("nan")
+    if len(times) <= blocks_per_clip:
+        return float("nan"), float("nan")
+    period = (times[-1] - times[blocks_per_clip - 1]) / (len(times) - blocks_per_clip)
     return period, frames_per_block / period
 
 
