@@ -305,3 +305,16 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_gpu_worker_environment(monkeypatch):
+    """A GPU rank sees only its GPU, without ComfyUI's cudaMallocAsync (NCCL runs out of memory
+    under it) and, unless the user chose an allocator setting, with expandable segments."""
+    group = WorkerGroup(step_layout(["cuda:1", "cuda:3"]))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "backend:cudaMallocAsync")
+    env = group._env(1, "127.0.0.1:1")
+    assert env["CUDA_VISIBLE_DEVICES"] == "7" and env["LIVEAVATAR_DEVICE"] == "cuda:0"
+    assert env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128,backend:cudaMallocAsync")
+    assert group._env(0, "127.0.0.1:1")["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"

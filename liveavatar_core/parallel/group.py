@@ -43,6 +43,7 @@ log = logging.getLogger("liveavatar")
 PACK_ROOT = Path(__file__).resolve().parents[2]  # the folder holding liveavatar_core/
 START_TIMEOUT_S = 300  # importing torch and joining the group; loading weights is not included
 LOG_TAIL_LINES = 30
+EXPANDABLE_SEGMENTS = "expandable_segments:True"
 
 
 class WorkerGroup:
@@ -130,11 +131,12 @@ class WorkerGroup:
             index = int(device.split(":")[1])
             env["CUDA_VISIBLE_DEVICES"] = visible[index] if visible else str(index)
             env["LIVEAVATAR_DEVICE"] = "cuda:0"
-            # ComfyUI selects cudaMallocAsync, under which NCCL workers run out of memory.
+            # ComfyUI selects cudaMallocAsync, under which NCCL workers run out of memory. Without a
+            # setting of the user's, expandable segments: a rank's decode on its own stream left
+            # 10 % of a 24 GiB budget reserved but unusable otherwise (out of memory on one H200
+            # with 4 capped ranks; the same run passes with them). Numerics do not change.
             conf = [c for c in env.get("PYTORCH_CUDA_ALLOC_CONF", "").split(",") if c and "cudaMallocAsync" not in c]
-            env["PYTORCH_CUDA_ALLOC_CONF"] = ",".join(conf)
-            if not conf:
-                env.pop("PYTORCH_CUDA_ALLOC_CONF")
+            env["PYTORCH_CUDA_ALLOC_CONF"] = ",".join(conf or [EXPANDABLE_SEGMENTS])
         else:
             env["CUDA_VISIBLE_DEVICES"] = ""
             env["LIVEAVATAR_DEVICE"] = "cpu"
