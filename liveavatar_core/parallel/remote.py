@@ -42,7 +42,7 @@ from ..weights.dit import load_dit_checkpoint
 from ..weights.lora import DEFAULT_SCALE
 from ..weights.vae import SPATIAL_STRIDE
 from .group import WorkerGroup
-from .layout import StepLayout
+from .layout import LayerLayout, StepLayout
 
 if TYPE_CHECKING:
     from ..synthetic import RandomWeights
@@ -60,7 +60,7 @@ class RemoteModel:
     """A generator whose DiT and VAE live in the worker processes of `group`."""
 
     group: WorkerGroup
-    layout: StepLayout
+    layout: StepLayout | LayerLayout
     cfg: DiTConfig
     description: str
     identity: str
@@ -72,7 +72,7 @@ class RemoteModel:
 
 
 def load_parallel(dit_path: str | Path | None, vae_path: str | Path | None, lora_path: str | Path | None = None, *,
-                  layout: StepLayout, precision: str = "bf16", attention: str = "sdpa", compile: str = "auto",
+                  layout: StepLayout | LayerLayout, precision: str = "bf16", attention: str = "sdpa", compile: str = "auto",
                   kv_cache_dtype: str = "auto", lora_scale: float = DEFAULT_SCALE, plan=None,
                   log_dir: str | os.PathLike | None = None, attach: tuple[str, int] | None = None,
                   authkey: bytes | None = None, random_weights: RandomWeights | None = None,
@@ -288,7 +288,7 @@ class _Job:
             if rank < lay.dit_ranks:
                 job["text"] = s.text.detach().cpu()
                 if sampler is not None:
-                    job["sampler"] = stage_part(sampler, lay.steps[rank])
+                    job["sampler"] = stage_part(sampler, *lay.part(rank))
             if rank == lay.vae_rank:
                 job["reference"] = s.reference
                 job["decoder"] = decoder
