@@ -41,3 +41,75 @@ def test_layer_layout_gives_the_frames_and_tensors_of_one_process(tiny, inputs, 
     finally:
         model.close()
     assert all(p.poll() is not None for p in model.group.procs)
+
+
+def test_cancel_on_layers_then_resume_on_the_step_layout_completes_the_same_video(tiny, inputs, single, tmp_path):
+    _, text, audio = inputs
+    path, state = tmp_path / "video.mp4", tmp_path / "video.mp4.resume"
+    model = _load(tiny, inputs, layer_layout(["cpu"] * 3, 4))
+    try:
+        stream = generate(model, text, audio, tiny.image, STREAMING, should_stop=lambda: stream.stats.blocks_done >= 3)
+        head = []
+        write_mp4(stream, path, on_chunk=lambda c: head.append(c.frames.copy()), resume_path=state)
+    finally:
+        model.close()
+    assert not stream.finished and state.is_file()
+    # Several blocks are in flight in the wavefront; all were finished, every rank at the same block.
+    assert 3 <= len(head) < 12 and probe_mp4(path).frame_count == sum(map(len, head))
+    assert _same(head, single["streaming"][:len(head)])
+    saved = load_resume_state(state)  # the single-process format: every layer of every step's cache
+    assert "layers" not in saved["meta"]["sampler"]
+    assert all(v.shape[0] == 4 for k, v in saved["tensors"].items() if k.startswith("sampler.cache"))
+    assert {k for k in saved["tensors"] if k.startswith("sampler.cond.k")} == {f"sampler.cond.k.layer{i}" for i in range(4)}
+
+    model = _load(tiny, inputs, step_layout(["cpu"] * 2))
+    try:
+        tail = []
+        resumed = generate(model, text, audio, tiny.image, STREAMING, resume_from=state)
+        write_mp4(resumed, path, on_chunk=lambda c: tail.append(c.frames.copy()), resume_path=state)
+    finally:
+        model.close()
+    assert resumed.finished and not state.exists()
+    assert _same(head + tail, single["streaming"])
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 8])
+def test_wavefront_schedule_is_conflict_free_causal_and_ordered(n):
+    """Spec 2: per rank no two cells at one time; each input made earlier; per rank pair the
+    sends and receives in the same order (the receiver's times are the sender's plus a constant)."""
+    steps, blocks = 4, 12
+    d = skew(n, steps)
+    assert d >= 1 and gcd(n + d, steps) == 1 and all(gcd(n + e, steps) != 1 for e in range(1, d))
+    T = {(b, s, k): cell_time(b, s, k, n, steps) for b in range(blocks) for s in range(steps) for k in range(n)}
+    for k in range(n):
+        times = [T[b, s, k] for b in range(blocks) for s in range(steps)]
+        assert len(set(times)) == len(times)
+    for (b, s, k), t in T.items():
+        deps = [(b, s, k - 1)] if k else ([(b, s - 1, n - 1)] if s else [])
+        deps += [(b - 1, s, k)] if b else []
+        assert all(T[dep] < t for dep in deps)
+    for src, dst in [(k, k + 1) for k in range(n - 1)] + [(n - 1, 0)]:
+        msgs = [(b, s) for b in range(blocks) for s in range(steps) if src < n - 1 or s < steps - 1]
+        sent = sorted(msgs, key=lambda c: T[c[0], c[1], src])
+        got = sorted(msgs, key=lambda c: T[c[0], c[1] + (src == n - 1), dst])
+        assert sent == got
+    # Steady state: every rank busy at every time once the pipeline is full.
+    busy = {t for (b, s, k), t in T.items() if k == 0}
+    fill = (steps - 1) * (n + d)
+    assert all(t in busy for t in range(fill, steps * blocks))
+
+
+def test_layer_split_and_refusals():
+    assert [len(r) for r in split_layers(40, 4)] == [11, 11, 11, 7]
+    assert [len(r) for r in split_layers(40, 2)] == [22, 18]
+    assert [list(r) for r in split_layers(4, 3)] == [[0, 1], [2], [3]]
+    lay = layer_layout(["cpu"] * 2, 4)
+    assert lay.vae_rank == 1 and lay.part(1) == ((0, 1, 2, 3), range(2, 4)) and "layers 2-3 + VAE" in lay.describe()
+    with pytest.raises(InputError, match="at most 4"):
+        layer_layout(["cpu"] * 5, 4)
+    with pytest.raises(InputError, match="at least 2"):
+        layer_layout(["cpu"], 4)
+    with pytest.raises(InputError, match="more than once"):
+        layer_layout(["cuda:0", "cuda:0"], 4)
+    with pytest.raises(InputError, match="dedicated VAE"):
+        layer_layout(["cpu"] * 2, 4, vae_device="cpu")
