@@ -34,7 +34,9 @@ def _check(stream, single, mode):
 @pytest.mark.parametrize("n", [2, 3, 4])
 def test_layer_layout_gives_the_frames_and_tensors_of_one_process(tiny, inputs, single, n):
     _, text, audio = inputs
-    model = _load(tiny, inputs, layer_layout(["cpu"] * n, 4))
+    layout = layer_layout(["cpu"] * n, 4)
+    model = _load(tiny, inputs, layout)
+    assert f"layers 0-{layout.layers[0].stop - 1} loaded" in model.description  # rank 0's units only
     try:
         for settings in (STREAMING, OFFICIAL) if n == 3 else (STREAMING,):
             _check(generate(model, text, audio, tiny.image, settings), single, settings.mode)
@@ -113,3 +115,20 @@ def test_layer_split_and_refusals():
         layer_layout(["cuda:0", "cuda:0"], 4)
     with pytest.raises(InputError, match="dedicated VAE"):
         layer_layout(["cpu"] * 2, 4, vae_device="cpu")
+
+
+def test_a_rank_loads_only_its_layers_units_and_the_base(tiny, inputs):
+    from liveavatar_core.loading import load_generator
+    from liveavatar_core.model.dit import unit_of
+
+    folder = inputs[0]
+    whole = load_generator(folder.dit, None, tiny.lora, precision="fp32").dit
+    part = load_generator(folder.dit, None, tiny.lora, precision="fp32", layers=range(1, 3)).dit
+    params = dict(whole.named_parameters())
+    for name, p in part.named_parameters():
+        unit = unit_of(name, part.cfg)
+        if unit is None or unit in range(1, 3):
+            assert torch.equal(p, params[name]), name  # the LoRA merged into the units it loaded
+        else:
+            assert p.is_meta, name
+    assert any(unit_of(n, part.cfg) == 0 for n, _ in part.named_parameters())

@@ -156,7 +156,8 @@ class Worker:
             model = load_generator(spec["dit_path"], spec["vae_path"] if self.has_vae else None, spec["lora_path"],
                                    precision=spec["precision"], attention=spec["attention"], dit_device=self.device,
                                    lora_scale=spec["lora_scale"], kv_cache_dtype=spec["kv_cache_dtype"],
-                                   compile=spec["compile"], plan=spec["plans"][self.rank])
+                                   compile=spec["compile"], plan=spec["plans"][self.rank],
+                                   layers=self.layout.part(self.rank)[1])
             self.dit, self.vae, self.cache_factory = model.dit, model.vae, model.cache_factory()
             from ..resume import tensor_digest
 
