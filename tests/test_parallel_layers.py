@@ -45,34 +45,38 @@ def test_layer_layout_gives_the_frames_and_tensors_of_one_process(tiny, inputs, 
     assert all(p.poll() is not None for p in model.group.procs)
 
 
-def test_cancel_on_layers_then_resume_on_the_step_layout_completes_the_same_video(tiny, inputs, single, tmp_path):
+def test_resume_on_layers_then_cancel_then_resume_on_steps_completes_the_same_video(tiny, inputs, single, tmp_path):
+    """Stopped on the step layout in clip 0 (the sink refresh still ahead), resumed on 3 layer ranks
+    and stopped again once several blocks are in flight, then finished on the step layout: the
+    video of one process."""
     _, text, audio = inputs
     path, state = tmp_path / "video.mp4", tmp_path / "video.mp4.resume"
-    model = _load(tiny, inputs, layer_layout(["cpu"] * 3, 4))
-    try:
-        stream = generate(model, text, audio, tiny.image, STREAMING, should_stop=lambda: stream.stats.blocks_done >= 3)
-        head = []
-        write_mp4(stream, path, on_chunk=lambda c: head.append(c.frames.copy()), resume_path=state)
-    finally:
-        model.close()
-    assert not stream.finished and state.is_file()
-    # Several blocks are in flight in the wavefront; all were finished, every rank at the same block.
-    assert 3 <= len(head) < 12 and probe_mp4(path).frame_count == sum(map(len, head))
-    assert _same(head, single["streaming"][:len(head)])
-    saved = load_resume_state(state)  # the single-process format: every layer of every step's cache
-    assert "layers" not in saved["meta"]["sampler"]
-    assert all(v.shape[0] == 4 for k, v in saved["tensors"].items() if k.startswith("sampler.cache"))
-    assert {k for k in saved["tensors"] if k.startswith("sampler.cond.k")} == {f"sampler.cond.k.layer{i}" for i in range(4)}
-
-    model = _load(tiny, inputs, step_layout(["cpu"] * 2))
-    try:
-        tail = []
-        resumed = generate(model, text, audio, tiny.image, STREAMING, resume_from=state)
-        write_mp4(resumed, path, on_chunk=lambda c: tail.append(c.frames.copy()), resume_path=state)
-    finally:
-        model.close()
-    assert resumed.finished and not state.exists()
-    assert _same(head + tail, single["streaming"])
+    chunks, ends = [], []
+    for layout, stop_after in ((step_layout(["cpu"] * 2), 1), (layer_layout(["cpu"] * 3, 4), 1),
+                               (step_layout(["cpu"] * 2), None)):
+        model = _load(tiny, inputs, layout)
+        try:
+            resume = state if chunks else None
+            stream = generate(model, text, audio, tiny.image, STREAMING, resume_from=resume,
+                              should_stop=None if stop_after is None else (
+                                  lambda target=len(chunks) + stop_after: stream.stats.blocks_done >= target))
+            write_mp4(stream, path, on_chunk=lambda c: chunks.append(c.frames.copy()), resume_path=state)
+        finally:
+            model.close()
+        ends.append(len(chunks))
+        assert _same(chunks, single["streaming"][:len(chunks)])
+        if stop_after is not None:
+            # The blocks in flight were finished, every rank at the same block; the file is the
+            # single-process format: every layer of every step's cache.
+            assert not stream.finished and state.is_file() and probe_mp4(path).frame_count == sum(map(len, chunks))
+            saved = load_resume_state(state)
+            assert "layers" not in saved["meta"]["sampler"]
+            assert all(v.shape[0] == 4 for k, v in saved["tensors"].items() if k.startswith("sampler.cache"))
+            assert {k for k in saved["tensors"] if k.startswith("sampler.cond.k")} == \
+                {f"sampler.cond.k.layer{i}" for i in range(4)}
+    assert 0 < ends[0] < 4 and ends[0] + 1 < ends[1] < 12  # a stop in clip 0 (4 blocks per clip), one later
+    assert stream.finished and not state.exists()
+    assert _same(chunks, single["streaming"])
 
 
 @pytest.mark.parametrize("n", [2, 3, 4, 5, 8])

@@ -83,7 +83,6 @@ class LayerSampler(BlockSampler):
         self._offsets: dict[int, list[int]] = {}
         self._admitted: set[int] = set()
         self._stop: int | None = None
-        self._carry: dict[tuple[int, int], torch.Tensor] = {}
         period = N + skew(N, S)
         sink = self.caches[0].cond is None
         self.conds: dict[int, CondCache] = {} if sink else {0: self.caches[0].cond}
@@ -233,6 +232,7 @@ class LayerSampler(BlockSampler):
         model.run_layers(call, self.layers, cache)
         if s == S - 1:
             del self._offsets[n]
+            self._admitted.discard(n)
             if b == self.blocks_per_clip - 1:
                 self._audios.pop(clip, None)
         if k < N - 1:
