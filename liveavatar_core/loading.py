@@ -218,16 +218,12 @@ def load_generator(dit_path: str | Path, vae_path: str | Path | None, lora_path:
                      plan_size.replace("*", "x"), plan_size)
         log.info("%s", plan.summary())
     lora = load_lora(lora_path, ckpt.shapes()) if lora_path else None
-    keep = None
-    if layers is not None:
+    keep = None if layers is None else _layer_filter(ckpt.config, layers)
+    if keep is not None:
         if plan.swapped:
             raise InputError("offload", "block swap is not available for a rank that loads a layer range.",
                              "give the layer layout ranks enough GPU memory for their layers, or use the step "
                              "layout.")
-
-        def keep(name: str, cfg=ckpt.config) -> bool:
-            unit = unit_of(name, cfg)
-            return unit is None or unit in layers
         if lora is not None:
             lora = replace(lora, pairs={k: v for k, v in lora.pairs.items() if keep(k)})
     dit = new_dit(ckpt.config, precision, attention)
@@ -248,6 +244,14 @@ def load_generator(dit_path: str | Path, vae_path: str | Path | None, lora_path:
     return assemble(dit, vae, plan, f"{files}; {precision}{', compiled' if use_compile else ''}{kv_words}; "
                                     f"{plan.placement_words()}{part_words}{vae_words}",
                     weights=f"{files}; {precision}{kv_words}")
+
+
+def _layer_filter(cfg, layers: range):
+    """Which state-dict names a rank holding `layers` loads: the base and those layers' units."""
+    def keep(name: str) -> bool:
+        unit = unit_of(name, cfg)
+        return unit is None or unit in layers
+    return keep
 
 
 def resolve_compile(choice: str, device: torch.device) -> bool:

@@ -76,7 +76,8 @@ class LayerSampler(BlockSampler):
 
     def blocks(self) -> Iterator[LatentBlock]:
         """Run this rank's events in time order until the stream stops; the last rank yields
-        each denoised block (in block order)."""
+        each denoised block (in block order). Afterwards the counters stand at the stop block, as
+        in one process stopped after the block before it."""
         S, N, k, bpc = self.config.steps, self.ranks, self.rank, self.blocks_per_clip
         self._g0 = g0 = self.clip * bpc + self.block
         self._audios: dict[int, torch.Tensor] = {}
@@ -103,7 +104,7 @@ class LayerSampler(BlockSampler):
                 if cell is not None and (self._stop is None or cell[0] < self._stop):
                     yield from self._cell(*cell)
             if end2 is None and self._stop is not None:
-                end2 = self._end_time(period, refresh2)
+                end2 = self._end_time(t2, period, refresh2)
             t2 += 1
         self.peers.flush()
         latest = self.conds[max(self.conds)]
@@ -146,9 +147,11 @@ class LayerSampler(BlockSampler):
                 return (p - self._m if self._m and p >= self._nb else p), s
         return None
 
-    def _end_time(self, period: int, refresh2: int | None) -> int:
+    def _end_time(self, now2: int, period: int, refresh2: int | None) -> int:
+        """The doubled time of this rank's last event once the stop block is known (at `now2`):
+        the last cell of the block before it, or the online-decode refresh."""
         stop, S, k = self._stop, self.config.steps, self.rank
-        ends = [2 * (k - 1)]
+        ends = [now2]
         if stop > 0:
             ends.append(2 * ((S - 1) * period + k + S * self._slot(stop - 1)))
         if refresh2 is not None and self.config.sink_refresh == "caller" and stop >= self._nb:

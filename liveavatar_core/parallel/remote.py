@@ -8,7 +8,8 @@ check and the resume file, and serves the ranks' requests while it waits for fra
 
 Cancel (ComfyUI's interrupt, Ctrl-C on the CLI): the head rank is admitted no further block;
 the blocks in flight are finished and their frames handed out (about one block period), so every
-rank stops after the same block and their parts form one resume file, valid for any rank count.
+rank stops after the same block and their parts form one resume file, valid for any rank count
+and layout (steps or layers).
 A second Ctrl-C, or a drain longer than DRAIN_TIMEOUT_S, kills the workers (the MP4 keeps what was
 written; no resume file). A dead or failed rank stops the group and raises after the frames
 received so far are handed out.
@@ -72,8 +73,8 @@ class RemoteModel:
 
 
 def load_parallel(dit_path: str | Path | None, vae_path: str | Path | None, lora_path: str | Path | None = None, *,
-                  layout: StepLayout | LayerLayout, precision: str = "bf16", attention: str = "sdpa", compile: str = "auto",
-                  kv_cache_dtype: str = "auto", lora_scale: float = DEFAULT_SCALE, plan=None,
+                  layout: StepLayout | LayerLayout, precision: str = "bf16", attention: str = "sdpa",
+                  compile: str = "auto", kv_cache_dtype: str = "auto", lora_scale: float = DEFAULT_SCALE, plan=None,
                   log_dir: str | os.PathLike | None = None, attach: tuple[str, int] | None = None,
                   authkey: bytes | None = None, random_weights: RandomWeights | None = None,
                   memory_cap: int | None = None) -> RemoteModel:
