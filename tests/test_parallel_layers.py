@@ -79,6 +79,25 @@ def test_resume_on_layers_then_cancel_then_resume_on_steps_completes_the_same_vi
     assert _same(chunks, single["streaming"])
 
 
+def test_official_cancel_at_the_clip_boundary_resumes_on_layers(tiny, inputs, single, tmp_path):
+    """Official online decode: the stop lands where clip 0 is decoded and the decoder's sink
+    refresh has happened (the blocks in flight end clip 0); 2 layer ranks resume from there."""
+    _, text, audio = inputs
+    path, state = tmp_path / "video.mp4", tmp_path / "video.mp4.resume"
+    chunks, done = [], []
+    for layout, stop in ((layer_layout(["cpu"] * 3, 4), 1), (layer_layout(["cpu"] * 2, 4), None)):
+        model = _load(tiny, inputs, layout)
+        try:
+            stream = generate(model, text, audio, tiny.image, OFFICIAL, resume_from=state if done else None,
+                              should_stop=None if stop is None else (lambda t=stop: stream.stats.blocks_done >= t))
+            write_mp4(stream, path, on_chunk=lambda c: chunks.append(c.frames.copy()), resume_path=state)
+        finally:
+            model.close()
+        done.append(stream.stats.blocks_done)
+    assert done[0] < 12 and stream.finished
+    assert _same(chunks, single["official"])
+
+
 @pytest.mark.parametrize("n", [2, 3, 4, 5, 8])
 def test_wavefront_schedule_is_conflict_free_causal_and_ordered(n):
     """Spec 2: per rank no two cells at one time; each input made earlier; per rank pair the
