@@ -246,6 +246,17 @@ def load_generator(dit_path: str | Path, vae_path: str | Path | None, lora_path:
                     weights=f"{files}; {precision}{kv_words}")
 
 
+def drop_other_layers(dit: LiveAvatarDiT, layers: range) -> None:
+    """Free every block unit outside `layers` (its parameters go back to the meta device): a layer
+    layout rank built whole, from random weights, keeps only what it runs."""
+    keep = _layer_filter(dit.cfg, layers)
+    for name, param in list(dit.named_parameters()):
+        if not keep(name):
+            owner_name, _, leaf = name.rpartition(".")
+            owner = dit.get_submodule(owner_name)
+            owner.register_parameter(leaf, torch.nn.Parameter(param.to("meta"), requires_grad=False))
+
+
 def _layer_filter(cfg, layers: range):
     """Which state-dict names a rank holding `layers` loads: the base and those layers' units."""
     def keep(name: str) -> bool:

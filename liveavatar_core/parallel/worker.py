@@ -118,7 +118,7 @@ class Worker:
     def _load_random(self, spec: dict) -> dict:
         """This rank's part with random weights (`synthetic.RandomWeights`): the same numbers on
         every rank, as from a file, placed by the same steps as `load_generator`."""
-        from ..loading import assemble, plan_for_device, prepare_dit, prepare_vae, resolve_compile
+        from ..loading import assemble, drop_other_layers, plan_for_device, prepare_dit, prepare_vae, resolve_compile
         from ..ops.fp8 import check_fp8_support
         from ..resume import tensor_digest
         from ..synthetic import random_dit, random_vae
@@ -135,6 +135,12 @@ class Worker:
         plan = spec["plans"][self.rank] or plan_for_device(weights.dit, self.device, precision=precision,
                                                            kv_cache_dtype=spec["kv_cache_dtype"])
         dit = random_dit(weights, precision, spec["attention"], self.device)
+        layers = self.layout.part(self.rank)[1]
+        if layers is not None:
+            if plan.swapped:
+                raise InputError("offload", "block swap is not available for a rank that runs a layer range.",
+                                 "give the layer layout ranks enough GPU memory for their layers.")
+            drop_other_layers(dit, layers)
         use_compile = resolve_compile(spec["compile"], self.device)
         prepare_dit(dit, plan, self.device, use_compile=use_compile)
         if self.device.type == "cuda":
