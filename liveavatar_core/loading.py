@@ -10,7 +10,7 @@ and the run plan checked, before any tensor is read.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -18,7 +18,7 @@ import torch
 from .config import DEFAULT_FRAMES_PER_CLIP
 from .encoders.image import DEFAULT_SIZE
 from .errors import InputError, WeightsError
-from .model.dit import LiveAvatarDiT
+from .model.dit import LiveAvatarDiT, unit_of
 from .ops.attention import get_attention
 from .ops.fp8 import check_fp8_support, convert_to_fp8
 from .ops.transfer import cuda_index
@@ -171,7 +171,8 @@ def load_generator(dit_path: str | Path, vae_path: str | Path | None, lora_path:
                    kv_cache_location: str = "gpu", kv_cache_dtype: str = "auto",
                    plan_size: str | tuple[int, int] = DEFAULT_SIZE,
                    frames_per_clip: int = DEFAULT_FRAMES_PER_CLIP, steps: int = 4,
-                   compile: str = "auto", plan: RunPlan | None = None) -> LiveAvatarModel:
+                   compile: str = "auto", plan: RunPlan | None = None,
+                   layers: range | None = None) -> LiveAvatarModel:
     """Plan, load, merge, convert and place the DiT and the VAE.
 
     dit_path: official folder, shard index or single file; vae_path: the VAE file (None: no VAE,
@@ -187,6 +188,8 @@ def load_generator(dit_path: str | Path, vae_path: str | Path | None, lora_path:
     compile: regional compilation of the DiT and of a CUDA VAE (`compile_regions`): on, off, or
     auto (on for a CUDA DiT when Triton is installed). The first call at each size compiles.
     plan: a plan already made for these settings (the CLI's preflight); None = plan here.
+    layers: load only these layers' block units besides the base (a layer layout rank); the other
+    units stay on the meta device and must not be run.
     """
     dtype = compute_dtype(precision)
     check_kv_cache_dtype(kv_cache_dtype, precision)
@@ -215,10 +218,18 @@ def load_generator(dit_path: str | Path, vae_path: str | Path | None, lora_path:
                      plan_size.replace("*", "x"), plan_size)
         log.info("%s", plan.summary())
     lora = load_lora(lora_path, ckpt.shapes()) if lora_path else None
+    keep = None if layers is None else _layer_filter(ckpt.config, layers)
+    if keep is not None:
+        if plan.swapped:
+            raise InputError("offload", "block swap is not available for a rank that loads a layer range.",
+                             "give the layer layout ranks enough GPU memory for their layers, or use the step "
+                             "layout.")
+        if lora is not None:
+            lora = replace(lora, pairs={k: v for k, v in lora.pairs.items() if keep(k)})
     dit = new_dit(ckpt.config, precision, attention)
     # Swapped blocks must start in host memory: load everything there, place at the end.
     load_device = torch.device("cpu") if plan.swapped else dit_device
-    load_into_module(dit, ckpt.state_dict, device=load_device)  # one tensor at a time, cast to dtype
+    load_into_module(dit, ckpt.state_dict, device=load_device, only=keep)  # one tensor at a time, cast to dtype
     if lora is None and planned_here:  # a preflight has said so already
         log.warning("no LoRA given: the base Wan2.2-S2V model is not the 4-step distilled Live Avatar model")
     prepare_dit(dit, plan, dit_device, lora=lora, lora_scale=lora_scale, use_compile=use_compile)
@@ -229,9 +240,29 @@ def load_generator(dit_path: str | Path, vae_path: str | Path | None, lora_path:
     kv_words = ", FP8 KV cache" if plan.kv_cache_dtype == "fp8" else ""
     files = f"{ckpt.description}; {lora.description if lora else 'no LoRA'}"
     vae_words = f"; {vae.description}" if vae is not None else ""
+    part_words = f"; layers {layers.start}-{layers.stop - 1} loaded" if layers is not None else ""
     return assemble(dit, vae, plan, f"{files}; {precision}{', compiled' if use_compile else ''}{kv_words}; "
-                                    f"{plan.placement_words()}{vae_words}",
+                                    f"{plan.placement_words()}{part_words}{vae_words}",
                     weights=f"{files}; {precision}{kv_words}")
+
+
+def drop_other_layers(dit: LiveAvatarDiT, layers: range) -> None:
+    """Free every block unit outside `layers` (its parameters go back to the meta device): a layer
+    layout rank built whole, from random weights, keeps only what it runs."""
+    keep = _layer_filter(dit.cfg, layers)
+    for name, param in list(dit.named_parameters()):
+        if not keep(name):
+            owner_name, _, leaf = name.rpartition(".")
+            owner = dit.get_submodule(owner_name)
+            owner.register_parameter(leaf, torch.nn.Parameter(param.to("meta"), requires_grad=False))
+
+
+def _layer_filter(cfg, layers: range):
+    """Which state-dict names a rank holding `layers` loads: the base and those layers' units."""
+    def keep(name: str) -> bool:
+        unit = unit_of(name, cfg)
+        return unit is None or unit in layers
+    return keep
 
 
 def resolve_compile(choice: str, device: torch.device) -> bool:

@@ -159,7 +159,8 @@ def convert_to_fp8(model: nn.Module, compute_device: torch.device | str | None =
     device = torch.device(compute_device) if compute_device is not None else weights_on
     check_fp8_support(device)
     quantize_on = device if device != weights_on else None
-    names = fp8_targets(model)
+    # Units a layer layout rank did not load stay on the meta device, unconverted (never run).
+    names = [n for n in fp8_targets(model) if not model.get_submodule(n).weight.is_meta]
     for name in names:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name)

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from ..errors import InputError, WorkerError
-from .layout import StepLayout
+from .layout import LayerLayout, StepLayout
 from .transport import recv_message, send_message
 
 log = logging.getLogger("liveavatar")
@@ -47,9 +47,9 @@ EXPANDABLE_SEGMENTS = "expandable_segments:True"
 
 
 class WorkerGroup:
-    """The processes of one `StepLayout`; `start()` launches them, `close()` stops them."""
+    """The processes of one layout (`StepLayout`, `LayerLayout`); `start()` launches them, `close()` stops them."""
 
-    def __init__(self, layout: StepLayout, log_dir: str | os.PathLike | None = None,
+    def __init__(self, layout: StepLayout | LayerLayout, log_dir: str | os.PathLike | None = None,
                  attach: tuple[str, int] | None = None, authkey: bytes | None = None):
         self.layout = layout
         self.attach = attach

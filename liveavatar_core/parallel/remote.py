@@ -8,7 +8,8 @@ check and the resume file, and serves the ranks' requests while it waits for fra
 
 Cancel (ComfyUI's interrupt, Ctrl-C on the CLI): the head rank is admitted no further block;
 the blocks in flight are finished and their frames handed out (about one block period), so every
-rank stops after the same block and their parts form one resume file, valid for any rank count.
+rank stops after the same block and their parts form one resume file, valid for any rank count
+and layout (steps or layers).
 A second Ctrl-C, or a drain longer than DRAIN_TIMEOUT_S, kills the workers (the MP4 keeps what was
 written; no resume file). A dead or failed rank stops the group and raises after the frames
 received so far are handed out.
@@ -42,7 +43,7 @@ from ..weights.dit import load_dit_checkpoint
 from ..weights.lora import DEFAULT_SCALE
 from ..weights.vae import SPATIAL_STRIDE
 from .group import WorkerGroup
-from .layout import StepLayout
+from .layout import LayerLayout, StepLayout
 
 if TYPE_CHECKING:
     from ..synthetic import RandomWeights
@@ -60,7 +61,7 @@ class RemoteModel:
     """A generator whose DiT and VAE live in the worker processes of `group`."""
 
     group: WorkerGroup
-    layout: StepLayout
+    layout: StepLayout | LayerLayout
     cfg: DiTConfig
     description: str
     identity: str
@@ -72,8 +73,8 @@ class RemoteModel:
 
 
 def load_parallel(dit_path: str | Path | None, vae_path: str | Path | None, lora_path: str | Path | None = None, *,
-                  layout: StepLayout, precision: str = "bf16", attention: str = "sdpa", compile: str = "auto",
-                  kv_cache_dtype: str = "auto", lora_scale: float = DEFAULT_SCALE, plan=None,
+                  layout: StepLayout | LayerLayout, precision: str = "bf16", attention: str = "sdpa",
+                  compile: str = "auto", kv_cache_dtype: str = "auto", lora_scale: float = DEFAULT_SCALE, plan=None,
                   log_dir: str | os.PathLike | None = None, attach: tuple[str, int] | None = None,
                   authkey: bytes | None = None, random_weights: RandomWeights | None = None,
                   memory_cap: int | None = None) -> RemoteModel:
@@ -288,7 +289,7 @@ class _Job:
             if rank < lay.dit_ranks:
                 job["text"] = s.text.detach().cpu()
                 if sampler is not None:
-                    job["sampler"] = stage_part(sampler, lay.steps[rank])
+                    job["sampler"] = stage_part(sampler, *lay.part(rank))
             if rank == lay.vae_rank:
                 job["reference"] = s.reference
                 job["decoder"] = decoder

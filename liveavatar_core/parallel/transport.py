@@ -4,7 +4,9 @@ block order) and control messages between a rank and the controller (a loopback 
 A message is a header `(clip, block)` followed by the block's latents, or the header END alone
 when the sending rank's stream has ended (audio exhausted, a cancel). Messages only flow forward
 (rank r to r + 1, the last DiT rank to a dedicated VAE rank), each pair in block order, so blocking
-sends and receives cannot deadlock. NCCL moves CUDA tensors directly; gloo (CPU ranks, or ranks
+sends and receives cannot deadlock. The layer layout's messages (`post` / `take`: a header of
+ints, then tensors) also flow from the last rank back to the head, so its sends do not block
+(`isend`; layers.py). NCCL moves CUDA tensors directly; gloo (CPU ranks, or ranks
 sharing one GPU in tests and benchmarks) moves them through host memory.
 """
 
@@ -33,6 +35,7 @@ class Peers:
         self.device = device
         # gloo sends host tensors only; NCCL sends device tensors only.
         self.wire = device if backend == "nccl" else torch.device("cpu")
+        self._posted: list[tuple[object, torch.Tensor]] = []  # isend works and the tensors they read
 
     def send(self, dst: int, clip: int, block: int, x: torch.Tensor) -> None:
         """Block `(clip, block)`'s latents to rank `dst`."""
@@ -53,6 +56,35 @@ class Peers:
         x = torch.empty(shape, dtype=dtype, device=self.wire)
         dist.recv(x, src)
         return clip, block, x.to(self.device)
+
+
+    def post(self, dst: int, header: tuple[int, ...], *tensors: torch.Tensor) -> None:
+        """Send `header` (ints) and `tensors` to rank `dst` without waiting for it to receive them."""
+        self._posted = [(w, t) for w, t in self._posted if not w.is_completed()]
+        for t in (torch.tensor(header, dtype=torch.int64, device=self.wire),
+                  *(x.detach().to(self.wire).contiguous() for x in tensors)):
+            self._posted.append((dist.isend(t, dst), t))
+
+    def take(self, src: int, header_len: int, specs=()) -> tuple[tuple[int, ...], list[torch.Tensor]]:
+        """The next `post` from rank `src`: its header, then (unless the header starts with END)
+        one tensor per `(shape, dtype)` of `specs`, on `device`."""
+        header = torch.empty(header_len, dtype=torch.int64, device=self.wire)
+        dist.recv(header, src)
+        values = tuple(int(v) for v in header.tolist())
+        if values[0] == END:
+            return values, []
+        out = []
+        for shape, dtype in specs:
+            x = torch.empty(shape, dtype=dtype, device=self.wire)
+            dist.recv(x, src)
+            out.append(x.to(self.device))
+        return values, out
+
+    def flush(self) -> None:
+        """Wait until every posted message has been sent."""
+        for work, _ in self._posted:
+            work.wait()
+        self._posted = []
 
 
 def send_message(conn: Connection, message) -> None:

@@ -18,6 +18,7 @@ closes (its controller is gone), so no rank outlives the ComfyUI or CLI process 
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import os
 import select
@@ -35,7 +36,8 @@ from ..errors import InputError
 from ..decoding import restore_decoder, start_decoder
 from ..pipeline import GenerationSettings
 from ..sampling.generator import LatentBlock
-from .layout import StepLayout
+from .layers import LayerSampler
+from .layout import LayerLayout, StepLayout
 from .stage import StageSampler
 from .transport import Peers, recv_message, send_message
 
@@ -68,8 +70,10 @@ class _Publishing:
 
     def __init__(self, control: ControlClient, clip_latents: torch.Tensor, sampler: StageSampler | None = None):
         self.control, self.clip_latents, self.sampler = control, clip_latents, sampler
+        self.refreshed = False
 
     def refresh_condition(self, ref_latents: torch.Tensor, motion_latents: torch.Tensor) -> None:
+        self.refreshed = True
         self.control.post("put", "refreshed_condition", (ref_latents.cpu(), motion_latents.cpu()))
         if self.sampler is not None:
             self.sampler.refresh_condition(ref_latents, motion_latents)
@@ -78,7 +82,7 @@ class _Publishing:
 class Worker:
     """The state of one rank: its model part and, between jobs, the last job's sampler/decoder."""
 
-    def __init__(self, rank: int, layout: StepLayout, device: torch.device, control: ControlClient):
+    def __init__(self, rank: int, layout: StepLayout | LayerLayout, device: torch.device, control: ControlClient):
         self.rank, self.layout, self.device, self.control = rank, layout, device, control
         self.peers = Peers(device, layout.backend)
         self.dit = self.vae = self.cache_factory = self.dtype = None
@@ -114,7 +118,7 @@ class Worker:
     def _load_random(self, spec: dict) -> dict:
         """This rank's part with random weights (`synthetic.RandomWeights`): the same numbers on
         every rank, as from a file, placed by the same steps as `load_generator`."""
-        from ..loading import assemble, plan_for_device, prepare_dit, prepare_vae, resolve_compile
+        from ..loading import assemble, drop_other_layers, plan_for_device, prepare_dit, prepare_vae, resolve_compile
         from ..ops.fp8 import check_fp8_support
         from ..resume import tensor_digest
         from ..synthetic import random_dit, random_vae
@@ -131,6 +135,12 @@ class Worker:
         plan = spec["plans"][self.rank] or plan_for_device(weights.dit, self.device, precision=precision,
                                                            kv_cache_dtype=spec["kv_cache_dtype"])
         dit = random_dit(weights, precision, spec["attention"], self.device)
+        layers = self.layout.part(self.rank)[1]
+        if layers is not None:
+            if plan.swapped:
+                raise InputError("offload", "block swap is not available for a rank that runs a layer range.",
+                                 "give the layer layout ranks enough GPU memory for their layers.")
+            drop_other_layers(dit, layers)
         use_compile = resolve_compile(spec["compile"], self.device)
         prepare_dit(dit, plan, self.device, use_compile=use_compile)
         if self.device.type == "cuda":
@@ -152,7 +162,8 @@ class Worker:
             model = load_generator(spec["dit_path"], spec["vae_path"] if self.has_vae else None, spec["lora_path"],
                                    precision=spec["precision"], attention=spec["attention"], dit_device=self.device,
                                    lora_scale=spec["lora_scale"], kv_cache_dtype=spec["kv_cache_dtype"],
-                                   compile=spec["compile"], plan=spec["plans"][self.rank])
+                                   compile=spec["compile"], plan=spec["plans"][self.rank],
+                                   layers=self.layout.part(self.rank)[1])
             self.dit, self.vae, self.cache_factory = model.dit, model.vae, model.cache_factory()
             from ..resume import tensor_digest
 
@@ -186,12 +197,20 @@ class Worker:
                 self._run_vae_rank(job)
         self.control.post("done", self.rank)
 
-    def _run_stage(self, job: dict, settings: GenerationSettings, cond) -> None:
+    def _condition(self, job: dict, cond):
+        """(reference, motion) latents the sampler starts from: the saved ones, the VAE's here, or
+        those the VAE rank published."""
         part = job["sampler"]
         if part is not None:
-            cond = (part["tensors"]["ref_latents"], part["tensors"]["motion_latents"])
-        elif cond is None:
-            cond = self.control.request("get", "condition")
+            return part["tensors"]["ref_latents"], part["tensors"]["motion_latents"]
+        return cond if cond is not None else self.control.request("get", "condition")
+
+    def _run_stage(self, job: dict, settings: GenerationSettings, cond) -> None:
+        if isinstance(self.layout, LayerLayout):
+            self._run_layers(job, settings, cond)
+            return
+        part = job["sampler"]
+        cond = self._condition(job, cond)
         r, lay = self.rank, self.layout
         sampler = StageSampler(self.dit, job["text"].to(self.device), *cond, settings.sampler_config(),
                                cache_factory=self.cache_factory, steps=lay.steps[r], control=self.control,
@@ -221,6 +240,36 @@ class Worker:
         successor = r + 1 if r + 1 < lay.dit_ranks else (lay.vae_rank if lay.dedicated_vae else None)
         if successor is not None:
             self.peers.send_end(successor)
+
+    def _run_layers(self, job: dict, settings: GenerationSettings, cond) -> None:
+        """A layer layout rank: its layers of every cell, in wavefront order (layers.py); the last
+        rank decodes each block it finishes."""
+        part, cond = job["sampler"], self._condition(job, cond)
+        r, lay = self.rank, self.layout
+        mine = lay.layers[r]
+
+        def clip_audio(clip: int):
+            audio = self.control.request("clip", clip)
+            return None if audio is None else audio.to(self.device)
+
+        sampler = LayerSampler(self.dit, self.dit.encode_text(job["text"].to(self.device), layers=mine), *cond,
+                               settings.sampler_config(), cache_factory=functools.partial(self.cache_factory,
+                                                                                         layers=mine),
+                               layers=mine, rank=r, ranks=lay.dit_ranks, control=self.control, peers=self.peers,
+                               clip_audio=clip_audio)
+        if part is not None:
+            sampler.load_state_dict(part)
+        self.sampler = sampler
+        # Every rank, this one included, takes the online-decode refresh from the controller.
+        target = _Publishing(self.control, sampler.clip_latents)
+        frames = _FrameSender(self.control)
+        for block in sampler.blocks():
+            decoded = self.decoder.launch(target, block)
+            if sampler.config.sink_refresh == "caller" and (block.clip, block.last_in_clip) == (0, True) \
+                    and not target.refreshed:
+                self.control.post("put", "refreshed_condition", None)  # no clip follows: no refresh
+            frames.add(block, decoded)
+        frames.flush()
 
     def _run_vae_rank(self, job: dict) -> None:
         """The dedicated VAE rank: decode every block the last DiT rank sends."""

@@ -20,7 +20,7 @@ mapping is not visible in shapes, so it is taken from the 14B release when the s
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -398,14 +398,16 @@ def load_dit_checkpoint(path: str | Path, input_name: str = INPUT_NAME) -> DiTCh
 
 
 def load_into_module(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
-                     device: torch.device | str | None = None, input_name: str = INPUT_NAME) -> None:
+                     device: torch.device | str | None = None, input_name: str = INPUT_NAME,
+                     only: Callable[[str], bool] | None = None) -> None:
     """Copy a (lazy) state dict into `module` one tensor at a time, casting to each parameter's dtype.
 
     `module.load_state_dict` would first materialise the whole mapping, i.e. a second full copy of
-    the model. Parameters on the meta device are replaced by real ones on `device`.
+    the model. Parameters on the meta device are replaced by real ones on `device`. `only`: the
+    names to load (the others are neither read nor checked, and stay as they are).
     """
-    params = dict(module.named_parameters())
-    problems = key_mismatch(list(params), list(state_dict))  # shapes: checked per tensor below
+    params = {k: v for k, v in module.named_parameters() if only is None or only(k)}
+    problems = key_mismatch(list(params), [k for k in state_dict if only is None or only(k)])
     if problems:
         raise WeightsError(input_name, "the checkpoint does not fit the model's parameters: " + "; ".join(problems)
                            + ".", "load a checkpoint of the same architecture as the model config.")
