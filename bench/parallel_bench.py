@@ -72,14 +72,18 @@ def _geometry(weights: RandomWeights, size: str):
     return geometry(weights.dit, *assumed_output_size(size), DEFAULT_FRAMES_PER_CLIP, STEPS)
 
 
-def _layout(n: int, args):
-    from liveavatar_core.parallel.layout import step_layout
+def _layout(n: int, weights: RandomWeights, args):
+    from liveavatar_core.parallel.layout import layer_layout, step_layout
 
+    share = args.device != "cpu" and _shares_gpus(n, args)
     if args.device == "cpu":
-        return step_layout(["cpu"] * n, STEPS, vae_device="cpu" if args.vae_gpu else None)
-    share = _shares_gpus(n, args)
-    devices = ["cuda:0"] * n if share else [f"cuda:{i}" for i in range(n)]
-    vae = None if not args.vae_gpu else ("cuda:0" if share else f"cuda:{n}")
+        devices, vae = ["cpu"] * n, "cpu" if args.vae_gpu else None
+    else:
+        devices = ["cuda:0"] * n if share else [f"cuda:{i}" for i in range(n)]
+        vae = None if not args.vae_gpu else ("cuda:0" if share else f"cuda:{n}")
+    if args.layout == "layers":
+        return layer_layout(devices, weights.dit.num_layers, STEPS, vae_device=vae, share_gpus=share,
+                            input_name="ranks")
     return step_layout(devices, STEPS, vae_device=vae, share_gpus=share, input_name="ranks")
 
 
@@ -126,7 +130,7 @@ def rank_plan(weights: RandomWeights, layout, args):
     gpus = {d.name: d for d in detect_devices()}
     specs = [gpus[d] if d in gpus else host_device() for d in layout.devices]
     dit, vae = specs[:layout.dit_ranks], specs[layout.dit_ranks] if layout.dedicated_vae else None
-    return plan_parallel(weights.dit, devices=dit, vae_device=vae, size=args.size, steps=STEPS,
+    return plan_parallel(weights.dit, devices=dit, vae_device=vae, size=args.size, steps=STEPS, layout=args.layout,
                          precision=args.precision, memory_cap=_cap_bytes(args), offload="auto",
                          share_gpus=len(set(layout.devices)) < layout.world_size, controller=None).validate()
 
@@ -176,7 +180,7 @@ def run_parallel(n: int, weights: RandomWeights, args) -> tuple[dict, list]:
     """One rank count: workers with random weights, warm-up, timed stream, per-rank peaks."""
     from liveavatar_core.parallel.remote import load_parallel
 
-    layout = _layout(n, args)
+    layout = _layout(n, weights, args)
     plan = rank_plan(weights, layout, args)
     print(plan.summary(), flush=True)
     t0 = time.perf_counter()
@@ -198,7 +202,8 @@ def run_parallel(n: int, weights: RandomWeights, args) -> tuple[dict, list]:
     else:
         result_estimate = {}
     words = f"{layout.describe()} [{layout.backend}]"
-    result = _result(f"{n}{'+vae' if args.vae_gpu else ''}", weights, args, words, record, total_s, built_s, ranks)
+    result = _result(f"{n}{'+vae' if args.vae_gpu else ''}{' layers' if args.layout == 'layers' else ''}", weights,
+                     args, words, record, total_s, built_s, ranks)
     result.update(ranks_dit=n, vae_gpu=bool(args.vae_gpu), world_size=layout.world_size, backend=layout.backend,
                   shared_gpu=args.device != "cpu" and _shares_gpus(n, args), **result_estimate)
     return result, frames
@@ -309,6 +314,8 @@ def _child(name: str, frames_dir: str, args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ranks", default="2,4", help="comma list of DiT rank counts, one run each")
+    ap.add_argument("--layout", choices=["steps", "layers"], default="steps",
+                    help="steps: whole denoising steps per rank; layers: a share of the layers of every step")
     ap.add_argument("--vae_gpu", action="store_true", help="a dedicated VAE rank after the DiT ranks")
     ap.add_argument("--precision", choices=["bf16", "fp8", "fp32"], help="default bf16 (fp32 with --device cpu)")
     ap.add_argument("--size", help="output area W*H (default 704*384; 64*64 with --config tiny)")

@@ -380,6 +380,11 @@ class RunPlan:
     audio_seconds: float = DEFAULT_AUDIO_SECONDS
     encoder_bytes: tuple[int | None, int | None] = (None, None)  # (umT5, wav2vec2) weights; None = release
     has_dit: bool = True  # False: a pipeline rank that only runs the VAE
+    owned: range | None = None  # the DiT layers this plan holds (a layer-layout rank); None: all
+
+    @property
+    def owned_layers(self) -> range:
+        return range(self.cfg.num_layers) if self.owned is None else self.owned
 
     # --- numbers ---------------------------------------------------------------------------
 
@@ -424,7 +429,7 @@ class RunPlan:
 
     def streamed_kv_layers(self) -> int:
         """Layers whose KV rings live in host memory and are streamed to the GPU per call."""
-        return self.cfg.num_layers - self.kv_layers_on_gpu
+        return len(self.owned_layers) - self.kv_layers_on_gpu
 
     def flops_per_call(self) -> dict[str, float]:
         return flops_per_call(self.cfg, self.geometry)
@@ -574,7 +579,8 @@ def _rebuild(plan: RunPlan, geometry: Geometry | None = None, **changes) -> RunP
     args = dict(precision=plan.precision, blocks_on_gpu=plan.blocks_on_gpu,
                 kv_layers_on_gpu=plan.kv_layers_on_gpu, kv_cache_dtype="fp8" if plan.kv_cache_dtype == "fp8" else None,
                 vae=plan.vae, text_encoder=plan.text_encoder, audio_encoder=plan.audio_encoder,
-                audio_seconds=plan.audio_seconds, encoder_bytes=plan.encoder_bytes, has_dit=plan.has_dit)
+                audio_seconds=plan.audio_seconds, encoder_bytes=plan.encoder_bytes, has_dit=plan.has_dit,
+                owned=plan.owned)
     args.update(changes)
     return _build(plan.cfg, geometry or plan.geometry, plan.devices, plan.host, plan.memory_cap_bytes,
                   plan.dit_device, **args)
@@ -588,13 +594,14 @@ def _auto(plan: RunPlan) -> RunPlan | None:
     only when that is not enough. Encoders leave the GPU after use, or run on the CPU when even
     that does not fit.
     """
-    layers = plan.cfg.num_layers
+    layers = len(plan.owned_layers)
     best = None
     for enc_rank, enc in enumerate(("offload", "cpu")):
         text = plan.text_encoder if plan.text_encoder in ("cpu", "none") else enc
         audio = plan.audio_encoder if plan.audio_encoder in ("cpu", "none") else enc
         options = [dict(blocks_on_gpu=layers, kv_layers_on_gpu=k) for k in (layers, 0)]
-        options += [dict(blocks_on_gpu=n, kv_layers_on_gpu=0) for n in range(layers - 1, -1, -1)]
+        if plan.owned is None:  # block swap runs over the whole DiT only
+            options += [dict(blocks_on_gpu=n, kv_layers_on_gpu=0) for n in range(layers - 1, -1, -1)]
         for opt in options:
             cand = _rebuild(plan, text_encoder=text, audio_encoder=audio, **opt)
             if cand.fits():
@@ -676,9 +683,12 @@ def _build(cfg: DiTConfig, geo: Geometry, devices: tuple[DeviceSpec, ...], host:
            dit_device: str, *, precision: str, blocks_on_gpu: int, kv_layers_on_gpu: int,
            kv_cache_dtype: str | None, vae: str, text_encoder: str, audio_encoder: str,
            audio_seconds: float = DEFAULT_AUDIO_SECONDS,
-           encoder_bytes: tuple[int | None, int | None] = (None, None), has_dit: bool = True) -> RunPlan:
-    """The itemised plan. A pipeline rank (parallel/planner.py) plans its own steps (`geo.steps`), and
-    `vae` / `text_encoder` / `audio_encoder` "none" or `has_dit` False for what runs elsewhere."""
+           encoder_bytes: tuple[int | None, int | None] = (None, None), has_dit: bool = True,
+           owned: range | None = None) -> RunPlan:
+    """The itemised plan. A pipeline rank (parallel/planner.py) plans its own steps (`geo.steps`) or
+    layers (`owned`: their weights and their share of every cache; `blocks_on_gpu` and
+    `kv_layers_on_gpu` then count owned layers), and `vae` / `text_encoder` / `audio_encoder` "none"
+    or `has_dit` False for what runs elsewhere."""
     check_kv_cache_dtype(kv_cache_dtype or "auto", precision)
     if dit_device == "cpu":  # one memory: an encoder "offloaded" to the host is just on the CPU
         text_encoder, audio_encoder = "cpu", "cpu"
@@ -686,14 +696,15 @@ def _build(cfg: DiTConfig, geo: Geometry, devices: tuple[DeviceSpec, ...], host:
     kv_dtype = "fp8" if kv_cache_dtype == "fp8" else compute
     gpu, cpu = dit_device, "cpu"
     layers = cfg.num_layers
-    swapped = swapped_layers(layers, blocks_on_gpu)
+    mine = range(layers) if owned is None else owned
+    swapped = swapped_layers(layers, blocks_on_gpu) if owned is None else ()
     base, units = dit_unit_bytes(cfg, precision)
     items = []
-    streamed = layers - kv_layers_on_gpu if has_dit else 0
+    streamed = len(mine) - kv_layers_on_gpu if has_dit else 0
     if has_dit:
         items.append(MemoryItem(gpu, "DiT weights (resident)",
-                                base + sum(u for i, u in enumerate(units) if i not in swapped),
-                                note=f"{layers - len(swapped)} of {layers} blocks, {precision}"))
+                                base + sum(units[i] for i in mine if i not in swapped),
+                                note=f"{len(mine) - len(swapped)} of {layers} blocks, {precision}"))
         if swapped:
             slot = max(units[i] for i in swapped)
             items.append(MemoryItem(gpu, "block swap staging", SWAP_SLOTS * slot, note=f"{SWAP_SLOTS} slots"))
@@ -708,9 +719,12 @@ def _build(cfg: DiTConfig, geo: Geometry, devices: tuple[DeviceSpec, ...], host:
                                     f"{geo.steps} steps x {streamed} layers"))
             items.append(MemoryItem(gpu, "KV streaming staging", KV_STREAM_SLOTS * ring, _GENERATE,
                                     f"{KV_STREAM_SLOTS} layers"))
-        items.append(MemoryItem(gpu, "condition cache", cond_cache_bytes(cfg, geo, compute), _GENERATE,
+        items.append(MemoryItem(gpu, "condition cache", cond_cache_bytes(cfg, geo, compute) // layers * len(mine),
+                                _GENERATE,
                                 f"{geo.cond_tokens} tokens"))
-        items.append(MemoryItem(gpu, "text keys/values", text_cache_bytes(cfg, geo, compute), _GENERATE))
+        rows = 2 * len(mine) + 1  # each layer's keys and values, and the embedded prompt
+        items.append(MemoryItem(gpu, "text keys/values", text_cache_bytes(cfg, geo, compute) // (2 * layers + 1) * rows,
+                                _GENERATE))
         items.append(MemoryItem(gpu, "activations (block call)",
                                 max(block_call_activation_bytes(cfg, geo, precision, kv_dtype),
                                     sink_activation_bytes(cfg, geo, precision)), _GENERATE))
@@ -745,7 +759,7 @@ def _build(cfg: DiTConfig, geo: Geometry, devices: tuple[DeviceSpec, ...], host:
     return RunPlan(cfg, geo, precision, "block_swap" if swapped else "none", blocks_on_gpu, swapped,
                    "cpu" if streamed else "gpu", kv_layers_on_gpu, kv_dtype, vae, text_encoder, audio_encoder,
                    dit_device, devices, host, cap, tuple(items), audio_seconds=audio_seconds,
-                   encoder_bytes=encoder_bytes, has_dit=has_dit)
+                   encoder_bytes=encoder_bytes, has_dit=has_dit, owned=owned)
 
 
 def _cap_bytes(memory_cap, devices) -> int | None:

@@ -170,7 +170,8 @@ def preflight(req: RunRequest, check_memory: bool = True, hardware: list[DeviceS
         devices = choose_devices(detect_devices() if hardware is None else hardware, req.devices or (req.device,),
                                  req.vae_gpu, req.sample_steps)
         ranks = [d.name for d in devices[0] + [devices[1]] if d is not None]
-        step_layout(ranks[:len(devices[0])], req.sample_steps, devices[1] and devices[1].name)  # refusals first
+        if req.layout == "steps":  # its refusals first (the layer layout's need the DiT's layer count)
+            step_layout(ranks[:len(devices[0])], req.sample_steps, devices[1] and devices[1].name)
     device = torch.device("cpu") if hardware is not None else check_device(ranks[0])
     compute_dtype(req.precision)
     check_kv_cache_dtype(req.kv_cache_dtype, req.precision)

@@ -86,8 +86,9 @@ class LiveAvatarModelLoader:
             "parallel": (list(PARALLEL_CHOICES), {"default": "off", "tooltip": "off: one GPU (dit_device). "
                          "steps: one worker process per GPU in gpus, each running whole denoising steps of every "
                          "block and passing it on (timestep-forcing pipeline: 4 GPUs make about 3x the frames of "
-                         "one). auto: steps when gpus gives several GPUs, else one GPU. The node shows the plan: "
-                         "memory per GPU and the FPS estimate."}),
+                         "one). layers: each GPU runs a share of the DiT layers for every step and holds only "
+                         "their weights and caches (24-48 GB cards). auto: steps when gpus gives several GPUs, "
+                         "else one GPU. The node shows the plan: memory per GPU and the FPS estimate."}),
             "gpus": ("STRING", {"default": "auto", "tooltip": "With parallel: auto = every visible GPU (at most "
                      "one per step; with 5 GPUs the fifth runs the VAE, the official 4 + 1 layout), or a list such "
                      "as 0,1 or cuda:0,cuda:2 (cpu,cpu runs CPU processes, for tests)."}),
@@ -107,7 +108,8 @@ class LiveAvatarModelLoader:
         ranks = _ranks(parallel, gpus, vae_gpu, offload)
         if ranks is not None:
             dit, vae, _ = ranks
-            step_layout([d.name for d in dit], vae_device=vae and vae.name, input_name="gpus")
+            if parallel != "layers":  # the layer layout's refusals need the DiT's layer count: at load
+                step_layout([d.name for d in dit], vae_device=vae and vae.name, input_name="gpus")
             for d in dit + ([vae] if vae else []):
                 if precision == "fp8":
                     check_fp8_support(torch.device(d.name))
@@ -131,7 +133,7 @@ class LiveAvatarModelLoader:
         vae_path = host.resolve("vae", vae, "vae", VAE_FILE)
         ranks = _ranks(parallel, gpus, vae_gpu, offload)
         if ranks is not None:
-            return (_load_parallel(dit_path, vae_path, lora_path, ranks, precision=precision, attention=attention,
+            return (_load_parallel(dit_path, vae_path, lora_path, ranks, parallel, precision=precision, attention=attention,
                                    offload=offload, kv_cache=kv_cache, compile=compile,
                                    kv_cache_dtype=kv_cache_dtype, unique_id=unique_id),)
         device = host.torch_device(dit_device, "dit_device")
@@ -169,7 +171,7 @@ def _ranks(parallel: str, gpus: str, vae_gpu: str, offload: str):
     return dit, vae, spare
 
 
-def _load_parallel(dit_path, vae_path, lora_path, ranks, *, precision, attention, offload, kv_cache, compile,
+def _load_parallel(dit_path, vae_path, lora_path, ranks, parallel: str, *, precision, attention, offload, kv_cache, compile,
                    kv_cache_dtype, unique_id):
     """Plan (refused with its fix before any weight is read), then start the workers."""
     from ..liveavatar_core.parallel.remote import load_parallel
@@ -178,6 +180,7 @@ def _load_parallel(dit_path, vae_path, lora_path, ranks, *, precision, attention
     cfg = load_dit_checkpoint(dit_path).config
     controller = host.torch_device("auto", "dit_device")
     plan = plan_parallel(cfg, devices=dit, vae_device=vae, spare=spare, size=DEFAULT_SIZE, precision=precision,
+                         layout="layers" if parallel == "layers" else "steps",
                          kv_cache_dtype=kv_cache_dtype, kv_cache_location=kv_cache,
                          offload="auto" if offload == "auto" else "none",
                          controller=str(controller) if controller.type == "cuda" else None).validate()

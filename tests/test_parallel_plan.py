@@ -8,7 +8,7 @@ import pytest
 from liveavatar_core.config import DiTConfig
 from liveavatar_core.errors import InputError
 from liveavatar_core.parallel.planner import hypothetical_devices, plan_parallel
-from liveavatar_core.plan import CONTEXT_BYTES, GiB, DeviceSpec, plan_run
+from liveavatar_core.plan import CONTEXT_BYTES, GiB, DeviceSpec, dit_unit_bytes, plan_run
 
 CFG = DiTConfig.wan_s2v_14b()
 HOST = DeviceSpec("cpu", 256 * GiB, "host")
@@ -119,3 +119,35 @@ def test_summary_and_json():
     assert d["ranks"][3]["vae"] and d["fps"] == pytest.approx(p.fps)
     text = p.summary()
     assert "50.2 FPS" in text and "rank 3 cuda:3" in text and "DOES NOT FIT" not in text
+
+
+def test_layer_layout_divides_weights_and_caches():
+    one = plan_run(CFG, devices=h200s(1), host=HOST, precision="fp8")
+    p = pplan(h200s(4), precision="fp8", layout="layers").validate()
+    owned = [r.plan.owned_layers for r in p.ranks]
+    assert [len(o) for o in owned] == [11, 11, 11, 7] and owned[0].start == 0 and owned[-1].stop == CFG.num_layers
+    assert sum(item(r.plan, "KV caches") for r in p.ranks) == item(one, "KV caches")  # every step, split by layer
+    base = dit_unit_bytes(CFG, "fp8")[0]
+    weights = sum(item(r.plan, "DiT weights (resident)") for r in p.ranks)
+    assert weights == item(one, "DiT weights (resident)") + 3 * base  # the base on every rank
+    assert p.bottleneck.rank == 3 and p.fps > pplan(h200s(4), precision="fp8").fps
+
+
+@pytest.mark.parametrize("n, gib, precision, kv", [(4, 24, "fp8", None), (5, 24, "fp8", None), (4, 24, "bf16", "fp8"),
+                                                   (2, 24, "fp8", "fp8"), (2, 48, "bf16", None), (2, 48, "fp8", None)])
+def test_small_cards_fit_with_the_layer_layout(n, gib, precision, kv):
+    """Issue targets: 4, 5 and 2 x 24 GB and 2 x 48 GB at 704*384, with at most 22.1 GB planned on a
+    24 GB card (what it has after the CUDA context)."""
+    cap = int(22.1e9) if gib == 24 else None
+    p = pplan(hypothetical_devices(n, gib), precision=precision, kv_cache_dtype=kv, layout="layers",
+              memory_cap=cap).validate()
+    if cap:
+        assert max(r.required_bytes for r in p.ranks) <= cap
+    assert p.fps > 0 and p.first_frame_s > 0
+
+
+def test_refusal_offers_the_layer_layout_first_when_it_keeps_more_speed():
+    with pytest.raises(InputError) as e:
+        pplan(hypothetical_devices(4, 24), precision="fp8", offload="none").validate()
+    fixes = e.value.fix.split("; or ")
+    assert fixes[0].startswith("use the layer layout") and any("offload 'auto'" in f for f in fixes[1:])

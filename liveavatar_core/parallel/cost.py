@@ -81,8 +81,10 @@ def gpu_for_memory(gib: float) -> GPUModel:
 
 
 def call_seconds(plan: RunPlan, gpu: GPUModel) -> float:
-    """One steady block call of `plan`'s DiT on `gpu`, with its host traffic overlapped."""
+    """One steady block call of `plan`'s DiT layers (all, or a layer-layout rank's) on `gpu`, with
+    its host traffic overlapped."""
     work = sum(flops_per_call(plan.cfg, plan.geometry).values()) / _reference_flops(plan.geometry)
+    work *= len(plan.owned_layers) / plan.cfg.num_layers
     compute = _REFERENCE_CALL_S["fp8" if plan.precision == "fp8" else "bf16"] * work / gpu.speed
     return max(compute, plan.transfer_bytes_per_call() / HOST_LINK_BPS)
 
@@ -99,9 +101,11 @@ def start_seconds(geo: Geometry, gpu: GPUModel) -> float:
     return _REFERENCE_START_S * pixels / gpu.speed
 
 
-def hop_seconds(geo: Geometry, link: str, dtype_bytes: int) -> float:
-    """Passing one block's latents to the next rank."""
+def hop_seconds(geo: Geometry, link: str, dtype_bytes: int, hidden_dim: int = 0) -> float:
+    """Passing one block's latents to the next rank; with `hidden_dim`, also its hidden state
+    (the layer layout's hop within a step)."""
     block = geo.batch * 16 * geo.frames_per_block * geo.latent_h * geo.latent_w * dtype_bytes
+    block += geo.batch * geo.block_tokens * hidden_dim * dtype_bytes
     return HOP_LATENCY_S + block / LINKS_BPS[link]
 
 

@@ -28,7 +28,7 @@ from ..plan import (CONTEXT_BYTES, COMPUTE_DTYPES, DEFAULT_AUDIO_SECONDS, FRAGME
 from ..weights.vae import TEMPORAL_DOWNSAMPLE
 from .cost import (GPUModel, call_seconds, decode_seconds, gpu_for_memory, gpu_model, hop_seconds, link_between,
                    start_seconds)
-from .layout import LAYOUTS, StepLayout, step_layout
+from .layout import LAYOUTS, LayerLayout, StepLayout, layer_layout, step_layout
 
 PARALLEL_OFFLOAD = ("none", "auto")
 # Video frames per latent frame (the VAE's temporal stride).
@@ -76,7 +76,7 @@ class RankPlan:
 class ParallelPlan:
     """A multi-process plan. Build with `plan_parallel`."""
 
-    layout: StepLayout
+    layout: StepLayout | LayerLayout
     ranks: tuple[RankPlan, ...]
     host: DeviceSpec
     first_frame_s: float | None
@@ -173,7 +173,11 @@ class ParallelPlan:
         if req["precision"] != "fp32" and req["kv_cache_dtype"] != "fp8":
             tries.append(("use kv_cache_dtype 'fp8' (cached keys and values in FP8: results move slightly)",
                           {"kv_cache_dtype": "fp8"}))
-        if spare and self.layout.dit_ranks < self.layout.num_steps:
+        if req["layout"] == "steps" and len(req["devices"]) > 1 and req["vae_device"] is None:
+            tries.append(("use the layer layout (each GPU holds a share of the layers: their weights and caches)",
+                          {"layout": "layers"}))
+        most = self.layout.num_steps if req["layout"] == "steps" else req["cfg"].num_layers
+        if spare and self.layout.dit_ranks < most:
             more = (*req["devices"], spare[0])
             tries.append((f"add a GPU ({', '.join(d.name for d in more)})", {"devices": more, "spare": tuple(spare[1:])}))
         for words, change in tries:
@@ -184,7 +188,9 @@ class ParallelPlan:
             if alt.fits():
                 worst = max(alt.ranks, key=lambda r: r.required_bytes)
                 speed = f", about {alt.fps:.1f} FPS" if alt.fps else ""
-                fixes.append(f"{words}: at most {worst.required_bytes / GiB:.1f} GiB per GPU{speed}")
+                fixes.append((-(alt.fps or 0.0), f"{words}: at most {worst.required_bytes / GiB:.1f} GiB per GPU{speed}"))
+        # Cheapest first: the fix that keeps the most speed.
+        fixes = [text for _, text in sorted(fixes, key=lambda f: f[0])]
         if not fixes:
             fixes.append("use a smaller output size, or GPUs with more memory")
         return "; or ".join(fixes) + "."
@@ -196,7 +202,10 @@ class ParallelPlan:
     def _rank_words(self, r: RankPlan) -> str:
         lay = self.layout
         what = []
-        if r.rank < lay.dit_ranks:
+        if isinstance(lay, LayerLayout):
+            owned = lay.layers[r.rank]
+            what.append(f"layers {owned.start}-{owned.stop - 1} of every step")
+        elif r.rank < lay.dit_ranks:
             owned = lay.steps[r.rank]
             what.append(f"step{'s' if len(owned) > 1 else ''} {','.join(map(str, owned))}")
         if r.rank == lay.vae_rank:
@@ -247,7 +256,8 @@ class ParallelPlan:
                 "host_pinned_bytes": self.host_bytes(), "host_bytes": self.host.total_bytes,
                 "placement": self.placement_words(),
                 "ranks": [{"rank": r.rank, "device": r.device.name, "gpu": r.device.label,
-                           "steps": list(self.layout.steps[r.rank]) if r.rank < self.layout.dit_ranks else [],
+                           "steps": list(self.layout.part(r.rank)[0]) if r.plan.has_dit else [],
+                           "layers": _range_list(r.plan.owned_layers) if r.plan.has_dit else [],
                            "vae": r.rank == self.layout.vae_rank, "seconds_per_block": r.seconds_per_block,
                            "planned_bytes": r.required_bytes, "budget_bytes": r.budget_bytes, "fits": r.fits,
                            "reserved_bytes": r.reserved_bytes, "plan": r.plan.to_dict()} for r in self.ranks]}
@@ -281,7 +291,11 @@ def plan_parallel(cfg: DiTConfig, *, devices, size=DEFAULT_SIZE, frames_per_clip
     check_kv_cache_dtype(kv_cache_dtype or "auto", precision)
     devices = tuple(devices)
     everything = devices + ((vae_device,) if vae_device is not None else ())
-    lay = step_layout([d.name for d in devices], steps, None if vae_device is None else vae_device.name, share_gpus)
+    names = [d.name for d in devices]
+    if layout == "layers":
+        lay = layer_layout(names, cfg.num_layers, steps, None if vae_device is None else vae_device.name, share_gpus)
+    else:
+        lay = step_layout(names, steps, None if vae_device is None else vae_device.name, share_gpus)
     host = host or host_device()
     height, width = assumed_output_size(size) if isinstance(size, str) else (int(size[0]), int(size[1]))
     controller = (devices[0].name if controller == "first" else controller)
@@ -305,10 +319,13 @@ def plan_parallel(cfg: DiTConfig, *, devices, size=DEFAULT_SIZE, frames_per_clip
     timed = all(r.gpu is not None for r in ranks)
     first = None
     if timed:
-        hops = sum(hop_seconds(ranks[0].plan.geometry, link_between(a.name, b.name), _latent_bytes(precision))
-                   for a, b in zip(everything, everything[1:]))
+        geo, hidden = ranks[0].plan.geometry, cfg.dim if layout == "layers" else 0
+        hops = sum(hop_seconds(geo, link_between(a.name, b.name), _latent_bytes(precision), hidden)
+                   for a, b in zip(everything, everything[1:])) * (steps if hidden else 1)
         vae = ranks[lay.vae_rank]
-        calls = sum(call_seconds(ranks[lay.owner(s)].plan, ranks[lay.owner(s)].gpu) for s in range(steps))
+        # The first block passes every rank at every step (hops of the layer layout overlap compute
+        # in steady state, not for the first block).
+        calls = sum(call_seconds(r.plan, r.gpu) * len(lay.part(r.rank)[0]) for r in ranks if r.plan.has_dit)
         first = start_seconds(vae.plan.geometry, vae.gpu) + calls + hops + decode_seconds(vae.plan.geometry, vae.gpu)
     frames_per_block = cfg.num_frames_per_block * _FRAMES_PER_LATENT
     return ParallelPlan(lay, tuple(ranks), host, first, frames_per_block, request, tuple(notes))
@@ -320,15 +337,16 @@ def _rank(cfg, lay: StepLayout, r: int, spec: DeviceSpec, sharing: int, reserved
     """One rank's single-device plan, its budget (a share of a shared GPU, less what the controller
     holds there) and its time per block."""
     is_dit = r < lay.dit_ranks
-    geo = geometry(cfg, height, width, frames_per_clip, len(lay.steps[r]) if is_dit else 1)
+    steps_here, owned = lay.part(r) if is_dit else ((), None)
+    geo = geometry(cfg, height, width, frames_per_clip, len(steps_here) if is_dit else 1)
     on_gpu = spec.name.startswith("cuda")
     budget_spec = replace(spec, total_bytes=spec.total_bytes // sharing - reserved) if on_gpu else spec
     gpu_devices = (budget_spec,) if on_gpu else ()
     cap = _cap_bytes(memory_cap, (spec,)) if on_gpu else None
-    layers = cfg.num_layers
+    layers = cfg.num_layers if owned is None else len(owned)
     plan = _build(cfg, geo, gpu_devices, host, cap, spec.name if on_gpu else "cpu", precision=precision,
                   blocks_on_gpu=layers, kv_layers_on_gpu=0 if on_gpu and kv_cache_location == "cpu" else layers,
-                  kv_cache_dtype=kv_cache_dtype,
+                  kv_cache_dtype=kv_cache_dtype, owned=owned,
                   vae="gpu" if r == lay.vae_rank else "none", text_encoder="none", audio_encoder="none",
                   audio_seconds=audio_seconds, has_dit=is_dit)
     if offload == "auto" and on_gpu and is_dit and not plan.fits():
@@ -336,10 +354,14 @@ def _rank(cfg, lay: StepLayout, r: int, spec: DeviceSpec, sharing: int, reserved
     gpu = (gpu_model(spec.label) or gpu_for_memory(spec.total_bytes / GiB)) if on_gpu else None
     seconds = None
     if gpu is not None:
-        seconds = len(lay.steps[r]) * call_seconds(plan, gpu) if is_dit else 0.0
+        seconds = len(steps_here) * call_seconds(plan, gpu) if is_dit else 0.0
         if r == lay.vae_rank:
             seconds += decode_seconds(geo, gpu)
     return RankPlan(r, spec, plan, gpu, seconds, reserved)
+
+
+def _range_list(r: range) -> list[int]:
+    return [r.start, r.stop]
 
 
 def _latent_bytes(precision: str) -> int:
