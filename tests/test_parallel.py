@@ -245,6 +245,10 @@ def test_plan_command_for_hardware_not_present(tiny, capsys):
     assert main([*base, "--gpu_count", "5", "--gpu_memory_gib", "80"]) == 0
     text = capsys.readouterr().out
     assert "fits:" in text and "rank 4 (cuda:4): VAE" in text and "FPS" in text
+    assert main([*base, "--gpu_count", "3", "--gpu_memory_gib", "24", "--layout", "layers", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["layout"] == "layers" and [r["steps"] for r in plan["ranks"]] == [[0, 1, 2, 3]] * 3
+    assert [r["layers"] for r in plan["ranks"]] == [[0, 2], [2, 3], [3, 4]]  # the tiny DiT's 4 layers
     assert main([*base, "--gpu_count", "2", "--gpu_memory_gib", "24", "--devices", "cuda:0,cuda:2"]) == 2
     assert "cuda:2 does not exist" in capsys.readouterr().err
 
