@@ -168,7 +168,7 @@ def preflight(req: RunRequest, check_memory: bool = True, hardware: list[DeviceS
     ranks = [req.device]
     if req.parallel:
         devices = choose_devices(detect_devices() if hardware is None else hardware, req.devices or (req.device,),
-                                 req.vae_gpu, req.sample_steps)
+                                 req.vae_gpu, req.sample_steps, layout=req.layout)
         ranks = [d.name for d in devices[0] + [devices[1]] if d is not None]
         if req.layout == "steps":  # its refusals first (the layer layout's need the DiT's layer count)
             step_layout(ranks[:len(devices[0])], req.sample_steps, devices[1] and devices[1].name)

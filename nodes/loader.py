@@ -155,7 +155,8 @@ def _ranks(parallel: str, gpus: str, vae_gpu: str, offload: str):
     available = detect_devices()
     try:
         dit, vae, spare = choose_devices(available, gpus.strip() if gpus.strip() == "auto" else gpus,
-                                         None if vae_gpu == VAE_LAST else vae_gpu, input_name="gpus")
+                                         None if vae_gpu == VAE_LAST else vae_gpu, input_name="gpus",
+                                         layout="layers" if parallel == "layers" else "steps")
     except InputError:
         if parallel == "auto":  # fewer than two GPUs: one process, as with parallel off
             return None

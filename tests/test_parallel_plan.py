@@ -151,3 +151,13 @@ def test_refusal_offers_the_layer_layout_first_when_it_keeps_more_speed():
         pplan(hypothetical_devices(4, 24), precision="fp8", offload="none").validate()
     fixes = e.value.fix.split("; or ")
     assert fixes[0].startswith("use the layer layout") and any("offload 'auto'" in f for f in fixes[1:])
+
+
+def test_auto_devices_per_layout():
+    from liveavatar_core.parallel.planner import choose_devices
+
+    eight = h200s(8)
+    dit, vae, spare = choose_devices(eight, "auto")
+    assert len(dit) == 4 and vae.name == "cuda:4" and [d.name for d in spare] == ["cuda:5", "cuda:6", "cuda:7"]
+    dit, vae, spare = choose_devices(eight, "auto", layout="layers")
+    assert len(dit) == 8 and vae is None and spare == []

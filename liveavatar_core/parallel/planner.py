@@ -369,12 +369,12 @@ def _latent_bytes(precision: str) -> int:
 
 
 def choose_devices(available, requested: tuple[str, ...] | str, vae_gpu: str | None = None, steps: int = 4,
-                   input_name: str = "devices"):
+                   input_name: str = "devices", layout: str = "steps"):
     """(DiT devices, VAE device or None, spare GPUs) from the GPUs present (`available`, DeviceSpecs).
 
-    requested: device names (`parse_devices` forms) or "auto": every GPU present, at most one DiT
-    rank per step, one more for the VAE (with 5 GPUs the official 4 + 1 layout); GPUs left over
-    are spare (the step layout has no work for them). "cpu" names a rank on the host."""
+    requested: device names (`parse_devices` forms) or "auto": every GPU present; in the step
+    layout at most one DiT rank per step and one more for the VAE (with 5 GPUs the official 4 + 1
+    layout), the GPUs left over spare (it has no work for them). "cpu" names a rank on the host."""
     from .layout import parse_devices
 
     by_name = {d.name: d for d in available}
@@ -383,8 +383,9 @@ def choose_devices(available, requested: tuple[str, ...] | str, vae_gpu: str | N
         if len(gpus) < 2:
             raise InputError(input_name, f"'auto' needs several GPUs; {len(gpus)} {'is' if len(gpus) == 1 else 'are'} "
                              "visible.", "run on one GPU (parallel off), or list the devices.")
-        dit = gpus[:steps]
-        vae = gpus[steps] if len(gpus) > steps and vae_gpu is None else None
+        most = len(gpus) if layout == "layers" else steps
+        dit = gpus[:most]
+        vae = gpus[most] if len(gpus) > most and vae_gpu is None else None
         rest = gpus[len(dit) + (vae is not None):]
     else:
         names = parse_devices(",".join(requested) if not isinstance(requested, str) else requested, input_name)
