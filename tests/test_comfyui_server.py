@@ -592,15 +592,16 @@ def _gone(base: Path, timeout_s: float = 10) -> bool:
     return True
 
 
-def test_parallel_workers_make_the_video_and_stop_when_released(server, object_info):
-    """The multi-GPU workflow with two CPU worker processes (gloo; GPUs would use NCCL): the video
-    plays, the loader shows the plan; the Release GPUs node stops the workers and the next run
-    loads them again; ComfyUI's "Free model and node cache" (POST /free) stops them too."""
+@pytest.mark.parametrize("parallel", ["steps", "layers"])
+def test_parallel_workers_make_the_video_and_stop_when_released(server, object_info, parallel):
+    """The multi-GPU workflow with two CPU worker processes (gloo; GPUs would use NCCL), in either
+    layout: the video plays; the Release GPUs node stops the workers and the next run loads them
+    again; ComfyUI's "Free model and node cache" (POST /free) stops them too."""
     url, base = server.url, server.base
     path = next(p for p in UI_FILES if p.stem == "liveavatar_multi_gpu")
     prompt = _small(ui_to_api(_served_graph(url, path), object_info))
     loader = next(k for k, v in prompt.items() if v["class_type"] == "LiveAvatarModelLoader")
-    prompt[loader]["inputs"].update(parallel="steps", gpus="cpu,cpu")
+    prompt[loader]["inputs"].update(parallel=parallel, gpus="cpu,cpu")
     pack = load_pack()
     frames = (pack_module(pack, "liveavatar_core.encoders.audio").FRAMES_PER_BLOCK
               - pack_module(pack, "liveavatar_core.pipeline").DROPPED_START_FRAMES)
@@ -618,7 +619,8 @@ def test_parallel_workers_make_the_video_and_stop_when_released(server, object_i
     entry = _wait(url, body["prompt_id"])
     assert entry["status"]["status_str"] == "success", entry["status"]
     (text,) = entry["outputs"]["9"]["text"]
-    assert text.startswith("stopped: rank 0 (cpu): steps 0,1; rank 1 (cpu): steps 2,3 + VAE"), text
+    words = {"steps": "steps 0,1; rank 1 (cpu): steps 2,3 + VAE", "layers": "layers 0-1; rank 1 (cpu): layers 2-3 + VAE"}
+    assert text.startswith(f"stopped: rank 0 (cpu): {words[parallel]}"), text
     assert _gone(base)
     run()  # the cached loader output was dropped with the workers: loaded again
     status, _ = _post(f"{url}/free", {"unload_models": True, "free_memory": True})
