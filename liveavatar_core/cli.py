@@ -176,13 +176,12 @@ def _address(value: str | None) -> tuple[str, int] | None:
 
 
 def hardware_from_args(args: argparse.Namespace):
-    """The GPUs `--gpu_count/--gpu_memory_gib/--gpu_model` describe (None: the GPUs present)."""
+    """The GPUs `--gpu_count/--gpu_memory_gib/--gpu_model` describe (None: the GPUs present); a
+    run planned for them uses all of them unless `--devices` (or the official flags) say otherwise."""
     if args.gpu_count is None and args.gpu_memory_gib is None:
         return None
     from .parallel.planner import hypothetical_devices
 
-    if args.devices is None:
-        args.devices = "auto"
     return hypothetical_devices(args.gpu_count, args.gpu_memory_gib, args.gpu_model)
 
 
@@ -215,6 +214,7 @@ def run_generation(req: RunRequest, save_file: Path | None, resume: Path | None 
     # 1. Every input, and the memory plan at the real output size, checked before any weight is read.
     pre = preflight(req, hardware=hardware)
     pre.log()
+    req = pre.request  # as planned (described GPUs without --devices: all of them)
     settings, folder = pre.settings, pre.folder
     state = target = None
     if resume is not None:
@@ -334,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(f.text for f in found))
             return 0 if all(f.ok for f in found) else 1
         hardware = hardware_from_args(args)
+        if hardware is not None and args.attach is None:
+            raise LiveAvatarInputError("gpu_count", "--gpu_count/--gpu_memory_gib describe GPUs that are not here, "
+                                       "and generate runs on this machine's GPUs.",
+                                       "use them with plan, or with generate --attach for ranks launched elsewhere.")
         req = request_from_args(args)
         with _stop_signals():
             path = run_generation(req, args.save_file, resume=args.resume, hardware=hardware)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -160,9 +160,8 @@ def preflight(req: RunRequest, check_memory: bool = True, hardware: list[DeviceS
     settings = GenerationSettings(size=req.size, seed=req.seed, num_clips=req.num_clip,
                                   frames_per_clip=req.infer_frames, sample_steps=req.sample_steps, mode=req.mode,
                                   online_decode=req.online_decode)
-    if hardware is not None and not req.parallel:
-        raise InputError("gpu_count", "planning for GPUs that are not present is for parallel runs.",
-                         "add --devices auto (or a list such as cuda:0,cuda:1).")
+    if hardware is not None and not req.parallel:  # described GPUs without a choice among them: all
+        req = replace(req, devices="auto")
     authkey = _attach_authkey(req, hardware)
     devices = None  # (DiT ranks, VAE rank or None, spare GPUs) of a parallel run
     ranks = [req.device]

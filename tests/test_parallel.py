@@ -245,12 +245,19 @@ def test_plan_command_for_hardware_not_present(tiny, capsys):
     assert main([*base, "--gpu_count", "5", "--gpu_memory_gib", "80"]) == 0
     text = capsys.readouterr().out
     assert "fits:" in text and "rank 4 (cuda:4): VAE" in text and "FPS" in text
+    # The official five-GPU command line plans the official 4 + 1 layout.
+    assert main([*base, "--num_gpus_dit", "4", "--enable_vae_parallel", "--gpu_count", "5", "--gpu_memory_gib", "80",
+                 "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert [r["steps"] for r in plan["ranks"]] == [[0], [1], [2], [3], []] and plan["ranks"][4]["vae"]
     assert main([*base, "--gpu_count", "3", "--gpu_memory_gib", "24", "--layout", "layers", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["layout"] == "layers" and [r["steps"] for r in plan["ranks"]] == [[0, 1, 2, 3]] * 3
     assert [r["layers"] for r in plan["ranks"]] == [[0, 2], [2, 3], [3, 4]]  # the tiny DiT's 4 layers
     assert main([*base, "--gpu_count", "2", "--gpu_memory_gib", "24", "--devices", "cuda:0,cuda:2"]) == 2
     assert "cuda:2 does not exist" in capsys.readouterr().err
+    assert main(["generate", *base[1:], "--gpu_count", "2", "--gpu_memory_gib", "24"]) == 2  # not these GPUs
+    assert "error: gpu_count:" in capsys.readouterr().err
 
 
 def test_workers_exit_when_their_controller_dies(tiny):
