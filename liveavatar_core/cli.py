@@ -107,12 +107,14 @@ def _generate_args(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--kv_cache_dtype", choices=KV_CACHE_DTYPES, default="auto",
                      help="auto: the step KV caches in the compute dtype; fp8: e4m3 with a scale per head row "
                           "(half the memory and streamed bytes, slightly different results)")
-    gen.add_argument("--devices", help="several GPUs, one DiT process each, the denoising steps laid over them "
-                     "(timestep-forcing pipeline): a list such as cuda:0,cuda:1 (or 0,1), or 'auto' for every GPU "
-                     "(with 5 GPUs: 4 for the DiT + 1 for the VAE, the official layout)")
+    gen.add_argument("--devices", help="several GPUs, one DiT process each, the work laid over them (--layout): "
+                     "a list such as cuda:0,cuda:1 (or 0,1; cpu,cpu runs CPU processes), or 'auto' for every GPU "
+                     "(step layout with 5 GPUs: 4 for the DiT + 1 for the VAE, the official layout)")
     gen.add_argument("--vae_gpu", help="a GPU for the VAE alone in a parallel run (default: the last DiT GPU)")
     gen.add_argument("--layout", choices=LAYOUTS, default="steps",
-                     help="how a parallel run divides the work: steps (each GPU owns whole denoising steps)")
+                     help="how a parallel run divides the work: steps (each GPU owns whole denoising steps; at most "
+                          "4 DiT GPUs + 1 VAE GPU) or layers (each GPU owns a share of the layers of every step "
+                          "and holds only their weights and caches: for 24-48 GB cards, any count up to 40)")
     gen.add_argument("--attach", help="HOST:PORT: start no workers; wait there for ranks launched elsewhere "
                      "(LIVEAVATAR_CONTROL=HOST:PORT torchrun ... -m liveavatar_core.parallel.worker, on this or other "
                      "machines), which present the authkey in LIVEAVATAR_AUTHKEY (set it on both sides)")
