@@ -68,10 +68,6 @@ class LayerSampler(BlockSampler):
     def finishes_blocks(self) -> bool:
         return self.rank == self.ranks - 1
 
-    @property
-    def block_shape(self) -> tuple[int, ...]:
-        return (1, self.model.cfg.in_dim, self.frames_per_block, *self.lat_hw)
-
     # ----------------------------------------------------------------------------------------
 
     def blocks(self) -> Iterator[LatentBlock]:

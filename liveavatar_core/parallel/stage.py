@@ -47,11 +47,6 @@ class StageSampler(BlockSampler):
                                f"got clip {got[0]} block {got[1]}")
         return got[2]
 
-    @property
-    def block_shape(self) -> tuple[int, ...]:
-        """Shape of one block's latents, as they cross ranks."""
-        return (1, self.model.cfg.in_dim, self.frames_per_block, *self.lat_hw)
-
     def _first_clip_latent(self) -> torch.Tensor:
         if self.finishes_blocks:
             return super()._first_clip_latent()

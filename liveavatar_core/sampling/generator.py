@@ -180,6 +180,11 @@ class BlockSampler:
         return False
 
     @property
+    def block_shape(self) -> tuple[int, ...]:
+        """Shape of one block's latents (as they cross ranks of a pipeline)."""
+        return (1, self.model.cfg.in_dim, self.frames_per_block, *self.lat_hw)
+
+    @property
     def finishes_blocks(self) -> bool:
         """Whether this sampler runs the last step (its blocks are denoised; it keeps clip_latents)."""
         return self.steps[-1] == self.config.steps - 1
