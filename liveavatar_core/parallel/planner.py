@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from ..config import DEFAULT_FRAMES_PER_CLIP, DiTConfig
 from ..encoders.image import DEFAULT_SIZE, assumed_output_size
 from ..errors import InputError
-from ..plan import (CONTEXT_BYTES, COMPUTE_DTYPES, DEFAULT_AUDIO_SECONDS, FRAGMENTATION, KV_LOCATIONS, PRECISIONS, GiB,
+from ..plan import (_BYTES, CONTEXT_BYTES, COMPUTE_DTYPES, DEFAULT_AUDIO_SECONDS, FRAGMENTATION, KV_LOCATIONS, PRECISIONS, GiB,
                     DeviceSpec, RunPlan, _auto, _build, _cap_bytes, _choice, audio_encoder_bytes,
                     check_kv_cache_dtype, geometry, host_device)
 from ..weights.vae import TEMPORAL_DOWNSAMPLE
@@ -33,7 +33,6 @@ from .layout import LAYOUTS, LayerLayout, StepLayout, layer_layout, step_layout
 PARALLEL_OFFLOAD = ("none", "auto")
 # Video frames per latent frame (the VAE's temporal stride).
 _FRAMES_PER_LATENT = 2 ** sum(TEMPORAL_DOWNSAMPLE)
-_DTYPE_BYTES = {"bf16": 2, "fp32": 4}
 
 
 def hypothetical_devices(count: int, memory_gib: float, label: str = "") -> list[DeviceSpec]:
@@ -365,7 +364,7 @@ def _range_list(r: range) -> list[int]:
 
 
 def _latent_bytes(precision: str) -> int:
-    return _DTYPE_BYTES[COMPUTE_DTYPES[precision]]
+    return _BYTES[COMPUTE_DTYPES[precision]]
 
 
 def choose_devices(available, requested: tuple[str, ...] | str, vae_gpu: str | None = None, steps: int = 4,
