@@ -22,8 +22,8 @@ from dataclasses import dataclass, field, replace
 from ..config import DEFAULT_FRAMES_PER_CLIP, DiTConfig
 from ..encoders.image import DEFAULT_SIZE, assumed_output_size
 from ..errors import InputError
-from ..plan import (_BYTES, CONTEXT_BYTES, COMPUTE_DTYPES, DEFAULT_AUDIO_SECONDS, FRAGMENTATION, KV_LOCATIONS, PRECISIONS, GiB,
-                    DeviceSpec, RunPlan, _auto, _build, _cap_bytes, _choice, audio_encoder_bytes,
+from ..plan import (_BYTES, CONTEXT_BYTES, COMPUTE_DTYPES, DEFAULT_AUDIO_SECONDS, FRAGMENTATION, KV_LOCATIONS,
+                    PRECISIONS, GiB, DeviceSpec, RunPlan, _auto, _build, _cap_bytes, _choice, audio_encoder_bytes,
                     check_kv_cache_dtype, geometry, host_device)
 from ..weights.vae import TEMPORAL_DOWNSAMPLE
 from .cost import (GPUModel, call_seconds, decode_seconds, gpu_for_memory, gpu_model, hop_seconds, link_between,
