@@ -218,14 +218,9 @@ def load_generator(dit_path: str | Path, vae_path: str | Path | None, lora_path:
                      plan_size.replace("*", "x"), plan_size)
         log.info("%s", plan.summary())
     lora = load_lora(lora_path, ckpt.shapes()) if lora_path else None
-    keep = None if layers is None else _layer_filter(ckpt.config, layers)
-    if keep is not None:
-        if plan.swapped:
-            raise InputError("offload", "block swap is not available for a rank that loads a layer range.",
-                             "give the layer layout ranks enough GPU memory for their layers, or use the step "
-                             "layout.")
-        if lora is not None:
-            lora = replace(lora, pairs={k: v for k, v in lora.pairs.items() if keep(k)})
+    keep = None if layers is None else layer_filter(ckpt.config, layers, plan)
+    if keep is not None and lora is not None:
+        lora = replace(lora, pairs={k: v for k, v in lora.pairs.items() if keep(k)})
     dit = new_dit(ckpt.config, precision, attention)
     # Swapped blocks must start in host memory: load everything there, place at the end.
     load_device = torch.device("cpu") if plan.swapped else dit_device
@@ -237,19 +232,25 @@ def load_generator(dit_path: str | Path, vae_path: str | Path | None, lora_path:
     if vae_path is not None:
         vae = prepare_vae(load_vae(vae_path, device=vae_device, dtype=vae_dtype or dtype), vae_device, use_compile)
         log.info("VAE: %s", vae.description)
-    kv_words = ", FP8 KV cache" if plan.kv_cache_dtype == "fp8" else ""
     files = f"{ckpt.description}; {lora.description if lora else 'no LoRA'}"
     vae_words = f"; {vae.description}" if vae is not None else ""
     part_words = f"; layers {layers.start}-{layers.stop - 1} loaded" if layers is not None else ""
-    return assemble(dit, vae, plan, f"{files}; {precision}{', compiled' if use_compile else ''}{kv_words}; "
-                                    f"{plan.placement_words()}{part_words}{vae_words}",
-                    weights=f"{files}; {precision}{kv_words}")
+    return assemble(dit, vae, plan, *model_words(files, precision, plan, use_compile, part_words + vae_words))
 
 
-def drop_other_layers(dit: LiveAvatarDiT, layers: range) -> None:
+def model_words(source: str, precision: str, plan: RunPlan, use_compile: bool, extra: str = "") -> tuple[str, str]:
+    """(description, weights) of a generator built from `source` (its files, or random weights):
+    what is loaded and how it is placed, and what sets its numbers (`LiveAvatarModel.weights`)."""
+    kv = ", FP8 KV cache" if plan.kv_cache_dtype == "fp8" else ""
+    description = f"{source}; {precision}{', compiled' if use_compile else ''}{kv}; {plan.placement_words()}{extra}"
+    weights = f"{source}; {precision}{kv}"
+    return description, weights
+
+
+def drop_other_layers(dit: LiveAvatarDiT, layers: range, plan: RunPlan) -> None:
     """Free every block unit outside `layers` (its parameters go back to the meta device): a layer
     layout rank built whole, from random weights, keeps only what it runs."""
-    keep = _layer_filter(dit.cfg, layers)
+    keep = layer_filter(dit.cfg, layers, plan)
     for name, param in list(dit.named_parameters()):
         if not keep(name):
             owner_name, _, leaf = name.rpartition(".")
@@ -257,8 +258,12 @@ def drop_other_layers(dit: LiveAvatarDiT, layers: range) -> None:
             owner.register_parameter(leaf, torch.nn.Parameter(param.to("meta"), requires_grad=False))
 
 
-def _layer_filter(cfg, layers: range):
-    """Which state-dict names a rank holding `layers` loads: the base and those layers' units."""
+def layer_filter(cfg, layers: range, plan: RunPlan):
+    """Which state-dict names a rank holding `layers` loads: the base and those layers' units.
+    Refused for a plan that swaps blocks (block swap runs over the whole DiT only)."""
+    if plan.swapped:
+        raise InputError("offload", "block swap is not available for a rank that runs a layer range.",
+                         "give the layer layout ranks enough GPU memory for their layers, or use the step layout.")
     def keep(name: str) -> bool:
         unit = unit_of(name, cfg)
         return unit is None or unit in layers

@@ -156,9 +156,9 @@ def test_a_rank_loads_only_its_layers_units_and_the_base(tiny, inputs):
             assert p.is_meta, name
     assert any(unit_of(n, part.cfg) == 0 for n, _ in part.named_parameters())
     # Random weights (benchmarks) are built whole, then the other units are dropped.
-    from liveavatar_core.loading import drop_other_layers
+    from liveavatar_core.loading import drop_other_layers, plan_for_device
     from liveavatar_core.synthetic import TINY_DIT, RandomWeights, random_dit
 
     dit = random_dit(RandomWeights(TINY_DIT), "fp32", "sdpa", "cpu")
-    drop_other_layers(dit, range(3, 4))
+    drop_other_layers(dit, range(3, 4), plan_for_device(TINY_DIT, "cpu", precision="fp32"))
     assert all(p.is_meta == (unit_of(n, dit.cfg) in (0, 1, 2)) for n, p in dit.named_parameters())

@@ -118,7 +118,8 @@ class Worker:
     def _load_random(self, spec: dict) -> dict:
         """This rank's part with random weights (`synthetic.RandomWeights`): the same numbers on
         every rank, as from a file, placed by the same steps as `load_generator`."""
-        from ..loading import assemble, drop_other_layers, plan_for_device, prepare_dit, prepare_vae, resolve_compile
+        from ..loading import (assemble, drop_other_layers, model_words, plan_for_device, prepare_dit, prepare_vae,
+                               resolve_compile)
         from ..ops.fp8 import check_fp8_support
         from ..resume import tensor_digest
         from ..synthetic import random_dit, random_vae
@@ -137,18 +138,13 @@ class Worker:
         dit = random_dit(weights, precision, spec["attention"], self.device)
         layers = self.layout.part(self.rank)[1]
         if layers is not None:
-            if plan.swapped:
-                raise InputError("offload", "block swap is not available for a rank that runs a layer range.",
-                                 "give the layer layout ranks enough GPU memory for their layers.")
-            drop_other_layers(dit, layers)
+            drop_other_layers(dit, layers, plan)
         use_compile = resolve_compile(spec["compile"], self.device)
         prepare_dit(dit, plan, self.device, use_compile=use_compile)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # the swapped blocks' GPU copies
-        kv_words = ", FP8 KV cache" if plan.kv_cache_dtype == "fp8" else ""
-        words = f"{weights.describe()}; {precision}{kv_words}"
-        model = assemble(dit, vae, plan, f"{words}{', compiled' if use_compile else ''}; {plan.placement_words()}",
-                         weights=words)
+        description, words = model_words(weights.describe(), precision, plan, use_compile)
+        model = assemble(dit, vae, plan, description, weights=words)
         self.dit, self.vae, self.cache_factory = model.dit, model.vae, model.cache_factory()
         return {"description": model.description, "weights": words, "cfg": dit.cfg,
                 "digest": tensor_digest(dit.patch_embedding.weight), "vae": vae.description if vae else None}
