@@ -468,6 +468,7 @@ class LiveAvatarDiT(nn.Module):
         _, ph, pw = cfg.patch_size
         out = out.view(b, f, hp, wp, ph, pw, cfg.out_dim).permute(0, 6, 1, 2, 4, 3, 5)
         return out.reshape(b, cfg.out_dim, f, lat_h, lat_w)
+
     def _check_block(self, x, audio, cond_states, cache, current_start):
         cfg = self.cfg
         if x.dim() != 5 or x.shape[1] != cfg.in_dim:

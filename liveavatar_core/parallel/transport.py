@@ -57,7 +57,6 @@ class Peers:
         dist.recv(x, src)
         return clip, block, x.to(self.device)
 
-
     def post(self, dst: int, header: tuple[int, ...], *tensors: torch.Tensor) -> None:
         """Send `header` (ints) and `tensors` to rank `dst` without waiting for it to receive them."""
         self._posted = [(w, t) for w, t in self._posted if not w.is_completed()]
