@@ -3,9 +3,9 @@
 Every flag the official generate scripts pass, and every other flag of that script, is known here:
 mapped to ours (`--t5_cpu`, `--save_dir`, `--base_seed -1`), accepted where the official code itself
 ignores it or where it asks for what we do anyway (`--sample_guide_scale 0`, `--num_gpus_dit 1`,
-`--convert_model_dtype`), or refused with the reason and the fix. The official five-GPU command
-(`--num_gpus_dit 4 --enable_vae_parallel`) maps to `--devices cuda:0,...,cuda:3 --vae_gpu cuda:4`. Copying an official command line
-therefore never ends in argparse's "unrecognized arguments".
+`--convert_model_dtype`), or refused with the reason and the fix. Copying an official command line
+therefore never ends in argparse's "unrecognized arguments". The official five-GPU command
+(`--num_gpus_dit 4 --enable_vae_parallel`) maps to `--devices cuda:0,...,cuda:3 --vae_gpu cuda:4`.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ log = logging.getLogger("liveavatar")
 _IGNORED_STORE_TRUE = ("convert_model_dtype", "single_gpu", "start_from_ref", "drop_motion_noisy", "use_dataset",
                        "using_merged_ckpt")
 _NO_FSDP = ("FSDP sharding is not available yet: the step layout keeps the whole DiT on each GPU (with 4 GPUs the "
-            "official timestep-forcing pipeline)")
-_FSDP_FIX = ("drop the flag; if a GPU is too small, --offload_model True lets each rank stream its caches or swap "
-             "blocks (python -m liveavatar_core plan ... --devices auto shows it)")
+            "official timestep-forcing pipeline), the layer layout a share of its layers")
+_FSDP_FIX = ("drop the flag; if a GPU is too small, --layout layers divides the weights and caches between the GPUs, "
+             "and --offload_model True lets each rank stream its caches (python -m liveavatar_core plan ... "
+             "--devices auto shows the plan)")
 
 
 def add_official_flags(parser: argparse.ArgumentParser) -> None:
@@ -75,10 +76,7 @@ def _map_gpu_flags(args: argparse.Namespace) -> None:
     if args.devices is not None or args.vae_gpu is not None:
         raise InputError("num_gpus_dit", "--num_gpus_dit/--enable_vae_parallel and --devices/--vae_gpu both say "
                          "which GPUs to use.", "keep one pair: the official flags or --devices/--vae_gpu.")
-    if n > 1:
-        args.devices = ",".join(f"cuda:{i}" for i in range(n))
-    else:
-        args.devices = "cuda:0"
+    args.devices = ",".join(f"cuda:{i}" for i in range(n))
     if args.enable_vae_parallel:
         args.vae_gpu = f"cuda:{n}"
 
