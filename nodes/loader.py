@@ -133,8 +133,8 @@ class LiveAvatarModelLoader:
         vae_path = host.resolve("vae", vae, "vae", VAE_FILE)
         ranks = _ranks(parallel, gpus, vae_gpu, offload)
         if ranks is not None:
-            return (_load_parallel(dit_path, vae_path, lora_path, ranks, parallel, precision=precision, attention=attention,
-                                   offload=offload, kv_cache=kv_cache, compile=compile,
+            return (_load_parallel(dit_path, vae_path, lora_path, ranks, _layout(parallel), precision=precision,
+                                   attention=attention, offload=offload, kv_cache=kv_cache, compile=compile,
                                    kv_cache_dtype=kv_cache_dtype, unique_id=unique_id),)
         device = host.torch_device(dit_device, "dit_device")
         vae_dev = device if vae_device == VAE_SAME else host.torch_device(vae_device, "vae_device")
@@ -148,15 +148,19 @@ class LiveAvatarModelLoader:
         return (model,)
 
 
+def _layout(parallel: str) -> str:
+    """The layout a `parallel` choice runs ("auto": the step layout)."""
+    return parallel if parallel in LAYOUTS else "steps"
+
+
 def _ranks(parallel: str, gpus: str, vae_gpu: str, offload: str):
     """(DiT devices, VAE device, spare GPUs) when the run is parallel, else None (one process)."""
     if parallel == "off":
         return None
     available = detect_devices()
     try:
-        dit, vae, spare = choose_devices(available, gpus.strip() if gpus.strip() == "auto" else gpus,
-                                         None if vae_gpu == VAE_LAST else vae_gpu, input_name="gpus",
-                                         layout="layers" if parallel == "layers" else "steps")
+        dit, vae, spare = choose_devices(available, gpus.strip(), None if vae_gpu == VAE_LAST else vae_gpu,
+                                         input_name="gpus", layout=_layout(parallel))
     except InputError:
         if parallel == "auto":  # fewer than two GPUs: one process, as with parallel off
             return None
@@ -172,8 +176,8 @@ def _ranks(parallel: str, gpus: str, vae_gpu: str, offload: str):
     return dit, vae, spare
 
 
-def _load_parallel(dit_path, vae_path, lora_path, ranks, parallel: str, *, precision, attention, offload, kv_cache, compile,
-                   kv_cache_dtype, unique_id):
+def _load_parallel(dit_path, vae_path, lora_path, ranks, layout: str, *, precision, attention, offload, kv_cache,
+                   compile, kv_cache_dtype, unique_id):
     """Plan (refused with its fix before any weight is read), then start the workers."""
     from ..liveavatar_core.parallel.remote import load_parallel
 
@@ -181,7 +185,7 @@ def _load_parallel(dit_path, vae_path, lora_path, ranks, parallel: str, *, preci
     cfg = load_dit_checkpoint(dit_path).config
     controller = host.torch_device("auto", "dit_device")
     plan = plan_parallel(cfg, devices=dit, vae_device=vae, spare=spare, size=DEFAULT_SIZE, precision=precision,
-                         layout="layers" if parallel == "layers" else "steps",
+                         layout=layout,
                          kv_cache_dtype=kv_cache_dtype, kv_cache_location=kv_cache,
                          offload="auto" if offload == "auto" else "none",
                          controller=str(controller) if controller.type == "cuda" else None).validate()

@@ -178,7 +178,8 @@ class ParallelPlan:
         most = self.layout.num_steps if req["layout"] == "steps" else req["cfg"].num_layers
         if spare and self.layout.dit_ranks < most:
             more = (*req["devices"], spare[0])
-            tries.append((f"add a GPU ({', '.join(d.name for d in more)})", {"devices": more, "spare": tuple(spare[1:])}))
+            tries.append((f"add a GPU ({', '.join(d.name for d in more)})",
+                          {"devices": more, "spare": tuple(spare[1:])}))
         for words, change in tries:
             try:
                 alt = plan_parallel(**{**req, **change})
@@ -187,7 +188,8 @@ class ParallelPlan:
             if alt.fits():
                 worst = max(alt.ranks, key=lambda r: r.required_bytes)
                 speed = f", about {alt.fps:.1f} FPS" if alt.fps else ""
-                fixes.append((-(alt.fps or 0.0), f"{words}: at most {worst.required_bytes / GiB:.1f} GiB per GPU{speed}"))
+                fixes.append((-(alt.fps or 0.0),
+                              f"{words}: at most {worst.required_bytes / GiB:.1f} GiB per GPU{speed}"))
         # Cheapest first: the fix that keeps the most speed.
         fixes = [text for _, text in sorted(fixes, key=lambda f: f[0])]
         if not fixes:
