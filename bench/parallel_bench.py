@@ -99,7 +99,7 @@ def _timed(model, weights: RandomWeights, args, keep_frames: bool):
     for _ in generate(model, *random_inputs(weights.dit, geo, 1), bench_settings(args.size, geo, 1)):
         pass
     if hasattr(model, "group"):
-        _rank_stats(model, reset_peak=True)
+        model.rank_stats(reset_peak=True)
     elif args.device != "cpu":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -111,14 +111,6 @@ def _timed(model, weights: RandomWeights, args, keep_frames: bool):
         if keep_frames:
             frames.append(chunk.frames)
     return record, frames, time.perf_counter() - start
-
-
-def _rank_stats(model, reset_peak: bool = False) -> list[dict]:
-    """Each rank's `Worker.stats` (peak GPU memory since the last reset; its total memory)."""
-    group = model.group
-    for rank in range(model.layout.world_size):
-        group.send(rank, ("stats", reset_peak))
-    return [group.receive(rank, "stats", timeout=60)[1] for rank in range(model.layout.world_size)]
 
 
 def rank_plan(weights: RandomWeights, layout, args):
@@ -189,7 +181,7 @@ def run_parallel(n: int, weights: RandomWeights, args) -> tuple[dict, list]:
     built_s = time.perf_counter() - t0
     try:
         record, frames, total_s = _timed(model, weights, args, keep_frames=args.check_exact)
-        stats = _rank_stats(model)
+        stats = model.rank_stats()
     finally:
         model.close()
     # The generation phase (what a DiT + VAE run allocates) of each rank, beside its measured peak.

@@ -89,13 +89,15 @@ def plan_for_device(cfg, device: str | torch.device, *, precision: str = "bf16",
                     blocks_on_gpu: int | None = None, kv_cache_location: str = "gpu", kv_cache_dtype: str = "auto",
                     size: str | tuple[int, int] = DEFAULT_SIZE, frames_per_clip: int = DEFAULT_FRAMES_PER_CLIP,
                     steps: int = 4, text_encoder: str = "cpu", audio_encoder: str = "cpu",
-                    encoder_bytes: tuple[int | None, int | None] = (None, None), validate: bool = True) -> RunPlan:
+                    encoder_bytes: tuple[int | None, int | None] = (None, None), validate: bool = True,
+                    shards: int = 1) -> RunPlan:
     """The run plan for a DiT on `device` (a CPU device gives a CPU-only plan), validated unless
     `validate` is False (then `plan.fits()` says whether it does).
 
     size: the output (height, width), or an area string when the image is not known yet (see
     `plan.plan_run`). text_encoder / audio_encoder: where the encoders run ("offload": on the GPU
-    before the DiT is loaded; "cpu", the default: not on the GPU, as for the loader node).
+    before the DiT is loaded; "cpu", the default: not on the GPU, as for the loader node); shards:
+    the block units sharded over that many ranks (FSDP).
     """
     device = torch.device(device)
     check_kv_cache_dtype(kv_cache_dtype, precision)
@@ -111,7 +113,8 @@ def plan_for_device(cfg, device: str | torch.device, *, precision: str = "bf16",
     plan = plan_run(cfg, size=size, frames_per_clip=frames_per_clip, steps=steps, devices=devices,
                     precision=precision, offload=offload, blocks_on_gpu=blocks_on_gpu,
                     kv_cache_location=kv_cache_location, kv_cache_dtype=kv_cache_dtype,
-                    text_encoder=text_encoder, audio_encoder=audio_encoder, encoder_bytes=encoder_bytes)
+                    text_encoder=text_encoder, audio_encoder=audio_encoder, encoder_bytes=encoder_bytes,
+                    shards=shards)
     return plan.validate() if validate else plan
 
 
@@ -122,14 +125,16 @@ def new_dit(cfg, precision: str, attention: str = "sdpa") -> LiveAvatarDiT:
 
 
 def prepare_dit(dit: LiveAvatarDiT, plan: RunPlan, device: torch.device, *, lora=None,
-                lora_scale: float = DEFAULT_SCALE, use_compile: bool = False):
+                lora_scale: float = DEFAULT_SCALE, use_compile: bool = False, shard_group=None):
     """Steps 2-5 on a DiT holding its base weights (in host memory if `plan` swaps blocks);
-    returns the block swap state (its transfer counters), or None without block swap.
+    returns the placement state: block swap's (its transfer counters), FSDP's (its gathers, with
+    `plan.shards` > 1 over `shard_group`), or None.
 
     2. LoRA merge in place: fp32 delta, one rounding to the weight dtype.
     3. FP8 GEMMs after the merge (the merged weights are what is quantised; swapped blocks are
        still in host memory and are quantised on the GPU one at a time).
-    4. Placement: block swap from pinned host memory, prefetched one block ahead.
+    4. Placement: block swap from pinned host memory, prefetched one block ahead; or the block
+       units sharded over the ranks of `shard_group` (placement/fsdp.py).
     5. Regional compilation.
     """
     dit.eval().requires_grad_(False)
@@ -138,12 +143,18 @@ def prepare_dit(dit: LiveAvatarDiT, plan: RunPlan, device: torch.device, *, lora
         log.info("LoRA: %s; merged %d pairs at scale %g", lora.description, merged, lora_scale)
     if plan.precision == "fp8":
         log.info("FP8: %d Linear layers converted", convert_to_fp8(dit, compute_device=device, fused=use_compile))
-    swap = apply_block_swap(dit, plan.blocks_on_gpu, device, layers=plan.swapped) if plan.swapped else None
+    state = None
+    if plan.shards > 1:
+        from .placement.fsdp import apply_fsdp  # needs torch.distributed, which some builds lack
+
+        state = apply_fsdp(dit, shard_group, device)
+    elif plan.swapped:
+        state = apply_block_swap(dit, plan.blocks_on_gpu, device, layers=plan.swapped)
     log.info("placement: %s", plan.placement_words())
     if use_compile:
         dit.compile_regions()
         log.info("regional compilation on: the first call at each size compiles (about 15 s on an H200)")
-    return swap
+    return state
 
 
 def prepare_vae(vae, device: torch.device, use_compile: bool = False):
@@ -156,12 +167,14 @@ def prepare_vae(vae, device: torch.device, use_compile: bool = False):
     return vae
 
 
-def assemble(dit: LiveAvatarDiT, vae, plan: RunPlan, description: str, weights: str = "") -> LiveAvatarModel:
+def assemble(dit: LiveAvatarDiT, vae, plan: RunPlan, description: str, weights: str = "",
+             placement=None) -> LiveAvatarModel:
     """The generator the pipeline runs, with the plan it was placed by (re-checked per video size);
-    `weights`: the part of the description that sets the numbers (see `LiveAvatarModel.identity`)."""
+    `weights`: the part of the description that sets the numbers (see `LiveAvatarModel.identity`);
+    `placement`: `prepare_dit`'s state."""
     return LiveAvatarModel(dit, vae, description, kv_cache_location=plan.kv_cache_location,
                            kv_cache_dtype="fp8" if plan.kv_cache_dtype == "fp8" else None, plan=plan,
-                           weights=weights)
+                           weights=weights, placement=placement)
 
 
 def load_generator(dit_path: str | Path, vae_path: str | Path | None, lora_path: str | Path | None = None, *,
@@ -172,7 +185,7 @@ def load_generator(dit_path: str | Path, vae_path: str | Path | None, lora_path:
                    plan_size: str | tuple[int, int] = DEFAULT_SIZE,
                    frames_per_clip: int = DEFAULT_FRAMES_PER_CLIP, steps: int = 4,
                    compile: str = "auto", plan: RunPlan | None = None,
-                   layers: range | None = None) -> LiveAvatarModel:
+                   layers: range | None = None, shard_group=None) -> LiveAvatarModel:
     """Plan, load, merge, convert and place the DiT and the VAE.
 
     dit_path: official folder, shard index or single file; vae_path: the VAE file (None: no VAE,
@@ -189,7 +202,8 @@ def load_generator(dit_path: str | Path, vae_path: str | Path | None, lora_path:
     auto (on for a CUDA DiT when Triton is installed). The first call at each size compiles.
     plan: a plan already made for these settings (the CLI's preflight); None = plan here.
     layers: load only these layers' block units besides the base (a layer layout rank); the other
-    units stay on the meta device and must not be run.
+    units stay on the meta device and must not be run. shard_group: the process group a plan with
+    `shards` > 1 shards the block units over (every rank of it loads the same files).
     """
     dtype = compute_dtype(precision)
     check_kv_cache_dtype(kv_cache_dtype, precision)
@@ -208,10 +222,11 @@ def load_generator(dit_path: str | Path, vae_path: str | Path | None, lora_path:
     log.info("DiT: %s", ckpt.description)
     planned_here = plan is None
     if plan is None:
+        shards = 1 if shard_group is None else shard_group.size()
         plan = plan_for_device(ckpt.config, dit_device, precision=precision, offload=offload,
                                blocks_on_gpu=blocks_on_gpu, kv_cache_location=kv_cache_location,
                                kv_cache_dtype=kv_cache_dtype, size=plan_size, frames_per_clip=frames_per_clip,
-                               steps=steps)
+                               steps=steps, shards=shards)
         if isinstance(plan_size, str):
             log.info("planned for %dx%d, the output of a %s image at size %s; each video is re-checked at "
                      "its own size before it starts", plan.geometry.width, plan.geometry.height,
@@ -222,12 +237,13 @@ def load_generator(dit_path: str | Path, vae_path: str | Path | None, lora_path:
     if keep is not None and lora is not None:
         lora = replace(lora, pairs={k: v for k, v in lora.pairs.items() if keep(k)})
     dit = new_dit(ckpt.config, precision, attention)
-    # Swapped blocks must start in host memory: load everything there, place at the end.
-    load_device = torch.device("cpu") if plan.swapped else dit_device
+    # Swapped or sharded blocks must start in host memory: load everything there, place at the end.
+    load_device = torch.device("cpu") if plan.swapped or plan.shards > 1 else dit_device
     load_into_module(dit, ckpt.state_dict, device=load_device, only=keep)  # one tensor at a time, cast to dtype
     if lora is None and planned_here:  # a preflight has said so already
         log.warning("no LoRA given: the base Wan2.2-S2V model is not the 4-step distilled Live Avatar model")
-    prepare_dit(dit, plan, dit_device, lora=lora, lora_scale=lora_scale, use_compile=use_compile)
+    placement = prepare_dit(dit, plan, dit_device, lora=lora, lora_scale=lora_scale, use_compile=use_compile,
+                            shard_group=shard_group)
     vae = None
     if vae_path is not None:
         vae = prepare_vae(load_vae(vae_path, device=vae_device, dtype=vae_dtype or dtype), vae_device, use_compile)
@@ -235,7 +251,8 @@ def load_generator(dit_path: str | Path, vae_path: str | Path | None, lora_path:
     files = f"{ckpt.description}; {lora.description if lora else 'no LoRA'}"
     vae_words = f"; {vae.description}" if vae is not None else ""
     part_words = f"; layers {layers.start}-{layers.stop - 1} loaded" if layers is not None else ""
-    return assemble(dit, vae, plan, *model_words(files, precision, plan, use_compile, part_words + vae_words))
+    return assemble(dit, vae, plan, *model_words(files, precision, plan, use_compile, part_words + vae_words),
+                    placement=placement)
 
 
 def model_words(source: str, precision: str, plan: RunPlan, use_compile: bool, extra: str = "") -> tuple[str, str]:

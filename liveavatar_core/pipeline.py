@@ -105,6 +105,7 @@ class LiveAvatarModel:
     kv_cache_dtype: str | None = None  # None: the DiT's compute dtype; "fp8": e4m3 rings (model/cache.py)
     plan: RunPlan | None = None  # the placement it was loaded with; re-checked at each video's size
     weights: str = ""  # what sets the numbers (files, LoRA, precision, KV dtype); "" = the description
+    placement: object = None  # `loading.prepare_dit`'s state: block swap counters, FSDP gathers, or None
 
     @property
     def identity(self) -> str:

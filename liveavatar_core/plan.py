@@ -49,7 +49,8 @@ PLACEMENTS = ("gpu", "offload", "cpu")
 _BYTES = {"bf16": 2, "fp32": 4, "fp8": 1}
 # Phases of a run: the encoders run before generation starts (and, offloaded, leave the GPU).
 _ENCODE, _GENERATE, _ALWAYS = "encode", "generate", "always"
-# Staging slots of block swap and of the streamed KV cache (current + one in flight).
+# Whole units or KV layers on the GPU at once for block swap, FSDP gathers and the streamed KV
+# cache (current + one in flight).
 SWAP_SLOTS = 2
 KV_STREAM_SLOTS = 2
 # Device memory not available to PyTorch's allocator (CUDA context, cuBLAS/cuDNN workspaces).
@@ -381,6 +382,7 @@ class RunPlan:
     encoder_bytes: tuple[int | None, int | None] = (None, None)  # (umT5, wav2vec2) weights; None = release
     has_dit: bool = True  # False: a pipeline rank that only runs the VAE
     owned: range | None = None  # the DiT layers this plan holds (a layer-layout rank); None: all
+    shards: int = 1  # ranks the block units are sharded over (FSDP, placement/fsdp.py); 1: whole
 
     @property
     def owned_layers(self) -> range:
@@ -460,9 +462,10 @@ class RunPlan:
 
     def placement_words(self) -> str:
         """The offload choices in words, for messages and logs."""
+        sharded = f"block units sharded over {self.shards} ranks (FSDP)" if self.shards > 1 else ""
         if self.dit_device == "cpu":
-            return "everything on the CPU (no GPU in this plan)"
-        words = []
+            return "everything on the CPU (no GPU in this plan)" + (f"; {sharded}" if sharded else "")
+        words = [sharded] if sharded else []
         if self.swapped:
             words.append(f"block_swap with {self.blocks_on_gpu} blocks on GPU")
         if self.streamed_kv_layers():
@@ -580,7 +583,7 @@ def _rebuild(plan: RunPlan, geometry: Geometry | None = None, **changes) -> RunP
                 kv_layers_on_gpu=plan.kv_layers_on_gpu, kv_cache_dtype="fp8" if plan.kv_cache_dtype == "fp8" else None,
                 vae=plan.vae, text_encoder=plan.text_encoder, audio_encoder=plan.audio_encoder,
                 audio_seconds=plan.audio_seconds, encoder_bytes=plan.encoder_bytes, has_dit=plan.has_dit,
-                owned=plan.owned)
+                owned=plan.owned, shards=plan.shards)
     args.update(changes)
     return _build(plan.cfg, geometry or plan.geometry, plan.devices, plan.host, plan.memory_cap_bytes,
                   plan.dit_device, **args)
@@ -623,7 +626,7 @@ def plan_run(cfg: DiTConfig, *, size: str | tuple[int, int] = DEFAULT_SIZE,
              blocks_on_gpu: int | None = None, kv_cache_location: str = "gpu", kv_cache_dtype: str | None = None, vae: str = "gpu", text_encoder: str = "gpu",
              audio_encoder: str = "gpu", memory_cap: float | int | None = None,
              audio_seconds: float = DEFAULT_AUDIO_SECONDS,
-             encoder_bytes: tuple[int | None, int | None] = (None, None)) -> RunPlan:
+             encoder_bytes: tuple[int | None, int | None] = (None, None), shards: int = 1) -> RunPlan:
     """Resolve settings into a `RunPlan` (not validated: call `.validate()`).
 
     size: the output (height, width) in pixels, as `encoders.image.choose_output_size` picks it
@@ -635,7 +638,8 @@ def plan_run(cfg: DiTConfig, *, size: str | tuple[int, int] = DEFAULT_SIZE,
     `blocks_on_gpu` DiT blocks resident) or auto (the cheapest fitting placement);
     kv_cache_location "cpu" keeps the KV rings in pinned host memory and streams them layer by
     layer ahead of use; encoder_bytes: the (umT5, wav2vec2) weight bytes read from their file
-    headers (None: the release encoders); kv_cache_dtype: None or "auto" (the compute dtype) or "fp8".
+    headers (None: the release encoders); kv_cache_dtype: None or "auto" (the compute dtype) or "fp8";
+    shards: the block units sharded over that many ranks (FSDP; the plan of one of them).
     """
     _choice("precision", precision, PRECISIONS)
     check_kv_cache_dtype(kv_cache_dtype or "auto", precision)
@@ -668,7 +672,8 @@ def plan_run(cfg: DiTConfig, *, size: str | tuple[int, int] = DEFAULT_SIZE,
     n_kv = layers if kv_cache_location == "gpu" else 0
     plan = _build(cfg, geo, devices, host, cap, dit_device, precision=precision, blocks_on_gpu=n_blocks,
                   kv_layers_on_gpu=n_kv, kv_cache_dtype=kv_cache_dtype, vae=vae, text_encoder=text_encoder,
-                  audio_encoder=audio_encoder, audio_seconds=audio_seconds, encoder_bytes=encoder_bytes)
+                  audio_encoder=audio_encoder, audio_seconds=audio_seconds, encoder_bytes=encoder_bytes,
+                  shards=shards)
     if offload != "auto" or not devices:
         return plan
     if plan.fits():
@@ -684,11 +689,12 @@ def _build(cfg: DiTConfig, geo: Geometry, devices: tuple[DeviceSpec, ...], host:
            kv_cache_dtype: str | None, vae: str, text_encoder: str, audio_encoder: str,
            audio_seconds: float = DEFAULT_AUDIO_SECONDS,
            encoder_bytes: tuple[int | None, int | None] = (None, None), has_dit: bool = True,
-           owned: range | None = None) -> RunPlan:
+           owned: range | None = None, shards: int = 1) -> RunPlan:
     """The itemised plan. A pipeline rank (parallel/planner.py) plans its own steps (`geo.steps`) or
     layers (`owned`: their weights and their share of every cache; `blocks_on_gpu` and
     `kv_layers_on_gpu` then count owned layers), and `vae` / `text_encoder` / `audio_encoder` "none"
-    or `has_dit` False for what runs elsewhere."""
+    or `has_dit` False for what runs elsewhere; `shards` > 1: the block units sharded over that many
+    ranks (each holds its share and two whole units while gathering)."""
     check_kv_cache_dtype(kv_cache_dtype or "auto", precision)
     if dit_device == "cpu":  # one memory: an encoder "offloaded" to the host is just on the CPU
         text_encoder, audio_encoder = "cpu", "cpu"
@@ -701,7 +707,11 @@ def _build(cfg: DiTConfig, geo: Geometry, devices: tuple[DeviceSpec, ...], host:
     base, units = dit_unit_bytes(cfg, precision)
     items = []
     streamed = len(mine) - kv_layers_on_gpu if has_dit else 0
-    if has_dit:
+    if has_dit and shards > 1:
+        items.append(MemoryItem(gpu, "DiT weights (base + shards)", base + -(-sum(units) // shards),
+                                note=f"1/{shards} of {layers} blocks, {precision}"))
+        items.append(MemoryItem(gpu, "FSDP gathered units", SWAP_SLOTS * max(units), note=f"{SWAP_SLOTS} units"))
+    elif has_dit:
         items.append(MemoryItem(gpu, "DiT weights (resident)",
                                 base + sum(units[i] for i in mine if i not in swapped),
                                 note=f"{len(mine) - len(swapped)} of {layers} blocks, {precision}"))
@@ -759,7 +769,7 @@ def _build(cfg: DiTConfig, geo: Geometry, devices: tuple[DeviceSpec, ...], host:
     return RunPlan(cfg, geo, precision, "block_swap" if swapped else "none", blocks_on_gpu, swapped,
                    "cpu" if streamed else "gpu", kv_layers_on_gpu, kv_dtype, vae, text_encoder, audio_encoder,
                    dit_device, devices, host, cap, tuple(items), audio_seconds=audio_seconds,
-                   encoder_bytes=encoder_bytes, has_dit=has_dit, owned=owned)
+                   encoder_bytes=encoder_bytes, has_dit=has_dit, owned=owned, shards=shards)
 
 
 def _cap_bytes(memory_cap, devices) -> int | None:

@@ -30,7 +30,7 @@ from liveavatar_core.encoders.text import TextEncoder
 from liveavatar_core.errors import InputError, WorkerError
 from liveavatar_core.loading import load_generator, official_folder
 from liveavatar_core.parallel.group import WorkerGroup
-from liveavatar_core.parallel.layout import step_layout
+from liveavatar_core.parallel.layout import layer_layout, step_layout
 from liveavatar_core.parallel.remote import load_parallel
 from liveavatar_core.pipeline import GenerationSettings, generate, write_mp4
 from liveavatar_core.resume import load_resume_state
@@ -75,14 +75,49 @@ def _sampler_tensors(stream) -> dict:
     return {k: v.clone() for k, v in state["tensors"].items() if k.startswith("sampler.")}
 
 
-def _load(tiny, inputs, n, vae=False):
+def _load(tiny, inputs, n, vae=False, shard="none"):
     folder = inputs[0]
-    return load_parallel(folder.dit, folder.vae, tiny.lora, precision="fp32",
+    return load_parallel(folder.dit, folder.vae, tiny.lora, precision="fp32", shard=shard,
                          layout=step_layout(["cpu"] * n, vae_device="cpu" if vae else None))
 
 
 def _same(a, b) -> bool:
     return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("n, vae", [(2, False), (4, True)])
+def test_fsdp_shards_the_weights_and_gives_the_frames_of_one_process(tiny, inputs, single, n, vae):
+    _, text, audio = inputs
+    whole = load_generator(inputs[0].dit, None, tiny.lora, precision="fp32").dit
+    whole_bytes = sum(p.numel() * p.element_size() for p in whole.parameters())
+    unit_bytes = sum(p.numel() * p.element_size() for layer in range(whole.cfg.num_layers)
+                     for m in whole.unit_modules(layer) for p in m.parameters())
+    model = _load(tiny, inputs, n, vae, shard="fsdp")
+    try:
+        assert "sharded over %d ranks (FSDP)" % n in model.description
+        held = [s["dit_weight_bytes"] for s in model.rank_stats()[:n]]
+        # Each DiT rank holds the base and a 1/n share of the units (FSDP pads a share by a few rows).
+        assert all(abs(h - (whole_bytes - unit_bytes + unit_bytes / n)) < 0.02 * unit_bytes for h in held), held
+        for settings in (STREAMING, OFFICIAL) if n == 2 else (STREAMING,):
+            stream = generate(model, text, audio, tiny.image, settings)
+            assert _same([c.frames for c in stream], single[settings.mode]), (n, settings.mode)
+            want, have = single[settings.mode + " state"], _sampler_tensors(stream)
+            assert sorted(have) == sorted(want)
+            assert all(torch.equal(have[k], want[k]) for k in want), [k for k in want if not torch.equal(have[k], want[k])]
+    finally:
+        model.close()
+    assert all(p.poll() is not None for p in model.group.procs)
+
+
+def test_fsdp_refusals(tiny, inputs):
+    folder = inputs[0]
+    for layout, words in ((layer_layout(["cpu"] * 2, 4), "layer layout"), (step_layout(["cpu"]), "has one")):
+        with pytest.raises(InputError, match=words) as err:
+            load_parallel(folder.dit, folder.vae, tiny.lora, precision="fp32", shard="fsdp", layout=layout)
+        assert err.value.input_name == "shard"
+    with pytest.raises(InputError, match="unknown value 'zero3'"):
+        load_parallel(folder.dit, folder.vae, tiny.lora, precision="fp32", shard="zero3",
+                      layout=step_layout(["cpu"] * 2))
 
 
 @pytest.mark.parametrize("n, vae", [(2, False), (3, False), (4, False), (4, True)])
@@ -264,7 +299,7 @@ def test_workers_exit_when_their_controller_dies(tiny):
     """A controller killed outright (ComfyUI or the CLI, SIGKILL: no atexit runs) leaves no worker:
     each rank exits when its control socket closes."""
     script = (f"import time\nfrom liveavatar_core.loading import official_folder\n"
-              f"from liveavatar_core.parallel.layout import step_layout\n"
+              f"from liveavatar_core.parallel.layout import layer_layout, step_layout\n"
               f"from liveavatar_core.parallel.remote import load_parallel\n"
               f"folder = official_folder({str(tiny.ckpt_dir)!r})\n"
               f"model = load_parallel(folder.dit, folder.vae, {str(tiny.lora)!r}, precision='fp32', "

@@ -23,6 +23,8 @@ import torch
 from ..errors import InputError
 
 LAYOUTS = ("steps", "layers")
+# Weights per DiT rank: whole, or the block units sharded over the DiT ranks (placement/fsdp.py).
+SHARDS = ("none", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,25 @@ class LayerLayout:
     def describe(self) -> str:
         return "; ".join(f"rank {r} ({self.devices[r]}): layers {p.start}-{p.stop - 1}"
                          + (" + VAE" if r == self.vae_rank else "") for r, p in enumerate(self.layers))
+
+
+def check_shard(shard: str, layout: StepLayout | LayerLayout | str, dit_ranks: int) -> None:
+    """Refuse an unknown sharding, or FSDP where it cannot work: one DiT rank (nothing to shard
+    over), or the layer layout, whose ranks run different layers at any moment, so no unit is
+    needed by all of them at once (and each already holds only its own layers)."""
+    if shard not in SHARDS:
+        raise InputError("shard", f"unknown value {shard!r}.", f"choose one of {', '.join(SHARDS)}.")
+    if shard == "none":
+        return
+    kind = layout if isinstance(layout, str) else ("layers" if isinstance(layout, LayerLayout) else "steps")
+    if kind == "layers":
+        raise InputError("shard", "FSDP gathers every unit on all ranks at the same moment, but the layer layout's "
+                         "ranks run different layers at any moment; its ranks already hold only their own "
+                         "layers' weights, a share of the model like FSDP's.",
+                         "use shard 'none' with the layer layout, or the step layout with shard 'fsdp'.")
+    if dit_ranks < 2:
+        raise InputError("shard", "FSDP shards the weights over several DiT ranks; this run has one.",
+                         "use shard 'none', or list two or more devices.")
 
 
 def backend_for(devices: tuple[str, ...]) -> str:

@@ -43,7 +43,7 @@ from ..weights.dit import load_dit_checkpoint
 from ..weights.lora import DEFAULT_SCALE
 from ..weights.vae import SPATIAL_STRIDE
 from .group import WorkerGroup
-from .layout import LayerLayout, StepLayout
+from .layout import LayerLayout, StepLayout, check_shard
 
 if TYPE_CHECKING:
     from ..synthetic import RandomWeights
@@ -71,13 +71,20 @@ class RemoteModel:
         """Stop the worker processes (the GPUs are free afterwards)."""
         self.group.close()
 
+    def rank_stats(self, reset_peak: bool = False) -> list[dict]:
+        """Each rank's memory between jobs (`Worker.stats`: peak GPU memory since the last reset,
+        total memory, DiT weight bytes held)."""
+        for rank in range(self.layout.world_size):
+            self.group.send(rank, ("stats", reset_peak))
+        return [self.group.receive(rank, "stats", timeout=60)[1] for rank in range(self.layout.world_size)]
+
 
 def load_parallel(dit_path: str | Path | None, vae_path: str | Path | None, lora_path: str | Path | None = None, *,
                   layout: StepLayout | LayerLayout, precision: str = "bf16", attention: str = "sdpa",
                   compile: str = "auto", kv_cache_dtype: str = "auto", lora_scale: float = DEFAULT_SCALE, plan=None,
                   log_dir: str | os.PathLike | None = None, attach: tuple[str, int] | None = None,
                   authkey: bytes | None = None, random_weights: RandomWeights | None = None,
-                  memory_cap: int | None = None) -> RemoteModel:
+                  memory_cap: int | None = None, shard: str = "none") -> RemoteModel:
     """Start one worker per rank of `layout` and load each rank's part (see module docstring).
 
     plan: a `ParallelPlan` (its per-rank `RunPlan`s place each rank); None: each rank plans for
@@ -86,8 +93,9 @@ def load_parallel(dit_path: str | Path | None, vae_path: str | Path | None, lora
     random_weights: build random weights of these architectures on every rank instead of reading
     files (benchmarks; the paths are then None); memory_cap: bytes each GPU rank may allocate once
     loaded (benchmarks emulating a smaller card, as `torch.cuda.set_per_process_memory_fraction`
-    imposes).
+    imposes); shard: "fsdp" shards the block units over the DiT ranks of a step layout (`layout.SHARDS`).
     """
+    check_shard(shard, layout, layout.dit_ranks)
     if random_weights is None:
         check_run_files(dit_path, lora_path=lora_path, vae_path=vae_path)
         cfg = load_dit_checkpoint(dit_path).config
@@ -102,7 +110,7 @@ def load_parallel(dit_path: str | Path | None, vae_path: str | Path | None, lora
     spec = {"dit_path": str(dit_path), "vae_path": str(vae_path), "lora_path": str(lora_path) if lora_path else None,
             "precision": precision, "attention": attention, "compile": compile, "compile_vae": compile_vae,
             "kv_cache_dtype": kv_cache_dtype, "lora_scale": lora_scale, "plans": plans,
-            "random_weights": random_weights, "memory_cap": memory_cap}
+            "random_weights": random_weights, "memory_cap": memory_cap, "shard": shard}
     t0 = time.perf_counter()
     group = WorkerGroup(layout, log_dir, attach=attach, authkey=authkey).start()
     try:

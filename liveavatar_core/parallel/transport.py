@@ -6,7 +6,9 @@ when the sending rank's stream has ended (audio exhausted, a cancel). Messages o
 (rank r to r + 1, the last DiT rank to a dedicated VAE rank), each pair in block order, so blocking
 sends and receives cannot deadlock. The layer layout's messages (`post` / `take`: a header of
 ints, then tensors) also flow from the last rank back to the head, so its sends do not block
-(`isend`; layers.py). NCCL moves CUDA tensors directly; gloo (CPU ranks, or ranks
+(`isend`; layers.py). With sharded weights (placement/fsdp.py) a rank must keep serving the
+group's gathers while it waits: `Peers.idle` is then called until a transfer completes, and
+sends do not block either. NCCL moves CUDA tensors directly; gloo (CPU ranks, or ranks
 sharing one GPU in tests and benchmarks) moves them through host memory.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import io
 import pickle
 import sys
+import threading
 from multiprocessing.connection import Connection
 
 import torch
@@ -36,26 +39,56 @@ class Peers:
         # gloo sends host tensors only; NCCL sends device tensors only.
         self.wire = device if backend == "nccl" else torch.device("cpu")
         self._posted: list[tuple[object, torch.Tensor]] = []  # isend works and the tensors they read
+        self.idle = None  # called while a transfer is pending (a sharded model's `serve`), or None: block
 
     def send(self, dst: int, clip: int, block: int, x: torch.Tensor) -> None:
         """Block `(clip, block)`'s latents to rank `dst`."""
+        if self.idle is not None:
+            self.post(dst, (clip, block), x)
+            return
         dist.send(torch.tensor([clip, block], dtype=torch.int64, device=self.wire), dst)
         dist.send(x.detach().to(self.wire).contiguous(), dst)
 
     def send_end(self, dst: int) -> None:
         """Tell rank `dst` that no block follows."""
+        if self.idle is not None:
+            self.post(dst, (END, END))
+            return
         dist.send(torch.tensor([END, END], dtype=torch.int64, device=self.wire), dst)
 
     def recv(self, src: int, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[int, int, torch.Tensor] | None:
         """The next block from rank `src` as (clip, block, latents on `device`), or None at END."""
         header = torch.empty(2, dtype=torch.int64, device=self.wire)
-        dist.recv(header, src)
+        self._recv(header, src)
         clip, block = (int(v) for v in header.tolist())
         if clip == END:
             return None
         x = torch.empty(shape, dtype=dtype, device=self.wire)
-        dist.recv(x, src)
+        self._recv(x, src)
         return clip, block, x.to(self.device)
+
+    def _recv(self, t: torch.Tensor, src: int) -> None:
+        self._wait(dist.irecv(t, src))
+
+    def _wait(self, work) -> None:
+        if self.idle is None:
+            work.wait()
+            return
+        # Waited for on a thread: a gloo transfer reports completion only from inside its wait().
+        failed: list[BaseException] = []
+
+        def wait():
+            try:
+                work.wait()
+            except BaseException as exc:  # re-raised here, on the rank's main thread
+                failed.append(exc)
+
+        waiter = threading.Thread(target=wait, daemon=True)
+        waiter.start()
+        while waiter.is_alive():
+            self.idle()
+        if failed:
+            raise failed[0]
 
     def post(self, dst: int, header: tuple[int, ...], *tensors: torch.Tensor) -> None:
         """Send `header` (ints) and `tensors` to rank `dst` without waiting for it to receive them."""
@@ -68,21 +101,21 @@ class Peers:
         """The next `post` from rank `src`: its header, then (unless the header starts with END)
         one tensor per `(shape, dtype)` of `specs`, on `device`."""
         header = torch.empty(header_len, dtype=torch.int64, device=self.wire)
-        dist.recv(header, src)
+        self._recv(header, src)
         values = tuple(int(v) for v in header.tolist())
         if values[0] == END:
             return values, []
         out = []
         for shape, dtype in specs:
             x = torch.empty(shape, dtype=dtype, device=self.wire)
-            dist.recv(x, src)
+            self._recv(x, src)
             out.append(x.to(self.device))
         return values, out
 
     def flush(self) -> None:
         """Wait until every posted message has been sent."""
         for work, _ in self._posted:
-            work.wait()
+            self._wait(work)
         self._posted = []
 
 

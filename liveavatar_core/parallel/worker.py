@@ -17,6 +17,7 @@ closes (its controller is gone), so no rank outlives the ComfyUI or CLI process 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import logging
@@ -54,9 +55,12 @@ class ControlClient:
 
     def __init__(self, conn: Connection):
         self.conn = conn
+        self.idle = None  # called while an answer is awaited (a sharded model's `serve`), or None: block
 
     def request(self, kind: str, *args):
         send_message(self.conn, (kind, *args))
+        while self.idle is not None and not self.conn.poll():
+            self.idle()
         return recv_message(self.conn)
 
     def post(self, kind: str, *args) -> None:
@@ -86,6 +90,7 @@ class Worker:
         self.rank, self.layout, self.device, self.control = rank, layout, device, control
         self.peers = Peers(device, layout.backend)
         self.dit = self.vae = self.cache_factory = self.dtype = None
+        self.shard_group = self.shards = None  # FSDP: the DiT ranks' group, this rank's gathers
         self.sampler: StageSampler | None = None
         self.decoder = None
 
@@ -105,6 +110,10 @@ class Worker:
         from ..loading import compute_dtype
 
         self.dtype = compute_dtype(spec["precision"])  # the DiT's, and so the latents' and the VAE's
+        if spec["shard"] == "fsdp":
+            # Every process takes part in making the DiT ranks' group, a dedicated VAE rank too.
+            group = dist.new_group(list(range(self.layout.dit_ranks)))
+            self.shard_group = group if self.is_dit else None
         info = self._load_random(spec) if spec.get("random_weights") is not None else self._load_files(spec)
         cap = spec.get("memory_cap")
         if cap is not None and self.device.type == "cuda":
@@ -133,19 +142,20 @@ class Worker:
         if not self.is_dit:
             self.vae = vae
             return {"description": vae.description, "vae": vae.description}
+        shards = 1 if self.shard_group is None else self.shard_group.size()
         plan = spec["plans"][self.rank] or plan_for_device(weights.dit, self.device, precision=precision,
-                                                           kv_cache_dtype=spec["kv_cache_dtype"])
+                                                           kv_cache_dtype=spec["kv_cache_dtype"], shards=shards)
         dit = random_dit(weights, precision, spec["attention"], self.device)
         layers = self.layout.part(self.rank)[1]
         if layers is not None:
             drop_other_layers(dit, layers, plan)
         use_compile = resolve_compile(spec["compile"], self.device)
-        prepare_dit(dit, plan, self.device, use_compile=use_compile)
+        placement = prepare_dit(dit, plan, self.device, use_compile=use_compile, shard_group=self.shard_group)
         if self.device.type == "cuda":
-            torch.cuda.empty_cache()  # the swapped blocks' GPU copies
+            torch.cuda.empty_cache()  # the swapped or sharded blocks' whole GPU copies
         description, words = model_words(weights.describe(), precision, plan, use_compile)
-        model = assemble(dit, vae, plan, description, weights=words)
-        self.dit, self.vae, self.cache_factory = model.dit, model.vae, model.cache_factory()
+        model = assemble(dit, vae, plan, description, weights=words, placement=placement)
+        self._keep(model)
         return {"description": model.description, "weights": words, "cfg": dit.cfg,
                 "digest": tensor_digest(dit.patch_embedding.weight), "vae": vae.description if vae else None}
 
@@ -159,8 +169,8 @@ class Worker:
                                    precision=spec["precision"], attention=spec["attention"], dit_device=self.device,
                                    lora_scale=spec["lora_scale"], kv_cache_dtype=spec["kv_cache_dtype"],
                                    compile=spec["compile"], plan=spec["plans"][self.rank],
-                                   layers=self.layout.part(self.rank)[1])
-            self.dit, self.vae, self.cache_factory = model.dit, model.vae, model.cache_factory()
+                                   layers=self.layout.part(self.rank)[1], shard_group=self.shard_group)
+            self._keep(model)
             from ..resume import tensor_digest
 
             return {"description": model.description, "weights": model.weights, "cfg": model.dit.cfg,
@@ -169,6 +179,10 @@ class Worker:
         self.vae = prepare_vae(load_vae(spec["vae_path"], device=self.device, dtype=self.dtype), self.device,
                                spec["compile_vae"])
         return {"description": self.vae.description, "vae": self.vae.description}
+
+    def _keep(self, model) -> None:
+        self.dit, self.vae, self.cache_factory = model.dit, model.vae, model.cache_factory()
+        self.shards = model.placement if self.shard_group is not None else None
 
     def run_job(self, job: dict) -> None:
         """One video: this rank's stage of every block until the stream ends."""
@@ -188,10 +202,26 @@ class Worker:
                 self.decoder = restore_decoder(self.vae, reference, settings, motion_frames, more, job["decoder"])
         with torch.no_grad():
             if self.is_dit:
-                self._run_stage(job, settings, cond)
+                with self._serving_gathers():
+                    self._run_stage(job, settings, cond)
             else:
                 self._run_vae_rank(job)
         self.control.post("done", self.rank)
+
+    @contextlib.contextmanager
+    def _serving_gathers(self):
+        """With sharded weights: serve the group's gathers whenever this rank waits for a peer or
+        the controller, and at the end until every DiT rank has finished (placement/fsdp.py)."""
+        if self.shards is None:
+            yield
+            return
+        self.peers.idle = self.control.idle = self.shards.serve
+        try:
+            yield
+            self.peers.flush()
+            self.shards.finish()
+        finally:
+            self.peers.idle = self.control.idle = None
 
     def _condition(self, job: dict, cond):
         """(reference, motion) latents the sampler starts from: the saved ones, the VAE's here, or
@@ -293,9 +323,9 @@ class Worker:
             clip += 1
 
     def stats(self, reset_peak: bool = False) -> dict:
-        """This rank's device, its total memory and its peak allocated GPU memory since the last
-        reset (None on a CPU rank); `reset_peak` starts a new peak afterwards (a benchmark's
-        warm-up is over)."""
+        """This rank's device, its total memory, its peak allocated GPU memory since the last reset
+        (None on a CPU rank) and the DiT weight bytes it holds (its shards where they are sharded);
+        `reset_peak` starts a new peak afterwards (a benchmark's warm-up is over)."""
         peak = total = None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -303,7 +333,9 @@ class Worker:
             total = torch.cuda.get_device_properties(self.device).total_memory
             if reset_peak:
                 torch.cuda.reset_peak_memory_stats(self.device)
-        return {"rank": self.rank, "device": self.layout.devices[self.rank], "peak_bytes": peak, "total_bytes": total}
+        held = 0 if self.dit is None else _held_bytes(self.dit)
+        return {"rank": self.rank, "device": self.layout.devices[self.rank], "peak_bytes": peak, "total_bytes": total,
+                "dit_weight_bytes": held}
 
     def state(self) -> dict:
         """This rank's part of the resume state, in host memory."""
@@ -317,6 +349,16 @@ class Worker:
             d = self.decoder.state()
             out["decoder"] = {"meta": d["meta"], "tensors": {k: v.cpu() for k, v in d["tensors"].items()}}
         return out
+
+
+def _held_bytes(model: torch.nn.Module) -> int:
+    """Bytes of `model`'s parameters in this process: a sharded one's local shard, none of a meta one."""
+    total = 0
+    for p in model.parameters():
+        t = p.to_local() if hasattr(p, "to_local") else p
+        if not t.is_meta:
+            total += t.numel() * t.element_size()
+    return total
 
 
 class _FrameSender:
