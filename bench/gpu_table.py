@@ -21,7 +21,8 @@ from liveavatar_core.config import DiTConfig  # noqa: E402
 from liveavatar_core.encoders.image import DEFAULT_SIZE  # noqa: E402
 from liveavatar_core.errors import InputError  # noqa: E402
 from liveavatar_core.parallel.cost import GPU_MODELS  # noqa: E402
-from liveavatar_core.plan import GiB, DeviceSpec, plan_run  # noqa: E402
+from liveavatar_core.plan import DeviceSpec, plan_run  # noqa: E402
+from liveavatar_core.sizes import GiB  # noqa: E402
 
 # (label, the planner's GPU model: its usable memory and whether it has FP8 GEMMs)
 CARDS = (

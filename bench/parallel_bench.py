@@ -46,7 +46,7 @@ from bench.run_bench import OFFICIAL, bench_settings, random_inputs  # noqa: E40
 from liveavatar_core.config import DEFAULT_FRAMES_PER_CLIP, DiTConfig  # noqa: E402
 from liveavatar_core.encoders.image import assumed_output_size  # noqa: E402
 from liveavatar_core.errors import LiveAvatarError  # noqa: E402
-from liveavatar_core.plan import GiB, geometry  # noqa: E402
+from liveavatar_core.sizes import GiB, geometry  # noqa: E402
 from liveavatar_core.synthetic import TINY_DIT, RandomWeights  # noqa: E402
 from liveavatar_core.vae.config import VAEConfig  # noqa: E402
 

@@ -44,7 +44,8 @@ from liveavatar_core.config import DiTConfig  # noqa: E402
 from liveavatar_core.encoders.image import assumed_output_size  # noqa: E402
 from liveavatar_core.errors import LiveAvatarError  # noqa: E402
 from liveavatar_core.parallel.cost import gpu_model  # noqa: E402
-from liveavatar_core.plan import GiB, RunPlan, detect_devices, plan_run  # noqa: E402
+from liveavatar_core.plan import RunPlan, detect_devices, plan_run  # noqa: E402
+from liveavatar_core.sizes import GiB  # noqa: E402
 from liveavatar_core.synthetic import RandomWeights, random_dit, random_vae  # noqa: E402
 
 # name: (precision, memory cap in GiB, KV cache dtype; None = the compute dtype)

@@ -69,7 +69,8 @@ def test_loader_logs_its_plan_and_generate_rechecks_it_at_the_real_size(ckpt_dir
 
     from liveavatar_core.encoders.audio import AudioFeatures
     from liveavatar_core.pipeline import GenerationSettings, generate
-    from liveavatar_core.plan import GiB, DeviceSpec, plan_run
+    from liveavatar_core.plan import DeviceSpec, plan_run
+    from liveavatar_core.sizes import GiB
 
     folder = official_folder(ckpt_dir)
     with caplog.at_level(logging.INFO, logger="liveavatar"):

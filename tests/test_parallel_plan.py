@@ -8,7 +8,8 @@ import pytest
 from liveavatar_core.config import DiTConfig
 from liveavatar_core.errors import InputError
 from liveavatar_core.parallel.planner import hypothetical_devices, plan_parallel
-from liveavatar_core.plan import CONTEXT_BYTES, GiB, DeviceSpec, dit_unit_bytes, plan_run
+from liveavatar_core.plan import CONTEXT_BYTES, DeviceSpec, plan_run
+from liveavatar_core.sizes import GiB, dit_unit_bytes
 
 CFG = DiTConfig.wan_s2v_14b()
 HOST = DeviceSpec("cpu", 256 * GiB, "host")

@@ -11,8 +11,9 @@ from liveavatar_core.errors import InputError
 from liveavatar_core.model.cache import make_step_caches
 from liveavatar_core.model.dit import LiveAvatarDiT
 from liveavatar_core.ops.fp8 import fp8_targets
-from liveavatar_core.plan import (GiB, DeviceSpec, cond_cache_bytes, dit_tensor_bytes, dit_unit_bytes, geometry,
-                                  is_fp8_target, kv_cache_bytes, plan_run, swapped_layers, vae_decoder_state_bytes)
+from liveavatar_core.plan import DeviceSpec, plan_run, swapped_layers
+from liveavatar_core.sizes import (GiB, cond_cache_bytes, dit_tensor_bytes, dit_unit_bytes, geometry, is_fp8_target,
+                                   kv_cache_bytes, vae_decoder_state_bytes)
 from liveavatar_core.weights.dit import expected_dit_keys
 
 CFG = DiTConfig.wan_s2v_14b()

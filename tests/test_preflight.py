@@ -23,7 +23,8 @@ from PIL import Image
 
 from liveavatar_core.cli import build_parser, main
 from liveavatar_core.encoders.image import SIZE_PRESETS, choose_output_size
-from liveavatar_core.plan import GiB, host_device
+from liveavatar_core.plan import host_device
+from liveavatar_core.sizes import GiB
 
 REPO = Path(__file__).resolve().parents[1]
 # Lines the loaders log when they start reading weights.

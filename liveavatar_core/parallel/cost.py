@@ -14,7 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import DiTConfig
-from ..plan import Geometry, RunPlan, flops_per_call, geometry
+from ..plan import RunPlan
+from ..sizes import Geometry, flops_per_call, geometry
 
 # Dense bf16 tensor peaks with fp32 accumulation (vendor figures, TFLOP/s), the usable memory a
 # driver reports (GiB) and FP8 GEMM support, per GPU model; longer names match first.

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field, replace
 from ..config import DEFAULT_FRAMES_PER_CLIP, DiTConfig
 from ..encoders.image import DEFAULT_SIZE, assumed_output_size
 from ..errors import InputError
-from ..plan import (_BYTES, CONTEXT_BYTES, COMPUTE_DTYPES, DEFAULT_AUDIO_SECONDS, FRAGMENTATION, KV_LOCATIONS,
-                    PRECISIONS, GiB, DeviceSpec, RunPlan, _auto, _build, _cap_bytes, _choice, audio_encoder_bytes,
-                    check_kv_cache_dtype, geometry, host_device)
+from ..plan import (CONTEXT_BYTES, COMPUTE_DTYPES, DEFAULT_AUDIO_SECONDS, FRAGMENTATION, KV_LOCATIONS, PRECISIONS,
+                    DeviceSpec, RunPlan, _auto, _build, _cap_bytes, _choice, check_kv_cache_dtype, host_device)
+from ..sizes import BYTES, GiB, audio_encoder_bytes, geometry
 from ..weights.vae import TEMPORAL_DOWNSAMPLE
 from .cost import (GPUModel, call_seconds, decode_seconds, gpu_for_memory, gpu_model, hop_seconds, link_between,
                    start_seconds)
@@ -366,7 +366,7 @@ def _range_list(r: range) -> list[int]:
 
 
 def _latent_bytes(precision: str) -> int:
-    return _BYTES[COMPUTE_DTYPES[precision]]
+    return BYTES[COMPUTE_DTYPES[precision]]
 
 
 def choose_devices(available, requested: tuple[str, ...] | str, vae_gpu: str | None = None, steps: int = 4,
