@@ -33,7 +33,7 @@ from .encoders.image import DEFAULT_SIZE, SIZE_PRESETS, SIZE_RULE
 from .errors import InputError as LiveAvatarInputError
 from .errors import LiveAvatarError
 from .official_flags import add_official_flags, apply_official_flags
-from .parallel.layout import LAYOUTS
+from .parallel.layout import LAYOUTS, SHARDS
 from .plan import KV_CACHE_DTYPES, PRECISIONS
 
 if TYPE_CHECKING:
@@ -115,6 +115,10 @@ def _generate_args(gen: argparse.ArgumentParser) -> None:
                      help="how a parallel run divides the work: steps (each GPU owns whole denoising steps; at most "
                           "4 DiT GPUs + 1 VAE GPU) or layers (each GPU owns a share of the layers of every step "
                           "and holds only their weights and caches: for 24-48 GB cards, any count up to 40)")
+    gen.add_argument("--shard", choices=SHARDS, default="none",
+                     help="fsdp: the DiT's blocks sharded over the GPUs of a step layout run (each holds a share and "
+                          "gathers every block per call over the GPU link: for cards too small for a whole model, "
+                          "fast only over NVLink); none: whole weights on every GPU")
     gen.add_argument("--attach", help="HOST:PORT: start no workers; wait there for ranks launched elsewhere "
                      "(LIVEAVATAR_CONTROL=HOST:PORT torchrun ... -m liveavatar_core.parallel.worker, on this or other "
                      "machines), which present the authkey in LIVEAVATAR_AUTHKEY (set it on both sides)")
@@ -165,7 +169,7 @@ def request_from_args(args: argparse.Namespace) -> "RunRequest":
                       kv_cache_location="cpu" if args.offload_kv_cache else "gpu",
                       kv_cache_dtype=args.kv_cache_dtype, compile=args.compile, t5_cpu=args.t5_cpu,
                       devices=_devices_arg(args.devices), vae_gpu=args.vae_gpu, layout=args.layout,
-                      attach=_address(args.attach))
+                      shard=args.shard, attach=_address(args.attach))
 
 
 def _address(value: str | None) -> tuple[str, int] | None:
@@ -250,7 +254,7 @@ def run_generation(req: RunRequest, save_file: Path | None, resume: Path | None 
         torch.cuda.empty_cache()
         model = load_parallel(folder.dit, folder.vae, req.lora, layout=pre.plan.layout, precision=req.precision,
                               attention=req.attention, compile=req.compile, kv_cache_dtype=req.kv_cache_dtype,
-                              plan=pre.plan, attach=req.attach, authkey=pre.authkey)
+                              plan=pre.plan, attach=req.attach, authkey=pre.authkey, shard=req.shard)
         text = text.cpu()
     else:
         model = load_generator(folder.dit, folder.vae, req.lora, precision=req.precision, attention=req.attention,

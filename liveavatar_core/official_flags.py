@@ -22,11 +22,6 @@ log = logging.getLogger("liveavatar")
 # Official flags with no effect in the official code either (spec/pipeline.md 7, 8.14).
 _IGNORED_STORE_TRUE = ("convert_model_dtype", "single_gpu", "start_from_ref", "drop_motion_noisy", "use_dataset",
                        "using_merged_ckpt")
-_NO_FSDP = ("FSDP sharding is not available yet: the step layout keeps the whole DiT on each GPU (with 4 GPUs the "
-            "official timestep-forcing pipeline), the layer layout a share of its layers")
-_FSDP_FIX = ("drop the flag; if a GPU is too small, --layout layers divides the weights and caches between the GPUs, "
-             "and --offload_model True lets each rank stream its caches (python -m liveavatar_core plan ... "
-             "--devices auto shows the plan)")
 
 
 def add_official_flags(parser: argparse.ArgumentParser) -> None:
@@ -49,8 +44,10 @@ def add_official_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ulysses_size", type=int, default=1, help="1 only (the official code refuses other values too)")
     g.add_argument("--enable_vae_parallel", action="store_true", help="the VAE on the GPU after the DiT GPUs: the "
                    "same as --vae_gpu cuda:N")
-    g.add_argument("--t5_fsdp", action="store_true", help="not supported yet (FSDP)")
-    g.add_argument("--dit_fsdp", action="store_true", help="not supported yet (FSDP)")
+    g.add_argument("--t5_fsdp", action="store_true", help="accepted: umT5 runs once, before the DiT loads, and leaves "
+                   "the GPU (or runs on the CPU with --t5_cpu), so it needs no sharding")
+    g.add_argument("--dit_fsdp", action="store_true", help="the same as --shard fsdp: the DiT's blocks sharded over "
+                   "the GPUs of the step pipeline")
     g.add_argument("--frame_num", type=int, help="accepted and unused, as in the official code (see --infer_frames)")
     g.add_argument("--lora_path", help="refused: unused by the official code; the Live Avatar LoRA is --lora_path_dmd")
     g.add_argument("--pose_video", help="not supported")
@@ -104,9 +101,8 @@ def apply_official_flags(args: argparse.Namespace, default_save_file: Path) -> N
     if args.ulysses_size != 1:
         raise InputError("ulysses_size", f"{args.ulysses_size}: sequence parallelism is not supported (the official "
                          "Live Avatar code refuses it too).", "use --ulysses_size 1 (or leave it out).")
-    for flag in ("t5_fsdp", "dit_fsdp"):
-        if getattr(args, flag):
-            raise InputError(flag, f"--{flag}: {_NO_FSDP}.", _FSDP_FIX + ".")
+    if args.dit_fsdp:
+        args.shard = "fsdp"
     if args.lora_path:
         raise InputError("lora_path", "the official code never reads --lora_path; the Live Avatar LoRA is given with "
                          "--lora_path_dmd.", f"pass --lora_path_dmd {args.lora_path}.")
@@ -126,7 +122,7 @@ def apply_official_flags(args: argparse.Namespace, default_save_file: Path) -> N
         args.base_seed = random.SystemRandom().randrange(2 ** 31)
         log.info("--base_seed -1: using the random seed %d (pass --base_seed %d to repeat this video)",
                  args.base_seed, args.base_seed)
-    ignored = [f"--{n}" for n in _IGNORED_STORE_TRUE if getattr(args, n)]
+    ignored = [f"--{n}" for n in (*_IGNORED_STORE_TRUE, "t5_fsdp") if getattr(args, n)]
     ignored += [f"--{n}" for n in ("training_config", "frame_num", "dataset_sample_idx") if getattr(args, n) is not None]
     if ignored:
         log.info("accepted and not needed here (the official code ignores them too, or reads the LoRA's settings "

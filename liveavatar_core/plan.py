@@ -176,6 +176,13 @@ class RunPlan:
         moved += self.streamed_kv_layers() * kv_layer_bytes(self.cfg, self.geometry, self.kv_cache_dtype)
         return moved
 
+    def gather_bytes_per_call(self) -> int:
+        """GPU-to-GPU bytes one block call receives: the other ranks' shares of every unit (FSDP)."""
+        if self.shards == 1:
+            return 0
+        _, units = dit_unit_bytes(self.cfg, self.precision)
+        return sum(units) * (self.shards - 1) // self.shards
+
     def streamed_kv_layers(self) -> int:
         """Layers whose KV rings live in host memory and are streamed to the GPU per call."""
         return len(self.owned_layers) - self.kv_layers_on_gpu
@@ -255,6 +262,7 @@ class RunPlan:
                 "swapped_blocks": list(self.swapped), "dit_device": self.dit_device, "vae": self._where(self.vae),
                 "text_encoder": self._where(self.text_encoder), "audio_encoder": self._where(self.audio_encoder),
                 "placement": self.placement_words(), "transfer_bytes_per_call": self.transfer_bytes_per_call(),
+                "shards": self.shards, "gather_bytes_per_call": self.gather_bytes_per_call(),
                 "fits": self.fits(), "note": self.note, "devices": devices}
 
     def _describe(self) -> str:
@@ -350,7 +358,7 @@ def _auto(plan: RunPlan) -> RunPlan | None:
         text = plan.text_encoder if plan.text_encoder in ("cpu", "none") else enc
         audio = plan.audio_encoder if plan.audio_encoder in ("cpu", "none") else enc
         options = [dict(blocks_on_gpu=layers, kv_layers_on_gpu=k) for k in (layers, 0)]
-        if plan.owned is None:  # block swap runs over the whole DiT only
+        if plan.owned is None and plan.shards == 1:  # block swap runs over the whole DiT, unsharded
             options += [dict(blocks_on_gpu=n, kv_layers_on_gpu=0) for n in range(layers - 1, -1, -1)]
         for opt in options:
             cand = _rebuild(plan, text_encoder=text, audio_encoder=audio, **opt)
@@ -454,14 +462,15 @@ def _build(cfg: DiTConfig, geo: Geometry, devices: tuple[DeviceSpec, ...], host:
     base, units = dit_unit_bytes(cfg, precision)
     items = []
     streamed = len(mine) - kv_layers_on_gpu if has_dit else 0
-    if has_dit and shards > 1:
-        items.append(MemoryItem(gpu, "DiT weights (base + shards)", base + -(-sum(units) // shards),
-                                note=f"1/{shards} of {layers} blocks, {precision}"))
-        items.append(MemoryItem(gpu, "FSDP gathered units", SWAP_SLOTS * max(units), note=f"{SWAP_SLOTS} units"))
-    elif has_dit:
-        items.append(MemoryItem(gpu, "DiT weights (resident)",
-                                base + sum(units[i] for i in mine if i not in swapped),
-                                note=f"{len(mine) - len(swapped)} of {layers} blocks, {precision}"))
+    if has_dit:
+        if shards > 1:
+            items.append(MemoryItem(gpu, "DiT weights (base + shards)", base + -(-sum(units) // shards),
+                                    note=f"1/{shards} of {layers} blocks, {precision}"))
+            items.append(MemoryItem(gpu, "FSDP gathered units", SWAP_SLOTS * max(units), note=f"{SWAP_SLOTS} units"))
+        else:
+            items.append(MemoryItem(gpu, "DiT weights (resident)",
+                                    base + sum(units[i] for i in mine if i not in swapped),
+                                    note=f"{len(mine) - len(swapped)} of {layers} blocks, {precision}"))
         if swapped:
             slot = max(units[i] for i in swapped)
             items.append(MemoryItem(gpu, "block swap staging", SWAP_SLOTS * slot, note=f"{SWAP_SLOTS} slots"))

@@ -26,7 +26,8 @@ from .loading import OfficialFolder, compute_dtype, official_folder, plan_for_de
 from .ops.attention import get_attention
 from .ops.fp8 import check_fp8_support
 from .pipeline import GenerationSettings
-from .parallel.layout import step_layout
+from .parallel.cost import measure_link_bps
+from .parallel.layout import check_shard, step_layout
 from .parallel.planner import ParallelPlan, choose_devices, plan_parallel
 from .plan import DeviceSpec, RunPlan, check_kv_cache_dtype, detect_devices
 from .sampling.config import OFFICIAL_STEPS
@@ -67,6 +68,7 @@ class RunRequest:
     devices: tuple[str, ...] | str = ()  # several: one worker process per DiT rank; "auto": every GPU
     vae_gpu: str | None = None  # a device for the VAE alone (parallel runs)
     layout: str = "steps"
+    shard: str = "none"  # "fsdp": the DiT's block units sharded over the DiT ranks (step layout)
     attach: tuple[str, int] | None = None  # wait there for ranks launched elsewhere (torchrun)
 
     @property
@@ -171,6 +173,7 @@ def preflight(req: RunRequest, check_memory: bool = True, hardware: list[DeviceS
         ranks = [d.name for d in devices[0] + [devices[1]] if d is not None]
         if req.layout == "steps":  # its refusals first (the layer layout's need the DiT's layer count)
             step_layout(ranks[:len(devices[0])], req.sample_steps, devices[1] and devices[1].name)
+    check_shard(req.shard, req.layout, len(devices[0]) if devices else 1)
     device = torch.device("cpu") if hardware is not None else check_device(ranks[0])
     compute_dtype(req.precision)
     check_kv_cache_dtype(req.kv_cache_dtype, req.precision)
@@ -195,7 +198,7 @@ def preflight(req: RunRequest, check_memory: bool = True, hardware: list[DeviceS
     cfg = load_dit_checkpoint(folder.dit).config
     # 4. Memory at that size, refused with the cheapest fix.
     if devices is not None:
-        plan = _parallel_plan(req, cfg, output, devices, check_memory)
+        plan = _parallel_plan(req, cfg, output, devices, check_memory, measure_link=hardware is None)
     else:
         plan = plan_for_device(cfg, device, precision=req.precision, offload=req.offload,
                                blocks_on_gpu=req.blocks_on_gpu, kv_cache_location=req.kv_cache_location,
@@ -246,8 +249,18 @@ def _attach_authkey(req: RunRequest, hardware) -> bytes | None:
     return authkey
 
 
-def _parallel_plan(req: RunRequest, cfg, output: tuple[int, int], devices, check_memory: bool) -> ParallelPlan:
-    """The multi-process plan; this process (the controller) encodes on the first rank's GPU."""
+def _link_bps(req: RunRequest, dit) -> float | None:
+    """The GPU-to-GPU bandwidth FSDP's gathers run at, measured between the first two DiT GPUs
+    when they are here (None: planned from the GPU model)."""
+    if req.shard != "fsdp" or len(dit) < 2 or not all(d.name.startswith("cuda") for d in dit[:2]):
+        return None
+    return measure_link_bps(dit[0].name, dit[1].name)
+
+
+def _parallel_plan(req: RunRequest, cfg, output: tuple[int, int], devices, check_memory: bool,
+                   measure_link: bool) -> ParallelPlan:
+    """The multi-process plan; this process (the controller) encodes on the first rank's GPU;
+    `measure_link`: the GPUs are present (not described), so their link can be measured."""
     if req.offload == "block_swap":
         raise InputError("blocks_on_gpu", "a parallel run places each rank itself.",
                          "leave --blocks_on_gpu out; --offload_model True lets every rank offload what it must.")
@@ -256,5 +269,5 @@ def _parallel_plan(req: RunRequest, cfg, output: tuple[int, int], devices, check
                          steps=req.sample_steps, precision=req.precision,
                          kv_cache_dtype=req.kv_cache_dtype, kv_cache_location=req.kv_cache_location,
                          offload="auto" if req.offload != "none" else "none",
-                         layout=req.layout)
+                         layout=req.layout, shard=req.shard, link_bps=_link_bps(req, dit) if measure_link else None)
     return plan.validate() if check_memory else plan

@@ -9,7 +9,8 @@ from ..liveavatar_core.errors import InputError
 from ..liveavatar_core.loading import COMPILE_CHOICES, VAE_FILE, load_generator, resolve_compile
 from ..liveavatar_core.ops.attention import DEFAULT_BACKEND, attention_backends
 from ..liveavatar_core.ops.fp8 import check_fp8_support
-from ..liveavatar_core.parallel.layout import LAYOUTS, step_layout
+from ..liveavatar_core.parallel.cost import measure_link_bps
+from ..liveavatar_core.parallel.layout import LAYOUTS, SHARDS, check_shard, step_layout
 from ..liveavatar_core.parallel.planner import choose_devices, plan_parallel
 from ..liveavatar_core.plan import KV_CACHE_DTYPES, KV_LOCATIONS, PRECISIONS, check_kv_cache_dtype, detect_devices
 from ..liveavatar_core.weights.dit import OFFICIAL_INDEX, load_dit_checkpoint
@@ -95,17 +96,24 @@ class LiveAvatarModelLoader:
             "vae_gpu": ([VAE_LAST] + [d for d in devices if d.startswith("cuda")], {"default": VAE_LAST,
                         "tooltip": "With parallel: a GPU for the VAE alone (decoding then leaves the last DiT "
                         "GPU, which is the slowest stage otherwise)."}),
+            "shard": (list(SHARDS), {"default": "none", "tooltip": "With parallel steps: fsdp shards the DiT's "
+                      "blocks over the GPUs (each holds a quarter with 4 GPUs and gathers every block per call "
+                      "over the GPU link: fits cards too small for a whole model, fast over NVLink only; the plan "
+                      "shows the cost). none: each GPU holds the whole DiT. The layers layout divides the "
+                      "weights by itself."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     @classmethod
     def VALIDATE_INPUTS(cls, precision, dit_device, vae_device, offload="none", kv_cache="gpu", compile="auto",
-                        kv_cache_dtype="auto", parallel="off", gpus="auto", vae_gpu=VAE_LAST):
+                        kv_cache_dtype="auto", parallel="off", gpus="auto", vae_gpu=VAE_LAST, shard="none"):
         # Raises rather than returns: see queue_checks (one message, not one per input).
         types = cls.INPUT_TYPES()
         spec = {**types["required"], **types["optional"]}
         host.check_declared(spec, dict(precision=precision, offload=offload, kv_cache=kv_cache, compile=compile,
-                                       kv_cache_dtype=kv_cache_dtype, parallel=parallel, vae_gpu=vae_gpu))
+                                       kv_cache_dtype=kv_cache_dtype, parallel=parallel, vae_gpu=vae_gpu,
+                                       shard=shard))
         ranks = _ranks(parallel, gpus, vae_gpu, offload)
+        check_shard(shard, _layout(parallel), 1 if ranks is None else len(ranks[0]))
         if ranks is not None:
             dit, vae, _ = ranks
             if parallel != "layers":  # the layer layout's refusals need the DiT's layer count: at load
@@ -127,7 +135,7 @@ class LiveAvatarModelLoader:
     def load(self, dit: str, lora: str, vae: str, precision: str, attention: str, dit_device: str,
              vae_device: str, offload: str = "none", blocks_on_gpu: int = 20, kv_cache: str = "gpu",
              compile: str = "auto", kv_cache_dtype: str = "auto", parallel: str = "off", gpus: str = "auto",
-             vae_gpu: str = VAE_LAST, unique_id=None):
+             vae_gpu: str = VAE_LAST, shard: str = "none", unique_id=None):
         dit_path = host.resolve("diffusion_models", dit, "dit")
         lora_path = None if lora == LORA_NONE else host.resolve("loras", lora, "lora")
         vae_path = host.resolve("vae", vae, "vae", VAE_FILE)
@@ -135,7 +143,7 @@ class LiveAvatarModelLoader:
         if ranks is not None:
             return (_load_parallel(dit_path, vae_path, lora_path, ranks, _layout(parallel), precision=precision,
                                    attention=attention, offload=offload, kv_cache=kv_cache, compile=compile,
-                                   kv_cache_dtype=kv_cache_dtype, unique_id=unique_id),)
+                                   kv_cache_dtype=kv_cache_dtype, shard=shard, unique_id=unique_id),)
         device = host.torch_device(dit_device, "dit_device")
         vae_dev = device if vae_device == VAE_SAME else host.torch_device(vae_device, "vae_device")
         host.free_comfy_models()
@@ -177,7 +185,7 @@ def _ranks(parallel: str, gpus: str, vae_gpu: str, offload: str):
 
 
 def _load_parallel(dit_path, vae_path, lora_path, ranks, layout: str, *, precision, attention, offload, kv_cache,
-                   compile, kv_cache_dtype, unique_id):
+                   compile, kv_cache_dtype, shard, unique_id):
     """Plan (refused with its fix before any weight is read), then start the workers."""
     from ..liveavatar_core.parallel.remote import load_parallel
 
@@ -187,10 +195,12 @@ def _load_parallel(dit_path, vae_path, lora_path, ranks, layout: str, *, precisi
     plan = plan_parallel(cfg, devices=dit, vae_device=vae, spare=spare, size=DEFAULT_SIZE, precision=precision,
                          layout=layout,
                          kv_cache_dtype=kv_cache_dtype, kv_cache_location=kv_cache,
-                         offload="auto" if offload == "auto" else "none",
+                         offload="auto" if offload == "auto" else "none", shard=shard,
+                         link_bps=measure_link_bps(dit[0].name, dit[1].name) if shard == "fsdp" else None,
                          controller=str(controller) if controller.type == "cuda" else None).validate()
     host.free_comfy_models()
     model = load_parallel(dit_path, vae_path, lora_path, layout=plan.layout, precision=precision, attention=attention,
-                          compile=compile, kv_cache_dtype=kv_cache_dtype, plan=plan, log_dir=host.worker_log_dir())
+                          compile=compile, kv_cache_dtype=kv_cache_dtype, plan=plan, log_dir=host.worker_log_dir(),
+                          shard=shard)
     host.Progress(unique_id).status(plan.summary(), {"plan": plan.to_dict()})
     return model

@@ -592,16 +592,16 @@ def _gone(base: Path, timeout_s: float = 10) -> bool:
     return True
 
 
-@pytest.mark.parametrize("parallel", ["steps", "layers"])
-def test_parallel_workers_make_the_video_and_stop_when_released(server, object_info, parallel):
+@pytest.mark.parametrize("parallel, shard", [("steps", "none"), ("layers", "none"), ("steps", "fsdp")])
+def test_parallel_workers_make_the_video_and_stop_when_released(server, object_info, parallel, shard):
     """The multi-GPU workflow with two CPU worker processes (gloo; GPUs would use NCCL), in either
-    layout: the video plays; the Release GPUs node stops the workers and the next run loads them
-    again; ComfyUI's "Free model and node cache" (POST /free) stops them too."""
+    layout and with sharded weights: the video plays; the Release GPUs node stops the workers and
+    the next run loads them again; ComfyUI's "Free model and node cache" (POST /free) stops them too."""
     url, base = server.url, server.base
     path = next(p for p in UI_FILES if p.stem == "liveavatar_multi_gpu")
     prompt = _small(ui_to_api(_served_graph(url, path), object_info))
     loader = next(k for k, v in prompt.items() if v["class_type"] == "LiveAvatarModelLoader")
-    prompt[loader]["inputs"].update(parallel=parallel, gpus="cpu,cpu")
+    prompt[loader]["inputs"].update(parallel=parallel, gpus="cpu,cpu", shard=shard)
     pack = load_pack()
     frames = (pack_module(pack, "liveavatar_core.encoders.audio").FRAMES_PER_BLOCK
               - pack_module(pack, "liveavatar_core.pipeline").DROPPED_START_FRAMES)

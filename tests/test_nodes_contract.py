@@ -117,10 +117,13 @@ def test_queue_time_validation_names_the_input(pack):
     loader = pack.NODE_CLASS_MAPPINGS["LiveAvatarModelLoader"]
     assert loader.VALIDATE_INPUTS("bf16", "cpu", "same as DiT") is True
     assert loader.VALIDATE_INPUTS("bf16", "cpu", "cpu", kv_cache_dtype="fp8") is True
+    assert loader.VALIDATE_INPUTS("fp32", "cpu", "cpu", parallel="steps", gpus="cpu,cpu", shard="fsdp") is True
     for args, kwargs, name in ((("fp8", "cpu", "cpu"), {}, "fp8"), (("bf16", "cuda:7", "cpu"), {}, "dit_device"),
                                (("bf16", "cpu", "tpu"), {}, "vae_device"),
                                (("fp32", "cpu", "cpu"), dict(kv_cache_dtype="fp8"), "kv_cache_dtype"),
-                               (("bf16", "cpu", "cpu"), dict(offload="everything"), "offload")):
+                               (("bf16", "cpu", "cpu"), dict(offload="everything"), "offload"),
+                               (("bf16", "cpu", "cpu"), dict(shard="fsdp"), "shard"),
+                               (("fp32", "cpu", "cpu"), dict(parallel="layers", gpus="cpu,cpu", shard="fsdp"), "shard")):
         with pytest.raises(errors.InputError, match=rf"^{name}"):
             loader.VALIDATE_INPUTS(*args, **kwargs)
 

@@ -289,6 +289,12 @@ def test_plan_command_for_hardware_not_present(tiny, capsys):
     plan = json.loads(capsys.readouterr().out)
     assert plan["layout"] == "layers" and [r["steps"] for r in plan["ranks"]] == [[0, 1, 2, 3]] * 3
     assert [r["layers"] for r in plan["ranks"]] == [[0, 2], [2, 3], [3, 4]]  # the tiny DiT's 4 layers
+    # The official --dit_fsdp is --shard fsdp: the tiny DiT's units sharded over the 4 ranks.
+    assert main([*base, "--gpu_count", "4", "--gpu_memory_gib", "24", "--dit_fsdp", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["shard"] == "fsdp" and all(r["plan"]["shards"] == 4 for r in plan["ranks"])
+    assert main([*base, "--gpu_count", "3", "--gpu_memory_gib", "24", "--layout", "layers", "--shard", "fsdp"]) == 2
+    assert "error: shard:" in capsys.readouterr().err
     assert main([*base, "--gpu_count", "2", "--gpu_memory_gib", "24", "--devices", "cuda:0,cuda:2"]) == 2
     assert "cuda:2 does not exist" in capsys.readouterr().err
     assert main(["generate", *base[1:], "--gpu_count", "2", "--gpu_memory_gib", "24"]) == 2  # not these GPUs

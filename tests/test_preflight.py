@@ -144,7 +144,7 @@ def _short_audio(tmp_path, seconds):
     (["--devices", "cpu,cpu,cpu,cpu,cpu"], "devices", "a rank would have none"),
     (["--devices", "cuda:0,cuda:1"], "devices", "no CUDA GPU is visible"),
     (["--ulysses_size", "2"], "ulysses_size", "sequence parallelism"),
-    (["--t5_fsdp"], "t5_fsdp", "FSDP sharding is not available"),
+    (["--dit_fsdp"], "shard", "FSDP shards the weights over several DiT ranks"),
     (["--sample_solver", "unipc"], "sample_solver", "Euler"),
     (["--lora_path", "x.safetensors"], "lora_path", "--lora_path_dmd"),
     (["--device", "cuda:7"], "device", "CUDA GPU"),

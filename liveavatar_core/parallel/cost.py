@@ -6,11 +6,13 @@ steady block call takes 0.157 s with FP8 GEMMs and 0.210 s in bf16, a streaming 
 (reference and motion encode, sink). Another size scales the call by its FLOPs and the decode by
 its pixels; another GPU by its dense bf16 tensor peak against the H200's (the same efficiency is
 assumed: an estimate until measured there). Host<->GPU traffic of block swap and streamed KV
-caches overlaps compute: a call takes the longer of the two.
+caches overlaps compute: a call takes the longer of the two. So do the gathers of sharded weights
+(FSDP), over the link between the GPUs, except the first unit's.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from ..config import DiTConfig
@@ -18,21 +20,24 @@ from ..plan import RunPlan
 from ..sizes import Geometry, flops_per_call, geometry
 
 # Dense bf16 tensor peaks with fp32 accumulation (vendor figures, TFLOP/s), the usable memory a
-# driver reports (GiB) and FP8 GEMM support, per GPU model; longer names match first.
+# driver reports (GiB), FP8 GEMM support, and the GPU-to-GPU bandwidth assumed between two of them
+# in one host (GB/s, one direction, 80 % of the link: NVLink on SXM parts; PCIe otherwise, halved
+# where consumer cards have no peer-to-peer and NCCL stages through host memory); longer names
+# match first. `measure_link_bps` replaces the last figure on the machine itself.
 GPU_MODELS = {
-    "H200": (989.0, 139.8, True),
-    "H100 PCIe": (756.0, 79.1, True),
-    "H100": (989.0, 79.1, True),
-    "H800": (989.0, 79.1, True),
-    "H20": (148.0, 95.0, True),
-    "A100 40GB": (312.0, 39.4, False),
-    "A100": (312.0, 79.1, False),
-    "L40S": (362.0, 44.4, True),
-    "RTX 6000 Ada": (364.0, 47.5, True),
-    "RTX A6000": (155.0, 47.5, False),
-    "RTX 5090": (209.0, 31.4, True),
-    "RTX 4090": (165.0, 23.6, True),
-    "RTX 3090": (71.0, 23.6, False),
+    "H200": (989.0, 139.8, True, 360.0),
+    "H100 PCIe": (756.0, 79.1, True, 40.0),
+    "H100": (989.0, 79.1, True, 360.0),
+    "H800": (989.0, 79.1, True, 160.0),
+    "H20": (148.0, 95.0, True, 360.0),
+    "A100 40GB": (312.0, 39.4, False, 240.0),
+    "A100": (312.0, 79.1, False, 240.0),
+    "L40S": (362.0, 44.4, True, 20.0),
+    "RTX 6000 Ada": (364.0, 47.5, True, 20.0),
+    "RTX A6000": (155.0, 47.5, False, 20.0),
+    "RTX 5090": (209.0, 31.4, True, 20.0),
+    "RTX 4090": (165.0, 23.6, True, 10.0),
+    "RTX 3090": (71.0, 23.6, False, 10.0),
 }
 REFERENCE_GPU = "H200"
 # One H200, 704x384 (384x704 output), 48-frame clips: see the module docstring.
@@ -56,6 +61,7 @@ class GPUModel:
     bf16_tflops: float
     memory_gib: float
     fp8: bool
+    link_gbps: float  # to another GPU of this model in one host (see GPU_MODELS)
 
     @property
     def speed(self) -> float:
@@ -81,13 +87,19 @@ def gpu_for_memory(gib: float) -> GPUModel:
     return min(near, key=lambda g: (not g.fp8, g.bf16_tflops))
 
 
-def call_seconds(plan: RunPlan, gpu: GPUModel) -> float:
+def call_seconds(plan: RunPlan, gpu: GPUModel, link_bps: float | None = None) -> float:
     """One steady block call of `plan`'s DiT layers (all, or a layer-layout rank's) on `gpu`, with
-    its host traffic overlapped."""
+    its host traffic and its gathers (over `link_bps`, default the catalogue's) overlapped."""
     work = sum(flops_per_call(plan.cfg, plan.geometry).values()) / _reference_flops(plan.geometry)
     work *= len(plan.owned_layers) / plan.cfg.num_layers
     compute = _REFERENCE_CALL_S["fp8" if plan.precision == "fp8" else "bf16"] * work / gpu.speed
-    return max(compute, plan.transfer_bytes_per_call() / HOST_LINK_BPS)
+    seconds = max(compute, plan.transfer_bytes_per_call() / HOST_LINK_BPS)
+    gathered = plan.gather_bytes_per_call()
+    if gathered:
+        link = link_bps or gpu.link_gbps * 1e9
+        # A cycle starts with a gather nothing overlaps: the first unit's.
+        seconds = max(seconds, gathered / link) + gathered / plan.cfg.num_layers / link
+    return seconds
 
 
 def decode_seconds(geo: Geometry, gpu: GPUModel) -> float:
@@ -108,6 +120,26 @@ def hop_seconds(geo: Geometry, link: str, dtype_bytes: int, hidden_dim: int = 0)
     block = geo.batch * 16 * geo.frames_per_block * geo.latent_h * geo.latent_w * dtype_bytes
     block += geo.batch * geo.block_tokens * hidden_dim * dtype_bytes
     return HOP_LATENCY_S + block / LINKS_BPS[link]
+
+
+def measure_link_bps(a: str, b: str, nbytes: int = 256 * 2 ** 20, repeats: int = 5) -> float | None:
+    """Copy bandwidth from GPU `a` to GPU `b` measured here (bytes per second), or None when they
+    are not two distinct CUDA devices (nothing to measure: the catalogue's figure stands)."""
+    import torch
+
+    if a == b or not (a.startswith("cuda") and b.startswith("cuda")) or not torch.cuda.is_available():
+        return None
+    src = torch.empty(nbytes, dtype=torch.uint8, device=a)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=b)
+    dst.copy_(src)  # warm-up: peer access set up, clocks up
+    torch.cuda.synchronize(a)
+    torch.cuda.synchronize(b)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize(a)
+    torch.cuda.synchronize(b)
+    return nbytes * repeats / (time.perf_counter() - start)
 
 
 def link_between(a: str, b: str) -> str:

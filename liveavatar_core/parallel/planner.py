@@ -28,7 +28,7 @@ from ..sizes import BYTES, GiB, audio_encoder_bytes, geometry
 from ..weights.vae import TEMPORAL_DOWNSAMPLE
 from .cost import (GPUModel, call_seconds, decode_seconds, gpu_for_memory, gpu_model, hop_seconds, link_between,
                    start_seconds)
-from .layout import LAYOUTS, LayerLayout, StepLayout, layer_layout, step_layout
+from .layout import LAYOUTS, LayerLayout, StepLayout, check_shard, layer_layout, step_layout
 
 PARALLEL_OFFLOAD = ("none", "auto")
 # Video frames per latent frame (the VAE's temporal stride).
@@ -174,7 +174,10 @@ class ParallelPlan:
                           {"kv_cache_dtype": "fp8"}))
         if req["layout"] == "steps" and len(req["devices"]) > 1 and req["vae_device"] is None:
             tries.append(("use the layer layout (each GPU holds a share of the layers: their weights and caches)",
-                          {"layout": "layers"}))
+                          {"layout": "layers", "shard": "none"}))
+        if req["layout"] == "steps" and len(req["devices"]) > 1 and req["shard"] == "none":
+            tries.append(("shard the weights over the GPUs (shard 'fsdp': each holds a share, gathered per call)",
+                          {"shard": "fsdp"}))
         most = self.layout.num_steps if req["layout"] == "steps" else req["cfg"].num_layers
         if spare and self.layout.dit_ranks < most:
             more = (*req["devices"], spare[0])
@@ -212,7 +215,7 @@ class ParallelPlan:
         if r.rank == lay.vae_rank:
             what.append("VAE")
         words = " + ".join(what)
-        if r.plan.has_dit and (r.plan.swapped or r.plan.streamed_kv_layers()):
+        if r.plan.has_dit and (r.plan.swapped or r.plan.streamed_kv_layers() or r.plan.shards > 1):
             words += f" ({r.plan.placement_words()})"
         return words
 
@@ -222,7 +225,8 @@ class ParallelPlan:
 
     def summary(self) -> str:
         """A readable table: per rank its work, planned memory against its budget, and time per block."""
-        lines = [f"Parallel plan ({self.request['layout']} layout): {self._describe()}"]
+        shard = ", weights sharded (FSDP)" if self.request["shard"] == "fsdp" else ""
+        lines = [f"Parallel plan ({self.request['layout']} layout{shard}): {self._describe()}"]
         fps, slow = self.fps, self.bottleneck
         if fps is not None:
             lines.append(f"  estimate: {fps:.1f} FPS steady (bottleneck rank {slow.rank}, "
@@ -250,7 +254,8 @@ class ParallelPlan:
     def to_dict(self) -> dict:
         """JSON-able plan: layout, per rank its device, work, memory and time; the estimate."""
         g, slow = self.geometry, self.bottleneck
-        return {"layout": self.request["layout"], "output_size": [g.width, g.height], "precision": self.precision,
+        return {"layout": self.request["layout"], "shard": self.request["shard"],
+                "output_size": [g.width, g.height], "precision": self.precision,
                 "world_size": self.layout.world_size, "fits": self.fits(),
                 "fps": self.fps, "first_frame_s": self.first_frame_s,
                 "bottleneck_rank": None if slow is None else slow.rank, "notes": list(self.notes),
@@ -269,8 +274,8 @@ def plan_parallel(cfg: DiTConfig, *, devices, size=DEFAULT_SIZE, frames_per_clip
                   kv_cache_dtype: str | None = None, kv_cache_location: str = "gpu", offload: str = "auto",
                   memory_cap=None,
                   host: DeviceSpec | None = None, share_gpus: bool = False, layout: str = "steps",
-                  controller: str | None = "first", spare=(), audio_seconds: float = DEFAULT_AUDIO_SECONDS
-                  ) -> ParallelPlan:
+                  controller: str | None = "first", spare=(), audio_seconds: float = DEFAULT_AUDIO_SECONDS,
+                  shard: str = "none", link_bps: float | None = None) -> ParallelPlan:
     """Plan a run over `devices` (DeviceSpecs, one DiT rank each; not validated: call `.validate()`).
 
     size: the output (height, width), or a "W*H" area (planned as for an image of that shape);
@@ -278,14 +283,18 @@ def plan_parallel(cfg: DiTConfig, *, devices, size=DEFAULT_SIZE, frames_per_clip
     the cheapest placement that fits); memory_cap: usable bytes per GPU, or a fraction of each;
     share_gpus: ranks may share a GPU (tests, benchmarks on one GPU: each gets an equal share);
     controller: the device of the process that drives the run ("first": the first rank's; None:
-    not on a GPU of this plan); spare: GPUs present but not used, which fixes may suggest.
+    not on a GPU of this plan); spare: GPUs present but not used, which fixes may suggest;
+    shard: "fsdp" shards the block units over the DiT ranks (step layout; `layout.check_shard`),
+    their gathers timed over `link_bps` (bytes per second between two GPUs, as `measure_link_bps`
+    finds it; None: the catalogue's figure for the GPU model).
     """
     request = dict(cfg=cfg, devices=tuple(devices), size=size, frames_per_clip=frames_per_clip, steps=steps,
                    vae_device=vae_device, precision=precision, kv_cache_dtype=kv_cache_dtype,
                    kv_cache_location=kv_cache_location, offload=offload,
                    memory_cap=memory_cap, host=host, share_gpus=share_gpus, layout=layout, controller=controller,
-                   spare=tuple(spare), audio_seconds=audio_seconds)
+                   spare=tuple(spare), audio_seconds=audio_seconds, shard=shard, link_bps=link_bps)
     _choice("layout", layout, LAYOUTS)
+    check_shard(shard, layout, len(devices))
     _choice("precision", precision, PRECISIONS)
     _choice("offload", offload, PARALLEL_OFFLOAD)
     _choice("kv_cache_location", kv_cache_location, KV_LOCATIONS)
@@ -316,7 +325,8 @@ def plan_parallel(cfg: DiTConfig, *, devices, size=DEFAULT_SIZE, frames_per_clip
         if spec.name.startswith("cuda") and spec.name == controller and r == everything.index(spec):
             reserved = CONTEXT_BYTES + audio_encoder_bytes()
         ranks.append(_rank(cfg, lay, r, spec, sharing[spec.name] or 1, reserved, host, memory_cap, height, width,
-                           frames_per_clip, precision, kv_cache_dtype, kv_cache_location, offload, audio_seconds))
+                           frames_per_clip, precision, kv_cache_dtype, kv_cache_location, offload, audio_seconds,
+                           lay.dit_ranks if shard == "fsdp" else 1, link_bps))
     timed = all(r.gpu is not None for r in ranks)
     first = None
     if timed:
@@ -326,7 +336,7 @@ def plan_parallel(cfg: DiTConfig, *, devices, size=DEFAULT_SIZE, frames_per_clip
         vae = ranks[lay.vae_rank]
         # The first block passes every rank at every step (hops of the layer layout overlap compute
         # in steady state, not for the first block).
-        calls = sum(call_seconds(r.plan, r.gpu) * len(lay.part(r.rank)[0]) for r in ranks if r.plan.has_dit)
+        calls = sum(call_seconds(r.plan, r.gpu, link_bps) * len(lay.part(r.rank)[0]) for r in ranks if r.plan.has_dit)
         first = start_seconds(vae.plan.geometry, vae.gpu) + calls + hops + decode_seconds(vae.plan.geometry, vae.gpu)
     frames_per_block = cfg.num_frames_per_block * _FRAMES_PER_LATENT
     return ParallelPlan(lay, tuple(ranks), host, first, frames_per_block, request, tuple(notes))
@@ -334,9 +344,9 @@ def plan_parallel(cfg: DiTConfig, *, devices, size=DEFAULT_SIZE, frames_per_clip
 
 def _rank(cfg, lay: StepLayout, r: int, spec: DeviceSpec, sharing: int, reserved: int, host: DeviceSpec, memory_cap,
           height: int, width: int, frames_per_clip: int, precision: str, kv_cache_dtype, kv_cache_location: str,
-          offload: str, audio_seconds: float) -> RankPlan:
+          offload: str, audio_seconds: float, shards: int, link_bps: float | None) -> RankPlan:
     """One rank's single-device plan, its budget (a share of a shared GPU, less what the controller
-    holds there) and its time per block."""
+    holds there) and its time per block (`shards`: the DiT ranks its block units are sharded over)."""
     is_dit = r < lay.dit_ranks
     steps_here, owned = lay.part(r) if is_dit else ((), None)
     geo = geometry(cfg, height, width, frames_per_clip, len(steps_here) if is_dit else 1)
@@ -349,13 +359,13 @@ def _rank(cfg, lay: StepLayout, r: int, spec: DeviceSpec, sharing: int, reserved
                   blocks_on_gpu=layers, kv_layers_on_gpu=0 if on_gpu and kv_cache_location == "cpu" else layers,
                   kv_cache_dtype=kv_cache_dtype, owned=owned,
                   vae="gpu" if r == lay.vae_rank else "none", text_encoder="none", audio_encoder="none",
-                  audio_seconds=audio_seconds, has_dit=is_dit)
+                  audio_seconds=audio_seconds, has_dit=is_dit, shards=shards if is_dit else 1)
     if offload == "auto" and on_gpu and is_dit and not plan.fits():
         plan = _auto(plan) or plan
     gpu = (gpu_model(spec.label) or gpu_for_memory(spec.total_bytes / GiB)) if on_gpu else None
     seconds = None
     if gpu is not None:
-        seconds = len(steps_here) * call_seconds(plan, gpu) if is_dit else 0.0
+        seconds = len(steps_here) * call_seconds(plan, gpu, link_bps) if is_dit else 0.0
         if r == lay.vae_rank:
             seconds += decode_seconds(geo, gpu)
     return RankPlan(r, spec, plan, gpu, seconds, reserved)
