@@ -276,11 +276,12 @@ def drop_other_layers(dit: LiveAvatarDiT, layers: range, plan: RunPlan) -> None:
 
 
 def layer_filter(cfg, layers: range, plan: RunPlan):
-    """Which state-dict names a rank holding `layers` loads: the base and those layers' units.
-    Refused for a plan that swaps blocks (block swap runs over the whole DiT only)."""
-    if plan.swapped:
-        raise InputError("offload", "block swap is not available for a rank that runs a layer range.",
-                         "give the layer layout ranks enough GPU memory for their layers, or use the step layout.")
+    """Which state-dict names a rank holding `layers` loads: the base and those layers' units
+    (`plan` may swap some of them: they must be among `layers`)."""
+    if not set(plan.swapped) <= set(layers):
+        raise InputError("plan", f"it swaps blocks {list(plan.swapped)}, not all among the layers {layers.start}-"
+                         f"{layers.stop - 1} this rank holds.", "plan the rank for its own layers (plan_parallel).")
+
     def keep(name: str) -> bool:
         unit = unit_of(name, cfg)
         return unit is None or unit in layers

@@ -358,7 +358,7 @@ def _auto(plan: RunPlan) -> RunPlan | None:
         text = plan.text_encoder if plan.text_encoder in ("cpu", "none") else enc
         audio = plan.audio_encoder if plan.audio_encoder in ("cpu", "none") else enc
         options = [dict(blocks_on_gpu=layers, kv_layers_on_gpu=k) for k in (layers, 0)]
-        if plan.owned is None and plan.shards == 1:  # block swap runs over the whole DiT, unsharded
+        if plan.shards == 1:  # sharded units are gathered, never swapped
             options += [dict(blocks_on_gpu=n, kv_layers_on_gpu=0) for n in range(layers - 1, -1, -1)]
         for opt in options:
             cand = _rebuild(plan, text_encoder=text, audio_encoder=audio, **opt)
@@ -458,7 +458,7 @@ def _build(cfg: DiTConfig, geo: Geometry, devices: tuple[DeviceSpec, ...], host:
     gpu, cpu = dit_device, "cpu"
     layers = cfg.num_layers
     mine = range(layers) if owned is None else owned
-    swapped = swapped_layers(layers, blocks_on_gpu) if owned is None else ()
+    swapped = tuple(mine[i] for i in swapped_layers(len(mine), blocks_on_gpu)) if shards == 1 else ()
     base, units = dit_unit_bytes(cfg, precision)
     items = []
     streamed = len(mine) - kv_layers_on_gpu if has_dit else 0

@@ -3,13 +3,16 @@ caches holding only its layers, give the whole call's results bit for bit (spec/
 layer layout), and sampler states split into layer parts and merge back unchanged."""
 
 import functools
+from dataclasses import replace
 
 import pytest
 import torch
 
 from liveavatar_core.errors import InputError
+from liveavatar_core.loading import drop_other_layers
 from liveavatar_core.model.cache import make_step_caches, tokens_per_frame
 from liveavatar_core.placement import apply_block_swap, make_streamed_step_caches
+from liveavatar_core.plan import plan_run
 from liveavatar_core.sampling.config import SamplerConfig
 from liveavatar_core.sampling.generator import BlockSampler
 from liveavatar_core.sampling.state import load_state, merge_stage_states, restore_cond, save_state, stage_part
@@ -60,31 +63,34 @@ def whole(model, inp, factory=make_step_caches):
 
 def split(model, inp, parts, factory=make_step_caches):
     """The same rollout with each layer range as its own rank would run it: its own text K/V,
-    sink pass and step caches; only the hidden state crosses from one range to the next."""
+    sink pass and step caches; only the hidden state crosses from one range to the next.
+    `model`: one model for every range, or one per range (a rank's, holding only its layers)."""
+    models = model if isinstance(model, list) else [model] * len(parts)
+    model = models[0]
     cfg = model.cfg
     fs = tokens_per_frame(cfg, LAT_H, LAT_W)
     caches = [factory(cfg, LAT_H, LAT_W, num_steps=STEPS, cache_frames=CACHE_FRAMES, dtype=model.dtype, layers=p)
               for p in parts]
-    texts = [model.encode_text(inp["context"], layers=p) for p in parts]
+    texts = [m.encode_text(inp["context"], layers=p) for m, p in zip(models, parts)]
     conds, h = [], None
-    for k, p in enumerate(parts):
-        call = model.begin_sink(inp["ref"], inp["motion"], texts[k], embed=k == 0)
+    for k, (m, p) in enumerate(zip(models, parts)):
+        call = m.begin_sink(inp["ref"], inp["motion"], texts[k], embed=k == 0)
         if k:
             call.h = h
-        h = model.sink_layers(call, p)
-        conds.append(model.finish_sink(call, caches[k]))
+        h = m.sink_layers(call, p)
+        conds.append(m.finish_sink(call, caches[k]))
     outs = []
     shape_only = torch.empty(inp["xs"][0].shape, device="meta")
     for b, x in enumerate(inp["xs"]):
         for i in range(STEPS):
             h = None
-            for k, p in enumerate(parts):
-                call = model.begin_block(x if k == 0 else shape_only, 1000.0 - 300 * i, texts[k], inp["audio"], None,
-                                         caches[k][i], 3 * b * fs, 24 + 2 * b + i, embed=k == 0)
+            for k, (m, p) in enumerate(zip(models, parts)):
+                call = m.begin_block(x if k == 0 else shape_only, 1000.0 - 300 * i, texts[k], inp["audio"], None,
+                                     caches[k][i], 3 * b * fs, 24 + 2 * b + i, embed=k == 0)
                 if k:
                     call.h = h
-                h = model.run_layers(call, p, caches[k][i])
-            outs.append(model.finish_block(call))
+                h = m.run_layers(call, p, caches[k][i])
+            outs.append(models[-1].finish_block(call))
     return texts, conds, caches, outs
 
 
@@ -139,6 +145,25 @@ def test_layer_ranges_under_block_swap_and_compiled_regions(ckpt_dir, inputs, re
     finally:
         model.compile_regions(False)
     assert all(torch.equal(a, b) for a, b in zip(reference[3], outs))
+
+
+def test_a_rank_swaps_blocks_of_its_own_layers(ckpt_dir, inputs, reference):
+    """A layer layout rank holding only its layers (the others on the meta device) may swap some
+    of them, as the planner chooses for a card too small even for its share."""
+    parts = ranges(4, (2,))
+    models = []
+    for p in parts:
+        m = build_dit(load_dit_checkpoint(ckpt_dir)).eval()
+        plan = plan_run(m.cfg, devices=[], precision="fp32")
+        drop_other_layers(m, p, plan)
+        swap = apply_block_swap(m, 1, "cpu", layers=(p[-1],))
+        models.append((m, swap))
+    outs = split([m for m, _ in models], inputs, parts)[3]
+    assert all(torch.equal(a, b) for a, b in zip(reference[3], outs))
+    assert all(swap.loads > 0 for _, swap in models)
+    owned = replace(plan, owned=range(2, 4), swapped=(3,))
+    with pytest.raises(InputError, match="not all among the layers 0-1"):
+        drop_other_layers(build_dit(load_dit_checkpoint(ckpt_dir)), range(0, 2), owned)
 
 
 def test_layers_outside_a_range_are_refused(model, inputs):

@@ -196,3 +196,11 @@ def test_fsdp_fits_4_x_24_gb_with_the_step_layout_and_is_offered_as_a_fix():
     with pytest.raises(InputError, match="layer layout") as e:
         pplan(hypothetical_devices(4, 24), layout="layers", shard="fsdp")
     assert e.value.input_name == "shard"
+
+
+def test_a_layer_rank_too_small_for_its_share_swaps_its_own_blocks():
+    p = pplan(hypothetical_devices(3, 16), precision="bf16", layout="layers").validate()
+    first = p.ranks[0].plan
+    assert first.swapped and set(first.swapped) <= set(first.owned_layers)
+    assert first.streamed_kv_layers() == len(first.owned_layers)  # KV streaming first, then block swap
+    assert "block_swap with" in p.placement_words() and p.fps > 0

@@ -141,7 +141,8 @@ def apply_block_swap(model: LiveAvatarDiT, blocks_on_gpu: int, device: str | tor
     """Place `model` on `device` keeping only `blocks_on_gpu` swap units resident.
 
     The swapped units (default: `plan.swapped_layers`, spread evenly) move to pinned host memory;
-    everything else moves to `device`. Apply after LoRA merge and FP8 conversion, as the last
+    everything else moves to `device` (units left on the meta device stay there: a layer layout
+    rank swaps some of its own layers). Apply after LoRA merge and FP8 conversion, as the last
     placement step; do not call `.to()` on the model afterwards. Returns the swap state (counters).
     """
     n = model.cfg.num_layers
@@ -155,7 +156,8 @@ def apply_block_swap(model: LiveAvatarDiT, blocks_on_gpu: int, device: str | tor
         if id(mod) in unit_ids:
             continue
         for name, t in list(mod._parameters.items()) + list(mod._buffers.items()):
-            if t is not None and t.device != device:
+            # Meta tensors: the units of other layers on a layer layout rank, never run here.
+            if t is not None and t.device != device and not t.is_meta:
                 _set(mod, name, name in mod._parameters, t.detach().to(device))
     for layer in layers:
         block = model.blocks[layer]
