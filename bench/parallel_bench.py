@@ -20,7 +20,8 @@ same weights, inputs and seed, and compares every decoded frame of each run with
 one-H200 mode, chosen by itself when fewer GPUs are visible than ranks. NCCL p2p and the FPS of
 separate GPUs need one GPU per rank.
 
-Usage: python bench/parallel_bench.py [--ranks 2,4] [--vae_gpu] [--precision bf16|fp8] [--size 704*384]
+Usage: python bench/parallel_bench.py [--ranks 2,4] [--vae_gpu] [--layout steps|layers] [--shard none|fsdp]
+           [--precision bf16|fp8] [--size 704*384]
            [--clips 2] [--share_gpus] [--compile auto|on|off] [--memory_cap_gib G] [--check_exact] [--out DIR]
        python bench/parallel_bench.py --config tiny --device cpu --ranks 2 --clips 2 --check_exact   # smoke test
 """
@@ -123,7 +124,7 @@ def rank_plan(weights: RandomWeights, layout, args):
     specs = [gpus[d] if d in gpus else host_device() for d in layout.devices]
     dit, vae = specs[:layout.dit_ranks], specs[layout.dit_ranks] if layout.dedicated_vae else None
     return plan_parallel(weights.dit, devices=dit, vae_device=vae, size=args.size, steps=STEPS, layout=args.layout,
-                         precision=args.precision, memory_cap=_cap_bytes(args), offload="auto",
+                         precision=args.precision, memory_cap=_cap_bytes(args), offload="auto", shard=args.shard,
                          share_gpus=len(set(layout.devices)) < layout.world_size, controller=None).validate()
 
 
@@ -177,28 +178,38 @@ def run_parallel(n: int, weights: RandomWeights, args) -> tuple[dict, list]:
     print(plan.summary(), flush=True)
     t0 = time.perf_counter()
     model = load_parallel(None, None, layout=layout, precision=args.precision, compile=args.compile,
-                          random_weights=weights, memory_cap=_cap_bytes(args), plan=plan)
+                          random_weights=weights, memory_cap=_cap_bytes(args), plan=plan, shard=args.shard)
     built_s = time.perf_counter() - t0
     try:
+        loaded = model.rank_stats()
         record, frames, total_s = _timed(model, weights, args, keep_frames=args.check_exact)
         stats = model.rank_stats()
     finally:
         model.close()
-    # The generation phase (what a DiT + VAE run allocates) of each rank, beside its measured peak.
-    planned = [r.plan.generate_bytes(r.plan.dit_device) if r.device.name != "cpu" else None for r in plan.ranks]
-    ranks = [{"rank": s["rank"], "device": s["device"],
-              "peak_gib": None if s["peak_bytes"] is None else s["peak_bytes"] / GiB,
-              "planned_gib": None if p is None else p / GiB} for s, p in zip(stats, planned)]
+    # Each rank's allocation once loaded beside what the plan holds resident (weights), and its
+    # generation phase (what a DiT + VAE run allocates) beside its measured peak.
+    on_gpu = [r.device.name != "cpu" for r in plan.ranks]
+    planned = [r.plan.generate_bytes(r.plan.dit_device) if g else None for r, g in zip(plan.ranks, on_gpu)]
+    resident = [r.plan.resident_bytes(r.plan.dit_device) if g else None for r, g in zip(plan.ranks, on_gpu)]
+    ranks = [{"rank": s["rank"], "device": s["device"], "peak_gib": _gib(s["peak_bytes"]), "planned_gib": _gib(p),
+              "loaded_gib": _gib(done["allocated_bytes"]), "resident_planned_gib": _gib(res),
+              "dit_weights_gib": _gib(s["dit_weight_bytes"])}
+             for s, done, p, res in zip(stats, loaded, planned, resident)]
     if plan.fps is not None:
         result_estimate = {"planned_fps": plan.fps, "planned_first_frame_s": plan.first_frame_s}
     else:
         result_estimate = {}
     words = f"{layout.describe()} [{layout.backend}]"
-    result = _result(f"{n}{'+vae' if args.vae_gpu else ''}{' layers' if args.layout == 'layers' else ''}", weights,
+    name = f"{n}{'+vae' if args.vae_gpu else ''}{' layers' if args.layout == 'layers' else ''}"
+    result = _result(name + (" fsdp" if args.shard == "fsdp" else ""), weights,
                      args, words, record, total_s, built_s, ranks)
     result.update(ranks_dit=n, vae_gpu=bool(args.vae_gpu), world_size=layout.world_size, backend=layout.backend,
                   shared_gpu=args.device != "cpu" and _shares_gpus(n, args), **result_estimate)
     return result, frames
+
+
+def _gib(nbytes: int | None) -> float | None:
+    return None if nbytes is None else nbytes / GiB
 
 
 def _result(name: str, weights: RandomWeights, args, layout_words: str, record: list, total_s: float,
@@ -264,7 +275,11 @@ def _print(result: dict) -> None:
     for r in result["ranks"]:
         peak = "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.1f} GiB"
         planned = "n/a" if r["planned_gib"] is None else f"{r['planned_gib']:.1f} GiB"
-        print(f"  rank {r['rank']} ({r['device']}): peak {peak}, planned {planned}")
+        line = f"  rank {r['rank']} ({r['device']}): peak {peak}, planned {planned}"
+        if r.get("loaded_gib") is not None:
+            line += (f"; loaded {r['loaded_gib']:.2f} GiB, planned resident {r['resident_planned_gib']:.2f} GiB "
+                     f"(DiT weights held {r['dit_weights_gib']:.2f} GiB)")
+        print(line)
     words = []
     if result.get("vs_single"):
         words.append(f"x{result['vs_single']:.2f} the single-GPU {result['single_fps']:.2f} FPS")
@@ -309,6 +324,8 @@ def main() -> None:
     ap.add_argument("--layout", choices=["steps", "layers"], default="steps",
                     help="steps: whole denoising steps per rank; layers: a share of the layers of every step")
     ap.add_argument("--vae_gpu", action="store_true", help="a dedicated VAE rank after the DiT ranks")
+    ap.add_argument("--shard", choices=["none", "fsdp"], default="none",
+                    help="fsdp: the block units sharded over the DiT ranks (step layout)")
     ap.add_argument("--precision", choices=["bf16", "fp8", "fp32"], help="default bf16 (fp32 with --device cpu)")
     ap.add_argument("--size", help="output area W*H (default 704*384; 64*64 with --config tiny)")
     ap.add_argument("--clips", type=int, default=2, help="timed 48-frame clips per run (after a 1-clip warm-up)")

@@ -147,6 +147,10 @@ class RunPlan:
             return sum(i.bytes for i in self.items if i.device == device and i.phase == phase)
         return total(_ALWAYS) + max(total(_ENCODE), total(_GENERATE))
 
+    def resident_bytes(self, device: str) -> int:
+        """Estimated allocation on `device` between runs: the always-resident items (weights)."""
+        return sum(i.bytes for i in self.items if i.device == device and i.phase == _ALWAYS)
+
     def generate_bytes(self, device: str) -> int:
         """Estimated peak during generation only (what a DiT + VAE benchmark measures)."""
         return sum(i.bytes for i in self.items if i.device == device and i.phase in (_ALWAYS, _GENERATE))

@@ -11,7 +11,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("extra", [["--ranks", "2"], ["--ranks", "3", "--vae_gpu"]], ids=["2", "3+vae"])
+@pytest.mark.parametrize("extra", [["--ranks", "2"], ["--ranks", "3", "--vae_gpu", "--shard", "fsdp"]],
+                         ids=["2", "3+vae fsdp"])
 def test_cpu_smoke_run_gives_the_frames_of_one_process(tmp_path, extra):
     cmd = [sys.executable, str(ROOT / "bench" / "parallel_bench.py"), "--config", "tiny", "--device", "cpu",
            "--clips", "2", "--check_exact", "--out", str(tmp_path), *extra]
@@ -24,4 +25,7 @@ def test_cpu_smoke_run_gives_the_frames_of_one_process(tmp_path, extra):
     assert run["exact"]["frames_compared"] == run["frames"] == single["frames"] > 0
     assert run["steady_fps"] > 0 and run["first_frame_s"] > 0 and run["vs_single"] > 0
     assert len(run["ranks"]) == run["world_size"]
+    if "fsdp" in extra:  # each DiT rank holds the base and a third of the units
+        held = [r["dit_weights_gib"] for r in run["ranks"][:3]]
+        assert run["run"] == "3+vae fsdp" and max(held) - min(held) < 0.01 * max(held)
     assert "frames vs one process: bit-identical" in proc.stdout

@@ -323,19 +323,21 @@ class Worker:
             clip += 1
 
     def stats(self, reset_peak: bool = False) -> dict:
-        """This rank's device, its total memory, its peak allocated GPU memory since the last reset
-        (None on a CPU rank) and the DiT weight bytes it holds (its shards where they are sharded);
+        """This rank's device, its total memory, its peak and current allocated GPU memory (the peak
+        since the last reset; None on a CPU rank) and the DiT weight bytes it holds (its shards where
+        they are sharded);
         `reset_peak` starts a new peak afterwards (a benchmark's warm-up is over)."""
-        peak = total = None
+        peak = total = allocated = None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             peak = torch.cuda.max_memory_allocated(self.device)
+            allocated = torch.cuda.memory_allocated(self.device)
             total = torch.cuda.get_device_properties(self.device).total_memory
             if reset_peak:
                 torch.cuda.reset_peak_memory_stats(self.device)
         held = 0 if self.dit is None else _held_bytes(self.dit)
         return {"rank": self.rank, "device": self.layout.devices[self.rank], "peak_bytes": peak, "total_bytes": total,
-                "dit_weight_bytes": held}
+                "allocated_bytes": allocated, "dit_weight_bytes": held}
 
     def state(self) -> dict:
         """This rank's part of the resume state, in host memory."""
