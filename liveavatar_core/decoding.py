@@ -9,6 +9,8 @@ resume state. One process (`pipeline.VideoStream`) and the VAE rank of a paralle
 from __future__ import annotations
 
 import contextlib
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
+from .resume import tensor_digest
 from .sampling.generator import BlockSampler, LatentBlock
 from .vae.model import WanVAE
 from .video.frames import DeviceFrames, to_uint8_frames
@@ -42,6 +45,35 @@ def official_window(reference: torch.Tensor, motion_frames: int) -> torch.Tensor
     return ref5.repeat(1, 1, motion_frames, 1, 1)
 
 
+# The reference and first motion latents of the last few pictures, per VAE. They depend only on
+# the picture, the mode and the VAE, so a later video of the same picture (another prompt, audio
+# or seed) skips encoding them: the larger part of the work before the sink.
+CONDITIONS_KEPT = 4
+_conditions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def condition_latents(vae: WanVAE, reference: torch.Tensor, mode: str, motion_frames: int):
+    """(reference latent, first motion latents) of the preprocessed picture `[3, H, W]` in `mode`
+    (streaming or official), encoded once per picture and VAE placement; the caller gets copies."""
+    key = (mode, motion_frames, str(vae.device), vae.dtype, tensor_digest(reference))
+    kept = _conditions.setdefault(vae, OrderedDict())
+    if key in kept:
+        kept.move_to_end(key)
+    else:
+        kept[key] = _encode_condition(vae, reference, mode, motion_frames)
+        while len(kept) > CONDITIONS_KEPT:
+            kept.popitem(last=False)
+    return tuple(t.clone() for t in kept[key])
+
+
+def _encode_condition(vae: WanVAE, reference: torch.Tensor, mode: str, motion_frames: int):
+    ref = reference[None, :, None]  # [1, 3, 1, H, W]
+    if mode == "streaming":
+        return encode_pixels(vae, ref), encode_pixels(vae, ref.expand(-1, -1, motion_frames, -1, -1))
+    ref5 = ref.expand(-1, -1, OFFICIAL_REF_REPEAT, -1, -1)
+    return encode_pixels(vae, ref5)[:, :, 1:], encode_pixels(vae, official_window(reference, motion_frames))
+
+
 def start_decoder(vae: WanVAE, reference: torch.Tensor, settings: GenerationSettings, motion_frames: int,
                   more_clips: Callable[[int], bool]):
     """(reference latent, motion latents, block -> frames decoder) of the settings' mode.
@@ -49,15 +81,10 @@ def start_decoder(vae: WanVAE, reference: torch.Tensor, settings: GenerationSett
     reference: the preprocessed picture `[3, H, W]`; more_clips(n): whether the video has more
     than n clips (official mode re-encodes its context only for a clip that follows).
     """
-    ref = reference[None, :, None]  # [1, 3, 1, H, W]
+    ref_lat, motion_lat = condition_latents(vae, reference, settings.mode, motion_frames)
     if settings.mode == "streaming":
-        ref_lat = encode_pixels(vae, ref)
-        motion_lat = encode_pixels(vae, ref.expand(-1, -1, motion_frames, -1, -1))
         return ref_lat, motion_lat, StreamingDecode(vae, motion_lat)
-    ref5 = ref.expand(-1, -1, OFFICIAL_REF_REPEAT, -1, -1)
-    ref_lat = encode_pixels(vae, ref5)[:, :, 1:]
     window = official_window(reference, motion_frames)
-    motion_lat = encode_pixels(vae, window)
     return ref_lat, motion_lat, OfficialDecode(vae, settings, motion_frames, more_clips, window, motion_lat)
 
 

@@ -251,3 +251,34 @@ def test_channels_last_layout_gives_the_same_video(vae_path):
     vae.set_channels_last(False)
     assert not vae.channels_last and conv.weight.is_contiguous() and not any(c.taps for c in convs)
     torch.testing.assert_close(vae.decode(z), decoded, rtol=0, atol=0)
+
+
+# --- condition latents per picture ----------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["streaming", "official"])
+def test_a_picture_is_encoded_once_and_its_latents_handed_out_as_copies(vae, mode):
+    from liveavatar_core.decoding import CONDITIONS_KEPT, _encode_condition, condition_latents
+
+    encodes = []
+    hook = vae.encoder.register_forward_pre_hook(lambda *_: encodes.append(1))
+    try:
+        pictures = [_pixels(1, seed=s)[0, :, 0] for s in range(CONDITIONS_KEPT + 1)]
+        first = condition_latents(vae, pictures[0], mode, 9)
+        n = len(encodes)
+        assert n > 0
+        again = condition_latents(vae, pictures[0].clone(), mode, 9)  # the same picture, another tensor
+        assert len(encodes) == n
+        fresh = _encode_condition(vae, pictures[0], mode, 9)
+        assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(first, again, fresh))
+        again[1].add_(1)  # a caller's changes stay its own
+        assert torch.equal(condition_latents(vae, pictures[0], mode, 9)[1], fresh[1])
+        for p in pictures[1:]:  # more pictures than are kept: the first is encoded again
+            condition_latents(vae, p, mode, 9)
+        before = len(encodes)
+        condition_latents(vae, pictures[0], mode, 9)
+        assert len(encodes) > before
+        before = len(encodes)
+        condition_latents(vae, pictures[0], mode, 5)  # another motion length is another encode
+        assert len(encodes) > before
+    finally:
+        hook.remove()
