@@ -185,7 +185,7 @@ def run_plan(name: str, args) -> dict:
     cfg = DiTConfig.wan_s2v_14b()
     plan = plan_run(cfg, size=assumed_output_size(args.size), devices=devices, precision=precision, offload="auto",
                     memory_cap=None if cap_gib is None else cap_gib * GiB, kv_cache_dtype=kv_dtype,
-                    text_encoder="cpu", audio_encoder="cpu")
+                    text_encoder="cpu", audio_encoder="cpu", steps=args.sample_steps)
     print(plan.summary())
     plan.validate()
     device = torch.device(plan.dit_device)
@@ -254,7 +254,8 @@ def run_plan(name: str, args) -> dict:
     moved = swap.bytes_moved - moved_before if swap else 0
     first_frame_s = record[0][2]
     result = {
-        "plan": name, "gpu": gpu.label, "precision": precision, "cap_gib": cap_gib, "compile": args.compile,
+        "plan": name, "steps": geo.steps, "gpu": gpu.label, "precision": precision, "cap_gib": cap_gib,
+        "compile": args.compile,
         "kv_cache_dtype": plan.kv_cache_dtype,
         "placement": plan.placement_words(), "blocks": len(record), "frames": frames,
         "block_latency_s": block_s, "steady_fps": frames_per_block / block_s, "run_fps": frames / total_s,
@@ -298,6 +299,7 @@ def main() -> None:
     ap.add_argument("--plans", default=DEFAULT_PLANS, help=f"comma list of {', '.join(PLANS)}")
     ap.add_argument("--clips", type=int, default=2, help="timed 48-frame clips per plan (after a 1-clip warm-up)")
     ap.add_argument("--size", default="704*384")
+    ap.add_argument("--sample_steps", type=int, default=4, help="denoising steps per block (3: the preview setting)")
     ap.add_argument("--attention", default="sdpa", help="sdpa, flash2, flash3, sage")
     ap.add_argument("--compile", choices=["on", "off"], default="on", help="regional compilation of the DiT blocks")
     ap.add_argument("--trace", action="store_true", help="profile one more clip: GPU busy time, top CPU ops")
@@ -334,7 +336,7 @@ def main() -> None:
     for name in names:
         print(f"\n=== plan {name} ===", flush=True)
         cmd = [sys.executable, __file__, "--one", name, "--clips", str(args.clips), "--size", args.size,
-               "--attention", args.attention, "--compile", args.compile]
+               "--attention", args.attention, "--compile", args.compile, "--sample_steps", str(args.sample_steps)]
         cmd += (["--mp4"] if args.mp4 else []) + (["--trace"] if args.trace else [])
         cmd += ["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else []
         try:
