@@ -123,7 +123,8 @@ def test_queue_time_validation_names_the_input(pack):
                                (("fp32", "cpu", "cpu"), dict(kv_cache_dtype="fp8"), "kv_cache_dtype"),
                                (("bf16", "cpu", "cpu"), dict(offload="everything"), "offload"),
                                (("bf16", "cpu", "cpu"), dict(shard="fsdp"), "shard"),
-                               (("fp32", "cpu", "cpu"), dict(parallel="layers", gpus="cpu,cpu", shard="fsdp"), "shard")):
+                               (("fp32", "cpu", "cpu"), dict(parallel="layers", gpus="cpu,cpu", shard="fsdp"),
+                                "shard")):
         with pytest.raises(errors.InputError, match=rf"^{name}"):
             loader.VALIDATE_INPUTS(*args, **kwargs)
 

@@ -103,7 +103,8 @@ def test_fsdp_shards_the_weights_and_gives_the_frames_of_one_process(tiny, input
             assert _same([c.frames for c in stream], single[settings.mode]), (n, settings.mode)
             want, have = single[settings.mode + " state"], _sampler_tensors(stream)
             assert sorted(have) == sorted(want)
-            assert all(torch.equal(have[k], want[k]) for k in want), [k for k in want if not torch.equal(have[k], want[k])]
+            assert all(torch.equal(have[k], want[k]) for k in want), [k for k in want
+                                                                        if not torch.equal(have[k], want[k])]
     finally:
         model.close()
     assert all(p.poll() is not None for p in model.group.procs)

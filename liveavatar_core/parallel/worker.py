@@ -13,6 +13,8 @@ controller over the control socket; only block latents cross ranks (transport.py
 reported to the controller with its traceback, then the process exits: the controller stops the
 other ranks, which may be blocked in a receive. The process also exits when the control socket
 closes (its controller is gone), so no rank outlives the ComfyUI or CLI process that started it.
+With sharded weights (`shard` "fsdp") the DiT ranks form a group of their own for the gathers,
+and a waiting rank serves them (placement/fsdp.py).
 """
 
 from __future__ import annotations
@@ -325,8 +327,7 @@ class Worker:
     def stats(self, reset_peak: bool = False) -> dict:
         """This rank's device, its total memory, its peak and current allocated GPU memory (the peak
         since the last reset; None on a CPU rank) and the DiT weight bytes it holds (its shards where
-        they are sharded);
-        `reset_peak` starts a new peak afterwards (a benchmark's warm-up is over)."""
+        they are sharded); `reset_peak` starts a new peak afterwards (a benchmark's warm-up is over)."""
         peak = total = allocated = None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
