@@ -6,7 +6,6 @@ import threading
 
 import numpy as np
 import pytest
-import soxr
 import torch
 
 from liveavatar_core.encoders.audio import SAMPLE_RATE, AudioEncoder
