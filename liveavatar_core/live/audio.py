@@ -17,6 +17,7 @@ frames at 25 fps are 7680, 11520 or 23040 samples at 16, 24 or 48 kHz.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -42,7 +43,7 @@ class BlockAudio:
     """The audio of one block: `features [1, L, C, 12]` for the sampler and the `samples` (float32,
     mono, at the session's input rate) that drove it; `segment` counts segments from 0, `index` the
     block within it; `last` marks the segment's last block, `voiced` how many of its samples came
-    from the segment (the rest is the silence that completes it)."""
+    from the segment (the rest is the silence that completes it); `ready_at` when it could start."""
 
     features: torch.Tensor
     samples: np.ndarray
@@ -50,6 +51,7 @@ class BlockAudio:
     index: int
     last: bool
     voiced: int
+    ready_at: float  # time.perf_counter() when its audio and look-ahead had arrived
 
 
 class _Segment:
@@ -68,6 +70,7 @@ class _Segment:
         self.encoded = True  # False: ended too short for one feature frame (its block is silent)
         self.ended = False
         self.blocks_out = 0
+        self.ready_at: list[float] = []  # when each block's audio and look-ahead were complete
 
     @property
     def blocks(self) -> int | None:
@@ -93,10 +96,17 @@ class _Segment:
         self.encoded = self.pushed_16k >= self.encoder.min_samples()
         if self.encoded:
             self.features.finish()
+        self._stamp()
 
     def _encode(self, x16: np.ndarray) -> None:
         self.pushed_16k += x16.size
         self.features.push(x16)
+        self._stamp()
+
+    def _stamp(self) -> None:
+        ready = self.blocks if self.ended else self.features.available_frames // FRAMES_PER_BLOCK
+        now = time.perf_counter()
+        self.ready_at += [now] * (ready - len(self.ready_at))
 
     def ready(self) -> bool:
         """Whether the next block can be handed out."""
@@ -121,7 +131,7 @@ class _Segment:
             samples = np.concatenate([samples, np.zeros(per_block - voiced, np.float32)])
         self.raw = self.raw[per_block:]
         self.blocks_out = k + 1
-        return BlockAudio(feats, samples, self.number, k, self.blocks == k + 1, voiced)
+        return BlockAudio(feats, samples, self.number, k, self.blocks == k + 1, voiced, self.ready_at[k])
 
 
 class LiveAudio:

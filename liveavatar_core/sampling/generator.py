@@ -133,7 +133,9 @@ class BlockSampler:
         """Blocks of as many clips as `clip_audio` yields (unbounded streams, audio arriving live).
 
         Each item is one clip's audio `[1, 25, C, frames_per_clip]`, the first one for clip
-        `self.clip` (after a resume, the clip in progress). Stops early at `config.num_clips`.
+        `self.clip` (after a resume, the clip in progress), or a live source of that clip's audio:
+        an object whose `block(b)` returns block b's `[1, 25, C, 12]` once it has arrived (None: the
+        source has closed, the stream ends). Stops early at `config.num_clips`.
         """
         return self._stream(clip_audio, self.config.num_clips)
 
@@ -145,7 +147,7 @@ class BlockSampler:
             audio = next(clips, None)
             if audio is None:
                 return
-            if (yield from self._clip_blocks(self._check_clip_audio(audio))):
+            if (yield from self._clip_blocks(self._check_clip_audio(audio) if torch.is_tensor(audio) else audio)):
                 return
 
     def _clip_blocks(self, audio: torch.Tensor) -> Generator[LatentBlock, None, bool]:
@@ -155,10 +157,11 @@ class BlockSampler:
             self._begin_clip(r)
         for b in range(self.block, self.blocks_per_clip):
             frame = r * self.latent_frames + b * nfb
-            x = self._block_input(r, b)
-            if x is None:  # a pipeline stage told that the stream stops here
+            block_audio = audio[..., b * nfb * VIDEO_PER_LATENT:(b + 1) * nfb * VIDEO_PER_LATENT] \
+                if torch.is_tensor(audio) else audio.block(b)
+            x = None if block_audio is None else self._block_input(r, b)
+            if x is None:  # a live source closed, or a pipeline stage was told that the stream stops here
                 return True
-            block_audio = audio[..., b * nfb * VIDEO_PER_LATENT:(b + 1) * nfb * VIDEO_PER_LATENT]
             # Every step's offset is drawn, also those of steps run elsewhere: the draws are
             # counted per call, so each stage replays the single-process sequence.
             offsets = [self.policy.draw() for _ in range(self.config.steps)]
@@ -213,6 +216,11 @@ class BlockSampler:
     def _first_clip_latent(self) -> torch.Tensor:
         """The first denoised latent of clip 0 (the streaming sink refresh's new reference)."""
         return self.clip_latents[:, :, :1]
+
+    def prime(self) -> None:
+        """Run the sink now instead of with the first block (a live session, before its audio)."""
+        if self.caches[0].cond is None:
+            self._sink()
 
     def _sink(self) -> None:
         self.model.sink(self.ref_latents, self.motion_latents, self.text, self.caches)
