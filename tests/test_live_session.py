@@ -26,13 +26,14 @@ PER_FRAME = RATE // 25
 def parts(tmp_path_factory):
     tiny = write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), audio_seconds=1.0)
     folder = official_folder(tiny.ckpt_dir)
-    text = TextEncoder.from_pretrained(folder.t5, dtype=torch.float32).encode(tiny.prompt)
+    text_encoder = TextEncoder.from_pretrained(folder.t5, dtype=torch.float32)
     model = load_generator(folder.dit, folder.vae, tiny.lora, precision="fp32")
-    return model, text, tiny.image, AudioEncoder.from_pretrained(folder.wav2vec2)
+    return model, text_encoder.encode(tiny.prompt), tiny.image, AudioEncoder.from_pretrained(folder.wav2vec2), \
+        text_encoder
 
 
 def session(parts, **kw) -> LiveSession:
-    model, text, image, encoder = parts
+    model, text, image, encoder, _ = parts
     return LiveSession(model, text, image, encoder, SETTINGS, audio_rate=RATE, lookahead_s=0.3, **kw)
 
 
@@ -114,7 +115,7 @@ def test_clear_ends_the_segment_interrupted_after_the_block_in_flight(parts):
 
 
 def test_refusals(parts):
-    model, text, image, encoder = parts
+    model, text, image, encoder, _ = parts
     with pytest.raises(InputError, match="streaming mode"):
         LiveSession(model, text, image, encoder, GenerationSettings(size="64*64", mode="official"))
     live = session(parts)

@@ -1,0 +1,212 @@
+"""The live session's WebSocket endpoint (issue 19) with a real aiohttp server on loopback and a
+real websocket client: the tiny checkpoint on CPU, speech-like audio pushed in real-time-sized
+chunks and in bursts, the fMP4 bytes decoded again with PyAV; clear, refusals, time-outs, busy."""
+
+import asyncio
+import base64
+import io
+import json
+import threading
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+aiohttp = pytest.importorskip("aiohttp")
+from aiohttp import web  # noqa: E402
+
+from liveavatar_core.live.server import PATH, LiveEndpoint  # noqa: E402
+from tests.test_audio_stream import speech  # noqa: E402
+from tests.test_live_session import parts  # noqa: E402,F401
+
+RATE = 24000
+TOKEN = "secret-token"
+
+
+class Server:
+    """An aiohttp app with the endpoint on 127.0.0.1, run on a thread of its own."""
+
+    def __init__(self, endpoint: LiveEndpoint):
+        self.endpoint, self.loop = endpoint, asyncio.new_event_loop()
+        started = threading.Event()
+
+        async def start():
+            app = web.Application()
+            endpoint.add_routes(app)
+            self.runner = web.AppRunner(app)
+            await self.runner.setup()
+            site = web.TCPSite(self.runner, "127.0.0.1", 0)
+            await site.start()
+            self.url = f"ws://127.0.0.1:{self.runner.addresses[0][1]}{PATH}"
+            started.set()
+
+        threading.Thread(target=lambda: (self.loop.run_until_complete(start()), self.loop.run_forever()),
+                         daemon=True).start()
+        assert started.wait(30)
+
+    def stop(self):
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+@pytest.fixture
+def server(parts):  # noqa: F811
+    model, _, _, audio_encoder, text_encoder = parts
+    s = Server(LiveEndpoint(model, text_encoder, audio_encoder, token=TOKEN, idle_s=5.0))
+    yield s
+    s.stop()
+
+
+def picture() -> str:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 64, 3), np.uint8)).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def start_message(**kw) -> dict:
+    return {"type": "session.start", "token": TOKEN, "image": picture(), "prompt": "a person talking",
+            "size": "64*64", "seed": 5, "audio_rate": RATE, "video": "fmp4", "lookahead_ms": 300, **kw}
+
+
+async def talk(url, actions, headers=None, max_msg_size=0):
+    """Connect, run `actions(ws, inbox)` and collect every message until the server closes."""
+    inbox = {"json": [], "bytes": []}
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(url, headers=headers, max_msg_size=max_msg_size) as ws:
+            async def read():
+                async for msg in ws:
+                    if msg.type == aiohttp.WSMsgType.TEXT:
+                        inbox["json"].append(json.loads(msg.data))
+                    elif msg.type == aiohttp.WSMsgType.BINARY:
+                        inbox["bytes"].append(msg.data)
+            reader = asyncio.ensure_future(read())
+            await actions(ws, inbox)
+            await asyncio.wait_for(reader, 120)
+            inbox["close_code"] = ws.close_code
+    return inbox
+
+
+async def until(inbox, predicate, timeout=60.0):
+    for _ in range(int(timeout / 0.05)):
+        if predicate(inbox):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(inbox["json"])
+
+
+def types(inbox) -> list[str]:
+    return [m["type"] for m in inbox["json"]]
+
+
+def decode(chunks: list[bytes]):
+    """Video frames and mono float audio of concatenated fMP4 bytes."""
+    with av.open(io.BytesIO(b"".join(chunks))) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    with av.open(io.BytesIO(b"".join(chunks))) as c:
+        audio = np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(audio=0)])
+    return frames, audio
+
+
+@pytest.mark.parametrize("chunk_s", [0.02, None], ids=["real-time", "burst"])
+def test_a_session_streams_playable_fragments_with_the_pushed_audio(server, chunk_s):
+    x = speech(1.5, RATE, seed=7)
+
+    async def actions(ws, inbox):
+        await ws.send_json(start_message())
+        await until(inbox, lambda i: "session.ready" in types(i))
+        step = x.size if chunk_s is None else int(chunk_s * RATE)
+        for i in range(0, x.size, step):
+            await ws.send_bytes((x[i:i + step] * 32767).astype(np.int16).tobytes())
+            if chunk_s:
+                await asyncio.sleep(chunk_s)
+        await ws.send_json({"type": "audio.end"})
+        await until(inbox, lambda i: "segment.ended" in types(i))
+        await ws.send_json({"type": "session.stop"})
+
+    inbox = asyncio.run(talk(server.url, actions))
+    kinds = types(inbox)
+    assert kinds[0] == "session.ready" and kinds[-1] == "session.closed" and "error" not in kinds
+    ready = inbox["json"][0]
+    assert (ready["width"], ready["height"], ready["fps"], ready["block_frames"]) == (64, 64, 25, 12)
+    blocks = [m for m in inbox["json"] if m["type"] == "block"]
+    n = -(-x.size // (12 * RATE // 25))
+    assert len(blocks) == n and [b["frames"] for b in blocks] == [9] + [12] * (n - 1)
+    assert all(b["generation_ms"] > 0 and b["rtf"] > 0 and b["latency_ms"] >= 0 and b["credit_s"] > 0 for b in blocks)
+    ended = next(m for m in inbox["json"] if m["type"] == "segment.ended")
+    assert ended == {"type": "segment.ended", "segment": 0, "interrupted": False,
+                     "position_s": sum(b["frames"] for b in blocks) / 25}
+    assert inbox["bytes"][0][4:8] == b"ftyp"  # the init segment first, then one fragment per block
+    assert len(inbox["bytes"]) >= 1 + n and all(b[4:8] == b"moof" for b in inbox["bytes"][1:])
+    frames, audio = decode(inbox["bytes"])
+    assert len(frames) == sum(b["frames"] for b in blocks) and frames[0].shape == (64, 64, 3)
+    # The audio is the pushed audio from the fourth frame on (the start drops 3 frames), through AAC.
+    pushed = x[3 * RATE // 25:]
+    assert abs(audio.size - len(frames) * RATE // 25) <= 1024
+    m = min(audio.size, pushed.size)
+    assert np.corrcoef(audio[1024:m - 1024], pushed[1024:m - 1024])[0, 1] > 0.9
+
+
+def test_clear_interrupts_the_segment_and_the_session_goes_on(server):
+    async def actions(ws, inbox):
+        await ws.send_json(start_message())
+        await ws.send_bytes((speech(4.0, RATE, seed=8) * 32767).astype(np.int16).tobytes())
+        await until(inbox, lambda i: "block" in types(i))
+        await ws.send_json({"type": "audio.clear"})
+        await until(inbox, lambda i: "segment.ended" in types(i))
+        await ws.send_bytes((speech(0.6, RATE, seed=9) * 32767).astype(np.int16).tobytes())
+        await ws.send_json({"type": "audio.end"})
+        await until(inbox, lambda i: types(i).count("segment.ended") == 2)
+        await ws.send_json({"type": "session.stop"})
+
+    inbox = asyncio.run(talk(server.url, actions))
+    ended = [m for m in inbox["json"] if m["type"] == "segment.ended"]
+    assert ended[0]["segment"] == 0 and ended[0]["interrupted"] and not ended[1]["interrupted"]
+    assert types(inbox)[-1] == "session.closed"
+    assert len(decode(inbox["bytes"])[0]) == sum(m["frames"] for m in inbox["json"] if m["type"] == "block")
+
+
+def test_refusals_time_outs_and_busy(server):
+    async def expect_error(code, message=None, **start):
+        async def actions(ws, inbox):
+            await ws.send_json(message or start_message(**start))
+        inbox = await talk(server.url, actions)
+        assert inbox["json"][-1]["type"] == "error" and inbox["json"][-1]["code"] == code, inbox["json"]
+        return inbox
+
+    async def scenario():
+        await expect_error("unauthorized", token="wrong")
+        await expect_error("protocol", message={"type": "audio.end"})
+        await expect_error("bad_request", image=base64.b64encode(b"GIF89a not a picture").decode())
+        await expect_error("bad_request", audio_rate=44100)
+        await expect_error("bad_request", video="webm")
+        # A page on another site may not open a session.
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await talk(server.url, lambda ws, inbox: asyncio.sleep(0), headers={"Origin": "http://evil.example"})
+        assert refused.value.status == 403
+        same_site = {"Origin": server.url.replace("ws://", "http://").split(PATH)[0]}
+
+        # Oversized messages: an audio message past its cap, any message past the frame limit.
+        async def big_audio(ws, inbox):
+            await ws.send_json(start_message())
+            await until(inbox, lambda i: "session.ready" in types(i))
+            await ws.send_bytes(b"\0" * (2 << 20))
+        inbox = await talk(server.url, big_audio, headers=same_site)
+        assert inbox["json"][-1]["code"] == "too_large"
+
+        async def huge(ws, inbox):
+            await ws.send_bytes(b"\0" * (17 << 20))
+        try:  # refused with 1009, or the connection dropped while the client was still sending
+            assert (await talk(server.url, huge))["close_code"] == 1009
+        except (ConnectionError, aiohttp.ClientError):
+            pass
+        # Idle time-out (5 s in this server), and a second client while a session runs.
+        async def idle_and_busy(ws, inbox):
+            await ws.send_json(start_message())
+            await until(inbox, lambda i: "session.ready" in types(i))
+            second = await expect_error("busy")
+            assert "one runs at a time" in second["json"][-1]["message"]
+        inbox = await talk(server.url, idle_and_busy)
+        assert inbox["json"][-1]["code"] == "timeout" and inbox["json"][-1]["fatal"]
+
+    asyncio.run(scenario())
