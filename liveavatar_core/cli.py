@@ -82,6 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--num_clip", type=_positive, default=0, help="clips to generate (0 = as long as the audio)")
     demo.add_argument("--mode", choices=["streaming", "official"], default="streaming")
     demo.add_argument("--audio_seconds", type=float, default=3.0)
+
+    serve = sub.add_parser("serve", help="serve live sessions over a WebSocket (/liveavatar/ws): audio in, the "
+                           "avatar's video out as it is made (README 'Live sessions')")
+    serve.add_argument("--ckpt_dir", required=True, help="official Wan2.2-S2V-14B folder")
+    serve.add_argument("--lora_path_dmd", help="liveavatar.safetensors")
+    serve.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    serve.add_argument("--precision", choices=PRECISIONS, default="bf16")
+    serve.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
+    serve.add_argument("--port", type=int, default=8189, help="0: any free port")
+    serve.add_argument("--token", help="what clients must send in session.start (default: a new random one)")
+    serve.add_argument("--idle_s", type=float, default=300.0, help="end a session after this long without a message")
     return parser
 
 
@@ -331,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return _demo(args)
+        if args.command == "serve":
+            return _serve(args)
         if args.command == "plan":
             return _plan(args)
         if args.command == "inspect":
@@ -377,6 +391,36 @@ def _plan(args) -> int:
         print(f"fits: {pre.plan.placement_words()}; output {pre.output_size[1]}x{pre.output_size[0]} (W x H)")
         if getattr(pre.plan, "fps", None) is not None:  # a parallel plan's speed estimate
             print(f"estimate: {pre.plan.fps:.1f} FPS, first frame after {pre.plan.first_frame_s:.1f} s")
+    return 0
+
+
+def _serve(args) -> int:
+    """Load the model and the encoders once, then serve live sessions until interrupted. umT5
+    stays on the CPU (a prompt per session, encoded before the session is ready)."""
+    from .encoders.audio import AudioEncoder
+    from .encoders.placement import audio_encoder_placement, text_encoder_placement
+    from .encoders.text import TextEncoder
+    from .live.server import LiveEndpoint, run_server
+    from .loading import load_generator, official_folder
+    from .preflight import check_device
+
+    folder = official_folder(args.ckpt_dir)
+    device = check_device(args.device)
+    model = load_generator(folder.dit, folder.vae, args.lora_path_dmd, precision=args.precision, dit_device=device,
+                           compile=args.compile)
+    text_at = text_encoder_placement("cpu", args.precision)
+    audio_at = audio_encoder_placement(device, args.precision)
+    text = TextEncoder.from_pretrained(folder.t5, device=text_at.run_on, dtype=text_at.dtype)
+    audio = AudioEncoder.from_pretrained(folder.wav2vec2, device=audio_at.run_on, dtype=audio_at.dtype)
+    endpoint = LiveEndpoint(model, text, audio, token=args.token, idle_s=args.idle_s)
+
+    def ready(url: str) -> None:
+        print(f"serving live sessions at {url} (token {endpoint.token})", flush=True)
+    with _stop_signals():
+        try:
+            run_server(endpoint, args.host, args.port, on_ready=ready)
+        except Terminated:
+            pass
     return 0
 
 

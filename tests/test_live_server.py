@@ -210,3 +210,43 @@ def test_refusals_time_outs_and_busy(server):
         assert inbox["json"][-1]["code"] == "timeout" and inbox["json"][-1]["fatal"]
 
     asyncio.run(scenario())
+
+
+def test_serve_command_prints_its_url_and_token_and_serves(tmp_path):
+    """`python -m liveavatar_core serve` for users without ComfyUI: the tiny checkpoint on CPU."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    from liveavatar_core.synthetic import write_tiny_checkpoint
+
+    tiny = write_tiny_checkpoint(tmp_path / "tiny", audio_seconds=1.0)
+    proc = subprocess.Popen([sys.executable, "-m", "liveavatar_core", "serve", "--ckpt_dir", str(tiny.ckpt_dir),
+                             "--lora_path_dmd", str(tiny.lora), "--device", "cpu", "--precision", "fp32",
+                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        for line in proc.stdout:
+            found = re.match(r"serving live sessions at (ws://127\.0\.0\.1:\d+/liveavatar/ws) \(token (\S+)\)", line)
+            if found:
+                break
+        else:
+            raise AssertionError("serve printed no URL")
+        url, token = found.groups()
+        assert len(token) >= 24  # a random one when --token is not given
+
+        async def actions(ws, inbox):
+            await ws.send_json(start_message(token=token))
+            await ws.send_bytes((speech(0.6, RATE, seed=10) * 32767).astype(np.int16).tobytes())
+            await ws.send_json({"type": "audio.end"})
+            await until(inbox, lambda i: "segment.ended" in types(i))
+            await ws.send_json({"type": "session.stop"})
+        inbox = asyncio.run(talk(url, actions))
+        assert types(inbox)[0] == "session.ready" and types(inbox)[-1] == "session.closed"
+        assert len(decode(inbox["bytes"])[0]) == sum(m["frames"] for m in inbox["json"] if m["type"] == "block") > 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
