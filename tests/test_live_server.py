@@ -250,3 +250,28 @@ def test_serve_command_prints_its_url_and_token_and_serves(tmp_path):
         assert proc.wait(timeout=30) == 0
     finally:
         proc.kill()
+
+
+def test_the_readme_client_writes_a_playable_video(server, tmp_path):
+    """The minimal client of README "Live sessions", run as a user would, against a real server."""
+    import re
+    import subprocess
+    import sys
+    import wave
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"A minimal client.*?```python\n(.*?)```", readme, re.S).group(1)
+    (tmp_path / "client.py").write_text(code)
+    wav, png, out = tmp_path / "speech.wav", tmp_path / "face.png", tmp_path / "out.mp4"
+    x = speech(1.2, 16000, seed=11)
+    with wave.open(str(wav), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes((x * 32767).astype(np.int16).tobytes())
+    png.write_bytes(base64.b64decode(picture()))
+    subprocess.run([sys.executable, str(tmp_path / "client.py"), server.url, TOKEN, str(png), str(wav), str(out),
+                    "64*64"], check=True, timeout=120)
+    frames, audio = decode([out.read_bytes()])
+    assert len(frames) == 9 + 12 * (-(-x.size // 7680) - 1) and audio.size > 0.9 * x.size
