@@ -19,6 +19,7 @@ _NODES = {
     "LiveAvatarSampler": ("sampler", "LiveAvatarSampler", "Live Avatar Sampler"),
     "LiveAvatarVideoWriter": ("writer", "LiveAvatarVideoWriter", "Live Avatar Video Writer"),
     "LiveAvatarReleaseGPUs": ("release", "LiveAvatarReleaseGPUs", "Live Avatar Release GPUs"),
+    "LiveAvatarLiveSession": ("live", "LiveAvatarLiveSession", "Live Avatar Live Session"),
 }
 
 NODE_CLASS_MAPPINGS = {}
@@ -36,4 +37,6 @@ for _node_id, (_module, _cls, _label) in _NODES.items():
 
 host.register_model_folder()
 queue_checks.register()
+if "LiveAvatarLiveSession" in NODE_CLASS_MAPPINGS:
+    importlib.import_module(".live", __name__).register_route()
 examples.install_example_inputs()

@@ -100,6 +100,14 @@ class LiveAvatarTextEncode:
         return (context.cpu(),)
 
 
+def wav2vec2(choice: str, device: str) -> AudioEncoder:
+    """The wav2vec2 encoder of an `audio_encoder` choice on `device` (kept loaded between runs)."""
+    path = host.resolve("audio_encoders", choice, "audio_encoder", WAV2VEC2_MEMBER)
+    at = audio_encoder_placement(host.torch_device(device, "device"))
+    return LOADED.get("wav2vec2", path, at, lambda: AudioEncoder.from_pretrained(
+        path, device=at.keep_on, dtype=at.dtype, input_name="audio_encoder"))
+
+
 class LiveAvatarAudioEncode:
     DESCRIPTION = ("Turns speech into the 25 fps wav2vec2 features that drive the avatar, and keeps the "
                    "audio for the MP4.")
@@ -136,10 +144,7 @@ class LiveAvatarAudioEncode:
         return True
 
     def encode(self, audio, audio_encoder: str, device: str, frames_per_clip: int):
-        path = host.resolve("audio_encoders", audio_encoder, "audio_encoder", WAV2VEC2_MEMBER)
-        at = audio_encoder_placement(host.torch_device(device, "device"))
-        encoder = LOADED.get("wav2vec2", path, at, lambda: AudioEncoder.from_pretrained(
-            path, device=at.keep_on, dtype=at.dtype, input_name="audio_encoder"))
+        encoder = wav2vec2(audio_encoder, device)
         # Encoded by the sampler for its mode, on the device the placement keeps wav2vec2 on: window
         # by window while streaming, the whole audio at once in official mode.
         features = encoder.prepare(audio, frames_per_clip=frames_per_clip)

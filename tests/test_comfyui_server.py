@@ -46,7 +46,7 @@ PACK = "ComfyUI-LiveAvatar"
 # Another frontend than the pinned one (e.g. the newest comfyui-frontend-package's static/ folder).
 FRONTEND_ROOT = os.environ.get("COMFYUI_FRONTEND_ROOT")
 NODE_IDS = {"LiveAvatarModelLoader", "LiveAvatarTextEncode", "LiveAvatarAudioEncode", "LiveAvatarSampler",
-            "LiveAvatarVideoWriter", "LiveAvatarReleaseGPUs"}
+            "LiveAvatarVideoWriter", "LiveAvatarReleaseGPUs", "LiveAvatarLiveSession"}
 UI_FILES = sorted((REPO / "example_workflows").glob("*.json"))
 API_DIR = REPO / "workflows" / "api"
 FRONTEND_ONLY = {"MarkdownNote", "Note", "Reroute"}
@@ -626,3 +626,71 @@ def test_parallel_workers_make_the_video_and_stop_when_released(server, object_i
     status, _ = _post(f"{url}/free", {"unload_models": True, "free_memory": True})
     assert status == 200
     assert _gone(base, timeout_s=30)
+
+
+def test_live_session_node_serves_a_websocket_client_on_comfyuis_port_until_cancel(server):
+    """The Live Session node holds the model while it runs; a client connects to ComfyUI's own
+    /liveavatar/ws with the node's token, pushes speech and receives playable fMP4 fragments;
+    Cancel ends the node. Before the node runs, the route says no session is served."""
+    import io
+
+    import aiohttp
+    import av
+    import numpy as np
+
+    url = server.url
+    ws_url = url.replace("http://", "ws://") + "/liveavatar/ws"
+    api = json.loads((API_DIR / "liveavatar_basic.json").read_text())
+    prompt = {k: v for k, v in api.items() if v["class_type"] in ("LoadImage", "LiveAvatarModelLoader",
+                                                                   "LiveAvatarTextEncode")}
+    loader = next(k for k, v in prompt.items() if v["class_type"] == "LiveAvatarModelLoader")
+    text = next(k for k, v in prompt.items() if v["class_type"] == "LiveAvatarTextEncode")
+    image = next(k for k, v in prompt.items() if v["class_type"] == "LoadImage")
+    prompt[loader]["inputs"]["precision"] = "fp32"
+    prompt["99"] = {"class_type": "LiveAvatarLiveSession", "inputs": {
+        "model": [loader, 0], "text_embeds": [text, 0], "image": [image, 0],
+        "audio_encoder": prompt[text]["inputs"]["t5_encoder"], "device": "auto", "size": "704*384", "seed": 5,
+        "token": "comfy-live-token", "minutes": 10}}
+    rate = 16000
+    speech = (np.sin(np.linspace(0, 400 * np.pi, rate)) * 0.3 * 32767).astype(np.int16).tobytes()
+
+    async def first_message() -> dict:
+        async with aiohttp.ClientSession() as http, http.ws_connect(ws_url) as ws:
+            await ws.send_json({"type": "session.start", "token": "comfy-live-token", "size": "64*64"})
+            return json.loads((await ws.receive(timeout=60)).data)
+
+    async def session() -> tuple[list, list]:
+        messages, chunks = [], []
+        async with aiohttp.ClientSession() as http, http.ws_connect(ws_url, max_msg_size=0) as ws:
+            await ws.send_json({"type": "session.start", "token": "comfy-live-token", "size": "64*64",
+                                "audio_rate": rate})
+            for i in range(0, len(speech), 6400):
+                await ws.send_bytes(speech[i:i + 6400])
+            await ws.send_json({"type": "audio.end"})
+            async for msg in ws:
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    chunks.append(msg.data)
+                    continue
+                messages.append(json.loads(msg.data))
+                if messages[-1]["type"] == "segment.ended":
+                    await ws.send_json({"type": "session.stop"})
+        return messages, chunks
+
+    assert asyncio.run(first_message())["code"] == "no_session"
+    status, body = _post(f"{url}/prompt", {"prompt": prompt})
+    assert status == 200, body
+    deadline = time.time() + 300
+    while (reply := asyncio.run(first_message()))["type"] == "error" and reply["code"] == "no_session":
+        assert time.time() < deadline, "the Live Session node never served"
+        time.sleep(0.5)
+    messages, chunks = asyncio.run(session())
+    kinds = [m["type"] for m in messages]
+    assert kinds[0] == "session.ready" and kinds[-1] == "session.closed" and "segment.ended" in kinds, kinds
+    with av.open(io.BytesIO(b"".join(chunks))) as c:
+        frames = sum(1 for _ in c.decode(video=0))
+    assert frames == sum(m["frames"] for m in messages if m["type"] == "block") > 0
+    _post(f"{url}/interrupt", {})
+    entry = _wait(url, body["prompt_id"], 60)
+    events = [m[0] for m in entry["status"]["messages"]]
+    assert "execution_interrupted" in events
+    assert asyncio.run(first_message())["code"] == "no_session"

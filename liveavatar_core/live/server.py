@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import WSMsgType, web
 
+from ..encoders.image import DEFAULT_SIZE
 from ..errors import InputError
 from ..pipeline import GenerationSettings
 from .audio import DEFAULT_LOOKAHEAD_S, DEFAULT_MAX_BUFFER_S
@@ -48,19 +49,31 @@ _CLOSED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR
 class LiveEndpoint:
     """Sessions on one loaded model (see the module docstring).
 
-    model: a `LiveAvatarModel`; text_encoder / audio_encoder: `TextEncoder` / `AudioEncoder`;
-    token: what `session.start` must carry (default: a new random one); origins: extra allowed
-    `Origin` values besides the server's own host; idle_s / max_session_s: time-outs.
+    model: a `LiveAvatarModel`; text_encoder / audio_encoder: `TextEncoder` / `AudioEncoder`
+    (text_encoder None: every session uses `text`); token: what `session.start` must carry
+    (default: a new random one); text / image / size / seed: what a session uses when its
+    `session.start` gives none (a ComfyUI graph sets them); origins: extra allowed `Origin`
+    values besides the server's own host; idle_s / max_session_s: time-outs.
     """
 
     def __init__(self, model, text_encoder, audio_encoder, token: str | None = None, origins=(),
                  idle_s: float = IDLE_TIMEOUT_S, max_session_s: float | None = None,
-                 max_buffer_s: float = DEFAULT_MAX_BUFFER_S):
+                 max_buffer_s: float = DEFAULT_MAX_BUFFER_S, text=None, image=None, size: str = DEFAULT_SIZE,
+                 seed: int = GenerationSettings.seed):
         self.model, self.text_encoder, self.audio_encoder = model, text_encoder, audio_encoder
         self.token = token or secrets.token_urlsafe(24)
         self.origins, self.idle_s, self.max_session_s, self.max_buffer_s = set(origins), idle_s, max_session_s, \
             max_buffer_s
+        self.text, self.image, self.size, self.seed = text, image, size, seed
+        self.sessions = 0  # sessions served so far
         self._busy = threading.Lock()
+        self._active: _Connection | None = None
+
+    def stop(self) -> None:
+        """End the running session, if any (from any thread): it is told `stopped` and closed."""
+        active = self._active
+        if active is not None:
+            active.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(active.stop()))
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get(PATH, self.handle)
@@ -74,8 +87,11 @@ class LiveEndpoint:
             await _fail(ws, "busy", "a live session is running on this model; one runs at a time.")
             return ws
         try:
-            await _Connection(self, ws).run()
+            self._active = _Connection(self, ws)
+            self.sessions += 1
+            await self._active.run()
         finally:
+            self._active = None
             self._busy.release()
         return ws
 
@@ -134,26 +150,27 @@ class _Connection:
             await self.ws.send_json({"type": "session.closed", "dropped_fragments": self.dropped})
             await self.ws.close()
 
+    async def stop(self) -> None:
+        await self._error("stopped", "the session was ended on the server.", True)
+
     def _start(self, start: dict):
         """session.start -> (LiveSession, LiveMP4): the picture and prompt are encoded here."""
-        from PIL import Image
-
         video = start.get("video", "fmp4")
         if video not in VIDEO_MODES:
             raise InputError("video", f"{video!r} is not available.", f"use one of {', '.join(VIDEO_MODES)}.")
-        try:
-            image = Image.open(io.BytesIO(base64.b64decode(str(start.get("image", "")), validate=True)))
-            image.load()
-        except (binascii.Error, OSError, ValueError):
-            image = None
-        if image is None or image.format not in ("PNG", "JPEG"):
-            raise InputError("image", "not a base64 PNG or JPEG picture.", "send the picture's bytes in base64.")
-        settings = GenerationSettings(size=str(start.get("size", GenerationSettings.size)),
-                                      seed=_int(start, "seed", GenerationSettings.seed))
         ep = self.endpoint
-        text = ep.text_encoder.encode(str(start.get("prompt", ""))).to(ep.model.dit.device)
+        image = _picture(start["image"]) if "image" in start else ep.image
+        if image is None:
+            raise InputError("image", "session.start has no picture.", "send the picture's bytes in base64.")
+        if "prompt" in start and ep.text_encoder is None:
+            raise InputError("prompt", "this server's prompt is set where it was started (the ComfyUI graph).",
+                             "leave the prompt out of session.start.")
+        text = ep.text if "prompt" not in start else ep.text_encoder.encode(str(start["prompt"]))
+        if text is None:
+            raise InputError("prompt", "session.start has no prompt.", "send the prompt.")
+        settings = GenerationSettings(size=str(start.get("size", ep.size)), seed=_int(start, "seed", ep.seed))
         lookahead = _int(start, "lookahead_ms", round(DEFAULT_LOOKAHEAD_S * 1000)) / 1000
-        session = LiveSession(ep.model, text, image.convert("RGB"), ep.audio_encoder, settings,
+        session = LiveSession(ep.model, text.to(ep.model.dit.device), image, ep.audio_encoder, settings,
                               audio_rate=_int(start, "audio_rate", 16000), lookahead_s=lookahead,
                               max_buffer_s=ep.max_buffer_s)
         return session, LiveMP4(session.width, session.height, session.fps, session.rate)
@@ -234,6 +251,20 @@ class _Connection:
             await self.ws.send_json({"type": "error", "code": code, "message": message, "fatal": fatal})
             if fatal:
                 await self.ws.close()
+
+
+def _picture(data):
+    """A base64 PNG or JPEG as an RGB PIL image."""
+    from PIL import Image
+
+    try:
+        image = Image.open(io.BytesIO(base64.b64decode(str(data), validate=True)))
+        image.load()
+    except (binascii.Error, OSError, ValueError):
+        image = None
+    if image is None or image.format not in ("PNG", "JPEG"):
+        raise InputError("image", "not a base64 PNG or JPEG picture.", "send the picture's bytes in base64.")
+    return image.convert("RGB")
 
 
 def _stats(block: LiveBlock, session: LiveSession, dropped: int) -> dict:
