@@ -20,7 +20,7 @@ from ..video.encode import (AAC_FRAME, AacStream, AudioCodecSettings, VideoCodec
                             video_extradata)
 from ..video.fmp4 import AUDIO_TRACK_ID, VIDEO_TRACK_ID, AudioTrack, TrackRun, VideoTrack, fragment, init_segment, \
     parameter_sets
-from ..video.writer import WriterSettings
+from ..video.writer import WriterSettings, video_timescale
 
 # The AAC encoder releases a packet this far behind what it has been fed (AacStream).
 _AUDIO_HOLDBACK = 2 * AAC_FRAME
@@ -62,7 +62,7 @@ class LiveMP4:
         s = settings or WriterSettings(preset="veryfast")
         self.fps = Fraction(fps)
         self._video = VideoCodecSettings(width, height, self.fps, s.crf, s.preset, s.threads, s.max_gop_frames)
-        self._timescale, self._ticks = 512 * self.fps.numerator, 512 * self.fps.denominator
+        self._timescale, self._ticks = video_timescale(self.fps)
         self._extradata = video_extradata(self._video)
         sps, pps = parameter_sets(self._extradata)
         self._audio = _GrowingAudio(sample_rate)

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import WSMsgType, web
 
+from ..config import FRAMES_PER_BLOCK
 from ..encoders.image import DEFAULT_SIZE
 from ..errors import InputError
 from ..pipeline import GenerationSettings
@@ -125,7 +126,7 @@ class _Connection:
         if start is None or start.get("type") != "session.start":
             await _fail(self.ws, "protocol", "the first message must be a session.start text message.")
             return
-        if not hmac.compare_digest(str(start.get("token", "")), self.endpoint.token):
+        if not hmac.compare_digest(str(start.get("token", "")).encode(), self.endpoint.token.encode()):
             await _fail(self.ws, "unauthorized", "wrong or missing token.")
             return
         try:
@@ -135,7 +136,7 @@ class _Connection:
             return
         s = self.session
         await self.ws.send_json({"type": "session.ready", "width": s.width, "height": s.height, "fps": s.fps,
-                                 "block_frames": 12, "audio_rate": s.rate, "ready_ms": round(s.ready_s * 1000)})
+                                 "block_frames": FRAMES_PER_BLOCK, "audio_rate": s.rate, "ready_ms": round(s.ready_s * 1000)})
         await self.ws.send_bytes(mp4.init)
         threading.Thread(target=self._pump, daemon=True).start()
         sender = asyncio.ensure_future(self._send(mp4))

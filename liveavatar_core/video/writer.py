@@ -136,6 +136,11 @@ _NO_ROOM = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is u
             errno.EFBIG: "the file reached the largest size allowed (by the file system or a process limit)"}
 
 
+def video_timescale(fps: Fraction) -> tuple[int, int]:
+    """(video track timescale, ticks per frame): 512 ticks a frame keeps every frame time exact."""
+    return 512 * fps.numerator, 512 * fps.denominator
+
+
 def _as_fps(fps: int | float | Fraction | str) -> Fraction:
     try:
         value = Fraction(str(fps)) if isinstance(fps, float) else Fraction(fps)
@@ -194,8 +199,7 @@ class StreamingMP4Writer:
         self._video_cfg = VideoCodecSettings(
             width, height, self.fps, settings.crf, settings.preset, settings.threads, settings.max_gop_frames,
         )
-        self._timescale = 512 * self.fps.numerator
-        self._frame_ticks = 512 * self.fps.denominator
+        self._timescale, self._frame_ticks = video_timescale(self.fps)
         self._extradata = video_extradata(self._video_cfg)
         sps, pps = parameter_sets(self._extradata)
         video_track = VideoTrack(width, height, self._timescale, sps, pps)
