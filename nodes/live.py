@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 from ..liveavatar_core.encoders.image import DEFAULT_SIZE, SIZE_PRESETS
-from ..liveavatar_core.live.server import PATH, LiveEndpoint
+from ..liveavatar_core.live.server import PAGE_PATH, PATH, LiveEndpoint, page
 from . import host
 from .encoders import TEXT_EMBEDS, wav2vec2, wav2vec2_choices
 from .loader import MODEL
@@ -97,3 +97,4 @@ def register_route() -> None:
         return await endpoint.handle(request)
 
     server.routes.get(PATH)(handle)
+    server.routes.get(PAGE_PATH)(page)

@@ -72,6 +72,8 @@ class LiveMP4:
         self._aac = AacStream(cfg, self._audio)
         self.init = init_segment(VideoTrack(width, height, self._timescale, sps, pps),
                                  AudioTrack(sample_rate, 1, config, self._priming, bitrate))
+        # What a browser's MediaSource needs: H.264 profile, constraints and level from the SPS.
+        self.mime = f'video/mp4; codecs="avc1.{sps[1]:02x}{sps[2]:02x}{sps[3]:02x}, mp4a.40.2"'
         self.frames = 0
         self._sequence = 0
         self._audio_out = 0

@@ -23,6 +23,7 @@ import logging
 import secrets
 import threading
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from aiohttp import WSMsgType, web
@@ -38,6 +39,7 @@ from .session import LiveBlock, LiveSession, SegmentEnded
 log = logging.getLogger("liveavatar")
 
 PATH = "/liveavatar/ws"
+PAGE_PATH = "/liveavatar/live"  # a browser page for sessions (live/page.html)
 MAX_MESSAGE_BYTES = 16 << 20  # session.start carries the picture; aiohttp refuses larger frames (1009)
 MAX_AUDIO_BYTES = 1 << 20  # one binary message: 10 s of 48 kHz PCM
 MAX_QUEUED_FRAGMENTS = 4  # a reader further behind loses whole fragments, oldest first
@@ -78,6 +80,7 @@ class LiveEndpoint:
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get(PATH, self.handle)
+        app.router.add_get(PAGE_PATH, page)
 
     async def handle(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES, heartbeat=30.0)
@@ -136,7 +139,8 @@ class _Connection:
             return
         s = self.session
         await self.ws.send_json({"type": "session.ready", "width": s.width, "height": s.height, "fps": s.fps,
-                                 "block_frames": FRAMES_PER_BLOCK, "audio_rate": s.rate, "ready_ms": round(s.ready_s * 1000)})
+                                 "block_frames": FRAMES_PER_BLOCK, "audio_rate": s.rate, "mime": mp4.mime,
+                                 "ready_ms": round(s.ready_s * 1000)})
         await self.ws.send_bytes(mp4.init)
         threading.Thread(target=self._pump, daemon=True).start()
         sender = asyncio.ensure_future(self._send(mp4))
@@ -298,6 +302,11 @@ async def _fail(ws: web.WebSocketResponse, code: str, message: str) -> None:
     if not ws.closed:
         await ws.send_json({"type": "error", "code": code, "message": message, "fatal": True})
         await ws.close()
+
+
+async def page(_request: web.Request) -> web.Response:
+    """The live page: pick a picture and a prompt, then speak or drop an audio file."""
+    return web.Response(text=(Path(__file__).parent / "page.html").read_text(), content_type="text/html")
 
 
 def run_server(endpoint: LiveEndpoint, host: str = "127.0.0.1", port: int = 8189, on_ready=None) -> None:
