@@ -147,6 +147,28 @@ def test_a_session_streams_playable_fragments_with_the_pushed_audio(server, chun
     assert np.corrcoef(audio[1024:m - 1024], pushed[1024:m - 1024])[0, 1] > 0.9
 
 
+def test_raw_mode_sends_each_blocks_frames_and_exact_pcm(server):
+    """The adapters' mode: per block its RGB24 frames and the s16le PCM that drove them."""
+    x = (speech(1.2, RATE, seed=13) * 32767).astype(np.int16)
+
+    async def actions(ws, inbox):
+        await ws.send_json(start_message(video="raw"))
+        await ws.send_bytes(x.tobytes())
+        await ws.send_json({"type": "audio.end"})
+        await until(inbox, lambda i: "segment.ended" in types(i))
+        await ws.send_json({"type": "session.stop"})
+
+    inbox = asyncio.run(talk(server.url, actions))
+    blocks = [m for m in inbox["json"] if m["type"] == "block"]
+    frames, pcm = inbox["bytes"][0::2], inbox["bytes"][1::2]
+    assert len(frames) == len(pcm) == len(blocks) > 1
+    assert [len(f) for f in frames] == [b["frames"] * 64 * 64 * 3 for b in blocks]
+    assert [len(p) for p in pcm] == [b["frames"] * (RATE // 25) * 2 for b in blocks]
+    played = np.frombuffer(b"".join(pcm), "<i2").astype(np.int32)
+    want = x[3 * RATE // 25:].astype(np.int32)  # the start drops 3 frames and their audio
+    assert np.abs(played[:want.size] - want).max() <= 1 and not played[want.size:].any()
+
+
 def test_clear_interrupts_the_segment_and_the_session_goes_on(server):
     async def actions(ws, inbox):
         await ws.send_json(start_message())

@@ -78,8 +78,9 @@ class LiveMP4:
         self._sequence = 0
         self._audio_out = 0
 
-    def block(self, frames: np.ndarray, samples: np.ndarray) -> bytes:
-        """The fragment of one block: uint8 frames `[n, H, W, 3]` and the float32 samples they play with."""
+    def block(self, frames: np.ndarray, samples: np.ndarray) -> list[bytes]:
+        """The fragment of one block (one message): uint8 frames `[n, H, W, 3]` and the float32
+        samples they play with."""
         self._audio.append(samples)
         runs = [TrackRun(VIDEO_TRACK_ID, self.frames * self._ticks,
                          encode_gop(self._video, frames, self.frames, self._timescale, self._extradata))]
@@ -87,12 +88,12 @@ class LiveMP4:
         stop = (self._audio.length - _AUDIO_HOLDBACK) // AAC_FRAME * AAC_FRAME
         if stop > self._audio_out:
             runs.append(self._audio_run(stop, final=False))
-        return self._fragment(runs)
+        return [self._fragment(runs)]
 
-    def close(self) -> bytes:
+    def close(self) -> list[bytes]:
         """The last fragment: the audio up to the end of the video."""
         end = int(self.frames * self._audio.sample_rate / self.fps)
-        return self._fragment([self._audio_run(end, final=True)]) if end > self._audio_out else b""
+        return [self._fragment([self._audio_run(end, final=True)])] if end > self._audio_out else []
 
     def _audio_run(self, stop: int, final: bool) -> TrackRun:
         first_pts, samples = self._aac.take(stop, final)
@@ -102,3 +103,18 @@ class LiveMP4:
     def _fragment(self, runs: list[TrackRun]) -> bytes:
         self._sequence += 1
         return fragment(self._sequence, runs)
+
+
+class RawBlocks:
+    """The `raw` video mode, for adapters on the same machine: per block two messages, its frames
+    as RGB24 bytes (`[n, H, W, 3]` uint8, row-major) and its audio as s16le mono PCM."""
+
+    init = b""
+    mime = None
+
+    def block(self, frames: np.ndarray, samples: np.ndarray) -> list[bytes]:
+        pcm = (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2")
+        return [np.ascontiguousarray(frames, np.uint8).tobytes(), pcm.tobytes()]
+
+    def close(self) -> list[bytes]:
+        return []

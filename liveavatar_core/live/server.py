@@ -33,7 +33,7 @@ from ..encoders.image import DEFAULT_SIZE
 from ..errors import InputError
 from ..pipeline import GenerationSettings
 from .audio import DEFAULT_LOOKAHEAD_S, DEFAULT_MAX_BUFFER_S
-from .mp4 import LiveMP4
+from .mp4 import LiveMP4, RawBlocks
 from .session import LiveBlock, LiveSession, SegmentEnded
 
 log = logging.getLogger("liveavatar")
@@ -45,7 +45,9 @@ MAX_AUDIO_BYTES = 1 << 20  # one binary message: 10 s of 48 kHz PCM
 MAX_QUEUED_FRAGMENTS = 4  # a reader further behind loses whole fragments, oldest first
 START_TIMEOUT_S = 60.0
 IDLE_TIMEOUT_S = 300.0
-VIDEO_MODES = ("fmp4",)
+# fmp4: MP4 bytes (the init segment, then a fragment per block); raw: per block its RGB24 frames
+# and its s16le PCM, for adapters on the same machine (about 20 MB/s at 704x384).
+VIDEO_MODES = ("fmp4", "raw")
 _CLOSED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
 
 
@@ -141,7 +143,8 @@ class _Connection:
         await self.ws.send_json({"type": "session.ready", "width": s.width, "height": s.height, "fps": s.fps,
                                  "block_frames": FRAMES_PER_BLOCK, "audio_rate": s.rate, "mime": mp4.mime,
                                  "ready_ms": round(s.ready_s * 1000)})
-        await self.ws.send_bytes(mp4.init)
+        if mp4.init:
+            await self.ws.send_bytes(mp4.init)
         threading.Thread(target=self._pump, daemon=True).start()
         sender = asyncio.ensure_future(self._send(mp4))
         try:
@@ -159,7 +162,7 @@ class _Connection:
         await self._error("stopped", "the session was ended on the server.", True)
 
     def _start(self, start: dict):
-        """session.start -> (LiveSession, LiveMP4): the picture and prompt are encoded here."""
+        """session.start -> (LiveSession, its video messages): the picture and prompt are encoded here."""
         video = start.get("video", "fmp4")
         if video not in VIDEO_MODES:
             raise InputError("video", f"{video!r} is not available.", f"use one of {', '.join(VIDEO_MODES)}.")
@@ -178,7 +181,8 @@ class _Connection:
         session = LiveSession(ep.model, text.to(ep.model.dit.device), image, ep.audio_encoder, settings,
                               audio_rate=_int(start, "audio_rate", 16000), lookahead_s=lookahead,
                               max_buffer_s=ep.max_buffer_s)
-        return session, LiveMP4(session.width, session.height, session.fps, session.rate)
+        return session, (LiveMP4(session.width, session.height, session.fps, session.rate) if video == "fmp4"
+                         else RawBlocks())
 
     async def _receive(self, started: float) -> None:
         ep, s = self.endpoint, self.session
@@ -227,7 +231,7 @@ class _Connection:
             self.loop.call_soon_threadsafe(self.events.put_nowait, exc)
         self.loop.call_soon_threadsafe(self.events.put_nowait, None)
 
-    async def _send(self, mp4: LiveMP4) -> None:
+    async def _send(self, mp4: LiveMP4 | RawBlocks) -> None:
         while (event := await self.events.get()) is not None:
             if self.ws.closed:
                 continue
@@ -238,18 +242,18 @@ class _Connection:
                 await self.ws.send_json({"type": "segment.ended", "segment": event.segment,
                                          "interrupted": event.interrupted, "position_s": event.position_s})
                 continue
-            data = await self.loop.run_in_executor(None, mp4.block, event.frames, event.audio)
+            messages = await self.loop.run_in_executor(None, mp4.block, event.frames, event.audio)
             if self.events.qsize() >= MAX_QUEUED_FRAGMENTS:
                 # A slow reader (sends wait for it): this, the oldest fragment in hand, is dropped;
                 # the ones after it still play, the stats say how many were lost.
                 self.dropped += 1
                 continue
             await self.ws.send_json(_stats(event, self.session, self.dropped))
-            await self.ws.send_bytes(data)
+            for data in messages:
+                await self.ws.send_bytes(data)
         if not self.ws.closed:
-            tail = mp4.close()
-            if tail:
-                await self.ws.send_bytes(tail)
+            for data in mp4.close():
+                await self.ws.send_bytes(data)
 
     async def _error(self, code: str, message: str, fatal: bool) -> None:
         if not self.ws.closed:
