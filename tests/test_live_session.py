@@ -123,3 +123,23 @@ def test_refusals(parts):
         live.push_audio(np.zeros(10, np.float32), 16000)
     live.close()
     assert list(live) == []
+
+
+def test_idle_motion_between_segments_on_request(parts):
+    live = session(parts, idle="generate")
+    idle = collect(live, lambda ev: len(blocks_of(ev)) >= 2)  # no audio yet: idle motion
+    assert all(b.segment is None and not b.audio.any() for b in blocks_of(idle))
+    assert [len(b.frames) for b in blocks_of(idle)][:2] == [9, 12]
+    x = speech(1.0, RATE, seed=6)
+    live.push_audio(x)
+    live.end_segment()
+    more = collect(live, lambda ev: any(isinstance(e, SegmentEnded) for e in ev))
+    spoken = blocks_of(more, 0)
+    assert len(spoken) == -(-x.size // (12 * PER_FRAME)) and spoken[0].index == 0
+    assert np.array_equal(np.concatenate([b.audio for b in spoken])[:x.size], x)
+    frames = [b.frame0 for b in blocks_of(idle + more)]
+    assert frames == sorted(frames)  # one timeline: idle blocks, then the segment
+    live.close()
+    list(live)
+    with pytest.raises(InputError, match="unknown value 'dance'"):
+        session(parts, idle="dance")

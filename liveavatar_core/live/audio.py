@@ -36,6 +36,10 @@ DEFAULT_LOOKAHEAD_S = 0.5
 # own audio and the look-ahead.
 WINDOW_S = FRAMES_PER_BLOCK / DEFAULT_FPS
 DEFAULT_MAX_BUFFER_S = 60.0
+# When no audio is waiting: hold (generate nothing, the video pauses on its last frame) or
+# generate idle motion (blocks driven by zero features, silent), one block after each block's
+# playing time without audio.
+IDLE_MODES = ("hold", "generate")
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,7 @@ class BlockAudio:
 
     features: torch.Tensor
     samples: np.ndarray
-    segment: int
+    segment: int | None  # None: an idle block (idle "generate")
     index: int
     last: bool
     voiced: int
@@ -140,18 +144,23 @@ class LiveAudio:
 
     encoder: the wav2vec2 encoder; rate: the input sample rate (16, 24 or 48 kHz); lookahead_s:
     audio after a block that its features see (more: closer to whole-utterance features and
-    later frames); max_buffer_s: audio that may wait, beyond which `push` is refused.
+    later frames); max_buffer_s: audio that may wait, beyond which `push` is refused; idle: what
+    `next_block` does when no audio is waiting (`IDLE_MODES`).
     """
 
     def __init__(self, encoder: AudioEncoder, rate: int, lookahead_s: float = DEFAULT_LOOKAHEAD_S,
-                 max_buffer_s: float = DEFAULT_MAX_BUFFER_S):
+                 max_buffer_s: float = DEFAULT_MAX_BUFFER_S, idle: str = "hold"):
         if rate not in RATES:
             raise InputError("audio_rate", f"{rate!r} Hz is not a rate a live session takes.",
                              f"send s16le mono PCM at one of {', '.join(str(r) for r in RATES)} Hz.")
         if not 0 <= lookahead_s <= 4.0:
             raise InputError("lookahead_s", f"{lookahead_s!r} s is outside 0..4 s.",
                              f"use about {DEFAULT_LOOKAHEAD_S} s (more: better features, later frames).")
+        if idle not in IDLE_MODES:
+            raise InputError("idle", f"unknown value {idle!r}.", f"choose one of {', '.join(IDLE_MODES)}.")
         self.encoder, self.rate, self.lookahead_s, self.max_buffer_s = encoder, rate, lookahead_s, max_buffer_s
+        self.idle = idle
+        self._idle_blocks = 0
         self._segments: deque[_Segment] = deque()
         self._count = 0
         self._closed = False
@@ -209,16 +218,31 @@ class LiveAudio:
     # --- output (the generating thread) -----------------------------------------------------
 
     def next_block(self, timeout: float | None = None) -> BlockAudio | None:
-        """The next block's audio, waiting for it (at most `timeout` seconds); None on a timeout or
-        once the session is closed and nothing is left."""
+        """The next block's audio, waiting for it (at most `timeout` seconds; 0: only what is ready
+        now); None on a timeout or once the session is closed and nothing is left. With idle
+        "generate", a wait that finds no audio for one block's playing time gives an idle block."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._changed:
             while True:
                 while self._segments and self._segments[0].ended and not self._segments[0].ready():
                     self._segments.popleft()  # finished (or empty) segments
                 if self._segments and self._segments[0].ready():
                     return self._segments[0].take()
-                if self._closed or not self._changed.wait(timeout):
+                if self._closed or timeout == 0:
                     return None
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if self.idle == "generate" and not self._segments and (left is None or left > WINDOW_S):
+                    if not self._changed.wait(WINDOW_S) and not self._segments and not self._closed:
+                        return self._idle_block()
+                elif not self._changed.wait(left):
+                    return None
+
+    def _idle_block(self) -> BlockAudio:
+        arch = self.encoder.arch
+        self._idle_blocks += 1
+        return BlockAudio(torch.zeros(1, arch.num_layers + 1, arch.hidden_size, FRAMES_PER_BLOCK),
+                          np.zeros(FRAMES_PER_BLOCK * self.rate // DEFAULT_FPS, np.float32), None,
+                          self._idle_blocks - 1, False, 0, time.perf_counter())
 
 
 def _as_float(pcm) -> np.ndarray:

@@ -180,7 +180,7 @@ class _Connection:
         lookahead = _int(start, "lookahead_ms", round(DEFAULT_LOOKAHEAD_S * 1000)) / 1000
         session = LiveSession(ep.model, text.to(ep.model.dit.device), image, ep.audio_encoder, settings,
                               audio_rate=_int(start, "audio_rate", 16000), lookahead_s=lookahead,
-                              max_buffer_s=ep.max_buffer_s)
+                              max_buffer_s=ep.max_buffer_s, idle=str(start.get("idle", "hold")))
         return session, (LiveMP4(session.width, session.height, session.fps, session.rate) if video == "fmp4"
                          else RawBlocks())
 

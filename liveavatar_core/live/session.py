@@ -38,14 +38,15 @@ _END = object()  # the generating thread has finished
 class LiveBlock:
     """One generated block: `frames` uint8 `[n, H, W, 3]` (12, the first block 9: the official
     start drops 3), `audio` the float32 samples at the session's rate that drove exactly those
-    frames, its place (`segment`, `index` within it, `frame0` on the stream's timeline) and timings
+    frames, its place (`segment`, None for idle motion, `index` within it, `frame0` on the stream's
+    timeline) and timings
     in seconds: `generate_s` (DiT), `decode_s` (VAE, until the frames are on the host),
     `latency_s` (from the arrival of the block's audio and look-ahead to its frames), `queued_s`
     (audio waiting behind it) and `rtf` (generate + decode over the block's playing time)."""
 
     frames: np.ndarray
     audio: np.ndarray
-    segment: int
+    segment: int | None
     index: int
     frame0: int
     generate_s: float
@@ -79,12 +80,14 @@ class LiveSession:
     model: a loaded `LiveAvatarModel` (one process); text: the umT5 embedding of the prompt;
     image: the reference picture (path, PIL image, array or ComfyUI IMAGE); audio_encoder: the
     wav2vec2 encoder; settings: size and seed (streaming mode; the clip count is unbounded);
-    audio_rate: 16000, 24000 or 48000; lookahead_s, max_buffer_s: see `LiveAudio`.
+    audio_rate: 16000, 24000 or 48000; lookahead_s, max_buffer_s, idle: see `LiveAudio` (idle
+    "generate": idle motion while no audio comes, blocks with `segment` None).
     """
 
     def __init__(self, model: LiveAvatarModel, text: torch.Tensor, image, audio_encoder: AudioEncoder,
                  settings: GenerationSettings | None = None, audio_rate: int = 16000,
-                 lookahead_s: float = DEFAULT_LOOKAHEAD_S, max_buffer_s: float = DEFAULT_MAX_BUFFER_S):
+                 lookahead_s: float = DEFAULT_LOOKAHEAD_S, max_buffer_s: float = DEFAULT_MAX_BUFFER_S,
+                 idle: str = "hold"):
         settings = settings or GenerationSettings()
         if settings.mode != "streaming":
             raise InputError("mode", "a live session runs the streaming mode (the official mode decodes whole "
@@ -93,7 +96,7 @@ class LiveSession:
             raise InputError("fps", f"a live session plays at {DEFAULT_FPS} fps, the rate the model was trained "
                              f"at; {settings.fps} was asked for.", f"use fps {DEFAULT_FPS}.")
         self.settings, self.model = settings, model
-        self.audio = LiveAudio(audio_encoder, audio_rate, lookahead_s, max_buffer_s)
+        self.audio = LiveAudio(audio_encoder, audio_rate, lookahead_s, max_buffer_s, idle)
         self.rate = audio_rate
         pixels, (self.height, self.width) = preprocess_reference(image, settings.size)
         if model.plan is not None:
