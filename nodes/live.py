@@ -59,8 +59,9 @@ class LiveAvatarLiveSession:
         endpoint = LiveEndpoint(model, None, wav2vec2(audio_encoder, device), token=token.strip() or None,
                                 text=text_embeds, image=image, size=size, seed=seed)
         progress = host.Progress(unique_id)
-        progress.status(f"live: connect to ws://<this ComfyUI>{PATH} with token {endpoint.token}",
-                        {"live": {"path": PATH, "token": endpoint.token}})
+        progress.status(f"live: open <this ComfyUI>{PAGE_PATH}?token={endpoint.token} in a browser, or connect a "
+                        f"client to ws://<this ComfyUI>{PATH} with token {endpoint.token}",
+                        {"live": {"path": PATH, "page": PAGE_PATH, "token": endpoint.token}})
         _current["endpoint"] = endpoint
         deadline = time.monotonic() + minutes * 60
         try:
