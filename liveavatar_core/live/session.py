@@ -40,9 +40,11 @@ class LiveBlock:
     start drops 3), `audio` the float32 samples at the session's rate that drove exactly those
     frames, its place (`segment`, None for idle motion, `index` within it, `frame0` on the stream's
     timeline) and timings
-    in seconds: `generate_s` (DiT), `decode_s` (VAE, until the frames are on the host),
+    in seconds: `generate_s` (from its audio to the sampler's last call, host time) and `decode_s`
+    (from then until its frames are on the host; on a GPU both overlap the next block's work),
     `latency_s` (from the arrival of the block's audio and look-ahead to its frames), `queued_s`
-    (audio waiting behind it) and `rtf` (generate + decode over the block's playing time)."""
+    (audio waiting behind it) and `rtf`: the time this block took once it could start (its audio
+    there and the previous block out) over the time it plays; above 1 the video falls behind."""
 
     frames: np.ndarray
     audio: np.ndarray
@@ -115,6 +117,7 @@ class LiveSession:
         self._taken: list[_InFlight] = []  # audio handed to the sampler, its block not yet sampled
         self._pending: _InFlight | None = None  # sampled, its frames being decoded
         self._frames_out = 0
+        self._last_out = 0.0  # when the previous block's frames went out
         self._interrupted: set[int] = set()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="liveavatar-live", daemon=True)
@@ -203,10 +206,12 @@ class LiveSession:
             samples = samples[DROPPED_START_FRAMES * self.rate // self.fps:]
         played = len(frames) / self.fps
         generate_s, decode_s = item.sampled - item.started, done - item.sampled
+        busy = done - max(self._last_out, item.started)
+        self._last_out = done
         with self._lock:
             self._out.put(LiveBlock(frames, samples, item.audio.segment, item.audio.index, self._frames_out,
                                     generate_s, decode_s, done - item.audio.ready_at, self.audio.buffered_s,
-                                    (generate_s + decode_s) / played))
+                                    busy / played))
             self._frames_out += len(frames)
             self._pending = None
             segment, position = item.audio.segment, self._frames_out / self.fps
