@@ -59,8 +59,9 @@ class LiveAvatarLiveSession:
         endpoint = LiveEndpoint(model, None, wav2vec2(audio_encoder, device), token=token.strip() or None,
                                 text=text_embeds, image=image, size=size, seed=seed)
         progress = host.Progress(unique_id)
-        progress.status(f"live: open <this ComfyUI>{PAGE_PATH}?token={endpoint.token} in a browser, or connect a "
-                        f"client to ws://<this ComfyUI>{PATH} with token {endpoint.token}",
+        where = _server_address()
+        progress.status(f"live: open http://{where}{PAGE_PATH}?token={endpoint.token} in a browser, or connect a "
+                        f"client to ws://{where}{PATH} with token {endpoint.token}",
                         {"live": {"path": PATH, "page": PAGE_PATH, "token": endpoint.token}})
         _current["endpoint"] = endpoint
         deadline = time.monotonic() + minutes * 60
@@ -72,6 +73,19 @@ class LiveAvatarLiveSession:
             endpoint.stop()
         host.raise_if_interrupted()
         return {"ui": {"text": [f"live sessions served: {endpoint.sessions}"]}}
+
+
+def _server_address() -> str:
+    """host:port ComfyUI listens on (what its own start-up line prints), or a placeholder."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return "<this ComfyUI>"
+    server = getattr(PromptServer, "instance", None)
+    address, port = getattr(server, "address", None), getattr(server, "port", None)
+    if not address or not port:
+        return "<this ComfyUI>"
+    return f"{'127.0.0.1' if address in ('0.0.0.0', '::') else address}:{port}"
 
 
 def register_route() -> None:
