@@ -297,3 +297,21 @@ def test_the_readme_client_writes_a_playable_video(server, tmp_path):
                     "64*64"], check=True, timeout=120)
     frames, audio = decode([out.read_bytes()])
     assert len(frames) == 9 + 12 * (-(-x.size // 7680) - 1) and audio.size > 0.9 * x.size
+
+
+def test_a_session_ends_at_its_time_limit(parts):  # noqa: F811
+    model, _, _, audio_encoder, text_encoder = parts
+    server = Server(LiveEndpoint(model, text_encoder, audio_encoder, token=TOKEN, max_session_s=3.0))
+
+    async def actions(ws, inbox):
+        await ws.send_json(start_message())
+        while not ws.closed:  # a client that keeps talking: the idle time-out never comes
+            await ws.send_json({"type": "ping"})
+            await asyncio.sleep(0.5)
+
+    try:
+        inbox = asyncio.run(talk(server.url, actions))
+    finally:
+        server.stop()
+    assert inbox["json"][-1] == {"type": "error", "code": "timeout", "message": "session time-out", "fatal": True}
+    assert "pong" in types(inbox)
