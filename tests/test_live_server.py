@@ -58,9 +58,9 @@ def server(parts):  # noqa: F811
     s.stop()
 
 
-def picture() -> str:
+def picture(shape=(96, 64)) -> str:
     buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 64, 3), np.uint8)).save(buf, "PNG")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (*shape, 3), np.uint8)).save(buf, "PNG")
     return base64.b64encode(buf.getvalue()).decode()
 
 
@@ -315,3 +315,106 @@ def test_a_session_ends_at_its_time_limit(parts):  # noqa: F811
         server.stop()
     assert inbox["json"][-1] == {"type": "error", "code": "timeout", "message": "session time-out", "fatal": True}
     assert "pong" in types(inbox)
+
+
+class RawClient:
+    """A websocket client on a plain socket with a small receive buffer, which reads only when
+    asked (aiohttp's client keeps reading into memory, so it is never a slow reader)."""
+
+    def __init__(self, url: str):
+        import os
+        import socket
+        from urllib.parse import urlsplit
+
+        u = urlsplit(url)
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+        self.sock.connect((u.hostname, u.port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(f"GET {u.path} HTTP/1.1\r\nHost: {u.netloc}\r\nUpgrade: websocket\r\n"
+                          f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                          .encode())
+        self.buf = b""
+        while b"\r\n\r\n" not in self.buf:
+            self.buf += self.sock.recv(4096)
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 101"), head
+
+    def send(self, data, binary: bool = False, opcode: int | None = None) -> None:
+        import os
+        import struct
+
+        payload = data if binary or opcode is not None else json.dumps(data).encode()
+        n = len(payload)
+        head = bytes([0x80 | (opcode if opcode is not None else 2 if binary else 1)])
+        head += bytes([0x80 | n]) if n < 126 else (bytes([0x80 | 126]) + struct.pack(">H", n) if n < 65536
+                                                   else bytes([0x80 | 127]) + struct.pack(">Q", n))
+        mask = os.urandom(4)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload)) if n < 65536 else \
+            (np.frombuffer(payload, np.uint8) ^ np.resize(np.frombuffer(mask, np.uint8), n)).tobytes()
+        self.sock.sendall(head + mask + masked)
+
+    def _take(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                raise ConnectionError("closed")
+            self.buf += chunk
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def receive(self):
+        """(opcode, payload) of the next frame (the server sends unfragmented, unmasked frames)."""
+        import struct
+
+        b0, b1 = self._take(2)
+        n = b1 & 0x7F
+        if n == 126:
+            n = struct.unpack(">H", self._take(2))[0]
+        elif n == 127:
+            n = struct.unpack(">Q", self._take(8))[0]
+        return b0 & 0x0F, self._take(n)
+
+
+def test_a_reader_that_falls_behind_loses_whole_fragments_and_is_told(parts):  # noqa: F811
+    """A client that stops reading for a while: the server's sends wait on the full socket, later
+    blocks pile up, and the oldest whole fragments are dropped (counted), never a part of one."""
+    import time as clock
+
+    x = (speech(5.0, RATE, seed=15) * 32767).astype(np.int16)
+    model, _, _, audio_encoder, text_encoder = parts
+    # One block may wait: the blocks made while the reader stalls pass that at once.
+    server = Server(LiveEndpoint(model, text_encoder, audio_encoder, token=TOKEN, max_behind=1))
+    try:
+        client = RawClient(server.url)
+        client.send(start_message(size="256*256", video="raw", image=picture((256, 256))))
+        client.send(x.tobytes(), binary=True)
+        client.send({"type": "audio.end"})
+        clock.sleep(15)  # not reading: the socket buffers fill up and the server's sends wait
+        messages, binaries = [], []
+        while True:
+            opcode, payload = client.receive()
+            if opcode == 9:  # the server's heartbeat
+                client.send(payload, opcode=10)
+                continue
+            if opcode == 2:
+                binaries.append(payload)
+                continue
+            if opcode == 8:
+                break
+            messages.append(json.loads(payload))
+            if messages[-1]["type"] == "segment.ended":
+                client.send({"type": "session.stop"})
+            if messages[-1]["type"] == "session.closed":
+                break
+    finally:
+        server.stop()
+    ready, closed = messages[0], messages[-1]
+    assert (ready["width"], ready["height"]) == (256, 256)
+    assert closed["type"] == "session.closed" and closed["dropped_fragments"] > 0, closed
+    blocks = [m for m in messages if m["type"] == "block"]
+    assert len(blocks) + closed["dropped_fragments"] == -(-x.size // (12 * RATE // 25))
+    told = [b["dropped_fragments"] for b in blocks]  # every block's stats count the drops so far
+    assert told == sorted(told) and told[-1] <= closed["dropped_fragments"]
+    assert len(binaries) == 2 * len(blocks)  # every block that was sent came whole: frames and audio
+    assert all(len(f) == b["frames"] * 256 * 256 * 3 for f, b in zip(binaries[0::2], blocks))

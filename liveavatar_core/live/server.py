@@ -42,7 +42,7 @@ PATH = "/liveavatar/ws"
 PAGE_PATH = "/liveavatar/live"  # a browser page for sessions (live/page.html)
 MAX_MESSAGE_BYTES = 16 << 20  # session.start carries the picture; aiohttp refuses larger frames (1009)
 MAX_AUDIO_BYTES = 1 << 20  # one binary message: 10 s of 48 kHz PCM
-MAX_QUEUED_FRAGMENTS = 4  # a reader further behind loses whole fragments, oldest first
+MAX_BEHIND = 4  # blocks waiting for a slow reader; more, and it loses whole fragments, oldest first
 START_TIMEOUT_S = 60.0
 IDLE_TIMEOUT_S = 300.0
 # fmp4: MP4 bytes (the init segment, then a fragment per block); raw: per block its RGB24 frames
@@ -58,18 +58,19 @@ class LiveEndpoint:
     (text_encoder None: every session uses `text`); token: what `session.start` must carry
     (default: a new random one); text / image / size / seed: what a session uses when its
     `session.start` gives none (a ComfyUI graph sets them); origins: extra allowed `Origin`
-    values besides the server's own host; idle_s / max_session_s: time-outs.
+    values besides the server's own host; idle_s / max_session_s: time-outs; max_behind: blocks
+    that may wait for a slow reader before the oldest are dropped.
     """
 
     def __init__(self, model, text_encoder, audio_encoder, token: str | None = None, origins=(),
                  idle_s: float = IDLE_TIMEOUT_S, max_session_s: float | None = None,
                  max_buffer_s: float = DEFAULT_MAX_BUFFER_S, text=None, image=None, size: str = DEFAULT_SIZE,
-                 seed: int = GenerationSettings.seed):
+                 seed: int = GenerationSettings.seed, max_behind: int = MAX_BEHIND):
         self.model, self.text_encoder, self.audio_encoder = model, text_encoder, audio_encoder
         self.token = token or secrets.token_urlsafe(24)
         self.origins, self.idle_s, self.max_session_s, self.max_buffer_s = set(origins), idle_s, max_session_s, \
             max_buffer_s
-        self.text, self.image, self.size, self.seed = text, image, size, seed
+        self.text, self.image, self.size, self.seed, self.max_behind = text, image, size, seed, max_behind
         self.sessions = 0  # sessions served so far
         self._busy = threading.Lock()
         self._active: _Connection | None = None
@@ -243,7 +244,7 @@ class _Connection:
                                          "interrupted": event.interrupted, "position_s": event.position_s})
                 continue
             messages = await self.loop.run_in_executor(None, mp4.block, event.frames, event.audio)
-            if self.events.qsize() >= MAX_QUEUED_FRAGMENTS:
+            if self.events.qsize() >= self.endpoint.max_behind:
                 # A slow reader (sends wait for it): this, the oldest fragment in hand, is dropped;
                 # the ones after it still play, the stats say how many were lost.
                 self.dropped += 1
