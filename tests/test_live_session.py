@@ -22,8 +22,9 @@ SETTINGS = GenerationSettings(size="64*64", seed=5)
 PER_FRAME = RATE // 25
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def parts(tmp_path_factory):
+    """The tiny model and encoders, loaded once for every live-session test module."""
     tiny = write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), audio_seconds=1.0)
     folder = official_folder(tiny.ckpt_dir)
     text_encoder = TextEncoder.from_pretrained(folder.t5, dtype=torch.float32)
