@@ -151,14 +151,7 @@ def apply_block_swap(model: LiveAvatarDiT, blocks_on_gpu: int, device: str | tor
     device = torch.device(device)
     layers = tuple(sorted(layers)) if layers is not None else swapped_layers(n, blocks_on_gpu)
     swap = BlockSwap(model, layers, device)
-    unit_ids = {id(m) for layer in layers for top in model.unit_modules(layer) for m in top.modules()}
-    for mod in model.modules():
-        if id(mod) in unit_ids:
-            continue
-        for name, t in list(mod._parameters.items()) + list(mod._buffers.items()):
-            # Meta tensors: the units of other layers on a layer layout rank, never run here.
-            if t is not None and t.device != device and not t.is_meta:
-                _set(mod, name, name in mod._parameters, t.detach().to(device))
+    place_outside_units(model, layers, device)
     for layer in layers:
         block = model.blocks[layer]
         block.register_forward_pre_hook(lambda _m, _a, layer=layer: swap.enter(layer))
@@ -176,6 +169,19 @@ def apply_block_swap(model: LiveAvatarDiT, blocks_on_gpu: int, device: str | tor
         model.audio_injector.register_forward_pre_hook(pre)
         model.audio_injector.register_forward_hook(post)
     return swap
+
+
+def place_outside_units(model: LiveAvatarDiT, layers, device: torch.device) -> None:
+    """Move every parameter and buffer of `model` outside the block units of `layers` to `device`
+    (the units are placed by block swap or FSDP). Meta tensors stay: the units of other layers on a
+    layer layout rank, never run there."""
+    unit_ids = {id(m) for layer in layers for top in model.unit_modules(layer) for m in top.modules()}
+    for mod in model.modules():
+        if id(mod) in unit_ids:
+            continue
+        for name, t in list(mod._parameters.items()) + list(mod._buffers.items()):
+            if t is not None and t.device != device and not t.is_meta:
+                _set(mod, name, name in mod._parameters, t.detach().to(device))
 
 
 def _wrapped(fn, swap: BlockSwap, layer: int):

@@ -29,6 +29,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 
 from ..model.dit import LiveAvatarDiT
+from .block_swap import place_outside_units
 
 DONE, IDLE, RUN = 0, 1, 2
 _IDLE_SLEEP_S = 0.001  # every rank waits: poll again shortly instead of gathering for nobody
@@ -118,14 +119,7 @@ def apply_fsdp(model: LiveAvatarDiT, group, device: str | torch.device) -> Shard
         unit = _Unit(model.unit_modules(layer))
         fully_shard(unit, mesh=mesh, reshard_after_forward=False)  # moves the unit to `device`, then shards it
         units.append(unit)
-    in_units = {id(p) for unit in units for p in unit.parameters()}
-    for mod in model.modules():
-        for name, t in list(mod._parameters.items()):
-            if t is not None and id(t) not in in_units and t.device != device:
-                mod._parameters[name] = nn.Parameter(t.detach().to(device), requires_grad=False)
-        for name, t in list(mod._buffers.items()):
-            if t is not None and t.device != device:
-                mod._buffers[name] = t.to(device)
+    place_outside_units(model, range(model.cfg.num_layers), device)
     state = ShardedUnits(units, group, device)
     for layer, block in enumerate(model.blocks):
         block.register_forward_pre_hook(lambda _m, _a, layer=layer: state.enter(layer), prepend=True)
