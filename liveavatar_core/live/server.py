@@ -257,10 +257,10 @@ class _Connection:
                 await self.ws.send_bytes(data)
 
     async def _error(self, code: str, message: str, fatal: bool) -> None:
-        if not self.ws.closed:
-            await self.ws.send_json({"type": "error", "code": code, "message": message, "fatal": fatal})
-            if fatal:
-                await self.ws.close()
+        if fatal:
+            await _fail(self.ws, code, message)
+        elif not self.ws.closed:
+            await self.ws.send_json({"type": "error", "code": code, "message": message, "fatal": False})
 
 
 def _picture(data):
