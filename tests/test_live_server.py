@@ -16,6 +16,7 @@ from PIL import Image
 aiohttp = pytest.importorskip("aiohttp")
 from aiohttp import web  # noqa: E402
 
+from liveavatar_core.live.mp4 import JpegBlocks  # noqa: E402
 from liveavatar_core.live.server import PATH, LiveEndpoint  # noqa: E402
 from tests.test_audio_stream import speech  # noqa: E402
 from tests.test_live_session import parts  # noqa: E402,F401
@@ -147,26 +148,50 @@ def test_a_session_streams_playable_fragments_with_the_pushed_audio(server, chun
     assert np.corrcoef(audio[1024:m - 1024], pushed[1024:m - 1024])[0, 1] > 0.9
 
 
-def test_raw_mode_sends_each_blocks_frames_and_exact_pcm(server):
-    """The adapters' mode: per block its RGB24 frames and the s16le PCM that drove them."""
-    x = (speech(1.2, RATE, seed=13) * 32767).astype(np.int16)
-
+def frame_mode_session(url, mode: str, x: np.ndarray) -> tuple[np.ndarray, bytes]:
+    """The frames and PCM of a session in `raw` or `jpeg` mode fed `x`, checked message by message."""
     async def actions(ws, inbox):
-        await ws.send_json(start_message(video="raw"))
+        await ws.send_json(start_message(video=mode))
         await ws.send_bytes(x.tobytes())
         await ws.send_json({"type": "audio.end"})
         await until(inbox, lambda i: "segment.ended" in types(i))
         await ws.send_json({"type": "session.stop"})
 
-    inbox = asyncio.run(talk(server.url, actions))
+    inbox = asyncio.run(talk(url, actions))
     blocks = [m for m in inbox["json"] if m["type"] == "block"]
-    frames, pcm = inbox["bytes"][0::2], inbox["bytes"][1::2]
-    assert len(frames) == len(pcm) == len(blocks) > 1
-    assert [len(f) for f in frames] == [b["frames"] * 64 * 64 * 3 for b in blocks]
-    assert [len(p) for p in pcm] == [b["frames"] * (RATE // 25) * 2 for b in blocks]
-    played = np.frombuffer(b"".join(pcm), "<i2").astype(np.int32)
+    messages = iter(inbox["bytes"])
+    frames, pcm = [], []
+    for b in blocks:
+        if mode == "raw":
+            data = next(messages)
+            assert len(data) == b["frames"] * 64 * 64 * 3
+            frames.append(np.frombuffer(data, np.uint8).reshape(-1, 64, 64, 3))
+        else:
+            frames.append(np.stack([np.asarray(Image.open(io.BytesIO(next(messages)))) for _ in range(b["frames"])]))
+        pcm.append(next(messages))
+        assert len(pcm[-1]) == b["frames"] * (RATE // 25) * 2
+    assert next(messages, None) is None and len(blocks) > 1
+    return np.concatenate(frames), b"".join(pcm)
+
+
+def test_frame_modes_send_each_blocks_frames_and_exact_pcm(server):
+    """The adapters' modes: per block its frames (RGB24 bytes, or one JPEG each) and the s16le PCM
+    that drove them; the same seed and audio give the same frames in both, JPEG's up to its loss."""
+    x = (speech(1.2, RATE, seed=13) * 32767).astype(np.int16)
+    raw, pcm = frame_mode_session(server.url, "raw", x)
+    played = np.frombuffer(pcm, "<i2").astype(np.int32)
     want = x[3 * RATE // 25:].astype(np.int32)  # the start drops 3 frames and their audio
     assert np.abs(played[:want.size] - want).max() <= 1 and not played[want.size:].any()
+    jpeg, jpeg_pcm = frame_mode_session(server.url, "jpeg", x)
+    assert jpeg_pcm == pcm and jpeg.shape == raw.shape
+    assert not np.array_equal(jpeg, raw)
+    assert np.array_equal(jpeg, np.stack([jpeg_roundtrip(f, JpegBlocks().quality) for f in raw]))
+
+
+def jpeg_roundtrip(frame: np.ndarray, quality: int) -> np.ndarray:
+    buf = io.BytesIO()
+    Image.fromarray(frame).save(buf, "JPEG", quality=quality)
+    return np.asarray(Image.open(buf))
 
 
 def test_clear_interrupts_the_segment_and_the_session_goes_on(server):

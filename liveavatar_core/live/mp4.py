@@ -12,6 +12,7 @@ fragment, and `close` ends the track where the video ends.
 
 from __future__ import annotations
 
+import io
 from fractions import Fraction
 
 import numpy as np
@@ -105,6 +106,11 @@ class LiveMP4:
         return fragment(self._sequence, runs)
 
 
+def pcm16(samples: np.ndarray) -> bytes:
+    """Float samples in [-1, 1] as s16le bytes."""
+    return (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2").tobytes()
+
+
 class RawBlocks:
     """The `raw` video mode, for adapters on the same machine: per block two messages, its frames
     as RGB24 bytes (`[n, H, W, 3]` uint8, row-major) and its audio as s16le mono PCM."""
@@ -113,8 +119,25 @@ class RawBlocks:
     mime = None
 
     def block(self, frames: np.ndarray, samples: np.ndarray) -> list[bytes]:
-        pcm = (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2")
-        return [np.ascontiguousarray(frames, np.uint8).tobytes(), pcm.tobytes()]
+        return [np.ascontiguousarray(frames, np.uint8).tobytes(), pcm16(samples)]
 
     def close(self) -> list[bytes]:
         return []
+
+
+class JpegBlocks(RawBlocks):
+    """The `jpeg` video mode, for adapters across a network: per block one JPEG message per frame
+    (baseline, 4:2:0, `quality`), then its audio as s16le mono PCM."""
+
+    def __init__(self, quality: int = 85):
+        self.quality = quality
+
+    def block(self, frames: np.ndarray, samples: np.ndarray) -> list[bytes]:
+        from PIL import Image
+
+        out = []
+        for frame in frames:
+            buf = io.BytesIO()
+            Image.fromarray(np.ascontiguousarray(frame, np.uint8)).save(buf, "JPEG", quality=self.quality)
+            out.append(buf.getvalue())
+        return out + [pcm16(samples)]

@@ -33,7 +33,7 @@ from ..encoders.image import DEFAULT_SIZE
 from ..errors import InputError
 from ..pipeline import GenerationSettings
 from .audio import DEFAULT_LOOKAHEAD_S, DEFAULT_MAX_BUFFER_S
-from .mp4 import LiveMP4, RawBlocks
+from .mp4 import JpegBlocks, LiveMP4, RawBlocks
 from .session import LiveBlock, LiveSession, SegmentEnded
 
 log = logging.getLogger("liveavatar")
@@ -46,8 +46,9 @@ MAX_BEHIND = 4  # blocks waiting for a slow reader; more, and it loses whole fra
 START_TIMEOUT_S = 60.0
 IDLE_TIMEOUT_S = 300.0
 # fmp4: MP4 bytes (the init segment, then a fragment per block); raw: per block its RGB24 frames
-# and its s16le PCM, for adapters on the same machine (about 20 MB/s at 704x384).
-VIDEO_MODES = ("fmp4", "raw")
+# and its s16le PCM, for adapters on the same machine (about 20 MB/s at 704x384); jpeg: per block
+# one JPEG per frame, then its PCM.
+VIDEO_MODES = ("fmp4", "raw", "jpeg")
 _CLOSED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
 
 
@@ -182,8 +183,9 @@ class _Connection:
         session = LiveSession(ep.model, text.to(ep.model.dit.device), image, ep.audio_encoder, settings,
                               audio_rate=_int(start, "audio_rate", 16000), lookahead_s=lookahead,
                               max_buffer_s=ep.max_buffer_s, idle=str(start.get("idle", "hold")))
-        return session, (LiveMP4(session.width, session.height, session.fps, session.rate) if video == "fmp4"
-                         else RawBlocks())
+        if video == "fmp4":
+            return session, LiveMP4(session.width, session.height, session.fps, session.rate)
+        return session, RawBlocks() if video == "raw" else JpegBlocks()
 
     async def _receive(self, started: float) -> None:
         ep, s = self.endpoint, self.session
