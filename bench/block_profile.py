@@ -9,9 +9,13 @@ concurrently with the four DiT calls of the next block on a second CUDA stream.
 
 Variants (comma list): eager (SDPA, PyTorch's backend choice), cudnn / flash / efficient (SDPA
 restricted to that backend), compile (regional compilation of the blocks), fp8, fp8compile; a
-backend name inside a variant restricts it too (compile-cudnn, fp8compile-cudnn).
+backend name inside a variant restricts it too (compile-cudnn, fp8compile-cudnn), and `+NAME` runs
+it with the pack's attention backend NAME (fp8compile+sage). `--attention` lists the pack's
+backends to time alone over the history and condition segments (as the model calls them, and
+copied into one key set), with their error against the fp32 softmax.
 
 Usage: python bench/block_profile.py [--variants eager,cudnn,compile,fp8,fp8compile] [--iters 5]
+                                     [--attention sdpa,sage]
 """
 
 from __future__ import annotations
@@ -33,7 +37,9 @@ from bench.run_bench import build_vae, peak_tflops  # noqa: E402
 from bench.timing import cuda_times  # noqa: E402
 from liveavatar_core.config import DiTConfig  # noqa: E402
 from liveavatar_core.model.cache import make_step_caches, tokens_per_frame  # noqa: E402
+from liveavatar_core.errors import LiveAvatarError  # noqa: E402
 from liveavatar_core.model.dit import LiveAvatarDiT  # noqa: E402
+from liveavatar_core.ops.attention import attend, get_attention, math_with_lse  # noqa: E402
 from liveavatar_core.ops.fp8 import convert_to_fp8  # noqa: E402
 from liveavatar_core.synthetic import random_init_  # noqa: E402
 
@@ -103,9 +109,42 @@ def attention_alone(q_len: int, k_len: int, heads: int, head_dim: int, iters: in
               f"x40 layers = {40 * med * 1000:.1f} ms; rel L2 vs default {rel_l2(out, ref):.1e}")
 
 
+def segments_alone(names: list[str], q_len: int, history: int, cond: int, heads: int, head_dim: int,
+                   iters: int) -> None:
+    """Each pack attention backend over the two key segments of a call, as the model runs it:
+    time per layer and relative L2 of the output to the fp32 softmax over all keys."""
+    g = torch.Generator(device="cuda").manual_seed(4)
+
+    def rand(n):
+        return torch.randn(1, n, heads, head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    q, segments = rand(q_len), [(rand(history), rand(history)), (rand(cond), rand(cond))]
+    k, v = (torch.cat([s[i] for s in segments], dim=1) for i in (0, 1))
+    # The reference in fp32 by heads, so the full score matrix fits.
+    ref = torch.cat([math_with_lse(q[:, :, h:h + 8], k[:, :, h:h + 8], v[:, :, h:h + 8])[0]
+                     for h in range(0, heads, 8)], 2)
+    flop = 4 * q_len * (history + cond) * heads * head_dim
+
+    def concatenated(attn):
+        # The segments copied into one key set: one kernel call, no merge.
+        return attn(q, torch.cat([s[0] for s in segments], dim=1), torch.cat([s[1] for s in segments], dim=1))
+
+    for name in names:
+        for how, run in (("", lambda attn: attend(attn, q, segments)), (" concatenated", concatenated)):
+            try:
+                attn = get_attention(name)
+                times, out = cuda_times(lambda _i: run(attn), iters, warmup=2)
+            except (LiveAvatarError, RuntimeError) as exc:
+                print(f"  {name}{how}: not available ({str(exc).splitlines()[0][:160]})")
+                break
+            med = times[len(times) // 2]
+            print(f"  {name}{how}: {med * 1000:.2f} ms per layer, {flop / med / 1e12:.0f} TFLOP/s, x40 layers = "
+                  f"{40 * med * 1000:.1f} ms; rel L2 vs fp32 softmax {rel_l2(out, ref):.2e}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", default="eager,cudnn,compile,fp8,fp8compile")
+    ap.add_argument("--attention", default="", help="pack attention backends to time alone (comma list)")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--top", type=int, default=0, help="print the N most expensive kernels of each variant")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode for the compile variants")
@@ -155,7 +194,8 @@ def main() -> None:
         compiled = "compile" in variant
         opts = {} if args.compile_mode is None else {"mode": args.compile_mode}
         model.compile_regions(compiled, **opts)
-        backend = variant_backend(variant)
+        model.set_attention(variant.partition("+")[2] or "sdpa")
+        backend = variant_backend(variant.partition("+")[0])
         ctx = sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext()
         with ctx:
             t0 = time.perf_counter()
@@ -185,6 +225,11 @@ def main() -> None:
 
     print("attention kernel alone, one layer:")
     attention_alone(q_len, keys, cfg.num_heads, cfg.head_dim, args.iters)
+    names = [n.strip() for n in args.attention.split(",") if n.strip()]
+    if names:
+        print("pack attention backends over the history and condition segments, one layer:")
+        segments_alone(names, q_len, keys - cache.cond.num_tokens, cache.cond.num_tokens, cfg.num_heads,
+                       cfg.head_dim, args.iters)
 
     # VAE decode of one block alone, and on a side stream while the next block's 4 calls run.
     best = min(results, key=results.get)

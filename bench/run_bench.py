@@ -16,8 +16,12 @@ fp8kv, cap48fp8kv, cap24fp8kv: FP8 GEMMs with an FP8 KV cache; cap16, cap16fp8, 
 16 GiB card (block swap with bf16 or FP8 blocks). Each plan runs in its own process so that peaks
 and caps do not leak between plans.
 
+With several attention backends (`--attention sdpa,sage`) every plan runs with each, on the
+same random weights and inputs, and the table gives the relative L2 distance of each run's decoded
+frames (the first timed clip) to those of the first backend.
+
 Usage: python bench/run_bench.py [--plans bf16,fp8,cap48,cap24] [--clips 2] [--mp4] [--compile on|off]
-                                [--out DIR]
+                                [--attention sdpa[,sage,...]] [--out DIR]
 """
 
 from __future__ import annotations
@@ -38,11 +42,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from liveavatar_core.config import DiTConfig  # noqa: E402
 from liveavatar_core.encoders.image import assumed_output_size  # noqa: E402
 from liveavatar_core.errors import LiveAvatarError  # noqa: E402
+from liveavatar_core.ops.attention import attention_backends  # noqa: E402
 from liveavatar_core.parallel.cost import gpu_model  # noqa: E402
 from liveavatar_core.plan import RunPlan, detect_devices, plan_run  # noqa: E402
 from liveavatar_core.sizes import GiB  # noqa: E402
@@ -152,7 +158,6 @@ def gpu_busy(fn, blocks: int) -> None:
 def random_inputs(cfg: DiTConfig, geo, clips: int, seed: int = 2):
     """Random text embedding, audio features of `clips` clips and reference image at the plan's
     geometry (the encoders are not benchmarked); the same `seed` gives the same inputs."""
-    import numpy as np
 
     from liveavatar_core.encoders.audio import AudioFeatures
 
@@ -205,6 +210,8 @@ def run_plan(name: str, args) -> dict:
     geo = plan.geometry
     fpc = geo.frames_per_clip
 
+    kept: list[np.ndarray] = []
+
     def stream(clips: int, path: Path, record: list | None) -> float:
         """The product path: VideoStream (sampler, streaming VAE on its stream, frames in host
         memory), into an MP4 with --mp4."""
@@ -214,6 +221,8 @@ def run_plan(name: str, args) -> dict:
         def on_chunk(chunk):
             if record is not None:
                 record.append((time.perf_counter() - start, len(chunk.frames), chunk.stats.first_frame_s))
+                if args.frames_out and sum(len(f) for f in kept) < fpc:
+                    kept.append(chunk.frames)
         if args.mp4:
             write_mp4(video, path, on_chunk=on_chunk)
         else:
@@ -233,6 +242,8 @@ def run_plan(name: str, args) -> dict:
     if args.trace:
         gpu_busy(lambda: stream(1, videos / "traced.mp4", None), blocks_per_clip)
     shutil.rmtree(videos)
+    if args.frames_out:
+        np.save(args.frames_out, np.concatenate(kept)[:fpc])
 
     # Steady state: chunk-to-chunk intervals after the first clip's warm-up blocks (short caches).
     times = [t for t, _, _ in record]
@@ -254,7 +265,7 @@ def run_plan(name: str, args) -> dict:
     moved = swap.bytes_moved - moved_before if swap else 0
     first_frame_s = record[0][2]
     result = {
-        "plan": name, "steps": geo.steps, "gpu": gpu.label, "precision": precision, "cap_gib": cap_gib,
+        "plan": name, "attention": args.attention, "steps": geo.steps, "gpu": gpu.label, "precision": precision, "cap_gib": cap_gib,
         "compile": args.compile,
         "kv_cache_dtype": plan.kv_cache_dtype,
         "placement": plan.placement_words(), "blocks": len(record), "frames": frames,
@@ -275,6 +286,19 @@ def run_plan(name: str, args) -> dict:
 
 # --------------------------------------------------------------------------------------------
 # driver
+
+
+def compare_frames(results: list[dict], frames_dir: Path, reference: str) -> None:
+    """Add to each result the relative L2 distance of its first clip's frames to the `reference`
+    attention backend's frames of the same plan."""
+    for r in results:
+        mine = frames_dir / f"{r['plan']}_{r.get('attention')}.npy"
+        ref = frames_dir / f"{r['plan']}_{reference}.npy"
+        if "error" not in r and mine.is_file() and ref.is_file():
+            a, b = np.load(mine).astype(np.float32), np.load(ref).astype(np.float32)
+            r["frames_rel_l2_vs_" + reference] = float(np.linalg.norm(a - b) / np.linalg.norm(b))
+            print(f"{r['plan']} {r['attention']}: decoded frames rel L2 vs {reference} "
+                  f"{r['frames_rel_l2_vs_' + reference]:.4f}, max abs {np.abs(a - b).max():.0f}")
 
 
 def table(results: list[dict]) -> str:
@@ -300,7 +324,8 @@ def main() -> None:
     ap.add_argument("--clips", type=int, default=2, help="timed 48-frame clips per plan (after a 1-clip warm-up)")
     ap.add_argument("--size", default="704*384")
     ap.add_argument("--sample_steps", type=int, default=4, help="denoising steps per block (3: the preview setting)")
-    ap.add_argument("--attention", default="sdpa", help="sdpa, flash2, flash3, sage")
+    ap.add_argument("--attention", default="sdpa", help=f"comma list of {', '.join(attention_backends())}; "
+                    "the others are compared with the first")
     ap.add_argument("--compile", choices=["on", "off"], default="on", help="regional compilation of the DiT blocks")
     ap.add_argument("--trace", action="store_true", help="profile one more clip: GPU busy time, top CPU ops")
     ap.add_argument("--mp4", action="store_true", help="also encode and write the MP4 (random weights give noise "
@@ -310,6 +335,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None,
                     help="folder for results.json (default $OUT)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--frames-out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/run_bench.py needs a CUDA GPU (it runs the full 14B model).")
@@ -332,13 +358,16 @@ def main() -> None:
     if unknown:
         sys.exit(f"unknown plan(s) {unknown}; choose from {', '.join(PLANS)}")
     print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
+    attentions = [a.strip() for a in args.attention.split(",") if a.strip()]
+    frames_dir = Path(tempfile.mkdtemp(prefix="liveavatar_frames_")) if len(attentions) > 1 else None
     results = []
-    for name in names:
-        print(f"\n=== plan {name} ===", flush=True)
+    for name, attention in ((n, a) for n in names for a in attentions):
+        print(f"\n=== plan {name}, attention {attention} ===", flush=True)
         cmd = [sys.executable, __file__, "--one", name, "--clips", str(args.clips), "--size", args.size,
-               "--attention", args.attention, "--compile", args.compile, "--sample_steps", str(args.sample_steps)]
+               "--attention", attention, "--compile", args.compile, "--sample_steps", str(args.sample_steps)]
         cmd += (["--mp4"] if args.mp4 else []) + (["--trace"] if args.trace else [])
         cmd += ["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else []
+        cmd += ["--frames-out", str(frames_dir / f"{name}_{attention}.npy")] if frames_dir else []
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
             output = proc.stdout + proc.stderr
@@ -349,6 +378,9 @@ def main() -> None:
         line = next((ln for ln in output.splitlines()[::-1] if ln.startswith("RESULT ")), None)
         results.append(json.loads(line[len("RESULT "):]) if line else {"plan": name, "error": output.strip()
                                                                           .splitlines()[-1][:200]})
+    if frames_dir:
+        compare_frames(results, frames_dir, attentions[0])
+        shutil.rmtree(frames_dir)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "results.json").write_text(json.dumps(results, indent=1))

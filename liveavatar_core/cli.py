@@ -33,6 +33,7 @@ from .encoders.image import DEFAULT_SIZE, SIZE_PRESETS, SIZE_RULE
 from .errors import InputError as LiveAvatarInputError
 from .errors import LiveAvatarError
 from .official_flags import add_official_flags, apply_official_flags
+from .ops.attention import attention_backends
 from .parallel.layout import LAYOUTS, SHARDS
 from .plan import KV_CACHE_DTYPES, PRECISIONS
 
@@ -105,7 +106,7 @@ def _generate_args(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--fp8", action="store_true", help="FP8 GEMMs (Ada/Hopper GPUs); the same as --precision fp8")
     gen.add_argument("--precision", choices=PRECISIONS, default="bf16",
                      help="bf16 (official), fp8 (FP8 GEMMs), fp32 (CPU parity runs)")
-    gen.add_argument("--attention", default="sdpa", help="attention backend: sdpa, flash2, flash3, sage")
+    gen.add_argument("--attention", default="sdpa", help=f"attention backend: {', '.join(attention_backends())}")
     gen.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                      help="regional compilation of the DiT blocks (auto: on for CUDA with Triton); the first "
                           "call at each size compiles, later runs reuse the on-disk cache")
