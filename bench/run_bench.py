@@ -48,6 +48,7 @@ import torch  # noqa: E402
 from liveavatar_core.config import DiTConfig  # noqa: E402
 from liveavatar_core.encoders.image import assumed_output_size  # noqa: E402
 from liveavatar_core.errors import LiveAvatarError  # noqa: E402
+from liveavatar_core.health import HEALTH_MODES  # noqa: E402
 from liveavatar_core.ops.attention import attention_backends  # noqa: E402
 from liveavatar_core.parallel.cost import gpu_model  # noqa: E402
 from liveavatar_core.plan import RunPlan, detect_devices, plan_run  # noqa: E402
@@ -224,7 +225,7 @@ def run_plan(name: str, args) -> dict:
                 if args.frames_out and sum(len(f) for f in kept) < fpc:
                     kept.append(chunk.frames)
         if args.mp4:
-            write_mp4(video, path, on_chunk=on_chunk)
+            write_mp4(video, path, on_chunk=on_chunk, health=args.health)
         else:
             for chunk in video:
                 on_chunk(chunk)
@@ -265,7 +266,8 @@ def run_plan(name: str, args) -> dict:
     moved = swap.bytes_moved - moved_before if swap else 0
     first_frame_s = record[0][2]
     result = {
-        "plan": name, "attention": args.attention, "steps": geo.steps, "gpu": gpu.label, "precision": precision, "cap_gib": cap_gib,
+        "plan": name, "attention": args.attention, "health": args.health if args.mp4 else "off", "steps": geo.steps,
+        "gpu": gpu.label, "precision": precision, "cap_gib": cap_gib,
         "compile": args.compile,
         "kv_cache_dtype": plan.kv_cache_dtype,
         "placement": plan.placement_words(), "blocks": len(record), "frames": frames,
@@ -330,6 +332,8 @@ def main() -> None:
     ap.add_argument("--trace", action="store_true", help="profile one more clip: GPU busy time, top CPU ops")
     ap.add_argument("--mp4", action="store_true", help="also encode and write the MP4 (random weights give noise "
                     "frames, the costliest content for H.264)")
+    ap.add_argument("--health", choices=HEALTH_MODES, default="off", help="with --mp4: the per-block health "
+                    "checks (their cost: compare with off)")
     ap.add_argument("--peak-tflops", type=float, help="dense bf16 TFLOP/s of this GPU if not H100/H200")
     ap.add_argument("--timeout", type=int, default=420, help="seconds per plan")
     ap.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None,
@@ -365,7 +369,7 @@ def main() -> None:
         print(f"\n=== plan {name}, attention {attention} ===", flush=True)
         cmd = [sys.executable, __file__, "--one", name, "--clips", str(args.clips), "--size", args.size,
                "--attention", attention, "--compile", args.compile, "--sample_steps", str(args.sample_steps)]
-        cmd += (["--mp4"] if args.mp4 else []) + (["--trace"] if args.trace else [])
+        cmd += (["--mp4"] if args.mp4 else []) + (["--trace"] if args.trace else []) + ["--health", args.health]
         cmd += ["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else []
         cmd += ["--frames-out", str(frames_dir / f"{name}_{attention}.npy")] if frames_dir else []
         try:

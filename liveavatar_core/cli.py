@@ -32,6 +32,7 @@ import torch
 from .encoders.image import DEFAULT_SIZE, SIZE_PRESETS, SIZE_RULE
 from .errors import InputError as LiveAvatarInputError
 from .errors import LiveAvatarError
+from .health import DEFAULT_HEALTH, HEALTH_MODES
 from .official_flags import add_official_flags, apply_official_flags
 from .ops.attention import attention_backends
 from .parallel.layout import LAYOUTS, SHARDS
@@ -159,6 +160,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=["streaming", "official"], default="streaming")
     p.add_argument("--enable_online_decode", action="store_true",
                    help="official mode only: Mode S+ (sink refreshed from clip 0 before clip 1)")
+    p.add_argument("--health", choices=HEALTH_MODES, default=DEFAULT_HEALTH,
+                   help="per-block health checks (colour drift, face, identity, lip-sync offset, seams, freezes, "
+                   "black frames) into NAME.health.jsonl and NAME.health.png beside the video: off; warn (log "
+                   "alarms); stop (end the run after an alarm's block, resumable)")
     p.add_argument("--save_file", type=Path,
                    help=f"the MP4 to write (default: a new numbered {DEFAULT_SAVE_FILE.parent}/"
                         f"{DEFAULT_SAVE_FILE.stem}_NNNNN.mp4); an existing file is never overwritten (a numbered "
@@ -182,7 +187,7 @@ def request_from_args(args: argparse.Namespace) -> "RunRequest":
                       kv_cache_location="cpu" if args.offload_kv_cache else "gpu",
                       kv_cache_dtype=args.kv_cache_dtype, compile=args.compile, t5_cpu=args.t5_cpu,
                       devices=_devices_arg(args.devices), vae_gpu=args.vae_gpu, layout=args.layout,
-                      shard=args.shard, attach=_address(args.attach))
+                      shard=args.shard, attach=_address(args.attach), health=args.health)
 
 
 def _address(value: str | None) -> tuple[str, int] | None:
@@ -302,7 +307,7 @@ def _stream_to_file(model, text, features, req: RunRequest, settings, state, tar
     if target is not None:
         target.create_folders()
     try:
-        return write_mp4(stream, out, on_chunk=report, resume_path=resume_file)
+        return write_mp4(stream, out, on_chunk=report, resume_path=resume_file, health=req.health)
     except BaseException:
         if resume_file.is_file():
             log.warning("%s plays up to the last finished block; to complete it, run the same command with "

@@ -41,8 +41,10 @@ from .config import DEFAULT_FRAMES_PER_CLIP
 from .decoding import DROPPED_START_FRAMES, Decoded, restore_decoder, start_decoder
 from .encoders.audio import SAMPLE_RATE, AudioFeatures, check_audio_length
 from .encoders.audio_stream import AudioInput, StreamedAudioFeatures, audio_identity, features_for_mode
-from .encoders.image import DEFAULT_SIZE, preprocess_reference, target_area
+from .encoders.image import DEFAULT_SIZE, preprocess_reference, reference_uint8, target_area
 from .errors import InputError
+from .health.monitor import HealthRecord
+from .health.run import RunHealth
 from .model.cache import KV_STORAGE_DTYPES, make_step_caches
 from .model.dit import LiveAvatarDiT
 from .plan import RunPlan
@@ -166,7 +168,8 @@ class FrameChunk:
     """Decoded frames of one block (streaming) or one clip (official), uint8 `[n, H, W, 3]`.
 
     `frames` holds every decoded frame, also those past the end of the audio that the writer
-    drops (`VideoStream.frame_limit`); `stats` is the snapshot described in `Stats`.
+    drops (`VideoStream.frame_limit`); `stats` is the snapshot described in `Stats`; `health` the
+    block's health record (`health.HealthRecord`), when `write_mp4` measures it.
     """
 
     frames: np.ndarray
@@ -174,6 +177,7 @@ class FrameChunk:
     block: int
     start_frame: int
     stats: Stats = field(default_factory=Stats)
+    health: HealthRecord | None = None  # set by write_mp4 when it runs the health checks
 
 
 @dataclass
@@ -283,6 +287,11 @@ class VideoStream:
     def finished(self) -> bool:
         """True once every block of the video has been produced."""
         return self.stats.blocks_total is not None and self.stats.blocks_done >= self.stats.blocks_total
+
+    @property
+    def resume_frame(self) -> int:
+        """Frames handed out by the interrupted run this stream resumes (0 for a new stream)."""
+        return 0 if self._restored is None else self._restored["meta"]["stream"]["stats"]["frames_done"]
 
     @property
     def writer_state(self) -> dict | None:
@@ -474,7 +483,7 @@ def generate(model: LiveAvatarModel, text: torch.Tensor, audio: AudioFeatures, i
 def write_mp4(stream: VideoStream, path: str | Path, audio: np.ndarray | None = None,
               sample_rate: int = 16000, on_chunk: Callable[[FrameChunk], None] | None = None,
               writer_settings: WriterSettings | None = None,
-              resume_path: str | os.PathLike | None = None) -> Path:
+              resume_path: str | os.PathLike | None = None, health: str = "off") -> Path:
     """Append every chunk of `stream` to a fragmented MP4 with the audio muxed in, as it arrives.
 
     The file is playable while it grows and after an interruption (an exception, a cancel, or a
@@ -484,7 +493,10 @@ def write_mp4(stream: VideoStream, path: str | Path, audio: np.ndarray | None = 
     leaves there the state after its last completed block (with the chunks the file lacks, if a
     write failed), or logs in one line why it could not, and the file is removed once the video is
     complete. A stream made with `generate(..., resume_from=...)` appends to the interrupted MP4,
-    which `path` must name. Returns the path.
+    which `path` must name. `health` (`health.HEALTH_MODES`): "warn" or "stop" run the per-block
+    health checks on what the file gets, into NAME.health.jsonl and NAME.health.png beside it (the
+    plot written at the end, also after a failure); an alarm in "stop" ends the run after its block
+    with `HealthStopped`, as a failure ends it. Returns the path.
     """
     settings = replace(writer_settings or WriterSettings(), audio_offset_frames=stream.audio_offset_frames)
     audio = stream.audio.waveform_16k if audio is None else audio
@@ -492,12 +504,16 @@ def write_mp4(stream: VideoStream, path: str | Path, audio: np.ndarray | None = 
         stream.track_resume = True
     writer = _open_writer(stream, Path(path), audio, sample_rate, settings)
     stream.frame_limit = writer.frame_limit
+    checks = RunHealth(health, path, reference_uint8(stream.reference), stream.fps, audio, sample_rate,
+                       stream.audio_offset_frames, stream.resume_frame) if health != "off" else None
     background = _BackgroundWriter(writer)
     try:
         for frames in stream.unwritten_chunks:
             background.append(frames)
         for chunk in stream:
             background.append(chunk.frames)
+            if checks is not None:
+                chunk.health = checks.observe(chunk.frames, chunk.start_frame, stream.frame_limit)
             if on_chunk is not None:
                 on_chunk(chunk)
         background.close()
@@ -505,6 +521,9 @@ def write_mp4(stream: VideoStream, path: str | Path, audio: np.ndarray | None = 
         background.close(failed=True)
         _finish(stream, writer, resume_path, failed=True, unwritten=background.unwritten)
         raise
+    finally:
+        if checks is not None:
+            checks.close()
     _finish(stream, writer, resume_path, failed=False)
     return Path(path)
 

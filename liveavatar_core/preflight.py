@@ -22,6 +22,7 @@ from .encoders.audio import SAMPLE_RATE, check_audio_length
 from .encoders.audio_stream import check_audio_source, expected_samples
 from .encoders.image import DEFAULT_SIZE, choose_output_size, describe_output_size, load_image
 from .errors import InputError, LiveAvatarError
+from .health import DEFAULT_HEALTH, check_health
 from .loading import OfficialFolder, compute_dtype, official_folder, plan_for_device, resolve_compile
 from .ops.attention import get_attention
 from .ops.fp8 import check_fp8_support
@@ -70,6 +71,7 @@ class RunRequest:
     layout: str = "steps"
     shard: str = "none"  # "fsdp": the DiT's block units sharded over the DiT ranks (step layout)
     attach: tuple[str, int] | None = None  # wait there for ranks launched elsewhere (torchrun)
+    health: str = DEFAULT_HEALTH  # per-block health checks: health.HEALTH_MODES
 
     @property
     def parallel(self) -> bool:
@@ -182,6 +184,7 @@ def preflight(req: RunRequest, check_memory: bool = True, hardware: list[DeviceS
             check_fp8_support(torch.device(name))
     get_attention(req.attention)
     resolve_compile(req.compile, device)
+    check_health(req.health)
     # 2. Inputs: the image decides the output size, the audio the length.
     image = load_image(req.image)
     output = choose_output_size(image.size, settings.size)

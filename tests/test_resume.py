@@ -6,6 +6,7 @@ uninterrupted run yields after block k, and completes the same MP4 (video frames
 audio as long). Resumes with other settings, other inputs or damaged files are refused.
 """
 
+import json
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from liveavatar_core.cli import main
 from liveavatar_core.encoders.audio import AudioEncoder
 from liveavatar_core.encoders.text import TextEncoder
 from liveavatar_core.errors import InputError
+from liveavatar_core.health import health_paths
 from liveavatar_core.loading import load_generator, official_folder
 from liveavatar_core.pipeline import GenerationSettings, generate, write_mp4
 from liveavatar_core.synthetic import write_tiny_checkpoint, write_wav
@@ -325,7 +327,12 @@ def test_cli_ctrl_c_then_sigterm_then_kill_then_resume(tiny, inputs, tmp_path):
     assert _frames(video) > middle
 
     # Resuming again from the same file discards what the killed run added and completes that video
-    # (no new output).
+    # (no new output), and its health sidecar: one record per block of it, in order.
     assert main(_cli(tiny, out, "--resume", str(state))) == 0
-    assert not state.exists() and sorted(out.parent.iterdir()) == [video]
+    sidecar, plot = health_paths(video)
+    assert not state.exists() and sorted(out.parent.iterdir()) == sorted([video, sidecar, plot])
     _assert_same_video(video, tmp_path / "uninterrupted.mp4")
+    records = [json.loads(line) for line in sidecar.read_text().splitlines()]
+    assert [r["block"] for r in records] == list(range(len(expected)))
+    assert [r["start_frame"] for r in records] == [c[3] for c in expected]
+    assert sum(r["frames"] for r in records) == total

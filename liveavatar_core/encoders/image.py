@@ -278,3 +278,8 @@ def preprocess_reference(source, size: str | tuple[int, int] | int = DEFAULT_SIZ
     if warning:
         logger.warning(warning)
     return tensor * 2 - 1, (height, width)
+
+
+def reference_uint8(tensor: torch.Tensor) -> np.ndarray:
+    """`preprocess_reference`'s `[3, H, W]` tensor in [-1, 1] back to the uint8 `[H, W, 3]` picture."""
+    return ((tensor.detach().float().cpu().permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()

@@ -121,6 +121,20 @@ def audio_offset_samples(offset_frames: int, sample_rate: int, fps: int | Fracti
     return round(offset_frames * sample_rate / _as_fps(fps))
 
 
+def open_audio_source(audio, sample_rate: int, offset_frames: int, fps: int | Fraction):
+    """The audio as it plays with the video (output sample t = source sample t + the offset): an
+    `AudioSource` over samples, or the reader of a track read lazily (`StreamedWaveform`)."""
+    if isinstance(audio, torch.Tensor):
+        audio = audio.detach().cpu().numpy()
+    offset = audio_offset_samples(offset_frames, int(sample_rate), fps)
+    if hasattr(audio, "open_source"):  # a track read lazily (encoders.audio_stream.StreamedWaveform)
+        if sample_rate != audio.sample_rate:
+            raise InputError("sample_rate", f"{sample_rate} Hz given for a {audio.sample_rate} Hz track.",
+                             f"Pass sample_rate={audio.sample_rate}.")
+        return audio.open_source(offset)
+    return AudioSource(audio, int(sample_rate), offset)
+
+
 def frames_within_audio(samples: int, sample_rate: int, fps: int | Fraction, offset_frames: int = 0) -> int:
     """Frames the "shortest" trim keeps: those whose start lies before the end of the audio.
 
@@ -207,18 +221,9 @@ class StreamingMP4Writer:
         self._audio: AudioSource | None = None
         audio_track = None
         if audio is not None:
-            if isinstance(audio, torch.Tensor):
-                audio = audio.detach().cpu().numpy()
             if sample_rate is None:
                 raise InputError("sample_rate", "audio was given without its sample rate.", "Pass sample_rate=...")
-            offset = audio_offset_samples(settings.audio_offset_frames, int(sample_rate), self.fps)
-            if hasattr(audio, "open_source"):  # a track read lazily (encoders.audio_stream.StreamedWaveform)
-                if sample_rate != audio.sample_rate:
-                    raise InputError("sample_rate", f"{sample_rate} Hz given for a {audio.sample_rate} Hz track.",
-                                     f"Pass sample_rate={audio.sample_rate}.")
-                self._audio = audio.open_source(offset)
-            else:
-                self._audio = AudioSource(audio, int(sample_rate), offset)
+            self._audio = open_audio_source(audio, sample_rate, settings.audio_offset_frames, self.fps)
             channels = self._audio.channels
             # FFmpeg's AAC-LC encoder cannot spend more than 6144 bits per channel per frame.
             bitrate = min(settings.audio_bitrate, 6 * self._audio.sample_rate * channels)
