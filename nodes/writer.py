@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..liveavatar_core.health import DEFAULT_HEALTH, HEALTH_MODES, HealthRecord, health_paths
 from ..liveavatar_core.pipeline import FrameChunk, Stats, write_mp4
 from ..liveavatar_core.video import WriterSettings
 from . import host
@@ -16,13 +17,16 @@ from .sampler import STREAM
 DEFAULT_PREFIX = "video/LiveAvatar"
 
 
-def status_line(stats: Stats) -> str:
-    """'block 3/8 · 21.4 fps · first frame 2.1 s · ETA 12 s' for the node and the logs."""
+def status_line(stats: Stats, health: HealthRecord | None = None) -> str:
+    """'block 3/8 · 21.4 fps · first frame 2.1 s · ETA 12 s' (and '· health: seam' while a health
+    alarm is active) for the node and the logs."""
     parts = [f"block {stats.blocks_done}/{stats.blocks_total or '?'}", f"{stats.fps:.1f} fps"]
     if stats.first_frame_s is not None:
         parts.append(f"first frame {stats.first_frame_s:.1f} s")
     if stats.eta_s is not None:
         parts.append(f"ETA {stats.eta_s:.0f} s")
+    if health is not None and health.active:
+        parts.append(f"health: {', '.join(health.active)}")
     return " · ".join(parts)
 
 
@@ -80,12 +84,17 @@ class LiveAvatarVideoWriter:
                                                "output folder; a counter and .mp4 are appended."}),
                 "return_frames": ("INT", {"default": 0, "min": 0, "max": 10000, "tooltip": "How many of the "
                                           "first frames to also return as IMAGE (kept in memory)."}),
+                "health": (list(HEALTH_MODES), {"default": DEFAULT_HEALTH, "tooltip": "Per-block health checks "
+                           "(colour drift, face and identity, lip-sync offset, seams, freezes, black frames) "
+                           "into NAME.health.jsonl and a plot NAME.health.png beside the MP4, shown on the node. "
+                           "warn: alarms in the log and the status line; stop: end the run after an alarm's "
+                           "block (the MP4 stays playable); off: none."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
         }
 
-    def write(self, stream, filename_prefix: str, return_frames: int, unique_id=None, prompt=None,
-              extra_pnginfo=None):
+    def write(self, stream, filename_prefix: str, return_frames: int, health: str = DEFAULT_HEALTH, unique_id=None,
+              prompt=None, extra_pnginfo=None):
         path, name, subfolder = host.new_output_path(filename_prefix, stream.width, stream.height)
         file_info = {"filename": name, "subfolder": subfolder, "type": "output"}
         progress = host.Progress(unique_id)
@@ -96,13 +105,17 @@ class LiveAvatarVideoWriter:
             stats = chunk.stats
             progress.update(stats.blocks_done, stats.blocks_total or stats.blocks_done,
                             Image.fromarray(chunk.frames[-1]))
-            progress.status(status_line(stats), {
+            progress.status(status_line(stats, chunk.health), {
                 "blocks_done": stats.blocks_done, "blocks_total": stats.blocks_total, "fps": stats.fps,
                 "first_frame_s": stats.first_frame_s, "eta_s": stats.eta_s, "frames": stats.frames_done,
-                "file": file_info})
+                "file": file_info, "health": chunk.health.active if chunk.health is not None else None})
 
         settings = WriterSettings(metadata=video_metadata(prompt, extra_pnginfo))
-        write_mp4(stream, path, on_chunk=on_chunk, writer_settings=settings)
+        write_mp4(stream, path, on_chunk=on_chunk, writer_settings=settings, health=health)
         host.raise_if_interrupted()  # a cancelled stream ends cleanly; ComfyUI still reports the cancel
         ui = {"images": [file_info], "animated": [True]}
+        plot = health_paths(path)[1]
+        if health != "off" and plot.is_file():
+            # A key of the pack's own: ComfyUI's player keeps the video; the extension shows the plot.
+            ui["liveavatar_health"] = [{**file_info, "filename": plot.name}]
         return {"ui": ui, "result": (host.video_output(path), first.image(stream.height, stream.width), str(path))}

@@ -133,6 +133,10 @@ VIEW = f"""(() => {{
       width: video.getBoundingClientRect().width, height: video.getBoundingClientRect().height,
     }} : null,
     finished: finished ? {{ src: finished.getAttribute("src"), ready: finished.readyState }} : null,
+    health: node.liveAvatarHealth ? {{
+      src: node.liveAvatarHealth.img.getAttribute("src"), width: node.liveAvatarHealth.img.naturalWidth,
+      shown: node.liveAvatarHealth.img.getBoundingClientRect().height,
+    }} : null,
     fits: node.widgets.every(w => w.y + (w.computedHeight ?? 0) <= node.size[1] + 1),
     // A copy: newer frontends hand out a reactive view that does not serialise by itself.
     outputs: JSON.parse(JSON.stringify(app.nodeOutputs?.[String(node.id)] ?? null)),
@@ -171,8 +175,9 @@ async def _drive(devtools: str, url: str, graph: dict, prompt: dict) -> dict:
             running = await page.until(f"(v => v.live && v.live.ready >= 1 && v.live.duration > 0 && v)({VIEW})",
                                        RUN_S, "live stats and a playable partial MP4 on the writer node")
             await page.screenshot("1_running")
-            done = await page.until(f"(v => v.finished && v.finished.ready >= 1 && v)({VIEW})", RUN_S,
-                                    "ComfyUI's player of the finished MP4")
+            done = await page.until(f"(v => v.finished && v.finished.ready >= 1 && v.health && v.health.width > 0"
+                                    f" && v.health.shown > 0 && v)({VIEW})", RUN_S,
+                                    "ComfyUI's player of the finished MP4 and the health plot")
             # A widget that fails to draw stops the whole canvas (the nodes after it vanish).
             assert await page.eval("(() => { try { app.canvas.draw(true, true); return true; } "
                                    "catch (e) { return String(e); } })()") is True
@@ -201,8 +206,11 @@ def test_writer_node_shows_live_stats_and_player(server, object_info, browser):
     assert running["live"]["width"] > 0 and running["live"]["height"] > 0 and running["fits"]
     file = done["outputs"]["images"][0]
     assert done["outputs"]["animated"] == [True] and file["filename"] in done["finished"]["src"]
-    # The live player gives way to ComfyUI's own; the final stats stay.
+    # The live player gives way to ComfyUI's own; the final stats stay; the health plot below.
     assert done["live"] is None and done["stats"].startswith("block") and done["fits"]
+    plot = done["outputs"]["liveavatar_health"][0]
+    assert plot["filename"] == file["filename"].removesuffix(".mp4") + ".health.png"
+    assert urllib.parse.quote(plot["filename"]) in done["health"]["src"] or plot["filename"] in done["health"]["src"]
     # Served under one name only, the extension loads and registers once (the folder name is not the
     # project name here); newer frontends report the second registration only as a failed import.
     assert len(seen["scripts"]) == 1, seen["scripts"]

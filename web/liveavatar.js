@@ -1,11 +1,14 @@
-// Live Avatar: a player for the MP4 while the Video Writer node is still writing it.
-// Everything essential works without this file (API users never load it); it only adds a view.
+// Live Avatar: a player for the MP4 while the Video Writer node is still writing it, and the
+// run's health plot once it is done.
+// Everything essential works without this file (API users never load it); it only adds views.
 // The live stats (blocks done, fps, first frame, ETA) are the node's progress text, which
 // ComfyUI shows by itself; this view does not repeat them.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const WRITER = "LiveAvatarVideoWriter";
+// The writer's ui output naming the health plot (NAME.health.png).
+const HEALTH = "liveavatar_health";
 const EVENT = "liveavatar.status";
 // Reload the growing file at most this often: the fragmented MP4 plays while it is written.
 const RELOAD_MS = 4000;
@@ -123,6 +126,24 @@ function dropBlockPreview(node) {
   node.setDirtyCanvas(true, true);
 }
 
+function showHealth(node, file) {
+  // The plot below the player; a later run of the node replaces it.
+  let view = node.liveAvatarHealth;
+  if (!view) {
+    const img = document.createElement("img");
+    img.style.cssText = "width:100%;object-fit:contain;";
+    const widget = node.addDOMWidget(HEALTH, HEALTH, img, { serialize: false, hideOnZoom: false });
+    widget.computeLayoutSize = () => {
+      const aspect = img.naturalWidth ? img.naturalHeight / img.naturalWidth : 0;
+      return { minHeight: aspect ? Math.round((node.size[0] - 20) * aspect) : 0, minWidth: 0 };
+    };
+    img.addEventListener("load", () => fitNode(node));
+    view = node.liveAvatarHealth = { img, widget };
+  }
+  view.img.alt = view.img.title = `health of the run: ${file.filename}`;
+  view.img.src = `${fileUrl(file)}&t=${Date.now()}`;
+}
+
 function writerNode(detail) {
   const node = app.graph?.getNodeById(Number(detail.node));
   return node?.comfyClass === WRITER ? node : null;
@@ -142,6 +163,8 @@ app.registerExtension({
       // ComfyUI's own player shows the finished file (the ui "images" + "animated" result).
       if (node.liveAvatarView) remove(node, node.liveAvatarView);
       dropBlockPreview(node);
+      const plot = detail.output?.[HEALTH]?.[0];
+      if (plot) showHealth(node, plot);
     });
   },
 });
