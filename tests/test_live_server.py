@@ -194,6 +194,30 @@ def jpeg_roundtrip(frame: np.ndarray, quality: int) -> np.ndarray:
     return np.asarray(Image.open(buf))
 
 
+def test_health_of_each_block_is_in_its_stats_and_stop_ends_the_session(server):
+    """The noise the tiny model makes is off the picture's colours from the first block: warn
+    reports the alarm in every block's stats, stop ends the session after that block."""
+    x = (speech(1.2, RATE, seed=3) * 32767).astype(np.int16)
+
+    def session(health):
+        async def actions(ws, inbox):
+            await ws.send_json(start_message(health=health))
+            await ws.send_bytes(x.tobytes())
+            await ws.send_json({"type": "audio.end"})
+            await until(inbox, lambda i: "segment.ended" in types(i) or "error" in types(i))
+            if "error" not in types(inbox):
+                await ws.send_json({"type": "session.stop"})
+        return asyncio.run(talk(server.url, actions))
+
+    warn = [m for m in session("warn")["json"] if m["type"] == "block"]
+    assert len(warn) > 1 and all("colour_frame" in b["health"]["active"] for b in warn)
+    assert [a["name"] for a in warn[0]["health"]["alarms"] if a["state"] == "raised"][0] == "colour_frame"
+    assert all("health" not in b for b in session("off")["json"] if b["type"] == "block")
+    stopped = session("stop")["json"]
+    assert [m["type"] for m in stopped][-2:] == ["block", "error"]
+    assert stopped[-1]["code"] == "health" and stopped[-1]["fatal"] and "after block 0" in stopped[-1]["message"]
+
+
 def test_clear_interrupts_the_segment_and_the_session_goes_on(server):
     async def actions(ws, inbox):
         await ws.send_json(start_message())

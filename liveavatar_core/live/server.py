@@ -31,6 +31,7 @@ from aiohttp import WSMsgType, web
 from ..config import FRAMES_PER_BLOCK
 from ..encoders.image import DEFAULT_SIZE
 from ..errors import InputError
+from ..health import DEFAULT_HEALTH, HealthMonitor, HealthRecord, check_health
 from ..pipeline import GenerationSettings
 from .audio import DEFAULT_LOOKAHEAD_S, DEFAULT_MAX_BUFFER_S
 from .mp4 import JpegBlocks, LiveMP4, RawBlocks
@@ -60,18 +61,20 @@ class LiveEndpoint:
     (default: a new random one); text / image / size / seed: what a session uses when its
     `session.start` gives none (a ComfyUI graph sets them); origins: extra allowed `Origin`
     values besides the server's own host; idle_s / max_session_s: time-outs; max_behind: blocks
-    that may wait for a slow reader before the oldest are dropped.
+    that may wait for a slow reader before the oldest are dropped; health: the health checks of a
+    session whose `session.start` names none (`health.HEALTH_MODES`).
     """
 
     def __init__(self, model, text_encoder, audio_encoder, token: str | None = None, origins=(),
                  idle_s: float = IDLE_TIMEOUT_S, max_session_s: float | None = None,
                  max_buffer_s: float = DEFAULT_MAX_BUFFER_S, text=None, image=None, size: str = DEFAULT_SIZE,
-                 seed: int = GenerationSettings.seed, max_behind: int = MAX_BEHIND):
+                 seed: int = GenerationSettings.seed, max_behind: int = MAX_BEHIND, health: str = DEFAULT_HEALTH):
         self.model, self.text_encoder, self.audio_encoder = model, text_encoder, audio_encoder
         self.token = token or secrets.token_urlsafe(24)
         self.origins, self.idle_s, self.max_session_s, self.max_buffer_s = set(origins), idle_s, max_session_s, \
             max_buffer_s
         self.text, self.image, self.size, self.seed, self.max_behind = text, image, size, seed, max_behind
+        self.health = check_health(health)
         self.sessions = 0  # sessions served so far
         self._busy = threading.Lock()
         self._active: _Connection | None = None
@@ -119,6 +122,7 @@ class _Connection:
         self.session: LiveSession | None = None
         self.events: asyncio.Queue = asyncio.Queue()
         self.dropped = 0
+        self.health: HealthMonitor | None = None
 
     async def run(self) -> None:
         started = time.monotonic()
@@ -179,10 +183,13 @@ class _Connection:
         if text is None:
             raise InputError("prompt", "session.start has no prompt.", "send the prompt.")
         settings = GenerationSettings(size=str(start.get("size", ep.size)), seed=_int(start, "seed", ep.seed))
+        health = check_health(start.get("health", ep.health))
         lookahead = _int(start, "lookahead_ms", round(DEFAULT_LOOKAHEAD_S * 1000)) / 1000
         session = LiveSession(ep.model, text.to(ep.model.dit.device), image, ep.audio_encoder, settings,
                               audio_rate=_int(start, "audio_rate", 16000), lookahead_s=lookahead,
                               max_buffer_s=ep.max_buffer_s, idle=str(start.get("idle", "hold")))
+        if health != "off":
+            self.health = HealthMonitor(session.picture, session.fps, health)
         if video == "fmp4":
             return session, LiveMP4(session.width, session.height, session.fps, session.rate)
         return session, RawBlocks() if video == "raw" else JpegBlocks()
@@ -245,18 +252,27 @@ class _Connection:
                 await self.ws.send_json({"type": "segment.ended", "segment": event.segment,
                                          "interrupted": event.interrupted, "position_s": event.position_s})
                 continue
-            messages = await self.loop.run_in_executor(None, mp4.block, event.frames, event.audio)
+            messages, health = await self.loop.run_in_executor(None, self._encode, mp4, event)
             if self.events.qsize() >= self.endpoint.max_behind:
                 # A slow reader (sends wait for it): this, the oldest fragment in hand, is dropped;
                 # the ones after it still play, the stats say how many were lost.
                 self.dropped += 1
                 continue
-            await self.ws.send_json(_stats(event, self.session, self.dropped))
+            await self.ws.send_json(_stats(event, self.session, self.dropped, health))
             for data in messages:
                 await self.ws.send_bytes(data)
+            if health is not None and health.should_stop:
+                self.session.clear()
+                await self._error("health", f"a health alarm ended the session after block {health.block}: "
+                                  f"{', '.join(health.active)}.", True)
         if not self.ws.closed:
             for data in mp4.close():
                 await self.ws.send_bytes(data)
+
+    def _encode(self, mp4: LiveMP4 | RawBlocks, block: LiveBlock) -> tuple[list[bytes], HealthRecord | None]:
+        """A block's video messages and its health record (on an executor thread)."""
+        record = None if self.health is None else self.health.observe(block.frames, block.audio, self.session.rate)
+        return mp4.block(block.frames, block.audio), record
 
     async def _error(self, code: str, message: str, fatal: bool) -> None:
         if fatal:
@@ -279,13 +295,16 @@ def _picture(data):
     return image.convert("RGB")
 
 
-def _stats(block: LiveBlock, session: LiveSession, dropped: int) -> dict:
+def _stats(block: LiveBlock, session: LiveSession, dropped: int, health: HealthRecord | None) -> dict:
     credit = max(0.0, session.audio.max_buffer_s - block.queued_s)
-    return {"type": "block", "segment": block.segment, "index": block.index, "frame0": block.frame0,
-            "frames": len(block.frames), "generation_ms": round(block.generate_s * 1000, 1),
-            "decode_ms": round(block.decode_s * 1000, 1), "latency_ms": round(block.latency_s * 1000, 1),
-            "queue_s": round(block.queued_s, 3), "credit_s": round(credit, 3), "rtf": round(block.rtf, 3),
-            "dropped_fragments": dropped}
+    stats = {"type": "block", "segment": block.segment, "index": block.index, "frame0": block.frame0,
+             "frames": len(block.frames), "generation_ms": round(block.generate_s * 1000, 1),
+             "decode_ms": round(block.decode_s * 1000, 1), "latency_ms": round(block.latency_s * 1000, 1),
+             "queue_s": round(block.queued_s, 3), "credit_s": round(credit, 3), "rtf": round(block.rtf, 3),
+             "dropped_fragments": dropped}
+    if health is not None:
+        stats["health"] = {"active": health.active, "alarms": [a.to_json() for a in health.alarms]}
+    return stats
 
 
 def _json(msg) -> dict | None:

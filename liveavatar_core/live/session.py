@@ -25,7 +25,7 @@ import torch
 
 from ..decoding import DROPPED_START_FRAMES, start_decoder
 from ..encoders.audio import DEFAULT_FPS, AudioEncoder
-from ..encoders.image import preprocess_reference
+from ..encoders.image import preprocess_reference, reference_uint8
 from ..errors import InputError
 from ..pipeline import GenerationSettings, LiveAvatarModel
 from ..sampling.generator import BlockSampler
@@ -101,6 +101,7 @@ class LiveSession:
         self.audio = LiveAudio(audio_encoder, audio_rate, lookahead_s, max_buffer_s, idle)
         self.rate = audio_rate
         pixels, (self.height, self.width) = preprocess_reference(image, settings.size)
+        self.picture = reference_uint8(pixels)  # the reference as the video frames see it (uint8 [H, W, 3])
         if model.plan is not None:
             model.plan.replanned(self.height, self.width, settings.frames_per_clip, settings.sample_steps).validate()
         t0 = time.perf_counter()
