@@ -32,7 +32,7 @@ import torch
 from .encoders.image import DEFAULT_SIZE, SIZE_PRESETS, SIZE_RULE
 from .errors import InputError as LiveAvatarInputError
 from .errors import LiveAvatarError
-from .health import DEFAULT_HEALTH, HEALTH_MODES
+from .health import DEFAULT_HEALTH, HEALTH_MODES, health_paths
 from .official_flags import add_official_flags, apply_official_flags
 from .ops.attention import attention_backends
 from .parallel.layout import LAYOUTS, SHARDS
@@ -312,7 +312,7 @@ def _stream_to_file(model, text, features, req: RunRequest, settings, state, tar
         if resume_file.is_file():
             log.warning("%s plays up to the last finished block; to complete it, run the same command with "
                         "--resume %s", out, resume_file)
-        elif target is not None and (removed := target.remove_if_unused()):
+        elif target is not None and (removed := target.remove_if_unused(health_paths(out))):
             log.warning("nothing was written: removed %s", ", ".join(map(str, removed)))
         raise
 

@@ -20,8 +20,10 @@ The file is as large as the state: at release size the step KV rings dominate (t
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +104,10 @@ def resume_part(state: ResumeState, name: str) -> dict:
     return {"meta": state["meta"][name], "tensors": tensors}
 
 
+# Less free space than this after a failed write: the disk was full.
+_ROOM_BYTES = 1 << 20
+
+
 def save_resume_state(state: ResumeState, path: str | os.PathLike) -> Path:
     """Write a state atomically: a kill during the write leaves the previous file (if any) intact."""
     path = Path(path)
@@ -114,7 +120,14 @@ def save_resume_state(state: ResumeState, path: str | os.PathLike) -> Path:
     try:
         with open(tmp, "wb") as f:
             # torch.save copies device tensors to the CPU one storage at a time while writing.
-            torch.save({"meta": state["meta"], "tensors": tensors}, f)
+            try:
+                torch.save({"meta": state["meta"], "tensors": tensors}, f)
+            except RuntimeError as exc:
+                # torch's zip writer reports a write the disk refused as "unexpected pos": name the
+                # cause when it is that there is no room left.
+                if shutil.disk_usage(tmp.parent).free < _ROOM_BYTES:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp)) from exc
+                raise
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -294,9 +294,23 @@ class HealthMonitor:
     def _write(self, record: HealthRecord) -> None:
         if self._sidecar is None:
             return
-        self._sidecar.write(json.dumps(record.to_json(), separators=(",", ":")) + "\n")
-        # Flushed per block: a killed run keeps every block it measured.
-        self._sidecar.flush()
+        try:
+            self._sidecar.write(json.dumps(record.to_json(), separators=(",", ":")) + "\n")
+            # Flushed per block: a killed run keeps every block it measured.
+            self._sidecar.flush()
+        except OSError as exc:
+            self._drop_sidecar(exc)
+
+    def _drop_sidecar(self, exc: OSError) -> None:
+        # The video is what the run is for: a sidecar that cannot be written (a full disk) is given
+        # up with one line, and the checks and alarms go on.
+        logger.warning("health: cannot write %s (%s); the checks go on without it", self._sidecar.name,
+                       exc.strerror or exc)
+        try:
+            self._sidecar.close()
+        except OSError:
+            pass
+        self._sidecar = None
 
     def plot(self, path: str | Path, title: str | None = None) -> Path:
         """Write the PNG plot of the signals so far to `path`."""
@@ -306,10 +320,19 @@ class HealthMonitor:
         return plot_health(self.series, self.events, self.thresholds, Path(path), name, self.should_stop)
 
     def close(self) -> Path | None:
-        """Close the sidecar and write the plot to `plot_path` (if set); returns the plot's path."""
+        """Close the sidecar and write the plot to `plot_path` (if set); returns the plot's path, or
+        None when there is none (a plot that cannot be written, on a full disk, is one log line)."""
         if self._sidecar is not None:
-            self._sidecar.close()
-            self._sidecar = None
-        if self.enabled and self.plot_path is not None:
+            try:
+                self._sidecar.close()
+                self._sidecar = None
+            except OSError as exc:
+                self._drop_sidecar(exc)
+        if not self.enabled or self.plot_path is None:
+            return None
+        try:
             return self.plot(self.plot_path)
-        return None
+        except OSError as exc:
+            logger.warning("health: cannot write the plot %s (%s)", self.plot_path, exc.strerror or exc)
+            self.plot_path.unlink(missing_ok=True)
+            return None

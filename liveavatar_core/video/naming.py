@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,9 +111,10 @@ class OutputTarget:
         """Create the missing folders (call right before writing)."""
         _writable_folder(self.path.parent)
 
-    def remove_if_unused(self) -> list[Path]:
-        """After a failed run: delete the video if it holds no frame, then the folders this target
-        created if they are empty. Returns what was removed."""
+    def remove_if_unused(self, companions: Sequence[Path] = ()) -> list[Path]:
+        """After a failed run: delete the video if it holds no frame, with the files written for it
+        (`companions`, such as its health sidecar), then the folders this target created if they are
+        empty. Returns what was removed."""
         from .probe import probe_mp4
 
         removed = []
@@ -125,6 +127,10 @@ class OutputTarget:
                 return removed
             self.path.unlink()
             removed.append(self.path)
+        for path in companions:
+            if path.is_file():
+                path.unlink()
+                removed.append(path)
         for folder in reversed(self.new_folders):
             try:
                 folder.rmdir()  # only if empty
