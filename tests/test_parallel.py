@@ -334,8 +334,10 @@ def test_cli_attaches_to_ranks_launched_by_torchrun(tiny, tmp_path, monkeypatch)
     key = secrets.token_hex(32)
     port = _free_port()
     repo = Path(__file__).resolve().parents[1]
+    # torchrun gives each rank one CPU thread unless told otherwise; CPU ranks with another thread
+    # count than the one-process run sum their matrix products in another order.
     env = dict(os.environ, LIVEAVATAR_CONTROL=f"127.0.0.1:{port}", LIVEAVATAR_AUTHKEY=key, CUDA_VISIBLE_DEVICES="",
-               PYTHONPATH=str(repo))
+               PYTHONPATH=str(repo), OMP_NUM_THREADS=str(torch.get_num_threads()))
     ranks = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                               "-m", "liveavatar_core.parallel.worker"], env=env, cwd=repo,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
