@@ -40,8 +40,9 @@ class LiveAvatarLiveSession:
             "audio_encoder": (wav2vec2_choices(), {"tooltip": "wav2vec2 for the pushed speech."}),
             "device": (list(host.DEVICE_CHOICES), {"default": "auto", "tooltip": "Where wav2vec2 runs."}),
             "size": (list(SIZE_PRESETS), {"default": DEFAULT_SIZE, "tooltip": "Pixel area W*H of the video."}),
-            "seed": ("INT", {"default": 420, "min": 0, "max": 2 ** 31 - 1, "tooltip": "Noise seed of every "
-                             "session (the same seed and audio give the same video)."}),
+            "seed": ("INT", {"default": 420, "min": 0, "max": 2 ** 31 - 1, "control_after_generate": True,
+                             "tooltip": "Noise seed of every session (the same seed and audio give the same "
+                             "video)."}),
             "token": ("STRING", {"default": "", "tooltip": "What a client must send in session.start; empty: a "
                                  "new random token, shown on the node."}),
             "minutes": ("INT", {"default": 60, "min": 1, "max": 24 * 60, "tooltip": "How long the node serves "

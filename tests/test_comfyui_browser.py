@@ -201,7 +201,9 @@ def test_writer_node_shows_live_stats_and_player(server, object_info, browser):
     prompt[_writer_id(prompt)]["inputs"]["filename_prefix"] = "video/LiveAvatar_browser"
     seen = asyncio.run(asyncio.wait_for(_drive(browser, server.url, graph, prompt), RUN_S + 2 * START_S))
     running, done = seen["running"], seen["done"]
-    assert re.fullmatch(r"block \d+/\d+ · [\d.]+ fps · first frame [\d.]+ s · ETA \d+ s", running["stats"])
+    # The tiny model's noise is far off the picture's colours: the health alarm is on the line too.
+    assert re.fullmatch(r"block \d+/\d+ · [\d.]+ fps · first frame [\d.]+ s · ETA \d+ s · health: colour_frame.*",
+                        running["stats"]), running["stats"]
     assert "LiveAvatar_browser" in running["live"]["src"] and "frames so far" in running["caption"]
     assert running["live"]["width"] > 0 and running["live"]["height"] > 0 and running["fits"]
     file = done["outputs"]["images"][0]

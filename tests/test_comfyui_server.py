@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import pytest
 
-from tests.test_nodes_support import REPO, load_pack, models_tree, pack_module
+from tests.test_nodes_support import API_DIR, REPO, UI_FILES, VIDEO_FILES, load_pack, models_tree, pack_module
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run")
@@ -47,8 +47,6 @@ PACK = "ComfyUI-LiveAvatar"
 FRONTEND_ROOT = os.environ.get("COMFYUI_FRONTEND_ROOT")
 NODE_IDS = {"LiveAvatarModelLoader", "LiveAvatarTextEncode", "LiveAvatarAudioEncode", "LiveAvatarSampler",
             "LiveAvatarVideoWriter", "LiveAvatarReleaseGPUs", "LiveAvatarLiveSession"}
-UI_FILES = sorted((REPO / "example_workflows").glob("*.json"))
-API_DIR = REPO / "workflows" / "api"
 FRONTEND_ONLY = {"MarkdownNote", "Note", "Reroute"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 # Widgets the frontend adds after an input, which hold a slot in `widgets_values` but are not
@@ -374,7 +372,7 @@ def test_ui_workflow_widgets_are_accepted_by_the_server(server, object_info, pat
                 assert options.get("min", value) <= value <= options.get("max", value), f"{nid}.{name}"
 
 
-@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", VIDEO_FILES, ids=lambda p: p.stem)
 def test_ui_workflow_runs_through_prompt_and_history(server, object_info, path):
     url, base = server.url, server.base
     graph = _served_graph(url, path)
@@ -628,10 +626,11 @@ def test_parallel_workers_make_the_video_and_stop_when_released(server, object_i
     assert _gone(base, timeout_s=30)
 
 
-def test_live_session_node_serves_a_websocket_client_on_comfyuis_port_until_cancel(server):
-    """The Live Session node holds the model while it runs; a client connects to ComfyUI's own
-    /liveavatar/ws with the node's token, pushes speech and receives playable fMP4 fragments;
-    Cancel ends the node. Before the node runs, the route says no session is served."""
+def test_live_session_node_serves_a_websocket_client_on_comfyuis_port_until_cancel(server, object_info):
+    """The live template, as the UI queues it: its Live Session node holds the model while it runs;
+    a client connects to ComfyUI's own /liveavatar/ws with the node's token, pushes speech and
+    receives playable fMP4 fragments; Cancel ends the node. Before the node runs, the route says no
+    session is served."""
     import io
 
     import aiohttp
@@ -640,23 +639,20 @@ def test_live_session_node_serves_a_websocket_client_on_comfyuis_port_until_canc
 
     url = server.url
     ws_url = url.replace("http://", "ws://") + "/liveavatar/ws"
-    api = json.loads((API_DIR / "liveavatar_basic.json").read_text())
-    prompt = {k: v for k, v in api.items() if v["class_type"] in ("LoadImage", "LiveAvatarModelLoader",
-                                                                   "LiveAvatarTextEncode")}
+    (path,) = [p for p in UI_FILES if p not in VIDEO_FILES]
+    prompt = ui_to_api(_served_graph(url, path), object_info)
     loader = next(k for k, v in prompt.items() if v["class_type"] == "LiveAvatarModelLoader")
-    text = next(k for k, v in prompt.items() if v["class_type"] == "LiveAvatarTextEncode")
-    image = next(k for k, v in prompt.items() if v["class_type"] == "LoadImage")
+    live = next(k for k, v in prompt.items() if v["class_type"] == "LiveAvatarLiveSession")
     prompt[loader]["inputs"]["precision"] = "fp32"
-    prompt["99"] = {"class_type": "LiveAvatarLiveSession", "inputs": {
-        "model": [loader, 0], "text_embeds": [text, 0], "image": [image, 0],
-        "audio_encoder": prompt[text]["inputs"]["t5_encoder"], "device": "auto", "size": "704*384", "seed": 5,
-        "token": "comfy-live-token", "minutes": 10}}
+    prompt[live]["inputs"].update(token="comfy-live-token", seed=5, minutes=10)
     rate = 16000
     speech = (np.sin(np.linspace(0, 400 * np.pi, rate)) * 0.3 * 32767).astype(np.int16).tobytes()
 
     async def first_message() -> dict:
+        # A probe with a wrong token: "no_session" until the node serves, then "unauthorized"; it
+        # starts no session that the real one would find still closing ("busy").
         async with aiohttp.ClientSession() as http, http.ws_connect(ws_url) as ws:
-            await ws.send_json({"type": "session.start", "token": "comfy-live-token", "size": "64*64"})
+            await ws.send_json({"type": "session.start", "token": "not-the-token", "size": "64*64"})
             return json.loads((await ws.receive(timeout=60)).data)
 
     async def session() -> tuple[list, list]:
@@ -680,12 +676,13 @@ def test_live_session_node_serves_a_websocket_client_on_comfyuis_port_until_canc
     status, body = _post(f"{url}/prompt", {"prompt": prompt})
     assert status == 200, body
     deadline = time.time() + 300
-    while (reply := asyncio.run(first_message()))["type"] == "error" and reply["code"] == "no_session":
+    while (reply := asyncio.run(first_message()))["code"] == "no_session":
         assert time.time() < deadline, "the Live Session node never served"
         time.sleep(0.5)
+    assert reply["code"] == "unauthorized", reply
     messages, chunks = asyncio.run(session())
     kinds = [m["type"] for m in messages]
-    assert kinds[0] == "session.ready" and kinds[-1] == "session.closed" and "segment.ended" in kinds, kinds
+    assert kinds[0] == "session.ready" and kinds[-1] == "session.closed" and "segment.ended" in kinds, messages
     with av.open(io.BytesIO(b"".join(chunks))) as c:
         frames = sum(1 for _ in c.decode(video=0))
     assert frames == sum(m["frames"] for m in messages if m["type"] == "block") > 0

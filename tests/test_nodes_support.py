@@ -21,6 +21,12 @@ import torch
 from PIL import Image, ImageOps
 
 REPO = Path(__file__).resolve().parents[1]
+# The shipped workflows: UI graphs and their API twins.
+UI_FILES = sorted((REPO / "example_workflows").glob("*.json"))
+API_DIR = REPO / "workflows" / "api"
+# Those that write a video; the live template serves sessions until Cancel, which only real ComfyUI
+# sends (tests/test_comfyui_server.py runs it there with a client).
+VIDEO_FILES = [p for p in UI_FILES if "LiveAvatarLiveSession" not in p.read_text()]
 
 
 def load_pack():

@@ -9,11 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_nodes_support import REPO, Executor, cpu_prompt, load_pack, models_tree, pack_module
-
-UI_DIR = REPO / "example_workflows"
-API_DIR = REPO / "workflows" / "api"
-UI_FILES = sorted(UI_DIR.glob("*.json"))
+from tests.test_nodes_support import (API_DIR, REPO, UI_FILES, VIDEO_FILES, Executor, cpu_prompt, load_pack,
+                                      models_tree, pack_module)
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 FRONTEND_ONLY = {"MarkdownNote", "Note", "Reroute"}
 # Core nodes: their widget names in ComfyUI's order (LoadImage's upload and LoadAudio's player and
@@ -119,7 +116,7 @@ def executor(comfy, fixtures):
     return Executor(pack.NODE_CLASS_MAPPINGS, fixtures / "inputs")
 
 
-@pytest.mark.parametrize("name", [p.name for p in UI_FILES], ids=lambda n: n[:-5])
+@pytest.mark.parametrize("name", [p.name for p in VIDEO_FILES], ids=lambda n: n[:-5])
 def test_api_workflow_runs_end_to_end(comfy, executor, fixtures, name):
     """Each twin with the fixture's inputs, a precision this machine can run, and the smallest video:
     one clip of one block (12 frames) at the smallest area, so three runs stay fast on a CPU."""
