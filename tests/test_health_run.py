@@ -73,13 +73,20 @@ def test_stop_ends_after_the_alarm_block_and_the_resumed_run_continues_the_sidec
     assert not any(a["name"] == "colour_frame" for r in full[1:] for a in r["alarms"] if a["state"] == "raised")
 
 
+@pytest.mark.parametrize("opencv", ["missing", "without cascades"])
 def test_health_needing_opencv_is_refused_before_any_weight_is_read(garbage_ckpt, base, tmp_path, capsys,  # noqa: F811
-                                                                    caplog, monkeypatch):
+                                                                    caplog, monkeypatch, opencv):
     root, lora = garbage_ckpt
     args = list(base)
     args[args.index("--ckpt_dir") + 1] = str(root)
     args[args.index("--lora_path_dmd") + 1] = str(lora)
-    monkeypatch.setitem(sys.modules, "cv2", None)  # as if OpenCV were not installed
+    if opencv == "missing":
+        monkeypatch.setitem(sys.modules, "cv2", None)  # as if OpenCV were not installed
+    else:
+        import cv2
+
+        # As OpenCV 5's wheels are: their data folder holds no Haar cascade.
+        monkeypatch.setattr(cv2.data, "haarcascades", str(tmp_path))
     with caplog.at_level(logging.INFO, logger="liveavatar"):
         assert main(["generate", *args, "--health", "warn"]) == 2
     err = capsys.readouterr().err

@@ -98,6 +98,9 @@ def check_health(mode, input_name: str = "health") -> str:
         except ImportError as exc:
             raise InputError(input_name, f"the health checks need OpenCV, which cannot be imported ({exc}).",
                              HEALTH_FIX) from None
+        from .face import FaceDetector
+
+        FaceDetector()  # its cascade file: OpenCV 5 has none
     return mode
 
 
