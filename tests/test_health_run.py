@@ -92,3 +92,17 @@ def test_health_needing_opencv_is_refused_before_any_weight_is_read(garbage_ckpt
     err = capsys.readouterr().err
     assert err.startswith("error: health:") and "opencv-python-headless" in err and "off" in err, err
     assert not [r for r in caplog.records if r.getMessage().startswith(LOADER_LINES)]
+
+
+def test_a_resumed_run_without_the_earlier_sidecar_measures_from_where_it_starts(tiny, inputs, tmp_path):  # noqa: F811
+    path, state = tmp_path / "run.mp4", tmp_path / "run.mp4.resume"
+    stream = _stream(inputs, tiny.image, STREAMING, should_stop=lambda: stream.stats.blocks_done >= 2)
+    write_mp4(stream, path, resume_path=state)  # health off: no sidecar
+    jsonl, _ = health_paths(path)
+    assert state.is_file() and not jsonl.exists()
+    resumed = _stream(inputs, tiny.image, STREAMING, resume_from=state)
+    held = probe_mp4(path).frame_count
+    write_mp4(resumed, path, resume_path=state, health="warn")
+    recs = records(jsonl)
+    assert recs[0]["start_frame"] == held > 0 and recs[0]["time_s"] == held / 25
+    assert held + sum(r["frames"] for r in recs) == probe_mp4(path, max_frames=MAX_FRAMES).frame_count

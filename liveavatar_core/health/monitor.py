@@ -157,7 +157,9 @@ class HealthMonitor:
         # What the plot draws, one float per block (NaN: not measured): 80 bytes a block, 6 MB for 10 h.
         self.series = {key: array("d") for key in SERIES}
         self.events: list[Alarm] = []
-        self._block = self._frame = 0
+        self._block = 0
+        # A resumed run measures from where it starts, with or without the earlier sidecar.
+        self._frame = resume_frame or 0
         self._sidecar = None
         if self.mode == "off":
             return
