@@ -43,7 +43,7 @@ from .encoders.audio import SAMPLE_RATE, AudioFeatures, check_audio_length
 from .encoders.audio_stream import AudioInput, StreamedAudioFeatures, audio_identity, features_for_mode
 from .encoders.image import DEFAULT_SIZE, preprocess_reference, reference_uint8, target_area
 from .errors import InputError
-from .health.monitor import HealthRecord
+from .health.monitor import HealthRecord, check_health
 from .health.run import RunHealth
 from .model.cache import KV_STORAGE_DTYPES, make_step_caches
 from .model.dit import LiveAvatarDiT
@@ -493,7 +493,7 @@ def write_mp4(stream: VideoStream, path: str | Path, audio: np.ndarray | None = 
     leaves there the state after its last completed block (with the chunks the file lacks, if a
     write failed), or logs in one line why it could not, and the file is removed once the video is
     complete. A stream made with `generate(..., resume_from=...)` appends to the interrupted MP4,
-    which `path` must name. `health` (`health.HEALTH_MODES`): "warn" or "stop" run the per-block
+    which `path` must name. `health` (`health.HEALTH_MODES`): "auto", "warn" or "stop" run the per-block
     health checks on what the file gets, into NAME.health.jsonl and NAME.health.png beside it (the
     plot written at the end, also after a failure); an alarm in "stop" ends the run after its block
     with `HealthStopped`, as a failure ends it. Returns the path.
@@ -504,6 +504,7 @@ def write_mp4(stream: VideoStream, path: str | Path, audio: np.ndarray | None = 
         stream.track_resume = True
     writer = _open_writer(stream, Path(path), audio, sample_rate, settings)
     stream.frame_limit = writer.frame_limit
+    health = check_health(health)
     checks = RunHealth(health, path, reference_uint8(stream.reference), stream.fps, audio, sample_rate,
                        stream.audio_offset_frames, stream.resume_frame) if health != "off" else None
     background = _BackgroundWriter(writer)

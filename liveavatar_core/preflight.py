@@ -184,7 +184,7 @@ def preflight(req: RunRequest, check_memory: bool = True, hardware: list[DeviceS
             check_fp8_support(torch.device(name))
     get_attention(req.attention)
     resolve_compile(req.compile, device)
-    check_health(req.health)
+    req = replace(req, health=check_health(req.health))  # "auto" resolved once, warned once
     # 2. Inputs: the image decides the output size, the audio the length.
     image = load_image(req.image)
     output = choose_output_size(image.size, settings.size)

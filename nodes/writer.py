@@ -88,7 +88,8 @@ class LiveAvatarVideoWriter:
                            "(colour drift, face and identity, lip-sync offset, seams, freezes, black frames) "
                            "into NAME.health.jsonl and a plot NAME.health.png beside the MP4, shown on the node. "
                            "warn: alarms in the log and the status line; stop: end the run after an alarm's "
-                           "block (the MP4 stays playable); off: none."}),
+                           "block (the MP4 stays playable); auto: warn where OpenCV can run the checks, else "
+                           "none (the log says why); off: none."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
         }

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from liveavatar_core.errors import InputError
-from liveavatar_core.health import HEALTH_MODES, HealthMonitor, HealthThresholds, check_health_mode, health_paths
+from liveavatar_core.health import (HEALTH_MODES, HealthMonitor, HealthThresholds, check_health, check_health_mode,
+                                    health_paths)
 from liveavatar_core.health.checks import fit_reference
 from liveavatar_core.health.synthetic import TalkingScene, mouth_openings, read_speech, red_lips
 
@@ -237,11 +238,11 @@ def test_identity_change_is_flagged(picture, mouth, speech):
 
 
 def test_modes_are_checked_and_off_measures_nothing(picture, tmp_path):
-    assert HEALTH_MODES == ("off", "warn", "stop")
+    assert HEALTH_MODES == ("auto", "off", "warn", "stop")
     assert check_health_mode("stop") == "stop"
     with pytest.raises(InputError) as err:
         check_health_mode("loud")
-    assert err.value.input_name == "health" and "off, warn, stop" in str(err.value)
+    assert err.value.input_name == "health" and "auto, off, warn, stop" in str(err.value)
     with pytest.raises(InputError, match="health: 'Warn'"):
         HealthMonitor(picture, FPS, "Warn")
     off = HealthMonitor(None, FPS, "off", sidecar=tmp_path / "x.health.jsonl", plot_path=tmp_path / "x.png")
@@ -252,10 +253,23 @@ def test_modes_are_checked_and_off_measures_nothing(picture, tmp_path):
         monitor.observe(np.zeros((12, HEIGHT, WIDTH, 3), np.uint8), np.zeros(100, np.float32), 16000)
 
 
-def test_missing_opencv_is_reported_when_the_monitor_is_built(picture, monkeypatch):
-    monkeypatch.setitem(sys.modules, "cv2", None)  # what `import cv2` meets when the wheel is absent
+@pytest.mark.parametrize("opencv", ["missing", "without cascades"])
+def test_unusable_opencv_is_refused_by_warn_and_turns_auto_off(picture, monkeypatch, tmp_path, caplog, opencv):
+    if opencv == "missing":
+        monkeypatch.setitem(sys.modules, "cv2", None)  # what `import cv2` meets when the wheel is absent
+    else:
+        import cv2
+
+        monkeypatch.setattr(cv2.data, "haarcascades", str(tmp_path))  # as OpenCV 5's wheels are
     with pytest.raises(InputError) as err:
         HealthMonitor(picture, FPS, "warn")
     assert err.value.input_name == "health" and "opencv-python-headless" in err.value.fix
     assert "set health to off" in err.value.fix
     assert HealthMonitor(picture, FPS, "off").observe(picture[None], np.zeros(640, np.float32), 16000) is None
+    with caplog.at_level(logging.WARNING, logger="liveavatar"):
+        assert check_health("auto") == "off"
+    assert any(r.getMessage().startswith("health checks off: health:") for r in caplog.records)
+
+
+def test_auto_is_warn_where_opencv_can_run_the_checks():
+    assert check_health("auto") == "warn" and check_health("stop") == "stop" and check_health("off") == "off"

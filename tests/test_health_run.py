@@ -92,6 +92,15 @@ def test_health_needing_opencv_is_refused_before_any_weight_is_read(garbage_ckpt
     err = capsys.readouterr().err
     assert err.startswith("error: health:") and "opencv-python-headless" in err and "off" in err, err
     assert not [r for r in caplog.records if r.getMessage().startswith(LOADER_LINES)]
+    # The default, auto, lets the run go on without the checks, saying so once: this one then
+    # stops at the damaged weights, not at the health checks.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="liveavatar"):
+        assert main(["generate", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and not err.startswith("error: health"), err
+    assert [r.getMessage() for r in caplog.records].count(next(
+        r.getMessage() for r in caplog.records if r.getMessage().startswith("health checks off: health:"))) == 1
 
 
 def test_a_resumed_run_without_the_earlier_sidecar_measures_from_where_it_starts(tiny, inputs, tmp_path):  # noqa: F811

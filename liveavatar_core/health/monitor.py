@@ -89,19 +89,31 @@ def _rounded(value):
 
 
 def check_health(mode, input_name: str = "health") -> str:
-    """`mode` if it is a health mode whose checks can run here (OpenCV importable unless "off"),
-    else InputError naming `input_name`: called before a run starts."""
+    """The mode a run gets for `mode` ("auto" resolved to "warn", or to "off" with a warning where
+    OpenCV cannot run the checks); InputError naming `input_name` for an unknown mode, or for
+    "warn" / "stop" without a usable OpenCV. Called before a run starts."""
     mode = check_health_mode(mode, input_name)
-    if mode != "off":
-        try:
-            importlib.import_module("cv2")
-        except ImportError as exc:
-            raise InputError(input_name, f"the health checks need OpenCV, which cannot be imported ({exc}).",
-                             HEALTH_FIX) from None
-        from .face import FaceDetector
+    if mode == "off":
+        return mode
+    try:
+        _require_opencv(input_name)
+    except InputError as exc:
+        if mode != "auto":
+            raise
+        logger.warning("health checks off: %s", exc)
+        return "off"
+    return "warn" if mode == "auto" else mode
 
-        FaceDetector()  # its cascade file: OpenCV 5 has none
-    return mode
+
+def _require_opencv(input_name: str) -> None:
+    try:
+        importlib.import_module("cv2")
+    except ImportError as exc:
+        raise InputError(input_name, f"the health checks need OpenCV, which cannot be imported ({exc}).",
+                         HEALTH_FIX) from None
+    from .face import FaceDetector
+
+    FaceDetector()  # its cascade file: OpenCV 5 has none
 
 
 def _open_checks(reference: np.ndarray, thresholds: HealthThresholds):
@@ -137,7 +149,8 @@ class HealthMonitor:
     """Per-block health of one stream. `observe` each block in order; `close` at the end (or at a stop).
 
     reference: uint8 [H, W, 3] RGB (fitted to the frames' size with the pack's resize-and-crop rule
-    if it differs); mode: one of HEALTH_MODES ("off" measures nothing and needs no OpenCV);
+    if it differs); mode: one of HEALTH_MODES (see `check_health`; "off" measures nothing and
+    needs no OpenCV);
     sidecar / plot_path: where to write NAME.health.jsonl / NAME.health.png (see `health_paths`);
     resume_frame: the frame a resumed run starts at: the records of the interrupted run's sidecar
     before it are kept (and plotted) and the block count goes on from them, with the colour baseline
