@@ -335,7 +335,8 @@ class HealthMonitor:
         from .plot import plot_health
 
         name = title or (self.plot_path.name.removesuffix(HEALTH_SUFFIX + ".png") if self.plot_path else "run")
-        return plot_health(self.series, self.events, self.thresholds, Path(path), name, self.should_stop)
+        return plot_health(self.series, self.events, self.thresholds, Path(path), name, self._frame / self.fps,
+                           self.should_stop)
 
     def close(self) -> Path | None:
         """Close the sidecar and write the plot to `plot_path` (if set); returns the plot's path, or

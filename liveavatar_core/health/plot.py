@@ -75,15 +75,16 @@ def _left_range(panel_series, series, thresholds: list[float]) -> tuple[float, f
 
 
 def plot_health(series: dict, events: list[Alarm], thresholds: HealthThresholds, path: Path, title: str,
-                stopped: bool = False) -> Path:
-    """Draw the per-block `series` (HealthMonitor.series) with the alarm `events` to a PNG at `path`."""
+                end_s: float, stopped: bool = False) -> Path:
+    """Draw the per-block `series` (HealthMonitor.series) with the alarm `events` to a PNG at `path`;
+    `end_s`: where the video measured ends."""
     t = np.asarray(series["time_s"])
     blocks = t.size
     height = _TOP + len(_PANELS) * (_PANEL_H + _GAP) + _BOTTOM - _GAP
     image = Image.new("RGB", (_WIDTH, height), "white")
     draw = ImageDraw.Draw(image)
     font, small, big = _font(13), _font(11), _font(17)
-    span_s = float(t[-1] + (t[-1] - t[-2] if blocks > 1 else 1.0)) if blocks else 1.0
+    span_s = end_s if blocks and end_s > 0 else 1.0
     x0, x1 = _LEFT, _WIDTH - _RIGHT
 
     def x_of(seconds):
