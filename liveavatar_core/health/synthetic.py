@@ -3,7 +3,6 @@ opens with the loudness of the audio, with a chosen delay, a one-pixel jitter an
 
 from __future__ import annotations
 
-import wave
 from dataclasses import dataclass, field
 
 import cv2
@@ -15,12 +14,11 @@ _NOISE_BANK = 4  # noise frames reused in turn: drawing fresh noise for every fr
 
 
 def read_speech(path, seconds: float | None = None) -> tuple[np.ndarray, int]:
-    """(float32 samples, rate) of a 16-bit mono WAV (stdlib `wave`), looped to `seconds` if given."""
-    with wave.open(str(path)) as wav:
-        if wav.getnchannels() != 1 or wav.getsampwidth() != 2:
-            raise ValueError(f"{path}: expected 16-bit mono")
-        rate = wav.getframerate()
-        samples = np.frombuffer(wav.readframes(wav.getnframes()), np.int16).astype(np.float32) / 32768
+    """(float32 samples, rate) of an audio file as the pack loads it (16 kHz mono), looped to
+    `seconds` if given."""
+    from ..encoders.audio import SAMPLE_RATE, load_audio
+
+    samples, rate = load_audio(path), SAMPLE_RATE
     if seconds is not None:
         n = int(seconds * rate)
         samples = np.tile(samples, -(-n // samples.size))[:n]
