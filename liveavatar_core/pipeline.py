@@ -43,7 +43,7 @@ from .encoders.audio import SAMPLE_RATE, AudioFeatures, check_audio_length
 from .encoders.audio_stream import AudioInput, StreamedAudioFeatures, audio_identity, features_for_mode
 from .encoders.image import DEFAULT_SIZE, preprocess_reference, reference_uint8, target_area
 from .errors import InputError
-from .health.monitor import HealthRecord, check_health
+from .health.monitor import HealthRecord
 from .health.run import RunHealth
 from .model.cache import KV_STORAGE_DTYPES, make_step_caches
 from .model.dit import LiveAvatarDiT
@@ -504,7 +504,7 @@ def write_mp4(stream: VideoStream, path: str | Path, audio: np.ndarray | None = 
         stream.track_resume = True
     writer = _open_writer(stream, Path(path), audio, sample_rate, settings)
     stream.frame_limit = writer.frame_limit
-    health = check_health(health)
+    # The monitor resolves "auto" (off where OpenCV cannot run the checks, then nothing is measured).
     checks = RunHealth(health, path, reference_uint8(stream.reference), stream.fps, audio, sample_rate,
                        stream.audio_offset_frames, stream.resume_frame) if health != "off" else None
     background = _BackgroundWriter(writer)

@@ -80,8 +80,8 @@ def fit_reference(reference: np.ndarray, height: int, width: int) -> np.ndarray:
 class BlockChecks:
     """Measures blocks of one stream against its reference image (uint8 [H, W, 3] RGB)."""
 
-    def __init__(self, reference: np.ndarray, thresholds: HealthThresholds):
-        self.detector = FaceDetector()
+    def __init__(self, reference: np.ndarray, thresholds: HealthThresholds, detector: FaceDetector):
+        self.detector = detector
         self.thresholds = thresholds
         self._original = reference
         self.offset = OffsetEstimator(thresholds.av_window_frames, thresholds.av_max_lag,

@@ -92,20 +92,25 @@ def check_health(mode, input_name: str = "health") -> str:
     """The mode a run gets for `mode` ("auto" resolved to "warn", or to "off" with a warning where
     OpenCV cannot run the checks); InputError naming `input_name` for an unknown mode, or for
     "warn" / "stop" without a usable OpenCV. Called before a run starts."""
+    return _resolve(mode, input_name)[0]
+
+
+def _resolve(mode, input_name: str):
+    """(the mode a run gets, the face detector its checks use, or None when off): see `check_health`."""
     mode = check_health_mode(mode, input_name)
     if mode == "off":
-        return mode
+        return mode, None
     try:
-        _require_opencv(input_name)
+        detector = _face_detector(input_name)
     except InputError as exc:
         if mode != "auto":
             raise
         logger.warning("health checks off: %s", exc)
-        return "off"
-    return "warn" if mode == "auto" else mode
+        return "off", None
+    return "warn" if mode == "auto" else mode, detector
 
 
-def _require_opencv(input_name: str) -> None:
+def _face_detector(input_name: str):
     try:
         importlib.import_module("cv2")
     except ImportError as exc:
@@ -113,13 +118,13 @@ def _require_opencv(input_name: str) -> None:
                          HEALTH_FIX) from None
     from .face import FaceDetector
 
-    FaceDetector()  # its cascade file: OpenCV 5 has none
+    return FaceDetector()  # loads the cascade file: OpenCV 5 has none
 
 
-def _open_checks(reference: np.ndarray, thresholds: HealthThresholds):
+def _open_checks(reference: np.ndarray, thresholds: HealthThresholds, detector):
     from .checks import BlockChecks
 
-    return BlockChecks(reference, thresholds)
+    return BlockChecks(reference, thresholds, detector)
 
 
 class _ColourBaseline:
@@ -160,7 +165,7 @@ class HealthMonitor:
     def __init__(self, reference: np.ndarray, fps: float, mode: str = "warn",
                  thresholds: HealthThresholds | None = None, sidecar: str | Path | None = None,
                  plot_path: str | Path | None = None, resume_frame: int | None = None):
-        self.mode = check_health(mode)
+        self.mode, detector = _resolve(mode, "health")
         if not isinstance(fps, (int, float)) or isinstance(fps, bool) or not fps > 0:
             raise InputError("fps", f"{fps!r} is not a positive frame rate.", "pass the video's frame rate, e.g. 25.")
         self.fps = float(fps)
@@ -180,7 +185,7 @@ class HealthMonitor:
         if reference.dtype != np.uint8 or reference.ndim != 3 or reference.shape[2] != 3:
             raise InputError("reference image", f"got an array of {reference.dtype} {reference.shape}.",
                              "pass the reference as uint8 [H, W, 3] RGB.")
-        self._checks = _open_checks(reference, self.thresholds)
+        self._checks = _open_checks(reference, self.thresholds, detector)
         self._tracker = AlarmTracker(self.thresholds)
         self._new_baseline()
         if self._checks.ref_box is None:

@@ -31,6 +31,7 @@ class RunHealth:
                                      resume_frame=resume_frame or None)
         self.sidecar, self.plot = sidecar, plot
         self.fps, self.sample_rate = Fraction(fps), int(sample_rate)
+        # A reader of its own: the writer's reads the same audio on the writer thread.
         self._audio = open_audio_source(audio, sample_rate, offset_frames, fps) if self.monitor.enabled else None
 
     def _sample(self, frame: int) -> int:
