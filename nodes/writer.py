@@ -116,7 +116,7 @@ class LiveAvatarVideoWriter:
         host.raise_if_interrupted()  # a cancelled stream ends cleanly; ComfyUI still reports the cancel
         ui = {"images": [file_info], "animated": [True]}
         plot = health_paths(path)[1]
-        if health != "off" and plot.is_file():
+        if plot.is_file():  # this run's: the file name is new
             # A key of the pack's own: ComfyUI's player keeps the video; the extension shows the plot.
             ui["liveavatar_health"] = [{**file_info, "filename": plot.name}]
         return {"ui": ui, "result": (host.video_output(path), first.image(stream.height, stream.width), str(path))}

@@ -127,7 +127,7 @@ function dropBlockPreview(node) {
 }
 
 function showHealth(node, file) {
-  // The plot below the player; a later run of the node replaces it.
+  // The plot on the node beside ComfyUI's player of the file; a later run of the node replaces it.
   let view = node.liveAvatarHealth;
   if (!view) {
     const img = document.createElement("img");
