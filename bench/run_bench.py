@@ -6,7 +6,7 @@ compilation; `prepare_vae`; `assemble`), only the weights being random, places t
 planner decides (`offload="auto"` under the plan's memory cap), runs the product path
 (`generate`: block sampler, streaming VAE decode on its own CUDA stream, uint8 frames in host
 memory; with --mp4 also `write_mp4`, H.264/AAC on a writer thread) at 704x384 with 4 steps from
-random text and audio features and a random reference image, and prints the steady block period, output FPS, time to first frame (reference
+random text and audio features, the example picture and speech, and prints the steady block period, output FPS, time to first frame (reference
 and motion encode included), peak memory against the planner's estimate, the ratio to the analytic
 FLOP limit of the GPU, and the ratio to the official single-GPU baseline (spec/baseline.md).
 
@@ -40,6 +40,7 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "example_inputs"
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
@@ -121,6 +122,35 @@ def busy_us(spans: list[tuple[float, float]]) -> float:
     return busy
 
 
+STREAM_MARK, FIRST_CHUNK_MARK = "bench: stream", "bench: first frames in hand"
+
+
+def first_frames(events: list[dict], kernels: list[dict]) -> None:
+    """Print where the time to the first frames goes in a traced stream: the span from the stream's
+    start to its first chunk, the GPU's busy time in it (the rest is the GPU waiting for the host)
+    and the kernels that fill it, grouped by the top-level CPU op that launched them."""
+    marks = {e["name"]: e["ts"] for e in events if e.get("name") in (STREAM_MARK, FIRST_CHUNK_MARK)}
+    if len(marks) < 2:
+        print("first frames: marks not in the trace")
+        return
+    t0, t1 = marks[STREAM_MARK], marks[FIRST_CHUNK_MARK]
+    inside = [e for e in kernels if t0 <= e["ts"] < t1]
+    busy = busy_us([(e["ts"], min(e["ts"] + e["dur"], t1)) for e in inside])
+    print(f"first frames: {(t1 - t0) / 1e3:.0f} ms from the stream's start (profiled), GPU busy "
+          f"{busy / 1e3:.0f} ms of it, {len(inside)} kernels")
+    # The GPU timeline in 10 slices: which part of the span is idle.
+    width = (t1 - t0) / 10
+    slices = [busy_us([(max(e["ts"], t0 + i * width), min(e["ts"] + e["dur"], t0 + (i + 1) * width))
+                       for e in inside if e["ts"] < t0 + (i + 1) * width and e["ts"] + e["dur"] > t0 + i * width])
+              for i in range(10)]
+    print("  GPU busy per tenth of the span: " + " ".join(f"{100 * b / width:.0f}%" for b in slices))
+    per_name: dict = defaultdict(float)
+    for e in inside:
+        per_name[e["name"]] += e["dur"]
+    for name, dur in sorted(per_name.items(), key=lambda kv: -kv[1])[:10]:
+        print(f"    {dur / 1e3:7.1f} ms  {name[:100]}")
+
+
 def gpu_busy(fn, blocks: int) -> None:
     """Profile `fn` (which makes `blocks` blocks): print the GPU busy time per block, in all and per
     CUDA stream, and each stream's costliest kernels. Busy well below the untraced block period
@@ -144,6 +174,7 @@ def gpu_busy(fn, blocks: int) -> None:
     total = busy_us([(e["ts"], e["ts"] + e["dur"]) for e in kernels])
     print(f"traced: {blocks} blocks, wall {wall:.2f} s (profiler overhead included); GPU busy "
           f"{total / 1e3 / blocks:.0f} ms per block")
+    first_frames(events, kernels)
     for sid, evs in sorted(streams.items(), key=lambda kv: -sum(e["dur"] for e in kv[1])):
         busy = busy_us([(e["ts"], e["ts"] + e["dur"]) for e in evs])
         print(f"  stream {sid}: busy {busy / 1e3 / blocks:.0f} ms per block, "
@@ -157,10 +188,15 @@ def gpu_busy(fn, blocks: int) -> None:
 
 
 def random_inputs(cfg: DiTConfig, geo, clips: int, seed: int = 2):
-    """Random text embedding, audio features of `clips` clips and reference image at the plan's
-    geometry (the encoders are not benchmarked); the same `seed` gives the same inputs."""
+    """Random text embedding and audio features of `clips` clips (the encoders are not benchmarked),
+    the example picture at the plan's size and the example speech looped to the clips' length as
+    the waveform (the audio track, and what the health checks measure: with a face in the picture
+    they run all their work); the same `seed` gives the same inputs."""
 
     from liveavatar_core.encoders.audio import AudioFeatures
+    from liveavatar_core.health.checks import fit_reference
+    from liveavatar_core.health.synthetic import read_speech
+    from PIL import Image
 
     g = torch.Generator(device="cpu").manual_seed(seed)
     fpc = geo.frames_per_clip
@@ -168,9 +204,10 @@ def random_inputs(cfg: DiTConfig, geo, clips: int, seed: int = 2):
     seconds = clips * fpc / 25
     audio = AudioFeatures(embedding=torch.randn(1, cfg.num_wav2vec_layers, cfg.audio_dim, clips * fpc, generator=g),
                           num_clips=clips, available_clips=clips, frames_per_clip=fpc, fps=25,
-                          waveform_16k=np.zeros(int(seconds * 16000), np.float32), duration_s=seconds)
-    image = np.random.default_rng(seed + 1).integers(0, 256, (geo.height, geo.width, 3), dtype=np.uint8)
-    return text, audio, image
+                          waveform_16k=read_speech(EXAMPLES / "liveavatar_speech.wav", seconds)[0],
+                          duration_s=seconds)
+    picture = np.asarray(Image.open(EXAMPLES / "liveavatar_reference.png").convert("RGB"))
+    return text, audio, fit_reference(picture, geo.height, geo.width)
 
 
 def bench_settings(size: str, geo, clips: int):
@@ -220,15 +257,19 @@ def run_plan(name: str, args) -> dict:
         start = time.perf_counter()
 
         def on_chunk(chunk):
+            if chunk.start_frame == 0:  # where the first frames are in hand, for the trace's breakdown
+                with torch.profiler.record_function(FIRST_CHUNK_MARK):
+                    pass
             if record is not None:
                 record.append((time.perf_counter() - start, len(chunk.frames), chunk.stats.first_frame_s))
                 if args.frames_out and sum(len(f) for f in kept) < fpc:
                     kept.append(chunk.frames)
-        if args.mp4:
-            write_mp4(video, path, on_chunk=on_chunk, health=args.health)
-        else:
-            for chunk in video:
-                on_chunk(chunk)
+        with torch.profiler.record_function(STREAM_MARK):
+            if args.mp4:
+                write_mp4(video, path, on_chunk=on_chunk, health=args.health)
+            else:
+                for chunk in video:
+                    on_chunk(chunk)
         return time.perf_counter() - start
 
     videos = Path(tempfile.mkdtemp(prefix="liveavatar_bench_"))

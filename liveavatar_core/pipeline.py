@@ -168,8 +168,9 @@ class FrameChunk:
     """Decoded frames of one block (streaming) or one clip (official), uint8 `[n, H, W, 3]`.
 
     `frames` holds every decoded frame, also those past the end of the audio that the writer
-    drops (`VideoStream.frame_limit`); `stats` is the snapshot described in `Stats`; `health` the
-    block's health record (`health.HealthRecord`), when `write_mp4` measures it.
+    drops (`VideoStream.frame_limit`); `stats` is the snapshot described in `Stats`; `health`, when
+    `write_mp4` runs the checks, the newest health record (`health.HealthRecord`) measured as the
+    chunk is handed out: the previous block's (the checks run one block behind, on their thread).
     """
 
     frames: np.ndarray
@@ -177,7 +178,7 @@ class FrameChunk:
     block: int
     start_frame: int
     stats: Stats = field(default_factory=Stats)
-    health: HealthRecord | None = None  # set by write_mp4 when it runs the health checks
+    health: HealthRecord | None = None
 
 
 @dataclass
@@ -495,7 +496,8 @@ def write_mp4(stream: VideoStream, path: str | Path, audio: np.ndarray | None = 
     complete. A stream made with `generate(..., resume_from=...)` appends to the interrupted MP4,
     which `path` must name. `health` (`health.HEALTH_MODES`): "auto", "warn" or "stop" run the per-block
     health checks on what the file gets, into NAME.health.jsonl and NAME.health.png beside it (the
-    plot written at the end, also after a failure); an alarm in "stop" ends the run after its block
+    plot written at the end, also after a failure), on a thread of their own, so a chunk's `health`
+    is the record of the chunk before it; an alarm in "stop" ends the run after the block in flight
     with `HealthStopped`, as a failure ends it. Returns the path.
     """
     settings = replace(writer_settings or WriterSettings(), audio_offset_frames=stream.audio_offset_frames)
@@ -505,18 +507,27 @@ def write_mp4(stream: VideoStream, path: str | Path, audio: np.ndarray | None = 
     writer = _open_writer(stream, Path(path), audio, sample_rate, settings)
     stream.frame_limit = writer.frame_limit
     # The monitor resolves "auto" (off where OpenCV cannot run the checks, then nothing is measured).
+    unwritten = stream.unwritten_chunks
+    frame = stream.resume_frame - sum(len(frames) for frames in unwritten)  # where the file ends
     checks = RunHealth(health, path, reference_uint8(stream.reference), stream.fps, audio, sample_rate,
-                       stream.audio_offset_frames, stream.resume_frame) if health != "off" else None
+                       stream.audio_offset_frames, frame) if health != "off" else None
     background = _BackgroundWriter(writer)
     try:
-        for frames in stream.unwritten_chunks:
+        for frames in unwritten:
             background.append(frames)
+            if checks is not None:
+                checks.submit(frames, frame, stream.frame_limit)
+            frame += len(frames)
         for chunk in stream:
             background.append(chunk.frames)
             if checks is not None:
-                chunk.health = checks.observe(chunk.frames, chunk.start_frame, stream.frame_limit)
+                chunk.health = checks.submit(chunk.frames, chunk.start_frame, stream.frame_limit)
             if on_chunk is not None:
                 on_chunk(chunk)
+            if checks is not None:
+                checks.stop_if_asked(chunk.health)
+        if checks is not None:
+            checks.stop_if_asked(checks.finish())
         background.close()
     except BaseException:
         background.close(failed=True)

@@ -2,8 +2,8 @@
 (CPU), whose random weights make noise frames, a fault the checks see from the first block.
 
 warn: one sidecar record per block of what the MP4 holds, a plot that decodes, each chunk its
-record; stop: the run ends after the alarm's block, the MP4 plays up to it and resumes, and the
-resumed run continues the sidecar; and a health mode whose checks cannot run is refused before any
+record; stop: the run ends after the block in flight when the alarm is seen, the MP4 plays up to
+it and resumes, and the resumed run continues the sidecar; and a health mode whose checks cannot run is refused before any
 weight is read.
 """
 
@@ -34,7 +34,9 @@ def test_warn_records_every_block_the_file_holds(tiny, inputs, tmp_path, caplog)
         write_mp4(_stream(inputs, tiny.image, STREAMING), path, on_chunk=chunks.append, health="warn")
     jsonl, png = health_paths(path)
     recs = records(jsonl)
-    assert [r["block"] for r in recs] == list(range(len(chunks))) == [c.health.block for c in chunks]
+    assert [r["block"] for r in recs] == list(range(len(chunks)))
+    # The checks run one block behind, on their thread: each chunk carries the record before it.
+    assert [c.health.block if c.health else None for c in chunks] == [None, *range(len(chunks) - 1)]
     assert [r["start_frame"] for r in recs] == [c.start_frame for c in chunks]
     assert sum(r["frames"] for r in recs) == probe_mp4(path, max_frames=MAX_FRAMES).frame_count
     # Noise against a picture: the colour alarm from the first block, in the log too.
@@ -53,13 +55,13 @@ def test_stop_ends_after_the_alarm_block_and_the_resumed_run_continues_the_sidec
         tiny, inputs, tmp_path):
     path, state = tmp_path / "run.mp4", tmp_path / "run.mp4.resume"
     chunks = []
-    with pytest.raises(HealthStopped, match="stopped after block 0.*colour_frame"):
+    with pytest.raises(HealthStopped, match="block 0 .*raised colour_frame.*stopped after block 1, the block in flight"):
         write_mp4(_stream(inputs, tiny.image, STREAMING), path, on_chunk=chunks.append, resume_path=state,
                   health="stop")
     jsonl, png = health_paths(path)
     head = records(jsonl)
-    assert len(head) == 1 and head[0]["should_stop"] and png.is_file()
-    assert probe_mp4(path).frame_count == head[0]["frames"] and state.is_file()
+    assert len(head) == 2 == len(chunks) and head[0]["should_stop"] and png.is_file()
+    assert probe_mp4(path).frame_count == sum(r["frames"] for r in head) and state.is_file()
 
     resumed = _stream(inputs, tiny.image, STREAMING, resume_from=state)
     write_mp4(resumed, path, resume_path=state, health="warn")

@@ -304,7 +304,7 @@ class HealthMonitor:
                 self.should_stop |= stop
                 logger.warning("health alarm %s at block %d (%.1f s): value %.3g, threshold %.3g; likely cause: %s%s",
                                alarm.name, alarm.block, record.time_s, alarm.value, alarm.threshold, alarm.message,
-                               "; stopping after this block" if stop else "")
+                               "; the run stops after the block in flight" if stop else "")
             else:
                 logger.info("health alarm %s cleared at block %d: value %.3g, threshold %.3g",
                             alarm.name, alarm.block, alarm.value, alarm.threshold)
