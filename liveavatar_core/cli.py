@@ -164,7 +164,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="per-block health checks (colour drift, face, identity, lip-sync offset, seams, freezes, "
                    "black frames) into NAME.health.jsonl and NAME.health.png beside the video: auto (warn where "
                    "OpenCV can run them, else off with a warning); off; warn (log alarms); stop (end the run "
-                   "after an alarm's block, resumable)")
+                   "after the block in flight when an alarm is raised, resumable)")
     p.add_argument("--save_file", type=Path,
                    help=f"the MP4 to write (default: a new numbered {DEFAULT_SAVE_FILE.parent}/"
                         f"{DEFAULT_SAVE_FILE.stem}_NNNNN.mp4); an existing file is never overwritten (a numbered "

@@ -14,8 +14,8 @@ from ..errors import InputError
 
 # auto: warn where OpenCV can run the checks, else off with one warning saying why (so a missing
 # or too new OpenCV never stops a run nobody asked to check); off: no checks (OpenCV not needed);
-# warn: log and record alarms; stop: also ask the caller to end the run after the block that
-# raised one. warn and stop refuse to start without a usable OpenCV.
+# warn: log and record alarms; stop: also ask the caller to end the run (after the block in
+# flight). warn and stop refuse to start without a usable OpenCV.
 HEALTH_MODES = ("auto", "off", "warn", "stop")
 DEFAULT_HEALTH = "auto"  # what the CLI, the nodes and live sessions run unless told otherwise
 HEALTH_FIX = "pip install 'opencv-python-headless>=4.8,<5' (5.x wheels ship no Haar cascades) or set health to off."

@@ -17,7 +17,7 @@ log = logging.getLogger("liveavatar")
 
 
 class HealthStopped(LiveAvatarError):
-    """A health alarm in mode "stop" ended the run after the block that raised it."""
+    """A health alarm in mode "stop" ended the run (after the block in flight when it was seen)."""
 
 
 class RunHealth:
