@@ -506,9 +506,9 @@ def write_mp4(stream: VideoStream, path: str | Path, audio: np.ndarray | None = 
         stream.track_resume = True
     writer = _open_writer(stream, Path(path), audio, sample_rate, settings)
     stream.frame_limit = writer.frame_limit
-    # The monitor resolves "auto" (off where OpenCV cannot run the checks, then nothing is measured).
     unwritten = stream.unwritten_chunks
     frame = stream.resume_frame - sum(len(frames) for frames in unwritten)  # where the file ends
+    # The monitor resolves "auto" (off where OpenCV cannot run the checks, then nothing is measured).
     checks = RunHealth(health, path, reference_uint8(stream.reference), stream.fps, audio, sample_rate,
                        stream.audio_offset_frames, frame) if health != "off" else None
     background = _BackgroundWriter(writer)
@@ -516,7 +516,7 @@ def write_mp4(stream: VideoStream, path: str | Path, audio: np.ndarray | None = 
         for frames in unwritten:
             background.append(frames)
             if checks is not None:
-                checks.submit(frames, frame, stream.frame_limit)
+                checks.stop_if_asked(checks.submit(frames, frame, stream.frame_limit))
             frame += len(frames)
         for chunk in stream:
             background.append(chunk.frames)
