@@ -200,8 +200,11 @@ except InputError as exc:
 report["logs"] = list(records)
 shutil.copyfile(video, out / "at_failure.mp4")
 mount(small, 64 << 20, remount=True)
-write_mp4(generate(model, text, audio, cfg["image"], settings, resume_from=state), video, resume_path=state)
+write_mp4(generate(model, text, audio, cfg["image"], settings, resume_from=state), video, resume_path=state,
+          health="warn")
 report["state_left"] = state.exists()
+report["health"] = [[r["start_frame"], r["frames"]] for r in
+                    map(json.loads, (small / "video.health.jsonl").read_text().splitlines())]
 shutil.copyfile(video, out / "resumed.mp4")
 
 cli_small = Path(cfg["cli_small"])
@@ -282,6 +285,11 @@ def test_generation_on_a_full_disk_ends_clearly_and_resumes(tiny, tmp_path):
     resumed = probe_mp4(outside / "resumed.mp4", max_frames=KEPT_FRAMES)
     assert resumed.frame_count == KEPT_FRAMES and not report["state_left"]
     np.testing.assert_array_equal(resumed.frames, expected.frames)
+    # The resumed run's health checks start where the file ended, with the chunks the resume file
+    # kept for it: a record per block, no gap, up to the end.
+    spans = report["health"]
+    assert spans and spans[0][0] == frames and spans[-1][0] + spans[-1][1] == KEPT_FRAMES, spans
+    assert all(start + n == after for (start, n), (after, _) in zip(spans, spans[1:])), spans
 
     # The command line: exit code 2, the error in one line, no traceback, and one line saying
     # that the resume state did not fit either (it would go next to the video).
