@@ -201,15 +201,17 @@ def test_writer_node_shows_live_stats_and_player(server, object_info, browser):
     prompt[_writer_id(prompt)]["inputs"]["filename_prefix"] = "video/LiveAvatar_browser"
     seen = asyncio.run(asyncio.wait_for(_drive(browser, server.url, graph, prompt), RUN_S + 2 * START_S))
     running, done = seen["running"], seen["done"]
-    # The tiny model's noise is far off the picture's colours: the health alarm is on the line too.
-    assert re.fullmatch(r"block \d+/\d+ · [\d.]+ fps · first frame [\d.]+ s · ETA \d+ s · health: colour_frame.*",
-                        running["stats"]), running["stats"]
+    line = r"block \d+/\d+ · [\d.]+ fps · first frame [\d.]+ s · ETA \d+ s"
+    assert re.fullmatch(line + ".*", running["stats"]), running["stats"]
     assert "LiveAvatar_browser" in running["live"]["src"] and "frames so far" in running["caption"]
     assert running["live"]["width"] > 0 and running["live"]["height"] > 0 and running["fits"]
     file = done["outputs"]["images"][0]
     assert done["outputs"]["animated"] == [True] and file["filename"] in done["finished"]["src"]
     # The live player gives way to ComfyUI's own; the final stats stay; the health plot below.
-    assert done["live"] is None and done["stats"].startswith("block") and done["fits"]
+    assert done["live"] is None and done["fits"]
+    # The tiny model's noise is far off the picture's colours: the health alarm is on the line too
+    # (from the second block on: the checks run one block behind).
+    assert re.fullmatch(line + " · health: colour_frame.*", done["stats"]), done["stats"]
     plot = done["outputs"]["liveavatar_health"][0]
     assert plot["filename"] == file["filename"].removesuffix(".mp4") + ".health.png"
     assert urllib.parse.quote(plot["filename"]) in done["health"]["src"] or plot["filename"] in done["health"]["src"]
