@@ -86,6 +86,9 @@ class RunHealth:
         if self._pool is not None:
             try:
                 self._collect()
+            except Exception as exc:
+                # Closing runs on the way out of a failure too: its error must not replace that one.
+                log.warning("health: the checks of the last block failed (%s: %s)", type(exc).__name__, exc)
             finally:
                 self._pool.shutdown()
         if self.monitor.close() is not None:
