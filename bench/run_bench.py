@@ -7,8 +7,9 @@ planner decides (`offload="auto"` under the plan's memory cap), runs the product
 (`generate`: block sampler, streaming VAE decode on its own CUDA stream, uint8 frames in host
 memory; with --mp4 also `write_mp4`, H.264/AAC on a writer thread) at 704x384 with 4 steps from
 random text and audio features, the example picture and speech, and prints the steady block period,
-output FPS, time to first frame (for a second video of the picture and for a new one), peak memory against the planner's estimate, the ratio to the analytic
-FLOP limit of the GPU, and the ratio to the official single-GPU baseline (spec/baseline.md).
+output FPS, time to first frame (for a second video of the picture and for a new one), peak memory
+against the planner's estimate, the ratio to the analytic FLOP limit of the GPU, and the ratio to
+the official single-GPU baseline (spec/baseline.md).
 
 Plans: bf16 and fp8 on the whole GPU; cap48 / cap24: bf16 under a 48 / 24 GiB budget emulated with
 `torch.cuda.set_per_process_memory_fraction` (cap24fp8 / cap48fp8: the same with FP8 GEMMs);
@@ -127,8 +128,8 @@ STREAM_MARK, FIRST_CHUNK_MARK = "bench: stream", "bench: first frames in hand"
 
 def first_frames(events: list[dict], kernels: list[dict]) -> None:
     """Print where the time to the first frames goes in a traced stream: the span from the stream's
-    start to its first chunk, the GPU's busy time in it (the rest is the GPU waiting for the host)
-    and the kernels that fill it, grouped by the top-level CPU op that launched them."""
+    start to its first chunk, the GPU's busy time in it (the rest is the GPU waiting for the host),
+    per tenth of the span, and the kernels that fill it, by name."""
     marks = {e["name"]: e["ts"] for e in events if e.get("name") in (STREAM_MARK, FIRST_CHUNK_MARK)}
     if len(marks) < 2:
         print("first frames: marks not in the trace")
@@ -359,8 +360,9 @@ def table(results: list[dict]) -> str:
             rows.append(f"{r['plan']:<9}FAILED: {r['error']}")
             continue
         lim = f"{100 * r['flop_limit_ratio']:.0f}" if r["flop_limit_ratio"] else "n/a"
-        rows.append(f"{r['plan']:<9}{r['placement'][:43]:<44}{r['block_latency_s']:8.3f}{r['steady_fps']:7.2f}{r['run_fps']:8.2f}{r['first_frame_s']:7.2f}"
-                    f"{r['first_frame_new_picture_s']:8.2f}{r['peak_gib']:9.1f}{r['estimate_gib']:8.1f}{r['estimate_error_pct']:7.1f}{lim:>7}"
+        rows.append(f"{r['plan']:<9}{r['placement'][:43]:<44}{r['block_latency_s']:8.3f}{r['steady_fps']:7.2f}"
+                    f"{r['run_fps']:8.2f}{r['first_frame_s']:7.2f}{r['first_frame_new_picture_s']:8.2f}"
+                    f"{r['peak_gib']:9.1f}{r['estimate_gib']:8.1f}{r['estimate_error_pct']:7.1f}{lim:>7}"
                     f"{r['vs_official_fps']:8.2f}")
     rows.append(f"official single-GPU baseline: {OFFICIAL['fps']} FPS, {OFFICIAL['first_frame_s']} s to first frame, "
                 f"{OFFICIAL['peak_gib']} GiB (spec/baseline.md, H200)")

@@ -88,8 +88,8 @@ class LiveAvatarVideoWriter:
                            "(colour drift, face and identity, lip-sync offset, seams, freezes, black frames) "
                            "into NAME.health.jsonl and a plot NAME.health.png beside the MP4, shown on the node. "
                            "warn: alarms in the log and the status line; stop: end the run after the block in "
-                           "flight when an alarm is raised (the MP4 stays playable); auto: warn where OpenCV can run the checks, else "
-                           "none (the log says why); off: none."}),
+                           "flight when an alarm is raised (the MP4 stays playable); auto: warn where OpenCV "
+                           "can run the checks, else none (the log says why); off: none."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
         }

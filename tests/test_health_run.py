@@ -3,8 +3,8 @@
 
 warn: one sidecar record per block of what the MP4 holds, a plot that decodes, each chunk its
 record; stop: the run ends after the block in flight when the alarm is seen, the MP4 plays up to
-it and resumes, and the resumed run continues the sidecar; and a health mode whose checks cannot run is refused before any
-weight is read.
+it and resumes, and the resumed run continues the sidecar; and a health mode whose checks cannot
+run is refused before any weight is read.
 """
 
 import json
@@ -55,7 +55,8 @@ def test_stop_ends_after_the_alarm_block_and_the_resumed_run_continues_the_sidec
         tiny, inputs, tmp_path):
     path, state = tmp_path / "run.mp4", tmp_path / "run.mp4.resume"
     chunks = []
-    with pytest.raises(HealthStopped, match="block 0 .*raised colour_frame.*stopped after block 1, the block in flight"):
+    stopped = "block 0 .*raised colour_frame.*stopped after block 1, the block in flight"
+    with pytest.raises(HealthStopped, match=stopped):
         write_mp4(_stream(inputs, tiny.image, STREAMING), path, on_chunk=chunks.append, resume_path=state,
                   health="stop")
     jsonl, png = health_paths(path)
