@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from .config import DEFAULT_FRAMES_PER_CLIP, DiTConfig, check_frames_per_clip
 from .errors import InputError
 from .model.dit import unit_of
+from .model.framepack import condition_tokens
 from .ops.fp8 import IGNORE as FP8_IGNORE
 from .weights.dit import expected_dit_keys
 from .weights.vae import DIM_MULT, NUM_RES_BLOCKS, SPATIAL_STRIDE, TEMPORAL_DOWNSAMPLE, expected_vae_shapes
@@ -71,10 +72,7 @@ def geometry(cfg: DiTConfig, height: int, width: int, frames_per_clip: int = DEF
     fs = (lat_h // ph) * (lat_w // pw)
     m_video, m_lat = cfg.motion_frames
     cache_frames = (frames_per_clip + 3 + m_video) // 4 - m_lat
-    n1, n2, n4 = cfg.zip_frame_buckets
-    # Reference frame + FramePack groups at 1x, 2x (2x2x2 merge -> 1/4 tokens per frame, half the
-    # frames) and 4x (4x4x4 -> 1/16 per frame, a quarter of the frames): 2.5 fs for (1, 2, 16).
-    cond = fs + n1 * fs + (n2 // 2) * (fs // 4) + (n4 // 4) * (fs // 16)
+    cond = condition_tokens(cfg, lat_h, lat_w)
     return Geometry(height, width, frames_per_clip, steps, batch, lat_h, lat_w, fs, cache_frames, cond,
                     cfg.num_frames_per_block)
 

@@ -22,22 +22,8 @@ class FramePacker(nn.Module):
         self.proj_4x = nn.Conv3d(c, d, kernel_size=(4, 8, 8), stride=(4, 8, 8))
 
     def grids(self, lat_h: int, lat_w: int) -> list[TokenGrid]:
-        """RoPE grids of the post / 2x / 4x groups for a `lat_h x lat_w` latent.
-
-        Time positions count backwards from the block: the newest frame at -1, the 2x group at
-        -(1+2), the 4x group at -(1+2+16) ... one position per 4x output frame, spaced like the
-        official `linspace` over the group's frame range.
-        """
-        hp, wp = lat_h // 2, lat_w // 2
-        n1, n2, n4 = self.buckets
-        post = TokenGrid(tuple(-v for v in _linspace_int(n1, 1, n1)), tuple(range(hp)), tuple(range(wp)))
-        start2 = n1 + n2
-        g2 = TokenGrid(tuple(-v for v in _linspace_int(start2, start2 - n2 + 1, n2 // 2)),
-                       spread(lat_h // 4, hp), spread(lat_w // 4, wp))
-        start4 = n1 + n2 + n4
-        g4 = TokenGrid(tuple(-v for v in _linspace_int(start4, start4 - n4 + 1, n4 // 4)),
-                       spread(lat_h // 8, hp), spread(lat_w // 8, wp))
-        return [post, g2, g4]
+        """RoPE grids of the post / 2x / 4x groups for a `lat_h x lat_w` latent (`motion_grids`)."""
+        return motion_grids(self.buckets, lat_h, lat_w)
 
     def forward(self, motion: torch.Tensor) -> torch.Tensor:
         """motion `[B, 16, T_m, H_l, W_l]` -> tokens `[B, N, D]` ordered post, 2x, 4x.
@@ -56,6 +42,32 @@ class FramePacker(nn.Module):
         for conv, part in ((self.proj, new1), (self.proj_2x, mid2), (self.proj_4x, old4)):
             out.append(conv(part.to(conv.weight.dtype)).flatten(2).transpose(1, 2))
         return torch.cat(out, dim=1)
+
+
+def motion_grids(buckets: tuple[int, int, int], lat_h: int, lat_w: int) -> list[TokenGrid]:
+    """RoPE grids of the FramePack post / 2x / 4x groups (`buckets` frames, newest first) for a
+    `lat_h x lat_w` latent.
+
+    Time positions count backwards from the block: the newest frame at -1, the 2x group at
+    -(1+2), the 4x group at -(1+2+16) ... one position per 4x output frame, spaced like the
+    official `linspace` over the group's frame range.
+    """
+    hp, wp = lat_h // 2, lat_w // 2
+    n1, n2, n4 = buckets
+    post = TokenGrid(tuple(-v for v in _linspace_int(n1, 1, n1)), tuple(range(hp)), tuple(range(wp)))
+    start2 = n1 + n2
+    g2 = TokenGrid(tuple(-v for v in _linspace_int(start2, start2 - n2 + 1, n2 // 2)),
+                   spread(lat_h // 4, hp), spread(lat_w // 4, wp))
+    start4 = n1 + n2 + n4
+    g4 = TokenGrid(tuple(-v for v in _linspace_int(start4, start4 - n4 + 1, n4 // 4)),
+                   spread(lat_h // 8, hp), spread(lat_w // 8, wp))
+    return [post, g2, g4]
+
+
+def condition_tokens(cfg: DiTConfig, lat_h: int, lat_w: int) -> int:
+    """Condition tokens of a stream: the reference frame's patches and the FramePack groups."""
+    grids = motion_grids(tuple(cfg.zip_frame_buckets), lat_h, lat_w)
+    return (lat_h // 2) * (lat_w // 2) + sum(len(g.t) * len(g.h) * len(g.w) for g in grids)
 
 
 def _linspace_int(start: int, stop: int, n: int) -> tuple[int, ...]:
