@@ -231,8 +231,7 @@ def run_plan(name: str, args) -> dict:
     cfg = DiTConfig.wan_s2v_14b()
     plan = plan_run(cfg, size=assumed_output_size(args.size), devices=devices, precision=precision, offload="auto",
                     memory_cap=None if cap_gib is None else cap_gib * GiB, kv_cache_dtype=kv_dtype,
-                    text_encoder="cpu", audio_encoder="cpu", steps=args.sample_steps,
-                    joint_cond=args.joint_cond == "on")
+                    text_encoder="cpu", audio_encoder="cpu", steps=args.sample_steps)
     print(plan.summary())
     plan.validate()
     device = torch.device(plan.dit_device)
@@ -379,8 +378,6 @@ def main() -> None:
     ap.add_argument("--attention", default="sdpa", help=f"comma list of {', '.join(attention_backends())}; "
                     "the others are compared with the first")
     ap.add_argument("--compile", choices=["on", "off"], default="on", help="regional compilation of the DiT blocks")
-    ap.add_argument("--joint_cond", choices=["on", "off"], default="on",
-                    help="let the planner keep the condition rows in the KV caches where they fit")
     ap.add_argument("--trace", action="store_true", help="profile one more clip: GPU busy time, top CPU ops")
     ap.add_argument("--mp4", action="store_true", help="also encode and write the MP4 (random weights give noise "
                     "frames, the costliest content for H.264)")
@@ -420,8 +417,7 @@ def main() -> None:
     for name, attention in ((n, a) for n in names for a in attentions):
         print(f"\n=== plan {name}, attention {attention} ===", flush=True)
         cmd = [sys.executable, __file__, "--one", name, "--clips", str(args.clips), "--size", args.size,
-               "--attention", attention, "--compile", args.compile, "--sample_steps", str(args.sample_steps),
-               "--joint_cond", args.joint_cond]
+               "--attention", attention, "--compile", args.compile, "--sample_steps", str(args.sample_steps)]
         cmd += (["--mp4"] if args.mp4 else []) + (["--trace"] if args.trace else []) + ["--health", args.health]
         cmd += ["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else []
         cmd += ["--frames-out", str(frames_dir / f"{name}_{attention}.npy")] if frames_dir else []

@@ -117,20 +117,16 @@ class LiveAvatarModel:
         return model_identity(self.weights or self.description, tensor_digest(self.dit.patch_embedding.weight),
                               self.vae.description if self.vae is not None else "")
 
-    def cache_factory(self, plan: RunPlan | None = None):
-        """The step-cache constructor matching `kv_cache_location`, `kv_cache_dtype` and the
-        condition rows' layout of `plan` (a video's plan; default the loaded one)."""
+    def cache_factory(self):
+        """The step-cache constructor matching `kv_cache_location` and `kv_cache_dtype`."""
         if self.kv_cache_location == "cpu":
             from .placement import make_streamed_step_caches as make
         else:
             make = make_step_caches
-        options = {}
-        if (plan or self.plan) is not None and (plan or self.plan).joint_cond:
-            options["joint_cond"] = True
-        if self.kv_cache_dtype is not None:
-            # Fused dequantisation only where the DiT is compiled too (compile='off': nothing compiles).
-            options.update(storage_dtype=KV_STORAGE_DTYPES[self.kv_cache_dtype], fused=self.dit.compiled)
-        return functools.partial(make, **options) if options else make
+        if self.kv_cache_dtype is None:
+            return make
+        # Fused dequantisation only where the DiT is compiled too (compile='off': nothing compiles).
+        return functools.partial(make, storage_dtype=KV_STORAGE_DTYPES[self.kv_cache_dtype], fused=self.dit.compiled)
 
 
 def model_identity(weights: str, dit_digest: str, vae: str) -> str:
@@ -227,10 +223,8 @@ class VideoStream:
             check_audio_length(seconds, settings.fps)
         self.audio = audio
         pixels, (self.height, self.width) = preprocess_reference(image, settings.size)
-        self.plan = None  # loaded for another size (the loader node cannot know the sampler's): re-planned
-        if model.plan is not None:
-            self.plan = model.plan.replanned(self.height, self.width, settings.frames_per_clip,
-                                             settings.sample_steps).validate()
+        if model.plan is not None:  # loaded for another size (the loader node cannot know the sampler's)
+            model.plan.replanned(self.height, self.width, settings.frames_per_clip, settings.sample_steps).validate()
         self.reference = pixels
         self.text = text
         self.fps = settings.fps
@@ -444,7 +438,7 @@ class VideoStream:
         ref_lat, motion_lat, decoder = start_decoder(self.model.vae, self.reference, self.settings,
                                                      self.model.dit.cfg.motion_frames[0], self._more_clips)
         return BlockSampler(self.model.dit, self.text, ref_lat, motion_lat, self.config,
-                            cache_factory=self.model.cache_factory(self.plan)), decoder
+                            cache_factory=self.model.cache_factory()), decoder
 
     def _more_clips(self, clips_done: int) -> bool:
         """Whether the video has more than `clips_done` clips (the official decoder skips the last
@@ -457,7 +451,7 @@ class VideoStream:
         try:
             t = part["tensors"]
             sampler = BlockSampler(self.model.dit, self.text, t["ref_latents"], t["motion_latents"], self.config,
-                                   cache_factory=self.model.cache_factory(self.plan))
+                                   cache_factory=self.model.cache_factory())
             sampler.load_state_dict(part)
             decoder = restore_decoder(self.model.vae, self.reference, self.settings,
                                       self.model.dit.cfg.motion_frames[0], self._more_clips,

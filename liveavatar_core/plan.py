@@ -130,7 +130,6 @@ class RunPlan:
     has_dit: bool = True  # False: a pipeline rank that only runs the VAE
     owned: range | None = None  # the DiT layers this plan holds (a layer-layout rank); None: all
     shards: int = 1  # ranks the block units are sharded over (FSDP, placement/fsdp.py); 1: whole
-    joint_cond: bool = False  # each step's ring keeps a copy of the condition rows (model/cache.py KVCache)
 
     @property
     def owned_layers(self) -> range:
@@ -242,9 +241,7 @@ class RunPlan:
         """This placement (precision, blocks, caches, encoders) at another output size."""
         g = self.geometry
         geo = geometry(self.cfg, height, width, frames_per_clip or g.frames_per_clip, steps or g.steps, g.batch)
-        plan = _rebuild(self, geometry=geo, joint_cond=False,
-                        **({} if audio_seconds is None else {"audio_seconds": audio_seconds}))
-        return _with_joint_cond(plan) if self.joint_cond else plan
+        return _rebuild(self, geometry=geo, **({} if audio_seconds is None else {"audio_seconds": audio_seconds}))
 
     def _where(self, placement: str) -> str:
         """A placement in device words: "gpu" is the DiT's device (the CPU in a CPU-only plan)."""
@@ -270,7 +267,6 @@ class RunPlan:
                 "text_encoder": self._where(self.text_encoder), "audio_encoder": self._where(self.audio_encoder),
                 "placement": self.placement_words(), "transfer_bytes_per_call": self.transfer_bytes_per_call(),
                 "shards": self.shards, "gather_bytes_per_call": self.gather_bytes_per_call(),
-                "joint_cond": self.joint_cond,
                 "fits": self.fits(), "note": self.note, "devices": devices}
 
     def _describe(self) -> str:
@@ -346,7 +342,7 @@ def _rebuild(plan: RunPlan, geometry: Geometry | None = None, **changes) -> RunP
                 kv_layers_on_gpu=plan.kv_layers_on_gpu, kv_cache_dtype="fp8" if plan.kv_cache_dtype == "fp8" else None,
                 vae=plan.vae, text_encoder=plan.text_encoder, audio_encoder=plan.audio_encoder,
                 audio_seconds=plan.audio_seconds, encoder_bytes=plan.encoder_bytes, has_dit=plan.has_dit,
-                owned=plan.owned, shards=plan.shards, joint_cond=plan.joint_cond)
+                owned=plan.owned, shards=plan.shards)
     args.update(changes)
     return _build(plan.cfg, geometry or plan.geometry, plan.devices, plan.host, plan.memory_cap_bytes,
                   plan.dit_device, **args)
@@ -389,8 +385,7 @@ def plan_run(cfg: DiTConfig, *, size: str | tuple[int, int] = DEFAULT_SIZE,
              blocks_on_gpu: int | None = None, kv_cache_location: str = "gpu", kv_cache_dtype: str | None = None, vae: str = "gpu", text_encoder: str = "gpu",
              audio_encoder: str = "gpu", memory_cap: float | int | None = None,
              audio_seconds: float = DEFAULT_AUDIO_SECONDS,
-             encoder_bytes: tuple[int | None, int | None] = (None, None), shards: int = 1,
-             joint_cond: bool = True) -> RunPlan:
+             encoder_bytes: tuple[int | None, int | None] = (None, None), shards: int = 1) -> RunPlan:
     """Resolve settings into a `RunPlan` (not validated: call `.validate()`).
 
     size: the output (height, width) in pixels, as `encoders.image.choose_output_size` picks it
@@ -403,9 +398,7 @@ def plan_run(cfg: DiTConfig, *, size: str | tuple[int, int] = DEFAULT_SIZE,
     kv_cache_location "cpu" keeps the KV rings in pinned host memory and streams them layer by
     layer ahead of use; encoder_bytes: the (umT5, wav2vec2) weight bytes read from their file
     headers (None: the release encoders); kv_cache_dtype: None or "auto" (the compute dtype) or "fp8";
-    shards: the block units sharded over that many ranks (FSDP; the plan of one of them);
-    joint_cond: keep the condition rows in the KV caches where possible and it fits
-    (`_with_joint_cond`; False: never).
+    shards: the block units sharded over that many ranks (FSDP; the plan of one of them).
     """
     _choice("precision", precision, PRECISIONS)
     check_kv_cache_dtype(kv_cache_dtype or "auto", precision)
@@ -440,15 +433,14 @@ def plan_run(cfg: DiTConfig, *, size: str | tuple[int, int] = DEFAULT_SIZE,
                   kv_layers_on_gpu=n_kv, kv_cache_dtype=kv_cache_dtype, vae=vae, text_encoder=text_encoder,
                   audio_encoder=audio_encoder, audio_seconds=audio_seconds, encoder_bytes=encoder_bytes,
                   shards=shards)
-    joint = _with_joint_cond if joint_cond else (lambda p: p)
     if offload != "auto" or not devices:
-        return joint(plan)
+        return plan
     if plan.fits():
-        return replace(joint(plan), note="auto: fits without offload")
+        return replace(plan, note="auto: fits without offload")
     best = _auto(plan)
     if best is None:
         return replace(plan, note="auto: no placement fits")
-    return replace(joint(best), note=f"auto: {best.placement_words()}")
+    return replace(best, note=f"auto: {best.placement_words()}")
 
 
 def _build(cfg: DiTConfig, geo: Geometry, devices: tuple[DeviceSpec, ...], host: DeviceSpec, cap: int | None,
@@ -456,13 +448,12 @@ def _build(cfg: DiTConfig, geo: Geometry, devices: tuple[DeviceSpec, ...], host:
            kv_cache_dtype: str | None, vae: str, text_encoder: str, audio_encoder: str,
            audio_seconds: float = DEFAULT_AUDIO_SECONDS,
            encoder_bytes: tuple[int | None, int | None] = (None, None), has_dit: bool = True,
-           owned: range | None = None, shards: int = 1, joint_cond: bool = False) -> RunPlan:
+           owned: range | None = None, shards: int = 1) -> RunPlan:
     """The itemised plan. A pipeline rank (parallel/planner.py) plans its own steps (`geo.steps`) or
     layers (`owned`: their weights and their share of every cache; `blocks_on_gpu` and
     `kv_layers_on_gpu` then count owned layers), and `vae` / `text_encoder` / `audio_encoder` "none"
     or `has_dit` False for what runs elsewhere; `shards` > 1: the block units sharded over that many
-    ranks (each holds its share and two whole units while gathering); `joint_cond`: the rings keep
-    a copy of the condition rows (only resident bf16/fp32 rings; see `_with_joint_cond`)."""
+    ranks (each holds its share and two whole units while gathering)."""
     check_kv_cache_dtype(kv_cache_dtype or "auto", precision)
     if dit_device == "cpu":  # one memory: an encoder "offloaded" to the host is just on the CPU
         text_encoder, audio_encoder = "cpu", "cpu"
@@ -501,11 +492,6 @@ def _build(cfg: DiTConfig, geo: Geometry, devices: tuple[DeviceSpec, ...], host:
         items.append(MemoryItem(gpu, "condition cache", cond_cache_bytes(cfg, geo, compute) // layers * len(mine),
                                 _GENERATE,
                                 f"{geo.cond_tokens} tokens"))
-        joint_cond = joint_cond and _joint_cond_possible(kv_dtype, streamed)
-        if joint_cond:
-            items.append(MemoryItem(gpu, "condition rows in the KV caches",
-                                    geo.steps * cond_cache_bytes(cfg, geo, compute) // layers * len(mine), _GENERATE,
-                                    f"{geo.steps} steps: one key set per attention call"))
         rows = 2 * len(mine) + 1  # each layer's keys and values, and the embedded prompt
         items.append(MemoryItem(gpu, "text keys/values", text_cache_bytes(cfg, geo, compute) // (2 * layers + 1) * rows,
                                 _GENERATE))
@@ -543,23 +529,7 @@ def _build(cfg: DiTConfig, geo: Geometry, devices: tuple[DeviceSpec, ...], host:
     return RunPlan(cfg, geo, precision, "block_swap" if swapped else "none", blocks_on_gpu, swapped,
                    "cpu" if streamed else "gpu", kv_layers_on_gpu, kv_dtype, vae, text_encoder, audio_encoder,
                    dit_device, devices, host, cap, tuple(items), audio_seconds=audio_seconds,
-                   encoder_bytes=encoder_bytes, has_dit=has_dit, owned=owned, shards=shards,
-                   joint_cond=joint_cond and has_dit)
-
-
-def _joint_cond_possible(kv_dtype: str, streamed_layers: int) -> bool:
-    # FP8 rings are dequantised per call and streamed rings staged per layer: neither is attended in place.
-    return kv_dtype != "fp8" and not streamed_layers
-
-
-def _with_joint_cond(plan: RunPlan) -> RunPlan:
-    """`plan` with the condition rows kept in the KV caches where that is possible and still fits:
-    attention then reads one contiguous key set per call once the ring is full (faster on GPUs),
-    for `steps` copies of the condition cache."""
-    if not plan.has_dit or not _joint_cond_possible(plan.kv_cache_dtype, plan.streamed_kv_layers()):
-        return plan
-    joint = _rebuild(plan, joint_cond=True)
-    return joint if joint.fits() else plan
+                   encoder_bytes=encoder_bytes, has_dit=has_dit, owned=owned, shards=shards)
 
 
 def _cap_bytes(memory_cap, devices) -> int | None:

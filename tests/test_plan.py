@@ -117,35 +117,6 @@ def test_fp8_kv_bytes_equal_allocated_caches(ckpt_dir):
     assert real == geo.steps * kv_cache_bytes(cfg, geo, "fp8")
 
 
-def test_joint_condition_rows_equal_allocated_caches(ckpt_dir):
-    cfg = DiTConfig.from_json(ckpt_dir / "config.json")
-    geo = geometry(cfg, 128, 256, steps=2)
-    p = plan_run(cfg, size=(128, 256), steps=2, devices=gpu(80), host=HOST)
-    assert p.joint_cond
-    item = next(i.bytes for i in p.items if i.name == "condition rows in the KV caches")
-    caches = make_step_caches(cfg, geo.latent_h, geo.latent_w, num_steps=2, cache_frames=geo.cache_frames,
-                              dtype=torch.bfloat16, joint_cond=True)
-    real = sum(c._k.nbytes + c._v.nbytes - c.k.nbytes - c.v.nbytes for c in caches)
-    assert real == item == geo.steps * cond_cache_bytes(cfg, geo, "bf16")
-
-
-def test_joint_condition_rows_only_where_they_fit_and_are_read_in_place():
-    fp8 = plan(80, precision="fp8", offload="model")  # 16 GB of weights: the 4 x 2.2 GB copies fit
-    assert fp8.joint_cond and fp8.to_dict()["joint_cond"]
-    assert not plan(80, precision="fp8").joint_cond  # with umT5 resident they do not
-    apart = plan(80, precision="fp8", offload="model", joint_cond=False)
-    assert fp8.peak_bytes("cuda:0") - apart.peak_bytes("cuda:0") == 4 * cond_cache_bytes(CFG, fp8.geometry, "bf16")
-    bf16 = plan(80, offload="model")  # 33 GB of weights and 41 GB of rings leave no room
-    assert bf16.fits() and not bf16.joint_cond
-    assert plan(141, offload="model").joint_cond
-    assert not plan(80, precision="fp8", offload="model", kv_cache_dtype="fp8").joint_cond  # dequantised per call
-    assert not plan(24, precision="fp8", offload="auto").joint_cond  # streamed or swapped
-    # Re-planned for a larger video, the copies go where they no longer fit.
-    big = fp8.replanned(448, 768)
-    assert not big.joint_cond and big.fits()
-    assert fp8.replanned(384, 704).joint_cond
-
-
 def test_fp8_kv_cache_halves_the_rings_and_is_offered_as_a_fix():
     bf16, fp8 = plan(141), plan(141, kv_cache_dtype="fp8")
     rings = {p.kv_cache_dtype: next(i.bytes for i in p.items if i.name == "KV caches") for p in (bf16, fp8)}
@@ -195,7 +166,7 @@ def test_80gib_fits_bf16_and_fp8_with_encoders_offloaded():
         assert p.streamed_kv_layers() == 0 and not p.swapped
         assert p.transfer_bytes_per_call() == 0
     assert plan(80, precision="fp8").fits()
-    bf16, fp8 = (plan(80, precision=p, offload="model", joint_cond=False) for p in ("bf16", "fp8"))
+    bf16, fp8 = plan(80, offload="model"), plan(80, precision="fp8", offload="model")
     saved = bf16.peak_bytes("cuda:0") - fp8.peak_bytes("cuda:0")
 
     def activations(p):

@@ -102,14 +102,14 @@ class LiveSession:
         self.rate = audio_rate
         pixels, (self.height, self.width) = preprocess_reference(image, settings.size)
         self.picture = reference_uint8(pixels)  # the reference as the video frames see it (uint8 [H, W, 3])
-        plan = None if model.plan is None else model.plan.replanned(
-            self.height, self.width, settings.frames_per_clip, settings.sample_steps).validate()
+        if model.plan is not None:
+            model.plan.replanned(self.height, self.width, settings.frames_per_clip, settings.sample_steps).validate()
         t0 = time.perf_counter()
         with torch.no_grad():
             ref_lat, motion_lat, self._decoder = start_decoder(model.vae, pixels, settings,
                                                                model.dit.cfg.motion_frames[0], lambda _n: True)
             self._sampler = BlockSampler(model.dit, text, ref_lat, motion_lat, settings.sampler_config(),
-                                         cache_factory=model.cache_factory(plan))
+                                         cache_factory=model.cache_factory())
             self._sampler.prime()
         self.ready_s = time.perf_counter() - t0
         self.fps = DEFAULT_FPS

@@ -21,9 +21,7 @@ import torch
 
 from ..config import DiTConfig
 from ..errors import InputError
-from ..ops.attention import Segment
 from ..ops.fp8 import E4M3, dequantize_kv, quantize_rows
-from .framepack import condition_tokens
 from .rope import RopeFreqs, TokenGrid
 
 
@@ -102,12 +100,6 @@ class KVCache:
     It holds `num_layers` layers from `first_layer` on (default all of the model's); `update`
     takes the global layer index, the tensors' first dimension is the local one.
 
-    `cond_rows` > 0 (the condition token count) places the condition keys and values right after
-    the ring in the same tensors: once the ring is full, a block attends to one contiguous set of
-    keys (`segments`), which the fused kernels read faster than two sets merged, at the cost of a
-    copy of the condition cache per step. The values are copied in when `cond` is set; the keys,
-    rotated anew at every call, in `segments`.
-
     `dtype` is how the ring stores them. `torch.float8_e4m3fn` (an FP8 KV cache) halves the
     memory of bf16: each key and value head of a row is kept as e4m3 codes with its own scale
     (`k_scale`, `v_scale` `[layers, B, rows, H, 1]` in `compute_dtype`) and handed to attention
@@ -117,41 +109,18 @@ class KVCache:
 
     def __init__(self, num_layers: int, batch: int, length: int, num_heads: int, head_dim: int,
                  dtype: torch.dtype, device=None, cond: CondCache | None = None,
-                 compute_dtype: torch.dtype | None = None, fused: bool = True, first_layer: int = 0,
-                 cond_rows: int = 0):
+                 compute_dtype: torch.dtype | None = None, fused: bool = True, first_layer: int = 0):
         shape = (num_layers, batch, length, num_heads, head_dim)
         self.layers = range(first_layer, first_layer + num_layers)
-        if cond_rows and dtype == E4M3:
-            raise InputError("cond_rows", "an FP8 ring is handed to attention dequantised, never in place.",
-                             "keep the condition rows apart (cond_rows=0) with an FP8 KV cache.")
-        self._length, self.cond_rows = length, cond_rows
-        joint = (num_layers, batch, length + cond_rows, num_heads, head_dim)
-        self._k = torch.zeros(joint, dtype=dtype, device=device)
-        self._v = torch.zeros(joint, dtype=dtype, device=device)
-        self.k, self.v = self._k[:, :, :length], self._v[:, :, :length]
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.cond = cond
         self.compute_dtype = kv_compute_dtype(dtype, compute_dtype)
         self.fused = fused
         self.k_scale = self.v_scale = None
         if self.quantized:
             self.k_scale = torch.zeros((*shape[:-1], 1), dtype=self.compute_dtype, device=device)
             self.v_scale = torch.zeros((*shape[:-1], 1), dtype=self.compute_dtype, device=device)
-        self.cond = cond
-
-    @property
-    def cond(self) -> CondCache | None:
-        """The condition cache these steps attend to (shared; see the class docstring)."""
-        return self._cond
-
-    @cond.setter
-    def cond(self, cond: CondCache | None) -> None:
-        self._cond = cond
-        if cond is None or not self.cond_rows:
-            return
-        if cond.num_tokens != self.cond_rows:
-            raise InputError("kv_cache", f"it has room for {self.cond_rows} condition rows, the condition "
-                             f"cache holds {cond.num_tokens}.", "allocate the step caches for this latent size.")
-        for layer in self.layers:
-            self._v[self.local(layer), :, self._length:] = cond.layer_kv(layer)[1]
 
     @property
     def quantized(self) -> bool:
@@ -160,8 +129,7 @@ class KVCache:
 
     @property
     def length(self) -> int:
-        """Token rows of the ring (the condition rows not counted)."""
-        return self._length
+        return self.k.shape[2]
 
     def local(self, layer: int) -> int:
         """Index into the ring tensors of global layer `layer`."""
@@ -197,20 +165,8 @@ class KVCache:
         self.v[j, :, row:row + v.shape[1]] = v
         return self.k[j, :, :visible], self.v[j, :, :visible]
 
-    def segments(self, layer: int, history: Segment, cond_k: torch.Tensor, cond_v: torch.Tensor
-                 ) -> tuple[Segment, ...]:
-        """What a block attends to after `update` returned `history`: the ring rows and the
-        condition keys (rotated for this call) and values, as one set where they lie side by side
-        (a full ring with `cond_rows`), else as two."""
-        if not self.cond_rows or history[0].shape[1] != self._length:
-            return history, (cond_k, cond_v)
-        j = self.local(layer)
-        self._k[j, :, self._length:] = cond_k
-        return ((self._k[j], self._v[j]),)
-
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The ring's tensors by name (k, v, and with an FP8 ring k_scale, v_scale), for resume files;
-        the condition rows are not among them (the condition cache restores them)."""
+        """The ring's tensors by name (k, v, and with an FP8 ring k_scale, v_scale), for resume files."""
         names = ("k", "v", "k_scale", "v_scale") if self.quantized else ("k", "v")
         return {name: getattr(self, name) for name in names}
 
@@ -262,17 +218,14 @@ def ring_length(cfg: DiTConfig, lat_h: int, lat_w: int, cache_frames: int) -> in
 def make_step_caches(cfg: DiTConfig, lat_h: int, lat_w: int, *, num_steps: int, cache_frames: int,
                      batch: int = 1, dtype: torch.dtype = torch.bfloat16, device=None,
                      storage_dtype: torch.dtype | None = None, fused: bool = True,
-                     layers: range | None = None, joint_cond: bool = False) -> list[KVCache]:
+                     layers: range | None = None) -> list[KVCache]:
     """One `KVCache` per denoising step, `cache_frames` latent frames long (12 for 48-frame clips).
 
     `dtype` is the DiT's compute dtype, `storage_dtype` the rings' (default the same;
     `torch.float8_e4m3fn` for an FP8 cache; `fused`: see `KVCache`); `layers`: the range of layers
-    stored (default all); `joint_cond`: each ring keeps a copy of the condition rows after it
-    (`KVCache` `cond_rows`). The condition cache is attached by `LiveAvatarDiT.sink`, shared by all of them.
+    stored (default all). The condition cache is attached by `LiveAvatarDiT.sink`, shared by all of them.
     """
     length = ring_length(cfg, lat_h, lat_w, cache_frames)
-    cond_rows = condition_tokens(cfg, lat_h, lat_w) if joint_cond else 0
     layers = check_layers(range(cfg.num_layers) if layers is None else layers, cfg.num_layers)
     return [KVCache(len(layers), batch, length, cfg.num_heads, cfg.head_dim, storage_dtype or dtype, device,
-                    compute_dtype=dtype, fused=fused, first_layer=layers.start, cond_rows=cond_rows)
-            for _ in range(num_steps)]
+                    compute_dtype=dtype, fused=fused, first_layer=layers.start) for _ in range(num_steps)]

@@ -451,7 +451,7 @@ class LiveAvatarDiT(nn.Module):
 
             def self_kv(k_rot, k, v, i=i, cond_k=cond_k, cond_v=cond_v):
                 history = cache.update(i, current_start, k_rot, v)
-                return cache.segments(i, history, self._rotate(cond_k, cond_cos, cond_sin, v.dtype), cond_v)
+                return history, (self._rotate(cond_k, cond_cos, cond_sin, v.dtype), cond_v)
 
             h = self.blocks[i](h, call.e0, call.rope, self_kv, call.text.layer_kv(i))
             h = self.audio_injector(i, h, call.audio_tokens, call.audio_global)

@@ -93,7 +93,6 @@ class StreamedKVCache(KVCache):
         shape = (num_layers, batch, length, num_heads, head_dim)
         self.layers = range(first_layer, first_layer + num_layers)
         self.streamer = streamer
-        self.cond_rows = 0  # the staged history and the condition keys stay two sets
         self.host_k = streamer.copier.host_like(shape, dtype)
         self.host_v = streamer.copier.host_like(shape, dtype)
         self.cond = cond
