@@ -55,7 +55,14 @@ _conditions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def condition_latents(vae: WanVAE, reference: torch.Tensor, mode: str, motion_frames: int):
     """(reference latent, first motion latents) of the preprocessed picture `[3, H, W]` in `mode`
     (streaming or official), encoded once per picture and VAE placement; the caller gets copies."""
-    key = (mode, motion_frames, str(vae.device), vae.dtype, tensor_digest(reference))
+    return _kept_condition(vae, _picture_key(vae, reference, mode, motion_frames), reference, mode, motion_frames)
+
+
+def _picture_key(vae: WanVAE, reference: torch.Tensor, mode: str, motion_frames: int) -> tuple:
+    return mode, motion_frames, str(vae.device), vae.dtype, tensor_digest(reference)
+
+
+def _kept_condition(vae: WanVAE, key: tuple, reference: torch.Tensor, mode: str, motion_frames: int):
     kept = _conditions.setdefault(vae, OrderedDict())
     if key in kept:
         kept.move_to_end(key)
@@ -74,16 +81,27 @@ def _encode_condition(vae: WanVAE, reference: torch.Tensor, mode: str, motion_fr
     return encode_pixels(vae, ref5)[:, :, 1:], encode_pixels(vae, official_window(reference, motion_frames))
 
 
+# The warmed streaming decoder state of the last picture, per VAE: the causal history after the
+# warm-up clip, which depends only on what the condition latents depend on. Decoding replaces a
+# slot's tensor and never writes into it, so holding the slot list keeps that state with no copy.
+# One picture: at 704x384 it is 1.2 GiB, planned as "VAE warmed state" where it fits
+# (`plan.RunPlan.keep_warm_decoder`).
+_warm_states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def start_decoder(vae: WanVAE, reference: torch.Tensor, settings: GenerationSettings, motion_frames: int,
-                  more_clips: Callable[[int], bool]):
+                  more_clips: Callable[[int], bool], keep_warm: bool = False):
     """(reference latent, motion latents, block -> frames decoder) of the settings' mode.
 
     reference: the preprocessed picture `[3, H, W]`; more_clips(n): whether the video has more
-    than n clips (official mode re-encodes its context only for a clip that follows).
+    than n clips (official mode re-encodes its context only for a clip that follows); keep_warm:
+    keep the streaming decoder's warmed state for the next video of this picture, which then
+    skips the warm-up (False also lets go of a kept state).
     """
-    ref_lat, motion_lat = condition_latents(vae, reference, settings.mode, motion_frames)
+    key = _picture_key(vae, reference, settings.mode, motion_frames)
+    ref_lat, motion_lat = _kept_condition(vae, key, reference, settings.mode, motion_frames)
     if settings.mode == "streaming":
-        return ref_lat, motion_lat, StreamingDecode(vae, motion_lat)
+        return ref_lat, motion_lat, StreamingDecode(vae, motion_lat, warm_key=key if keep_warm else None)
     window = official_window(reference, motion_frames)
     return ref_lat, motion_lat, OfficialDecode(vae, settings, motion_frames, more_clips, window, motion_lat)
 
@@ -115,18 +133,41 @@ class StreamingDecode:
     On a GPU the decoder runs on its own CUDA stream: `launch` queues the decode of a block and the
     copy of its frames to host memory, then returns at once, so the DiT work of the next block is
     queued while this one decodes and the caller encodes the previous block's frames meanwhile.
-    Every tensor of the decoder's state is made on that stream, so the allocator never hands its
-    memory to the DiT while a queued decode still reads it.
+    Every tensor of the decoder's state is made on that stream (a kept warm state is recorded on
+    it), so the allocator never hands its memory to the DiT while a queued decode still reads it.
     """
 
-    def __init__(self, vae: WanVAE, motion_latents: torch.Tensor | None):
+    def __init__(self, vae: WanVAE, motion_latents: torch.Tensor | None, warm_key: tuple | None = None):
         self.vae = vae
         self.stream = torch.cuda.Stream(vae.device) if vae.device.type == "cuda" else None
         self.decoder = vae.stream_decoder()
         if motion_latents is not None:  # None: state restored by `restore`
+            self._warm_up(motion_latents, warm_key)
+        self.first = True
+
+    def _warm_up(self, motion_latents: torch.Tensor, key: tuple | None) -> None:
+        """The causal state after the warm-up clip: the kept one of this picture (`key`), or decoded
+        (and kept under `key` unless it is None)."""
+        kept = _warm_states.pop(self.vae, None)  # a state not reused is let go before a new one is made
+        cache = self.decoder.cache
+        if key is not None and kept is not None and kept[0] == key:
+            _, slots, done = kept
+            if self.stream is not None:
+                self.stream.wait_event(done)
+                for t in slots:
+                    if t is not None:
+                        t.record_stream(self.stream)
+            cache.slots, cache.first_chunk = list(slots), False
+        else:
             with self._on_stream(motion_latents):
                 self.decoder.decode(motion_latents[:, :, :DECODER_WARMUP_LATENTS])  # warm-up frames are discarded
-        self.first = True
+            done = None
+            if self.stream is not None:
+                done = torch.cuda.Event()
+                done.record(self.stream)
+            slots = list(cache.slots)
+        if key is not None:
+            _warm_states[self.vae] = (key, slots, done)
 
     def _on_stream(self, *inputs: torch.Tensor):
         """Context running on the decoder's stream after the work that produced `inputs`."""

@@ -129,6 +129,15 @@ class LiveAvatarModel:
         return functools.partial(make, storage_dtype=KV_STORAGE_DTYPES[self.kv_cache_dtype], fused=self.dit.compiled)
 
 
+def check_size(model: LiveAvatarModel, height: int, width: int, settings: GenerationSettings) -> bool:
+    """Raise InputError if the model's placement does not fit a video of this size (the loader
+    cannot know the sampler's size); return whether its plan keeps the warmed decoder state."""
+    if model.plan is None:
+        return False
+    plan = model.plan.replanned(height, width, settings.frames_per_clip, settings.sample_steps)
+    return plan.validate().keep_warm_decoder
+
+
 def model_identity(weights: str, dit_digest: str, vae: str) -> str:
     """What identifies a generator's numbers: the DiT's files, LoRA, precision and KV dtype
     (`weights`), the digest of its patch embedding after the LoRA merge, and the VAE."""
@@ -223,8 +232,7 @@ class VideoStream:
             check_audio_length(seconds, settings.fps)
         self.audio = audio
         pixels, (self.height, self.width) = preprocess_reference(image, settings.size)
-        if model.plan is not None:  # loaded for another size (the loader node cannot know the sampler's)
-            model.plan.replanned(self.height, self.width, settings.frames_per_clip, settings.sample_steps).validate()
+        self._keep_warm_decoder = check_size(model, self.height, self.width, settings)
         self.reference = pixels
         self.text = text
         self.fps = settings.fps
@@ -436,7 +444,8 @@ class VideoStream:
 
     def _start(self):
         ref_lat, motion_lat, decoder = start_decoder(self.model.vae, self.reference, self.settings,
-                                                     self.model.dit.cfg.motion_frames[0], self._more_clips)
+                                                     self.model.dit.cfg.motion_frames[0], self._more_clips,
+                                                     keep_warm=self._keep_warm_decoder)
         return BlockSampler(self.model.dit, self.text, ref_lat, motion_lat, self.config,
                             cache_factory=self.model.cache_factory()), decoder
 

@@ -130,6 +130,7 @@ class RunPlan:
     has_dit: bool = True  # False: a pipeline rank that only runs the VAE
     owned: range | None = None  # the DiT layers this plan holds (a layer-layout rank); None: all
     shards: int = 1  # ranks the block units are sharded over (FSDP, placement/fsdp.py); 1: whole
+    keep_warm_decoder: bool = False  # the warmed streaming decoder state is kept per picture (decoding.py)
 
     @property
     def owned_layers(self) -> range:
@@ -241,7 +242,8 @@ class RunPlan:
         """This placement (precision, blocks, caches, encoders) at another output size."""
         g = self.geometry
         geo = geometry(self.cfg, height, width, frames_per_clip or g.frames_per_clip, steps or g.steps, g.batch)
-        return _rebuild(self, geometry=geo, **({} if audio_seconds is None else {"audio_seconds": audio_seconds}))
+        return _warm_decoder_kept(_rebuild(self, geometry=geo, keep_warm_decoder=False,
+                                           **({} if audio_seconds is None else {"audio_seconds": audio_seconds})))
 
     def _where(self, placement: str) -> str:
         """A placement in device words: "gpu" is the DiT's device (the CPU in a CPU-only plan)."""
@@ -342,7 +344,7 @@ def _rebuild(plan: RunPlan, geometry: Geometry | None = None, **changes) -> RunP
                 kv_layers_on_gpu=plan.kv_layers_on_gpu, kv_cache_dtype="fp8" if plan.kv_cache_dtype == "fp8" else None,
                 vae=plan.vae, text_encoder=plan.text_encoder, audio_encoder=plan.audio_encoder,
                 audio_seconds=plan.audio_seconds, encoder_bytes=plan.encoder_bytes, has_dit=plan.has_dit,
-                owned=plan.owned, shards=plan.shards)
+                owned=plan.owned, shards=plan.shards, keep_warm_decoder=plan.keep_warm_decoder)
     args.update(changes)
     return _build(plan.cfg, geometry or plan.geometry, plan.devices, plan.host, plan.memory_cap_bytes,
                   plan.dit_device, **args)
@@ -434,13 +436,22 @@ def plan_run(cfg: DiTConfig, *, size: str | tuple[int, int] = DEFAULT_SIZE,
                   audio_encoder=audio_encoder, audio_seconds=audio_seconds, encoder_bytes=encoder_bytes,
                   shards=shards)
     if offload != "auto" or not devices:
-        return plan
+        return _warm_decoder_kept(plan)
     if plan.fits():
-        return replace(plan, note="auto: fits without offload")
+        return replace(_warm_decoder_kept(plan), note="auto: fits without offload")
     best = _auto(plan)
     if best is None:
         return replace(plan, note="auto: no placement fits")
-    return replace(best, note=f"auto: {best.placement_words()}")
+    return replace(_warm_decoder_kept(best), note=f"auto: {best.placement_words()}")
+
+
+def _warm_decoder_kept(plan: RunPlan) -> RunPlan:
+    """`plan` keeping the warmed decoder state per picture where that still fits: a second video
+    of a picture then starts without the decoder's warm-up (time to first frame)."""
+    if plan.vae == "none" or not plan.has_dit or not plan.fits():
+        return plan
+    kept = _rebuild(plan, keep_warm_decoder=True)
+    return kept if kept.fits() else plan
 
 
 def _build(cfg: DiTConfig, geo: Geometry, devices: tuple[DeviceSpec, ...], host: DeviceSpec, cap: int | None,
@@ -448,7 +459,7 @@ def _build(cfg: DiTConfig, geo: Geometry, devices: tuple[DeviceSpec, ...], host:
            kv_cache_dtype: str | None, vae: str, text_encoder: str, audio_encoder: str,
            audio_seconds: float = DEFAULT_AUDIO_SECONDS,
            encoder_bytes: tuple[int | None, int | None] = (None, None), has_dit: bool = True,
-           owned: range | None = None, shards: int = 1) -> RunPlan:
+           owned: range | None = None, shards: int = 1, keep_warm_decoder: bool = False) -> RunPlan:
     """The itemised plan. A pipeline rank (parallel/planner.py) plans its own steps (`geo.steps`) or
     layers (`owned`: their weights and their share of every cache; `blocks_on_gpu` and
     `kv_layers_on_gpu` then count owned layers), and `vae` / `text_encoder` / `audio_encoder` "none"
@@ -509,6 +520,10 @@ def _build(cfg: DiTConfig, geo: Geometry, devices: tuple[DeviceSpec, ...], host:
         items.append(MemoryItem(vae_dev, "VAE decode activations",
                                 vae_decode_peak_bytes(geo.height, geo.width, dtype=compute, batch=geo.batch,
                                                       taps=vae == "gpu"), _GENERATE))
+        if keep_warm_decoder:
+            items.append(MemoryItem(vae_dev, "VAE warmed state (per picture)",
+                                    vae_decoder_state_bytes(geo.height, geo.width, dtype=compute, batch=geo.batch),
+                                    note="kept for the next video of the picture"))
     text_bytes, audio_bytes = encoder_bytes
     for name, placement, weights, act in (
             ("umT5 encoder", text_encoder, text_bytes or text_encoder_bytes(), 0),
@@ -529,7 +544,8 @@ def _build(cfg: DiTConfig, geo: Geometry, devices: tuple[DeviceSpec, ...], host:
     return RunPlan(cfg, geo, precision, "block_swap" if swapped else "none", blocks_on_gpu, swapped,
                    "cpu" if streamed else "gpu", kv_layers_on_gpu, kv_dtype, vae, text_encoder, audio_encoder,
                    dit_device, devices, host, cap, tuple(items), audio_seconds=audio_seconds,
-                   encoder_bytes=encoder_bytes, has_dit=has_dit, owned=owned, shards=shards)
+                   encoder_bytes=encoder_bytes, has_dit=has_dit, owned=owned, shards=shards,
+                   keep_warm_decoder=keep_warm_decoder)
 
 
 def _cap_bytes(memory_cap, devices) -> int | None:

@@ -158,6 +158,21 @@ def test_vae_state_formula_equals_streaming_decoder(ckpt_dir):
     assert dec.state_bytes() == vae_decoder_state_bytes(h, w, base_dim=vae.cfg.base_dim, dtype="fp32")
 
 
+def test_the_warmed_decoder_state_is_kept_only_where_it_fits():
+    roomy = plan(80, precision="fp8")
+    assert roomy.keep_warm_decoder
+    kept = [i for i in roomy.items if i.name == "VAE warmed state (per picture)"]
+    g = roomy.geometry
+    assert [i.bytes for i in kept] == [vae_decoder_state_bytes(g.height, g.width, dtype="bf16")]
+    # A cap with room for the run but not for the kept state as well: nothing is kept.
+    tight = plan(80, precision="fp8", memory_cap=roomy.required_bytes("cuda:0") - 1).validate()
+    assert not tight.keep_warm_decoder and all(i.name != kept[0].name for i in tight.items)
+    assert tight.peak_bytes("cuda:0") == roomy.peak_bytes("cuda:0") - kept[0].bytes
+    # Replanned at another size, it is kept where it fits at that size.
+    assert roomy.replanned(384, 640).keep_warm_decoder and tight.replanned(384, 640).keep_warm_decoder
+    assert not tight.replanned(384, 704).keep_warm_decoder
+
+
 # --- fits, refusals, auto ---------------------------------------------------------------------
 
 def test_80gib_fits_bf16_and_fp8_with_encoders_offloaded():
@@ -169,11 +184,14 @@ def test_80gib_fits_bf16_and_fp8_with_encoders_offloaded():
     bf16, fp8 = plan(80, offload="model"), plan(80, precision="fp8", offload="model")
     saved = bf16.peak_bytes("cuda:0") - fp8.peak_bytes("cuda:0")
 
-    def activations(p):
-        return next(i.bytes for i in p.items if i.name == "activations (block call)")
-    # FP8 saves the weight bytes, plus what its block call needs less or more in activations.
+    def item(p, name):
+        return sum(i.bytes for i in p.items if i.name == name)
+    # FP8 saves the weight bytes, plus what its block call needs less or more in activations; only
+    # the FP8 plan has room to keep the warmed decoder state.
+    assert not bf16.keep_warm_decoder and fp8.keep_warm_decoder
     assert saved == (sum(dit_tensor_bytes(CFG, "bf16").values()) - sum(dit_tensor_bytes(CFG, "fp8").values())
-                     + activations(bf16) - activations(fp8))
+                     + item(bf16, "activations (block call)") - item(fp8, "activations (block call)")
+                     - item(fp8, "VAE warmed state (per picture)"))
 
 
 def test_refusal_names_numbers_and_fix():

@@ -1,5 +1,6 @@
 """Wan 2.1 VAE: file formats and refusals, key table, official chunking, streaming equivalence."""
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -280,5 +281,39 @@ def test_a_picture_is_encoded_once_and_its_latents_handed_out_as_copies(vae, mod
         before = len(encodes)
         condition_latents(vae, pictures[0], mode, 5)  # another motion length is another encode
         assert len(encodes) > before
+    finally:
+        hook.remove()
+
+
+def test_a_kept_warm_decoder_state_skips_the_warm_up_and_decodes_the_same(vae):
+    """The second video of a picture starts from the warmed decoder state kept by the first: no
+    warm-up decode, the same frames. One picture is kept; keep_warm=False lets it go."""
+    from liveavatar_core.decoding import DECODER_WARMUP_LATENTS, start_decoder
+    from liveavatar_core.pipeline import GenerationSettings
+    from liveavatar_core.sampling.generator import LatentBlock
+
+    settings = GenerationSettings(mode="streaming")
+    passes = []
+    hook = vae.decoder.register_forward_pre_hook(lambda *_: passes.append(1))
+    g = torch.Generator().manual_seed(3)
+    latents = torch.randn(1, vae.cfg.z_dim, 3, 2, 4, generator=g)
+    picture, other = (_pixels(1, seed=s)[0, :, 0] for s in (7, 8))
+
+    def video(image, keep_warm=True):
+        before = len(passes)
+        _, motion, decode = start_decoder(vae, image, settings, 9, lambda _n: True, keep_warm=keep_warm)
+        warm_up = len(passes) - before
+        assert warm_up in (0, min(DECODER_WARMUP_LATENTS, motion.shape[2]))  # one pass per latent, or none
+        return warm_up, decode.launch(None, LatentBlock(0, 0, 0, latents, False)).result()
+
+    try:
+        warm_up, frames = video(picture)
+        assert warm_up > 0
+        again = video(picture)
+        assert again[0] == 0 and np.array_equal(again[1], frames)
+        assert video(other)[0] > 0  # another picture replaces the kept state
+        assert video(picture)[0] > 0
+        video(picture, keep_warm=False)  # lets the kept state go
+        assert video(picture)[0] > 0
     finally:
         hook.remove()

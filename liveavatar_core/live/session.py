@@ -27,7 +27,7 @@ from ..decoding import DROPPED_START_FRAMES, start_decoder
 from ..encoders.audio import DEFAULT_FPS, AudioEncoder
 from ..encoders.image import preprocess_reference, reference_uint8
 from ..errors import InputError
-from ..pipeline import GenerationSettings, LiveAvatarModel
+from ..pipeline import GenerationSettings, LiveAvatarModel, check_size
 from ..sampling.generator import BlockSampler
 from .audio import DEFAULT_LOOKAHEAD_S, DEFAULT_MAX_BUFFER_S, BlockAudio, LiveAudio
 
@@ -102,12 +102,12 @@ class LiveSession:
         self.rate = audio_rate
         pixels, (self.height, self.width) = preprocess_reference(image, settings.size)
         self.picture = reference_uint8(pixels)  # the reference as the video frames see it (uint8 [H, W, 3])
-        if model.plan is not None:
-            model.plan.replanned(self.height, self.width, settings.frames_per_clip, settings.sample_steps).validate()
+        keep_warm = check_size(model, self.height, self.width, settings)
         t0 = time.perf_counter()
         with torch.no_grad():
             ref_lat, motion_lat, self._decoder = start_decoder(model.vae, pixels, settings,
-                                                               model.dit.cfg.motion_frames[0], lambda _n: True)
+                                                               model.dit.cfg.motion_frames[0], lambda _n: True,
+                                                               keep_warm=keep_warm)
             self._sampler = BlockSampler(model.dit, text, ref_lat, motion_lat, settings.sampler_config(),
                                          cache_factory=model.cache_factory())
             self._sampler.prime()
