@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from liveavatar_core.errors import InputError
-from liveavatar_core.ops.attention import (DEFAULT_BACKEND, WithLse, attend, attention_backends, fp8_per_head,
+from liveavatar_core.ops.attention import (DEFAULT_BACKEND, WithLse, attend, attention_backends,
                                            get_attention, math_with_lse, merge_attention)
 
-OPTIONAL = {"flash2": "flash_attn", "flash3": "flash_attn_interface", "flash3_fp8": "flash_attn_interface",
+OPTIONAL = {"flash2": "flash_attn", "flash3": "flash_attn_interface",
             "sage": "sageattention"}
 
 
@@ -126,26 +126,15 @@ def test_sdpa_on_gpu_merges_cudnn_segments_like_one_concatenated_call():
     assert rel < 1e-2, rel
 
 
-def test_fp8_per_head_scales_each_head_to_the_format_range():
-    g = torch.Generator().manual_seed(4)
-    x = torch.randn(2, 50, 3, 16, generator=g) * torch.tensor([0.01, 1.0, 300.0])[None, None, :, None]
-    x8, scale = fp8_per_head(x.to(torch.bfloat16))
-    assert x8.dtype == torch.float8_e4m3fn and scale.shape == (2, 3) and scale.dtype == torch.float32
-    assert torch.equal(x8.float().abs().amax(dim=(1, 3)), torch.full((2, 3), 448.0))
-    back = x8.float() * scale[:, None, :, None]
-    # e4m3 keeps 3 mantissa bits: half a unit in the last place is 1/16 of the value (normal range).
-    big = back.abs() > scale[:, None, :, None] * 2 ** -6
-    assert ((back - x.to(torch.bfloat16).float()).abs()[big] <= x.abs()[big] / 16 + 1e-2 * x.abs()[big]).all()
-
-
 @pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("flash_attn_interface") is None,
                     reason="needs a CUDA GPU and FlashAttention 3")
-@pytest.mark.parametrize("name, tol", [("flash3", 0.01), ("flash3_fp8", 0.05)])
-def test_flash3_backends_merge_segments_close_to_exact(name, tol):
+def test_flash3_merges_segments_close_to_exact():
+    """History and condition keys attended apart by FlashAttention 3 and merged by log-sum-exp."""
     g = torch.Generator().manual_seed(2)
-    q = torch.randn(1, 300, 4, 128, generator=g)
+    q = torch.randn(2, 300, 4, 128, generator=g)
     segments = _segments(g, [500, 140], heads=4, dim=128)
     exact = get_attention("math")(q, torch.cat([k for k, _ in segments], 1), torch.cat([v for _, v in segments], 1))
     cuda = [(k.cuda().bfloat16(), v.cuda().bfloat16()) for k, v in segments]
-    out = attend(get_attention(name), q.cuda().bfloat16(), cuda).float().cpu()
-    assert ((out - exact).norm() / exact.norm()).item() < tol
+    out = attend(get_attention("flash3"), q.cuda().bfloat16(), cuda).float().cpu()
+    rel = ((out - exact).norm() / exact.norm()).item()
+    assert rel < 1e-2, rel

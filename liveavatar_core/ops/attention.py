@@ -126,40 +126,10 @@ def _make_flash2(module) -> AttentionFn:
     return run
 
 
-def _flash3_lse(module, q, k, v, **scales):
-    """FlashAttention 3's output and log-sum-exp `[B, Lq, H]` (it returns `[B, H, Lq]`)."""
-    out, lse = module.flash_attn_func(q, k, v, return_attn_probs=True, **scales)[:2]
-    return out, lse.transpose(1, 2)
-
-
 def _make_flash3(module) -> AttentionFn:
     def with_lse(q, k, v):
-        out, lse = _flash3_lse(module, *_half_inputs(q, k, v))
-        return out.to(q.dtype), lse
-
-    def run(q, k, v):
-        return with_lse(q, k, v)[0]
-    run.with_lse = WithLse(with_lse, lambda q: q.is_cuda)
-    return run
-
-
-_E4M3 = torch.float8_e4m3fn
-
-
-def fp8_per_head(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`x [B, L, H, D]` in e4m3 with one scale per batch and head (its amax over L and D maps to
-    the format's largest value), and the fp32 scales `[B, H]` that undo it."""
-    scale = x.abs().amax(dim=(1, 3)).float().clamp_min(torch.finfo(torch.float32).tiny) / torch.finfo(_E4M3).max
-    return (x.float() / scale[:, None, :, None]).to(_E4M3), scale
-
-
-def _make_flash3_fp8(module) -> AttentionFn:
-    quantise = torch.compile(fp8_per_head, dynamic=True)  # one pass over each tensor for amax, one to cast
-
-    def with_lse(q, k, v):
-        (q8, sq), (k8, sk), (v8, sv) = (quantise(t) for t in (q, k, v))
-        out, lse = _flash3_lse(module, q8, k8, v8, q_descale=sq, k_descale=sk, v_descale=sv)
-        return out.to(q.dtype), lse
+        out, lse = module.flash_attn_func(*_half_inputs(q, k, v), return_attn_probs=True)[:2]
+        return out.to(q.dtype), lse.transpose(1, 2)  # FA3 gives the log-sum-exp as [B, H, Lq]
 
     def run(q, k, v):
         return with_lse(q, k, v)[0]
@@ -189,9 +159,6 @@ _BACKENDS: dict[str, _Backend] = {
     "math": _Backend(None, "", lambda _mod: _math, needs_cuda=False),
     "flash2": _Backend("flash_attn", "flash-attn", _make_flash2, needs_cuda=True),
     "flash3": _Backend("flash_attn_interface", "flash-attn 3 (hopper build)", _make_flash3, needs_cuda=True),
-    # FP8 (e4m3) queries, keys and values, quantised per call with a scale per head; Hopper only.
-    "flash3_fp8": _Backend("flash_attn_interface", "flash-attn 3 (hopper build)", _make_flash3_fp8,
-                           needs_cuda=True),
     "sage": _Backend("sageattention", "sageattention", _make_sage, needs_cuda=True),
 }
 
