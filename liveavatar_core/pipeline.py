@@ -134,8 +134,9 @@ def check_size(model: LiveAvatarModel, height: int, width: int, settings: Genera
     cannot know the sampler's size); return whether its plan keeps the warmed decoder state."""
     if model.plan is None:
         return False
-    plan = model.plan.replanned(height, width, settings.frames_per_clip, settings.sample_steps)
-    return plan.validate().keep_warm_decoder
+    plan = model.plan.replanned(height, width, settings.frames_per_clip, settings.sample_steps).validate()
+    # Parallel workers start their decoder afresh each run: only one device's plan keeps the state.
+    return isinstance(plan, RunPlan) and plan.keep_warm_decoder
 
 
 def model_identity(weights: str, dit_digest: str, vae: str) -> str:
