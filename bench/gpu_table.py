@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from liveavatar_core.config import DiTConfig  # noqa: E402
 from liveavatar_core.encoders.image import DEFAULT_SIZE  # noqa: E402
 from liveavatar_core.errors import InputError  # noqa: E402
-from liveavatar_core.parallel.cost import GPU_MODELS  # noqa: E402
+from liveavatar_core.parallel.cost import GPU_MODELS, GPUModel  # noqa: E402
 from liveavatar_core.plan import DeviceSpec, plan_run  # noqa: E402
 from liveavatar_core.sizes import GiB  # noqa: E402
 
@@ -45,9 +45,9 @@ def rows(size: str):
     cfg = DiTConfig.wan_s2v_14b()
     host = DeviceSpec("cpu", int(HOST_GIB * GiB), "host memory")
     for label, model in CARDS:
-        _, gib, fp8 = GPU_MODELS[model]
-        device = DeviceSpec("cuda:0", int(gib * GiB), label)
-        for precision in ("fp8",) if fp8 else ("bf16",):
+        card = GPUModel(model, *GPU_MODELS[model])
+        device = DeviceSpec("cuda:0", int(card.memory_gib * GiB), label)
+        for precision in ("fp8",) if card.fp8 else ("bf16",):
             for kv in (None, "fp8"):
                 try:
                     plan = plan_run(cfg, size=size, devices=[device], host=host, precision=precision,
