@@ -148,8 +148,8 @@ def _steady(record: list, blocks_per_clip: int, frames_per_block: int) -> tuple[
 
 def run_single(weights: RandomWeights, args) -> tuple[dict, list]:
     """The single-process path with the same weights: the reference frames and our one-GPU figure."""
-    from liveavatar_core.loading import assemble, compute_dtype, plan_for_device, prepare_dit, prepare_vae, \
-        resolve_compile
+    from liveavatar_core.loading import assemble, plan_for_device, prepare_dit, prepare_vae, resolve_compile, \
+        vae_compute_dtype
     from liveavatar_core.synthetic import random_dit, random_vae
 
     device = torch.device("cpu" if args.device == "cpu" else "cuda:0")
@@ -158,7 +158,7 @@ def run_single(weights: RandomWeights, args) -> tuple[dict, list]:
     t0 = time.perf_counter()
     dit = random_dit(weights, args.precision, "sdpa", device)
     prepare_dit(dit, plan, device, use_compile=use_compile)
-    vae = prepare_vae(random_vae(weights, device, compute_dtype(args.precision)), device, use_compile)
+    vae = prepare_vae(random_vae(weights, device, vae_compute_dtype(args.precision, device)), device, use_compile)
     model = assemble(dit, vae, plan, weights.describe())
     built_s = time.perf_counter() - t0
     if device.type == "cuda" and args.memory_cap_gib is not None:

@@ -24,7 +24,8 @@ from .ops.fp8 import check_fp8_support, convert_to_fp8
 from .ops.transfer import cuda_index
 from .pipeline import LiveAvatarModel
 from .placement import apply_block_swap
-from .plan import COMPUTE_DTYPES, PRECISIONS, RunPlan, check_kv_cache_dtype, detect_devices, plan_run
+from .plan import (COMPUTE_DTYPES, PRECISIONS, RunPlan, check_kv_cache_dtype, detect_devices, plan_run,
+                   vae_compute)
 from .vae.loader import load_vae
 from .weights.check import check_run_files
 from .weights.dit import load_dit_checkpoint, load_into_module
@@ -83,6 +84,12 @@ def compute_dtype(precision: str) -> torch.dtype:
     if precision not in PRECISIONS:
         raise InputError("precision", f"unknown precision '{precision}'.", f"choose one of {', '.join(PRECISIONS)}.")
     return _TORCH_DTYPES[COMPUTE_DTYPES[precision]]
+
+
+def vae_compute_dtype(precision: str, device: str | torch.device) -> torch.dtype:
+    """The torch dtype of a VAE on `device` under `precision` (`plan.vae_compute`)."""
+    compute_dtype(precision)  # refuses an unknown precision
+    return _TORCH_DTYPES[vae_compute(precision, torch.device(device).type)]
 
 
 def plan_for_device(cfg, device: str | torch.device, *, precision: str = "bf16", offload: str = "none",
@@ -246,7 +253,8 @@ def load_generator(dit_path: str | Path, vae_path: str | Path | None, lora_path:
                             shard_group=shard_group)
     vae = None
     if vae_path is not None:
-        vae = prepare_vae(load_vae(vae_path, device=vae_device, dtype=vae_dtype or dtype), vae_device, use_compile)
+        dtype_here = vae_dtype or vae_compute_dtype(precision, vae_device)
+        vae = prepare_vae(load_vae(vae_path, device=vae_device, dtype=dtype_here), vae_device, use_compile)
         log.info("VAE: %s", vae.description)
     files = f"{ckpt.description}; {lora.description if lora else 'no LoRA'}"
     vae_words = f"; {vae.description}" if vae is not None else ""

@@ -60,12 +60,15 @@ class LiveAvatarModelLoader:
                                     "models/liveavatar."}),
             "precision": (list(PRECISIONS), {"default": "bf16", "tooltip": "bf16 (official), fp8 (bf16 with FP8 "
                                              "matmuls, less memory, needs an Ada/Hopper GPU), fp32 (CPU checks)."}),
-            "attention": (list(attention_backends()), {"default": DEFAULT_BACKEND, "tooltip": "Attention kernel; "
-                                                       "flash/sage need their package installed."}),
+            "attention": (list(attention_backends()), {"default": DEFAULT_BACKEND, "tooltip": "Attention kernel. "
+                                                       "sdpa: the default, parity-tested. flash3: 2-5 % faster on "
+                                                       "Hopper with a FlashAttention 3 build (frames differ by under "
+                                                       "1 %). flash2/sage need their package installed."}),
             "dit_device": (devices, {"default": "auto", "tooltip": "GPU that runs the DiT ('auto' = ComfyUI's "
                                      "device)."}),
             "vae_device": ([VAE_SAME] + devices, {"default": VAE_SAME, "tooltip": "Where the VAE encodes and "
-                                                  "decodes: another GPU splits the work, 'cpu' saves VRAM."}),
+                                                  "decodes: another GPU splits the work. 'cpu' saves about 3 GB of VRAM "
+                                                  "but decodes in float32 on the CPU: minutes a block at 704*384."}),
         }, "optional": {
             "offload": (list(OFFLOAD_CHOICES), {"default": "none", "tooltip": "none: everything on the DiT GPU. "
                         "auto: the run planner picks the cheapest placement that fits this GPU (KV caches streamed "

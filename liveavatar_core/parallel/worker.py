@@ -111,7 +111,7 @@ class Worker:
         and/or the VAE; then cap its GPU memory if the spec asks (a benchmark emulating a smaller card)."""
         from ..loading import compute_dtype
 
-        self.dtype = compute_dtype(spec["precision"])  # the DiT's, and so the latents' and the VAE's
+        self.dtype = compute_dtype(spec["precision"])  # the DiT's, and so the latents'; the VAE's: vae_compute_dtype
         if spec["shard"] == "fsdp":
             # Every process takes part in making the DiT ranks' group, a dedicated VAE rank too.
             group = dist.new_group(list(range(self.layout.dit_ranks)))
@@ -130,7 +130,7 @@ class Worker:
         """This rank's part with random weights (`synthetic.RandomWeights`): the same numbers on
         every rank, as from a file, placed by the same steps as `load_generator`."""
         from ..loading import (assemble, drop_other_layers, model_words, plan_for_device, prepare_dit, prepare_vae,
-                               resolve_compile)
+                               resolve_compile, vae_compute_dtype)
         from ..ops.fp8 import check_fp8_support
         from ..resume import tensor_digest
         from ..synthetic import random_dit, random_vae
@@ -140,7 +140,8 @@ class Worker:
             check_fp8_support(self.device)
         vae = None
         if self.has_vae:
-            vae = prepare_vae(random_vae(weights, self.device, self.dtype), self.device, spec["compile_vae"])
+            vae = prepare_vae(random_vae(weights, self.device, vae_compute_dtype(precision, self.device)), self.device,
+                              spec["compile_vae"])
         if not self.is_dit:
             self.vae = vae
             return {"description": vae.description, "vae": vae.description}
@@ -163,7 +164,7 @@ class Worker:
 
     def _load_files(self, spec: dict) -> dict:
         """This rank's part from the checkpoint files of the spec."""
-        from ..loading import load_generator, prepare_vae
+        from ..loading import load_generator, prepare_vae, vae_compute_dtype
         from ..vae.loader import load_vae
 
         if self.is_dit:
@@ -178,7 +179,8 @@ class Worker:
             return {"description": model.description, "weights": model.weights, "cfg": model.dit.cfg,
                     "digest": tensor_digest(model.dit.patch_embedding.weight),
                     "vae": model.vae.description if model.vae is not None else None}
-        self.vae = prepare_vae(load_vae(spec["vae_path"], device=self.device, dtype=self.dtype), self.device,
+        dtype = vae_compute_dtype(spec["precision"], self.device)
+        self.vae = prepare_vae(load_vae(spec["vae_path"], device=self.device, dtype=dtype), self.device,
                                spec["compile_vae"])
         return {"description": self.vae.description, "vae": self.vae.description}
 
