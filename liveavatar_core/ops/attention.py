@@ -147,7 +147,7 @@ def _make_sage(module) -> AttentionFn:
 @dataclass(frozen=True)
 class _Backend:
     module: str | None  # Python module imported lazily; None for built-in backends
-    pip_name: str
+    install: str  # what the error tells the user to install
     build: Callable[..., AttentionFn]
     needs_cuda: bool
 
@@ -158,7 +158,8 @@ _BACKENDS: dict[str, _Backend] = {
     "sdpa": _Backend(None, "", lambda _mod: _sdpa, needs_cuda=False),
     "math": _Backend(None, "", lambda _mod: _math, needs_cuda=False),
     "flash2": _Backend("flash_attn", "flash-attn", _make_flash2, needs_cuda=True),
-    "flash3": _Backend("flash_attn_interface", "flash-attn 3 (hopper build)", _make_flash3, needs_cuda=True),
+    "flash3": _Backend("flash_attn_interface", "FlashAttention 3 (no PyPI wheel: in flash-attention's hopper/ folder run "
+                       "`python setup.py install`; Hopper GPUs only)", _make_flash3, needs_cuda=True),
     "sage": _Backend("sageattention", "sageattention", _make_sage, needs_cuda=True),
 }
 
@@ -185,6 +186,6 @@ def get_attention(name: str = DEFAULT_BACKEND) -> AttentionFn:
         module = importlib.import_module(backend.module)
     except ImportError as exc:
         raise InputError("attention", f"'{name}' was chosen but {backend.module} is not importable ({exc}).",
-                         f"install {backend.pip_name} for your torch/CUDA version, or use '{DEFAULT_BACKEND}'."
+                         f"install {backend.install} for your torch/CUDA version, or use '{DEFAULT_BACKEND}'."
                          ) from None
     return backend.build(module)
