@@ -212,10 +212,10 @@ def load_generator(dit_path: str | Path, vae_path: str | Path | None, lora_path:
     units stay on the meta device and must not be run. shard_group: the process group a plan with
     `shards` > 1 shards the block units over (every rank of it loads the same files).
     """
-    dtype = compute_dtype(precision)
-    check_kv_cache_dtype(kv_cache_dtype, precision)
     dit_device = torch.device(dit_device)
     vae_device = torch.device(vae_device) if vae_device is not None else dit_device
+    vae_dtype = vae_dtype or vae_compute_dtype(precision, vae_device)  # refuses an unknown precision
+    check_kv_cache_dtype(kv_cache_dtype, precision)
     if precision == "fp8":
         check_fp8_support(dit_device)
     get_attention(attention)
@@ -253,8 +253,7 @@ def load_generator(dit_path: str | Path, vae_path: str | Path | None, lora_path:
                             shard_group=shard_group)
     vae = None
     if vae_path is not None:
-        dtype_here = vae_dtype or vae_compute_dtype(precision, vae_device)
-        vae = prepare_vae(load_vae(vae_path, device=vae_device, dtype=dtype_here), vae_device, use_compile)
+        vae = prepare_vae(load_vae(vae_path, device=vae_device, dtype=vae_dtype), vae_device, use_compile)
         log.info("VAE: %s", vae.description)
     files = f"{ckpt.description}; {lora.description if lora else 'no LoRA'}"
     vae_words = f"; {vae.description}" if vae is not None else ""

@@ -32,13 +32,6 @@ from .sizes import (GiB, Geometry, audio_encoder_activation_bytes, audio_encoder
 # precision and of the dtype the DiT computes in.
 PRECISIONS = ("bf16", "fp8", "fp32")
 COMPUTE_DTYPES = {"bf16": "bf16", "fp8": "bf16", "fp32": "fp32"}
-
-
-def vae_compute(precision: str, device: str) -> str:
-    """The dtype name the VAE computes in on `device`: the DiT's on a GPU, fp32 on the CPU, where
-    PyTorch's bf16 3-D convolutions take about 900x as long as fp32 ones (one 96-channel 3x3x3
-    conv over 4x64x64: 19.5 s against 0.022 s on a 2-core EPYC)."""
-    return "fp32" if device == "cpu" else COMPUTE_DTYPES[precision]
 OFFLOAD_MODES = ("none", "model", "block_swap", "auto")
 KV_LOCATIONS = ("gpu", "cpu")
 # KV cache dtype choices: auto = the DiT's compute dtype (exact); fp8 = e4m3 with a scale per head row.
@@ -46,6 +39,14 @@ KV_CACHE_DTYPES = ("auto", "fp8")
 # gpu: resident for the whole run; offload: kept in host memory, on the GPU only while used;
 # cpu: runs on the CPU.
 PLACEMENTS = ("gpu", "offload", "cpu")
+
+
+def vae_compute(precision: str, device: str) -> str:
+    """The dtype name the VAE computes in on `device`: the DiT's on a GPU, fp32 on the CPU, where
+    PyTorch's bf16 3-D convolutions are about 970x slower than fp32 ones (`bench/cpu_vae_block.py`:
+    one 96-channel 3x3x3 conv over 4x64x64, 20.6 s against 0.021 s on 2 EPYC cores)."""
+    return "fp32" if device == "cpu" else COMPUTE_DTYPES[precision]
+
 
 # Phases of a run: the encoders run before generation starts (and, offloaded, leave the GPU).
 _ENCODE, _GENERATE, _ALWAYS = "encode", "generate", "always"
