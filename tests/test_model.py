@@ -247,15 +247,19 @@ def test_bf16_on_gpu_close_to_fp32_reference(ckpt_dir, tiny, backend):
     _compare_bf16(tiny, ckpt_dir, "cuda", backend)
 
 
+def _block_setup(model, seed: int):
+    """(config, frames per block, tokens per frame, inputs at 8x16 latents, text cache)."""
+    cfg = model.cfg
+    f = cfg.num_frames_per_block
+    inp = _inputs(cfg, 8, 16, f, seed=seed)
+    return cfg, f, tokens_per_frame(cfg, 8, 16), inp, model.encode_text(inp["context"])
+
+
 def test_a_batch_of_steps_matches_their_calls_one_by_one(tiny):
     """`denoise_batch` over stacked step rings (the step pipeline's independent cells: block n - s at
     step s) gives each block the prediction and ring rows of its own `denoise_block` call."""
-    cfg = tiny.cfg
-    f = cfg.num_frames_per_block
-    fs = tokens_per_frame(cfg, 8, 16)
+    cfg, f, fs, inp, text = _block_setup(tiny, seed=5)
     steps = 3
-    inp = _inputs(cfg, 8, 16, f, seed=5)
-    text = tiny.encode_text(inp["context"])
     caches = make_step_caches(cfg, 8, 16, num_steps=steps, cache_frames=2 * f, dtype=tiny.dtype, stacked=True)
     tiny.sink(inp["ref"], inp["motion"], text, caches)
     g = torch.Generator().manual_seed(6)
@@ -281,11 +285,7 @@ def test_a_batch_of_steps_matches_their_calls_one_by_one(tiny):
 
 
 def test_a_batch_refuses_rings_it_cannot_attend_through(tiny):
-    cfg = tiny.cfg
-    f = cfg.num_frames_per_block
-    fs = tokens_per_frame(cfg, 8, 16)
-    inp = _inputs(cfg, 8, 16, f, seed=7)
-    text = tiny.encode_text(inp["context"])
+    cfg, f, fs, inp, text = _block_setup(tiny, seed=7)
     stacked = make_step_caches(cfg, 8, 16, num_steps=2, cache_frames=2 * f, dtype=tiny.dtype, stacked=True)
     apart = make_step_caches(cfg, 8, 16, num_steps=2, cache_frames=2 * f, dtype=tiny.dtype)
     tiny.sink(inp["ref"], inp["motion"], text, stacked + apart)
@@ -327,11 +327,7 @@ def test_denoise_refuses_bad_inputs_before_work(tiny):
 
 def test_offset_only_matters_once_the_reference_moves(tiny):
     """d changes nothing for the first block (reference stays at its index) and moves it later."""
-    cfg = tiny.cfg
-    f = cfg.num_frames_per_block
-    fs = tokens_per_frame(cfg, 8, 16)
-    inp = _inputs(cfg, 8, 16, f, seed=4)
-    text = tiny.encode_text(inp["context"])
+    cfg, f, fs, inp, text = _block_setup(tiny, seed=4)
     cond = tiny.sink(inp["ref"], inp["motion"], text)
 
     def pred(frame0, d):
