@@ -190,10 +190,11 @@ def main() -> None:
     print(f"one call: {b} x {q_len} queries over {keys} keys; {lin / 1e12:.1f} TFLOP linear + {att / 1e12:.1f} TFLOP "
           f"attention")
 
-    def call(_i=0):
-        if b > 1:
-            return torch.cat(model.denoise_batch(jobs, text))
+    def single(_i=0):
         return model.denoise_block(x, 500.0, text, audio, None, cache, start, 17)
+
+    def call(_i=0):
+        return torch.cat(model.denoise_batch(jobs, text)) if b > 1 else single()
 
     reference = None
     fp8_done = False
@@ -235,6 +236,11 @@ def main() -> None:
               f"CPU enqueue {launch * 1000:.0f} ms), "
               f"{rate:.0f} TFLOP/s{limit}; GPU time: {parts}; rel L2 vs first variant {rel_l2(out, reference):.2e}")
         results[variant] = med
+        if b > 1:  # the same variant one block at a time, for the ratio
+            alone, _ = cuda_times(single, args.iters, warmup=1)
+            one = alone[len(alone) // 2]
+            print(f"{'':>11}  one block alone: {one * 1000:.1f} ms per call; the batch takes "
+                  f"{100 * med / (b * one):.1f} % of {b} such calls")
     print(f"peak GPU memory allocated: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 
     print("attention kernel alone, one layer:")
