@@ -141,7 +141,9 @@ def check_size(model: LiveAvatarModel, height: int, width: int, settings: Genera
         check_step_batch(settings.step_batch, "gpu", None, parallel=True)
     if model.plan is None:
         return False
-    plan = model.plan.replanned(height, width, settings.frames_per_clip, settings.sample_steps).validate()
+    # Only a one-device plan gets here with the step batch on (refused above otherwise).
+    batch = {"step_batch": True} if settings.step_batch else {}
+    plan = model.plan.replanned(height, width, settings.frames_per_clip, settings.sample_steps, **batch).validate()
     # Parallel workers start their decoder afresh each run: only one device's plan keeps the state.
     return isinstance(plan, RunPlan) and plan.keep_warm_decoder
 

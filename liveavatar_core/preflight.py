@@ -218,6 +218,10 @@ def preflight(req: RunRequest, check_memory: bool = True, hardware: list[DeviceS
                                validate=check_memory)
     if devices is None:
         check_step_batch(req.step_batch, plan.kv_cache_location, plan.kv_cache_dtype)
+        if req.step_batch:  # a step-batched call's activations, at the same placement
+            plan = plan.replanned(plan.geometry.height, plan.geometry.width, step_batch=True)
+            if check_memory:
+                plan.validate()
     warnings = []
     _, small = describe_output_size(image.size, settings.size, output)
     if small:
