@@ -355,7 +355,8 @@ def test_step_batch_video_matches_one_by_one_and_resumes_in_flight(tiny, four_cl
     assert [c[1:] for c in batched] == [c[1:] for c in one_by_one]
     # The same arithmetic rounded differently (fp32 matrix products of another height): at most one
     # level of 255 apart.
-    assert max(np.abs(a[0].astype(int) - b[0].astype(int)).max() for a, b in zip(batched, one_by_one)) <= 1
+    apart = [np.abs(a[0].astype(int) - b[0].astype(int)).max() for a, b in zip(batched, one_by_one)]
+    assert max(apart) <= 1
 
     path, state = tmp_path / "video.mp4", tmp_path / "video.mp4.resume"
     head, stream = _run(four_clips, tiny.image, path, STEP_BATCH, stop_after=6, resume_path=state)
@@ -365,3 +366,7 @@ def test_step_batch_video_matches_one_by_one_and_resumes_in_flight(tiny, four_cl
     tail, resumed = _run(four_clips, tiny.image, path, STEP_BATCH, resume_from=state, resume_path=state)
     assert resumed.finished and _same_chunks(head + tail, batched)
     _assert_same_video(path, tmp_path / "batched.mp4")
+    # The command line's flag: the same video (on this machine's BLAS it also tells the two apart,
+    # where their rounding differs).
+    assert main(_cli(tiny, tmp_path / "cli.mp4", "--num_clip", str(STEP_BATCH.num_clips), "--step_batch")) == 0
+    _assert_same_video(tmp_path / "cli.mp4", tmp_path / "batched.mp4")
