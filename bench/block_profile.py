@@ -14,12 +14,8 @@ it with the pack's attention backend NAME (fp8compile+sage). `--attention` lists
 backends to time alone over the history and condition segments (as the model calls them, and
 copied into one key set), with their error against the fp32 softmax.
 
-`--batch N` times `LiveAvatarDiT.denoise_batch` of N blocks, each at its own step through its own
-ring (the step pipeline's independent cells, spec/parallel.md 2), and the time per block; the VAE
-part is then skipped.
-
 Usage: python bench/block_profile.py [--variants eager,cudnn,compile,fp8,fp8compile] [--iters 5]
-                                     [--attention sdpa,sage] [--batch 1]
+                                     [--attention sdpa,sage]
 """
 
 from __future__ import annotations
@@ -42,7 +38,7 @@ from bench.timing import cuda_times  # noqa: E402
 from liveavatar_core.config import DiTConfig  # noqa: E402
 from liveavatar_core.model.cache import make_step_caches, tokens_per_frame  # noqa: E402
 from liveavatar_core.errors import LiveAvatarError  # noqa: E402
-from liveavatar_core.model.dit import BlockJob, LiveAvatarDiT  # noqa: E402
+from liveavatar_core.model.dit import LiveAvatarDiT  # noqa: E402
 from liveavatar_core.ops.attention import attend, get_attention, math_with_lse  # noqa: E402
 from liveavatar_core.ops.fp8 import convert_to_fp8  # noqa: E402
 from liveavatar_core.synthetic import random_init_  # noqa: E402
@@ -152,7 +148,6 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--top", type=int, default=0, help="print the N most expensive kernels of each variant")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode for the compile variants")
-    ap.add_argument("--batch", type=int, default=1, help="blocks per call, each with its own ring")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/block_profile.py needs a CUDA GPU.")
@@ -169,32 +164,24 @@ def main() -> None:
     model.eval().requires_grad_(False)
     lat_h, lat_w = 384 // 8, 704 // 8
     fs = tokens_per_frame(cfg, lat_h, lat_w)
-    b = args.batch
-    caches = make_step_caches(cfg, lat_h, lat_w, num_steps=b, cache_frames=12, device="cuda", stacked=b > 1)
-    cache = caches[0]
+    cache = make_step_caches(cfg, lat_h, lat_w, num_steps=1, cache_frames=12, device="cuda")[0]
     g = torch.Generator(device="cuda").manual_seed(2)
     text = model.encode_text(torch.randn(30, cfg.text_dim, device="cuda", dtype=torch.bfloat16, generator=g))
     model.sink(torch.randn(1, 16, 1, lat_h, lat_w, device="cuda", generator=g),
-               torch.randn(1, 16, 19, lat_h, lat_w, device="cuda", generator=g), text, caches)
+               torch.randn(1, 16, 19, lat_h, lat_w, device="cuda", generator=g), text, cache)
     x = torch.randn(1, 16, 3, lat_h, lat_w, device="cuda", dtype=torch.bfloat16, generator=g)
     audio = torch.randn(1, 25, 1024, 12, device="cuda", dtype=torch.bfloat16, generator=g)
     start = 15 * fs  # ring full: every call attends 12 frames of history + the condition tokens
-    # A batch: the step pipeline's independent cells, block n - s at step s, each through its ring.
-    jobs = [BlockJob(x, torch.full((1, 3), 900.0 - 200 * s), audio, c, start + 3 * (b - 1 - s) * fs, 17)
-            for s, c in enumerate(caches)]
     keys = 12 * fs + cache.cond.num_tokens
     q_len = 3 * fs
     # Linear FLOPs per query token and layer: q, k, v, o, cross q, o (text K/V cached), FFN.
-    lin = 2 * b * q_len * cfg.num_layers * (6 * cfg.dim * cfg.dim + 2 * cfg.dim * cfg.ffn_dim)
-    att = 4 * b * q_len * (keys + cfg.text_len) * cfg.dim * cfg.num_layers
-    print(f"one call: {b} x {q_len} queries over {keys} keys; {lin / 1e12:.1f} TFLOP linear + {att / 1e12:.1f} TFLOP "
+    lin = 2 * q_len * cfg.num_layers * (6 * cfg.dim * cfg.dim + 2 * cfg.dim * cfg.ffn_dim)
+    att = 4 * q_len * (keys + cfg.text_len) * cfg.dim * cfg.num_layers
+    print(f"one call: {q_len} queries over {keys} keys; {lin / 1e12:.1f} TFLOP linear + {att / 1e12:.1f} TFLOP "
           f"attention")
 
-    def single(_i=0):
-        return model.denoise_block(x, 500.0, text, audio, None, cache, start, 17)
-
     def call(_i=0):
-        return torch.cat(model.denoise_batch(jobs, text)) if b > 1 else single()
+        return model.denoise_block(x, 500.0, text, audio, None, cache, start, 17)
 
     reference = None
     fp8_done = False
@@ -230,17 +217,10 @@ def main() -> None:
             floor = lin / (tflops * (2 if variant.startswith("fp8") else 1) * 1e12) + att / (tflops * 1e12)
             limit = f", {100 * floor / med:.0f}% of the FLOP limit ({floor * 1000:.0f} ms)"
         parts = ", ".join(f"{k} {v:.0f} ms" for k, v in sorted(split.items(), key=lambda kv: -kv[1]))
-        per_block = f" ({med * 1000 / b:.1f} ms per block)" if b > 1 else ""
-        print(f"{variant:>11}: {med * 1000:.1f} ms per call{per_block} (min {times[0] * 1000:.1f}; "
-              f"first call {first:.1f} s; "
+        print(f"{variant:>11}: {med * 1000:.1f} ms per call (min {times[0] * 1000:.1f}; first call {first:.1f} s; "
               f"CPU enqueue {launch * 1000:.0f} ms), "
               f"{rate:.0f} TFLOP/s{limit}; GPU time: {parts}; rel L2 vs first variant {rel_l2(out, reference):.2e}")
         results[variant] = med
-        if b > 1:  # the same variant one block at a time, for the ratio
-            alone, _ = cuda_times(single, args.iters, warmup=1)
-            one = alone[len(alone) // 2]
-            print(f"{'':>11}  one block alone: {one * 1000:.1f} ms per call; the batch takes "
-                  f"{100 * med / (b * one):.1f} % of {b} such calls")
     print(f"peak GPU memory allocated: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 
     print("attention kernel alone, one layer:")
@@ -251,8 +231,6 @@ def main() -> None:
         segments_alone(names, q_len, keys - cache.cond.num_tokens, cache.cond.num_tokens, cfg.num_heads,
                        cfg.head_dim, args.iters)
 
-    if b > 1:
-        return
     # VAE decode of one block alone, and on a side stream while the next block's 4 calls run.
     best = min(results, key=results.get)
     print(f"VAE overlap (DiT in the '{best}' variant):")

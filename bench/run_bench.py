@@ -21,11 +21,8 @@ With several attention backends (`--attention sdpa,sage`) every plan runs with e
 same random weights and inputs, and the table gives the relative L2 distance of each run's decoded
 frames (the first timed clip) to those of the first backend.
 
-`--step_batch off,on` runs each plan without and with the step pipeline on the GPU (one DiT call
-advances up to four blocks, each at its own step) and compares the frames the same way.
-
 Usage: python bench/run_bench.py [--plans bf16,fp8,cap48,cap24] [--clips 2] [--mp4] [--compile on|off]
-                                [--attention sdpa[,sage,...]] [--step_batch off[,on]] [--out DIR]
+                                [--attention sdpa[,sage,...]] [--out DIR]
 """
 
 from __future__ import annotations
@@ -216,12 +213,12 @@ def random_inputs(cfg: DiTConfig, geo, clips: int, seed: int = 2, mirror: bool =
     return text, audio, fit_reference(picture, geo.height, geo.width)
 
 
-def bench_settings(size: str, geo, clips: int, step_batch: bool = False):
+def bench_settings(size: str, geo, clips: int):
     """The generation settings every benchmark stream uses (fixed seed, the plan's steps)."""
     from liveavatar_core.pipeline import GenerationSettings
 
     return GenerationSettings(size=size, seed=420, num_clips=clips, frames_per_clip=geo.frames_per_clip,
-                              sample_steps=geo.steps, step_batch=step_batch)
+                              sample_steps=geo.steps)
 
 
 def run_plan(name: str, args) -> dict:
@@ -259,8 +256,7 @@ def run_plan(name: str, args) -> dict:
     def stream(clips: int, path: Path, record: list | None, mirror: bool = False) -> float:
         """The product path: VideoStream (sampler, streaming VAE on its stream, frames in host
         memory), into an MP4 with --mp4."""
-        video = generate(model, *random_inputs(cfg, geo, clips, mirror=mirror),
-                         bench_settings(args.size, geo, clips, args.step_batch == "on"))
+        video = generate(model, *random_inputs(cfg, geo, clips, mirror=mirror), bench_settings(args.size, geo, clips))
         start = time.perf_counter()
 
         def on_chunk(chunk):
@@ -318,8 +314,7 @@ def run_plan(name: str, args) -> dict:
     moved = swap.bytes_moved - moved_before if swap else 0
     first_frame_s = record[0][2]
     result = {
-        "plan": name, "attention": args.attention, "step_batch": args.step_batch, "variant": variant_name(args),
-        "health": args.health if args.mp4 else "off", "steps": geo.steps,
+        "plan": name, "attention": args.attention, "health": args.health if args.mp4 else "off", "steps": geo.steps,
         "gpu": gpu.label, "precision": precision, "cap_gib": cap_gib,
         "compile": args.compile,
         "kv_cache_dtype": plan.kv_cache_dtype,
@@ -343,23 +338,17 @@ def run_plan(name: str, args) -> dict:
 # driver
 
 
-def variant_name(args) -> str:
-    """The attention backend, `+step_batch` where the step pipeline runs on the GPU."""
-    return args.attention + ("+step_batch" if args.step_batch == "on" else "")
-
-
 def compare_frames(results: list[dict], frames_dir: Path, reference: str) -> None:
     """Add to each result the relative L2 distance of its first clip's frames to the `reference`
-    variant's frames of the same plan."""
+    attention backend's frames of the same plan."""
     for r in results:
-        mine = frames_dir / f"{r['plan']}_{r.get('variant')}.npy"
+        mine = frames_dir / f"{r['plan']}_{r.get('attention')}.npy"
         ref = frames_dir / f"{r['plan']}_{reference}.npy"
         if "error" not in r and mine.is_file() and ref.is_file():
             a, b = np.load(mine).astype(np.float32), np.load(ref).astype(np.float32)
             r["frames_rel_l2_vs_" + reference] = float(np.linalg.norm(a - b) / np.linalg.norm(b))
-            print(f"{r['plan']} {r['variant']}: decoded frames rel L2 vs {reference} "
-                  f"{r['frames_rel_l2_vs_' + reference]:.4f}, max abs {np.abs(a - b).max():.0f}, "
-                  f"mean abs {np.abs(a - b).mean():.2f}")
+            print(f"{r['plan']} {r['attention']}: decoded frames rel L2 vs {reference} "
+                  f"{r['frames_rel_l2_vs_' + reference]:.4f}, max abs {np.abs(a - b).max():.0f}")
 
 
 def table(results: list[dict]) -> str:
@@ -389,8 +378,6 @@ def main() -> None:
     ap.add_argument("--attention", default="sdpa", help=f"comma list of {', '.join(attention_backends())}; "
                     "the others are compared with the first")
     ap.add_argument("--compile", choices=["on", "off"], default="on", help="regional compilation of the DiT blocks")
-    ap.add_argument("--step_batch", default="off", help="comma list of off, on: the step pipeline on the GPU "
-                    "(GenerationSettings.step_batch); the others are compared with the first")
     ap.add_argument("--trace", action="store_true", help="profile one more clip: GPU busy time, top CPU ops")
     ap.add_argument("--mp4", action="store_true", help="also encode and write the MP4 (random weights give noise "
                     "frames, the costliest content for H.264)")
@@ -425,21 +412,15 @@ def main() -> None:
         sys.exit(f"unknown plan(s) {unknown}; choose from {', '.join(PLANS)}")
     print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     attentions = [a.strip() for a in args.attention.split(",") if a.strip()]
-    batches = [b.strip() for b in args.step_batch.split(",") if b.strip()]
-    if not set(batches) <= {"off", "on"}:
-        sys.exit("--step_batch takes off, on or both")
-    variants = [(a, b) for a in attentions for b in batches]
-    frames_dir = Path(tempfile.mkdtemp(prefix="liveavatar_frames_")) if len(variants) > 1 else None
+    frames_dir = Path(tempfile.mkdtemp(prefix="liveavatar_frames_")) if len(attentions) > 1 else None
     results = []
-    for name, (attention, batch) in ((n, v) for n in names for v in variants):
-        variant = variant_name(argparse.Namespace(attention=attention, step_batch=batch))
-        print(f"\n=== plan {name}, {variant} ===", flush=True)
+    for name, attention in ((n, a) for n in names for a in attentions):
+        print(f"\n=== plan {name}, attention {attention} ===", flush=True)
         cmd = [sys.executable, __file__, "--one", name, "--clips", str(args.clips), "--size", args.size,
-               "--attention", attention, "--compile", args.compile, "--sample_steps", str(args.sample_steps),
-               "--step_batch", batch]
+               "--attention", attention, "--compile", args.compile, "--sample_steps", str(args.sample_steps)]
         cmd += (["--mp4"] if args.mp4 else []) + (["--trace"] if args.trace else []) + ["--health", args.health]
         cmd += ["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else []
-        cmd += ["--frames-out", str(frames_dir / f"{name}_{variant}.npy")] if frames_dir else []
+        cmd += ["--frames-out", str(frames_dir / f"{name}_{attention}.npy")] if frames_dir else []
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
             output = proc.stdout + proc.stderr
@@ -451,8 +432,7 @@ def main() -> None:
         results.append(json.loads(line[len("RESULT "):]) if line else {"plan": name, "error": output.strip()
                                                                           .splitlines()[-1][:200]})
     if frames_dir:
-        compare_frames(results, frames_dir, variant_name(argparse.Namespace(attention=attentions[0],
-                                                                           step_batch=batches[0])))
+        compare_frames(results, frames_dir, attentions[0])
         shutil.rmtree(frames_dir)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -156,9 +156,6 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--infer_frames", type=int, default=48, help="video frames per clip (multiple of 12)")
     p.add_argument("--sample_steps", type=int, default=4, help="denoising steps per block; the distilled model "
                    "was made for 4")
-    p.add_argument("--step_batch", action="store_true", help="one GPU, KV cache on it in bf16: one DiT call "
-                   "denoises up to --sample_steps blocks, each at its own step (the step pipeline on one GPU); the "
-                   "same video up to rounding")
     p.add_argument("--base_seed", type=int, default=420, help="noise seed (-1: a random one, as officially)")
     p.add_argument("--mode", choices=["streaming", "official"], default="streaming")
     p.add_argument("--enable_online_decode", action="store_true",
@@ -183,7 +180,6 @@ def request_from_args(args: argparse.Namespace) -> "RunRequest":
                       lora=Path(args.lora_path_dmd) if args.lora_path_dmd else None, size=args.size,
                       num_clip=args.num_clip, infer_frames=args.infer_frames, sample_steps=args.sample_steps,
                       seed=args.base_seed, mode=args.mode, online_decode=args.enable_online_decode,
-                      step_batch=args.step_batch,
                       device=args.device, precision="fp8" if args.fp8 else args.precision,
                       attention=args.attention,
                       offload="block_swap" if args.blocks_on_gpu is not None

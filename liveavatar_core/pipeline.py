@@ -74,9 +74,6 @@ class GenerationSettings:
     ref_offset_seed: int | None = None  # None = seed
     online_decode: bool = False  # official mode only: Mode S+
     fps: int = 25
-    # One GPU, KV rings on it: the denoising steps of up to `sample_steps` blocks in one DiT call
-    # (sampling/generator.py `step_batch`); the same video up to rounding.
-    step_batch: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -135,32 +132,11 @@ class LiveAvatarModel:
 def check_size(model: LiveAvatarModel, height: int, width: int, settings: GenerationSettings) -> bool:
     """Raise InputError if the model's placement does not fit a video of this size (the loader
     cannot know the sampler's size); return whether its plan keeps the warmed decoder state."""
-    if isinstance(model, LiveAvatarModel):
-        check_step_batch(settings.step_batch, model.kv_cache_location, model.kv_cache_dtype)
-    else:  # worker processes
-        check_step_batch(settings.step_batch, "gpu", None, parallel=True)
     if model.plan is None:
         return False
-    # Only a one-device plan gets here with the step batch on (refused above otherwise).
-    batch = {"step_batch": True} if settings.step_batch else {}
-    plan = model.plan.replanned(height, width, settings.frames_per_clip, settings.sample_steps, **batch).validate()
+    plan = model.plan.replanned(height, width, settings.frames_per_clip, settings.sample_steps).validate()
     # Parallel workers start their decoder afresh each run: only one device's plan keeps the state.
     return isinstance(plan, RunPlan) and plan.keep_warm_decoder
-
-
-def check_step_batch(step_batch: bool, kv_cache_location: str, kv_cache_dtype: str | None,
-                     parallel: bool = False) -> None:
-    """Refuse `step_batch` where it cannot run: one process with its KV rings on the GPU, unquantised."""
-    if not step_batch:
-        return
-    if parallel:
-        raise InputError("step_batch", "the step batch runs the step pipeline on one GPU; this run is split over "
-                         "worker processes, which pipeline the steps themselves.", "turn step_batch off.")
-    if kv_cache_location != "gpu" or kv_cache_dtype == "fp8":
-        raise InputError("step_batch", "the step batch attends through the rings of several steps at once, which "
-                         f"needs them on the GPU in the DiT's dtype (here: {kv_cache_location} rings, "
-                         f"{kv_cache_dtype or 'model'} dtype).",
-                         "turn step_batch off, or keep the KV cache on the GPU in bf16.")
 
 
 def model_identity(weights: str, dit_digest: str, vae: str) -> str:
@@ -220,7 +196,6 @@ class _Boundary:
     """The stream right after one completed block: sampler and decoder states, counters."""
 
     blocks_done: int
-    rounds: int  # the sampler's denoising rounds when it was taken (BlockSampler.rounds)
     sampler: dict
     decoder: dict
     frames_done: int | None = None
@@ -271,7 +246,7 @@ class VideoStream:
         # Set by write_mp4(resume_path=...): keep the last two block boundaries (see _boundary).
         self.track_resume = False
         self._boundaries: deque[_Boundary] = deque(maxlen=2)
-        self._sampler: BlockSampler | None = None
+        self._blocks_begun = 0
         self._restored: ResumeState | None = None
         self._fingerprint: dict[str, str] | None = None
         if resume_from is not None:
@@ -348,7 +323,7 @@ class VideoStream:
             sampler, decoder = self._start() if self._restored is None else self._restore(self._restored)
             self.blocks_per_clip = sampler.blocks_per_clip
             self._count_blocks()
-            self._sampler = sampler
+            self._blocks_begun = self.stats.blocks_done
             self._clock = (start, self.stats.elapsed_s)  # (this run's start, time spent before an interruption)
             if self._restored is not None and self.track_resume:
                 restored = self._boundary(sampler, decoder)
@@ -364,6 +339,7 @@ class VideoStream:
             blocks = iter(sampler.run(self.audio, (self.settings.num_clips or None) if streamed else self.num_clips))
             try:
                 while True:
+                    self._blocks_begun += 1
                     block = next(blocks, None)
                     self._count_blocks()  # streamed audio: the count is known once its end has been read
                     if block is None:
@@ -427,14 +403,13 @@ class VideoStream:
         block writes only its own rows and writes each before reading it, so a ring that a later
         block has (partly) written resumes that block exactly. The one buffer a later block changes
         that a resume still needs is the clip-latents buffer after a clip end (the streaming sink
-        refresh reads its first latent), hence the copy at clip ends. Valid while the sampler has run
-        at most one more denoising round (a block, or a round of the step pipeline), which
-        `resume_state` checks.
+        refresh reads its first latent), hence the copy at clip ends. Valid while at most one more
+        block has begun, which `resume_state` checks.
         """
         state = sampler.state_dict()
         if sampler.block == 0:
             state["tensors"]["clip_latents"] = sampler.clip_latents.clone()
-        return _Boundary(self.stats.blocks_done, sampler.rounds, state, decoder.state())
+        return _Boundary(self.stats.blocks_done, state, decoder.state())
 
     def resume_state(self, writer_state: dict | None = None,
                      unwritten: list[np.ndarray] | None = None) -> ResumeState | None:
@@ -453,8 +428,8 @@ class VideoStream:
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the decoder's state is written on its own stream
         for b in reversed(self._boundaries):
-            if self._sampler.rounds - b.rounds > 1:
-                log.warning("the sampler has run more than one round past the video file's last block; no resume state")
+            if self._blocks_begun - b.blocks_done > 1:
+                log.warning("the video file is more than one block behind the sampler; no resume state")
                 return None
             if on_disk is None or b.frames_done == on_disk:
                 return build_resume_state(settings=asdict(self.settings), fingerprint=self.fingerprint(),
@@ -473,7 +448,7 @@ class VideoStream:
                                                      self.model.dit.cfg.motion_frames[0], self._more_clips,
                                                      keep_warm=self._keep_warm_decoder)
         return BlockSampler(self.model.dit, self.text, ref_lat, motion_lat, self.config,
-                            cache_factory=self.model.cache_factory(), step_batch=self.settings.step_batch), decoder
+                            cache_factory=self.model.cache_factory()), decoder
 
     def _more_clips(self, clips_done: int) -> bool:
         """Whether the video has more than `clips_done` clips (the official decoder skips the last
@@ -486,7 +461,7 @@ class VideoStream:
         try:
             t = part["tensors"]
             sampler = BlockSampler(self.model.dit, self.text, t["ref_latents"], t["motion_latents"], self.config,
-                                   cache_factory=self.model.cache_factory(), step_batch=self.settings.step_batch)
+                                   cache_factory=self.model.cache_factory())
             sampler.load_state_dict(part)
             decoder = restore_decoder(self.model.vae, self.reference, self.settings,
                                       self.model.dit.cfg.motion_frames[0], self._more_clips,

@@ -139,7 +139,6 @@ class RunPlan:
     owned: range | None = None  # the DiT layers this plan holds (a layer-layout rank); None: all
     shards: int = 1  # ranks the block units are sharded over (FSDP, placement/fsdp.py); 1: whole
     keep_warm_decoder: bool = False  # the warmed streaming decoder state is kept per picture (decoding.py)
-    step_batch: bool = False  # one DiT call denoises `steps` blocks (GenerationSettings.step_batch)
 
     @property
     def owned_layers(self) -> range:
@@ -247,15 +246,12 @@ class RunPlan:
         return " and ".join(words)
 
     def replanned(self, height: int, width: int, frames_per_clip: int | None = None, steps: int | None = None,
-                  audio_seconds: float | None = None, step_batch: bool | None = None) -> "RunPlan":
-        """This placement (precision, blocks, caches, encoders) at another output size (and with or
-        without the step batch)."""
+                  audio_seconds: float | None = None) -> "RunPlan":
+        """This placement (precision, blocks, caches, encoders) at another output size."""
         g = self.geometry
         geo = geometry(self.cfg, height, width, frames_per_clip or g.frames_per_clip, steps or g.steps, g.batch)
-        changes = {} if audio_seconds is None else {"audio_seconds": audio_seconds}
-        if step_batch is not None:
-            changes["step_batch"] = step_batch
-        return _warm_decoder_kept(_rebuild(self, geometry=geo, keep_warm_decoder=False, **changes))
+        return _warm_decoder_kept(_rebuild(self, geometry=geo, keep_warm_decoder=False,
+                                           **({} if audio_seconds is None else {"audio_seconds": audio_seconds})))
 
     def _where(self, placement: str) -> str:
         """A placement in device words: "gpu" is the DiT's device (the CPU in a CPU-only plan)."""
@@ -356,8 +352,7 @@ def _rebuild(plan: RunPlan, geometry: Geometry | None = None, **changes) -> RunP
                 kv_layers_on_gpu=plan.kv_layers_on_gpu, kv_cache_dtype="fp8" if plan.kv_cache_dtype == "fp8" else None,
                 vae=plan.vae, text_encoder=plan.text_encoder, audio_encoder=plan.audio_encoder,
                 audio_seconds=plan.audio_seconds, encoder_bytes=plan.encoder_bytes, has_dit=plan.has_dit,
-                owned=plan.owned, shards=plan.shards, keep_warm_decoder=plan.keep_warm_decoder,
-                step_batch=plan.step_batch)
+                owned=plan.owned, shards=plan.shards, keep_warm_decoder=plan.keep_warm_decoder)
     args.update(changes)
     return _build(plan.cfg, geometry or plan.geometry, plan.devices, plan.host, plan.memory_cap_bytes,
                   plan.dit_device, **args)
@@ -472,8 +467,7 @@ def _build(cfg: DiTConfig, geo: Geometry, devices: tuple[DeviceSpec, ...], host:
            kv_cache_dtype: str | None, vae: str, text_encoder: str, audio_encoder: str,
            audio_seconds: float = DEFAULT_AUDIO_SECONDS,
            encoder_bytes: tuple[int | None, int | None] = (None, None), has_dit: bool = True,
-           owned: range | None = None, shards: int = 1, keep_warm_decoder: bool = False,
-           step_batch: bool = False) -> RunPlan:
+           owned: range | None = None, shards: int = 1, keep_warm_decoder: bool = False) -> RunPlan:
     """The itemised plan. A pipeline rank (parallel/planner.py) plans its own steps (`geo.steps`) or
     layers (`owned`: their weights and their share of every cache; `blocks_on_gpu` and
     `kv_layers_on_gpu` then count owned layers), and `vae` / `text_encoder` / `audio_encoder` "none"
@@ -520,11 +514,9 @@ def _build(cfg: DiTConfig, geo: Geometry, devices: tuple[DeviceSpec, ...], host:
         rows = 2 * len(mine) + 1  # each layer's keys and values, and the embedded prompt
         items.append(MemoryItem(gpu, "text keys/values", text_cache_bytes(cfg, geo, compute) // (2 * layers + 1) * rows,
                                 _GENERATE))
-        blocks = geo.steps if step_batch else 1
         items.append(MemoryItem(gpu, "activations (block call)",
-                                max(block_call_activation_bytes(cfg, geo, precision, kv_dtype, blocks),
-                                    sink_activation_bytes(cfg, geo, precision)), _GENERATE,
-                                f"{blocks} blocks per call (step batch)" if step_batch else ""))
+                                max(block_call_activation_bytes(cfg, geo, precision, kv_dtype),
+                                    sink_activation_bytes(cfg, geo, precision)), _GENERATE))
     if vae != "none":
         # On the DiT's GPU a block's decode runs on its own stream while the next block is sampled:
         # both transients count.
@@ -562,7 +554,7 @@ def _build(cfg: DiTConfig, geo: Geometry, devices: tuple[DeviceSpec, ...], host:
                    "cpu" if streamed else "gpu", kv_layers_on_gpu, kv_dtype, vae, text_encoder, audio_encoder,
                    dit_device, devices, host, cap, tuple(items), audio_seconds=audio_seconds,
                    encoder_bytes=encoder_bytes, has_dit=has_dit, owned=owned, shards=shards,
-                   keep_warm_decoder=keep_warm_decoder, step_batch=step_batch)
+                   keep_warm_decoder=keep_warm_decoder)
 
 
 def _cap_bytes(memory_cap, devices) -> int | None:

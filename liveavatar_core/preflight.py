@@ -26,7 +26,7 @@ from .health import DEFAULT_HEALTH, check_health
 from .loading import OfficialFolder, compute_dtype, official_folder, plan_for_device, resolve_compile
 from .ops.attention import get_attention
 from .ops.fp8 import check_fp8_support
-from .pipeline import GenerationSettings, check_step_batch
+from .pipeline import GenerationSettings
 from .parallel.cost import measure_link_bps
 from .parallel.layout import check_shard, step_layout
 from .parallel.planner import ParallelPlan, choose_devices, plan_parallel
@@ -57,7 +57,6 @@ class RunRequest:
     seed: int = 420
     mode: str = "streaming"
     online_decode: bool = False
-    step_batch: bool = False  # GenerationSettings.step_batch
     device: str = "cpu"
     precision: str = "bf16"
     attention: str = "sdpa"
@@ -164,7 +163,7 @@ def preflight(req: RunRequest, check_memory: bool = True, hardware: list[DeviceS
     # 1. Settings, in the order a user reads them on the command line.
     settings = GenerationSettings(size=req.size, seed=req.seed, num_clips=req.num_clip,
                                   frames_per_clip=req.infer_frames, sample_steps=req.sample_steps, mode=req.mode,
-                                  online_decode=req.online_decode, step_batch=req.step_batch)
+                                  online_decode=req.online_decode)
     if hardware is not None and not req.parallel:  # described GPUs without a choice among them: all
         req = replace(req, devices="auto")
     authkey = _attach_authkey(req, hardware)
@@ -180,8 +179,6 @@ def preflight(req: RunRequest, check_memory: bool = True, hardware: list[DeviceS
     device = torch.device("cpu") if hardware is not None else check_device(ranks[0])
     compute_dtype(req.precision)
     check_kv_cache_dtype(req.kv_cache_dtype, req.precision)
-    # What the flags choose now; what the planner chooses (streamed caches) once it has planned.
-    check_step_batch(req.step_batch, req.kv_cache_location, req.kv_cache_dtype, parallel=req.parallel)
     if req.precision == "fp8" and hardware is None:
         for name in ranks:
             check_fp8_support(torch.device(name))
@@ -216,12 +213,6 @@ def preflight(req: RunRequest, check_memory: bool = True, hardware: list[DeviceS
                                encoder_bytes=(_weight_bytes(folder.t5, req.precision),
                                               _weight_bytes(folder.wav2vec2, req.precision)),
                                validate=check_memory)
-    if devices is None:
-        check_step_batch(req.step_batch, plan.kv_cache_location, plan.kv_cache_dtype)
-        if req.step_batch:  # a step-batched call's activations, at the same placement
-            plan = plan.replanned(plan.geometry.height, plan.geometry.width, step_batch=True)
-            if check_memory:
-                plan.validate()
     warnings = []
     _, small = describe_output_size(image.size, settings.size, output)
     if small:

@@ -172,18 +172,13 @@ def _checked(state, where: str) -> ResumeState:
     return state
 
 
-# Settings that change how a video is computed, not which: a run may resume with another value (a
-# state with blocks in the step pipeline is refused by the sampler unless the step batch is on).
-EXECUTION_SETTINGS = frozenset({"step_batch"})
-
-
 def check_resume_state(state: ResumeState, settings: dict | None = None,
                        fingerprint: dict[str, str] | None = None) -> None:
     """Refuse a resume whose settings or inputs differ from the interrupted run's (only those given)."""
     meta = state["meta"]
     if settings is not None:
         saved = meta["settings"]
-        diff = sorted(k for k in (set(saved) | set(settings)) - EXECUTION_SETTINGS if saved.get(k) != settings.get(k))
+        diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
         if diff:
             raise InputError("resume", "the interrupted run used other settings: " + ", ".join(
                 f"{k}={saved.get(k)!r} (now {settings.get(k)!r})" for k in diff) + ".", _FIX_SAME_RUN)

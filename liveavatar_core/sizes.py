@@ -142,10 +142,8 @@ def text_cache_bytes(cfg: DiTConfig, geo: Geometry, dtype: str) -> int:
 
 
 def block_call_activation_bytes(cfg: DiTConfig, geo: Geometry, precision: str,
-                                kv_dtype: str | None = None, blocks: int = 1) -> int:
-    """Peak transient memory of one block denoising call, steady (full ring) regime; `blocks`
-    blocks per call with the step batch (counted as that many calls' worth, an upper bound: the
-    stacked rings are read where they lie).
+                                kv_dtype: str | None = None) -> int:
+    """Peak transient memory of one block denoising call, steady (full ring) regime.
 
     Inside a layer: the fp32 residual plus about three fp32 temporaries of the block's tokens
     (modulation, norms, gates), the FFN hidden state and its GELU, the history + condition keys
@@ -154,7 +152,7 @@ def block_call_activation_bytes(cfg: DiTConfig, geo: Geometry, precision: str,
     of the widest GEMM input (the FFN hidden state); an FP8 ring the fp32 quantisation of the
     block's keys and values.
     """
-    b, d, ff = geo.batch * blocks, cfg.dim, cfg.ffn_dim
+    b, d, ff = geo.batch, cfg.dim, cfg.ffn_dim
     act = BYTES["fp32" if precision == "fp32" else "bf16"]
     lq = geo.block_tokens
     lkv = geo.cache_tokens + geo.cond_tokens

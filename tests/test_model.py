@@ -7,7 +7,7 @@ from liveavatar_core.config import DiTConfig
 from liveavatar_core.errors import InputError, WeightsError
 from liveavatar_core.model.audio import conv1d_as_gemm
 from liveavatar_core.model.cache import KVCache, make_step_caches, tokens_per_frame
-from liveavatar_core.model.dit import BlockJob, LiveAvatarDiT
+from liveavatar_core.model.dit import LiveAvatarDiT
 from liveavatar_core.model.layers import Attention, round_to_bf16
 from liveavatar_core.model.offset import reference_time
 from liveavatar_core.model.rope import RopeFreqs, TokenGrid
@@ -247,65 +247,6 @@ def test_bf16_on_gpu_close_to_fp32_reference(ckpt_dir, tiny, backend):
     _compare_bf16(tiny, ckpt_dir, "cuda", backend)
 
 
-def _block_setup(model, seed: int):
-    """(config, frames per block, tokens per frame, inputs at 8x16 latents, text cache)."""
-    cfg = model.cfg
-    f = cfg.num_frames_per_block
-    inp = _inputs(cfg, 8, 16, f, seed=seed)
-    return cfg, f, tokens_per_frame(cfg, 8, 16), inp, model.encode_text(inp["context"])
-
-
-def test_a_batch_of_steps_matches_their_calls_one_by_one(tiny):
-    """`denoise_batch` over stacked step rings (the step pipeline's independent cells: block n - s at
-    step s) gives each block the prediction and ring rows of its own `denoise_block` call."""
-    cfg, f, fs, inp, text = _block_setup(tiny, seed=5)
-    steps = 3
-    caches = make_step_caches(cfg, 8, 16, num_steps=steps, cache_frames=2 * f, dtype=tiny.dtype, stacked=True)
-    tiny.sink(inp["ref"], inp["motion"], text, caches)
-    g = torch.Generator().manual_seed(6)
-    for block in range(steps):  # fill every ring with its step's earlier blocks
-        for cache in caches:
-            tiny.denoise_block(torch.randn(inp["x"].shape, generator=g), 500.0, text, inp["audio"], None, cache,
-                               block * f * fs, 9)
-    jobs = [BlockJob(torch.randn(inp["x"].shape, generator=g), torch.full((1, f), 900.0 - 250 * s),
-                     torch.randn(inp["audio"].shape, generator=g), cache, (2 * steps - s) * f * fs, 5 + 7 * s)
-            for s, cache in enumerate(caches)]
-    before = (caches[0].stack.k.clone(), caches[0].stack.v.clone())
-    batched = tiny.denoise_batch(jobs, text)
-    rings = (caches[0].stack.k.clone(), caches[0].stack.v.clone())
-    caches[0].stack.k.copy_(before[0])
-    caches[0].stack.v.copy_(before[1])
-    one_by_one = [tiny.denoise_block(j.x, j.t, text, j.audio, None, j.cache, j.current_start, j.ref_offset)
-                  for j in jobs]
-    # The same arithmetic, but matrix products of another height may sum in another order: fp32
-    # rounding differences only.
-    for a, b in [*zip(batched, one_by_one), (rings[0], caches[0].stack.k), (rings[1], caches[0].stack.v)]:
-        assert ((a - b).norm() / b.norm()).item() < 5e-6
-    assert ((batched[0] - batched[1]).norm() / batched[1].norm()).item() > 0.1
-
-
-def test_a_batch_refuses_rings_it_cannot_attend_through(tiny):
-    cfg, f, fs, inp, text = _block_setup(tiny, seed=7)
-    stacked = make_step_caches(cfg, 8, 16, num_steps=2, cache_frames=2 * f, dtype=tiny.dtype, stacked=True)
-    apart = make_step_caches(cfg, 8, 16, num_steps=2, cache_frames=2 * f, dtype=tiny.dtype)
-    tiny.sink(inp["ref"], inp["motion"], text, stacked + apart)
-
-    def jobs(caches, block):
-        return [BlockJob(inp["x"], torch.full((1, f), 500.0), inp["audio"], c, block * f * fs, 4) for c in caches]
-    with pytest.raises(InputError, match="whole ring"):  # block 0 attends to a part of its ring
-        tiny.denoise_batch(jobs(stacked, 0), text)
-    with pytest.raises(InputError, match="consecutive rings of one stack"):
-        tiny.denoise_batch(jobs(apart, 2), text)
-    with pytest.raises(InputError, match="consecutive rings of one stack"):  # out of step order
-        tiny.denoise_batch(jobs(stacked[::-1], 2), text)
-    stacked[0].cond = tiny.sink(inp["x"][:, :, :1], inp["motion"], text)  # refreshed for the newest block
-    with pytest.raises(InputError, match="different condition caches"):
-        tiny.denoise_batch(jobs(stacked, 2), text)
-    with pytest.raises(InputError, match="FP8 cache"):
-        make_step_caches(cfg, 8, 16, num_steps=2, cache_frames=2 * f, dtype=torch.bfloat16,
-                         storage_dtype=torch.float8_e4m3fn, stacked=True)
-
-
 def test_denoise_refuses_bad_inputs_before_work(tiny):
     cfg = tiny.cfg
     f = cfg.num_frames_per_block
@@ -327,7 +268,11 @@ def test_denoise_refuses_bad_inputs_before_work(tiny):
 
 def test_offset_only_matters_once_the_reference_moves(tiny):
     """d changes nothing for the first block (reference stays at its index) and moves it later."""
-    cfg, f, fs, inp, text = _block_setup(tiny, seed=4)
+    cfg = tiny.cfg
+    f = cfg.num_frames_per_block
+    fs = tokens_per_frame(cfg, 8, 16)
+    inp = _inputs(cfg, 8, 16, f, seed=4)
+    text = tiny.encode_text(inp["context"])
     cond = tiny.sink(inp["ref"], inp["motion"], text)
 
     def pred(frame0, d):

@@ -287,24 +287,6 @@ def test_a_cpu_vae_is_planned_in_float32():
     assert vae_bytes(plan_run(CFG, devices=[], host=HOST), "cpu") == vae_bytes(fp32, "cpu") > 0
 
 
-def test_the_step_batch_plans_a_call_of_every_step(meta_model):
-    """With the step batch one call carries `steps` blocks: its activations are planned that many
-    times (an upper bound), and a card without the room is refused with the usual fix."""
-    def activations(p):
-        return next(i.bytes for i in p.items if i.name == "activations (block call)")
-
-    one = plan(141, precision="fp8")
-    batched = one.replanned(384, 704, step_batch=True)
-    assert batched.step_batch and not one.step_batch
-    assert activations(batched) == 4 * activations(one)
-    assert batched.required_bytes("cuda:0") - one.required_bytes("cuda:0") >= 3 * activations(one)
-    assert one.replanned(384, 704, steps=3, step_batch=True).step_batch  # kept at another size and steps
-    tight = plan(one.required_bytes("cuda:0") / GiB + 0.5, precision="fp8")
-    assert tight.fits() and tight.kv_cache_location == "gpu"
-    with pytest.raises(InputError, match="memory"):
-        tight.replanned(384, 704, step_batch=True).validate()
-
-
 @pytest.mark.parametrize("kw, name", [
     (dict(offload="swap"), "offload"),
     (dict(offload="block_swap"), "blocks_on_gpu"),

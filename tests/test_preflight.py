@@ -148,9 +148,6 @@ def _short_audio(tmp_path, seconds):
     (["--sample_solver", "unipc"], "sample_solver", "Euler"),
     (["--lora_path", "x.safetensors"], "lora_path", "--lora_path_dmd"),
     (["--device", "cuda:7"], "device", "CUDA GPU"),
-    (["--step_batch", "--devices", "cpu,cpu"], "step_batch", "split over worker processes"),
-    (["--step_batch", "--offload_kv_cache"], "step_batch", "on the GPU in the DiT's dtype"),
-    (["--step_batch", "--precision", "bf16", "--kv_cache_dtype", "fp8"], "step_batch", "(here: gpu rings, fp8"),
     ("0.1", "audio", "shorter than one block"),
     ("0.2", "audio", "at most 5 frames"),
 ])

@@ -336,37 +336,3 @@ def test_cli_ctrl_c_then_sigterm_then_kill_then_resume(tiny, inputs, tmp_path):
     assert [r["block"] for r in records] == list(range(len(expected)))
     assert [r["start_frame"] for r in records] == [c[3] for c in expected]
     assert sum(r["frames"] for r in records) == total
-
-
-# The step pipeline on one device (step_batch): 4 clips of 2 blocks, 2 steps; the rings are full from
-# block 1 on, the sink refresh drains the pipeline at clip 1, and blocks 3-7 go through in batches.
-STEP_BATCH = replace(STREAMING, num_clips=4, step_batch=True)
-
-
-@pytest.fixture(scope="module")
-def four_clips(tiny, inputs, encoders):
-    model, text, _ = inputs
-    return model, text, {24: encoders[1].prepare(tiny.audio, frames_per_clip=24, num_clips=STEP_BATCH.num_clips)}
-
-
-def test_step_batch_video_matches_one_by_one_and_resumes_in_flight(tiny, four_clips, tmp_path):
-    one_by_one, _ = _run(four_clips, tiny.image, tmp_path / "one.mp4", replace(STEP_BATCH, step_batch=False))
-    batched, _ = _run(four_clips, tiny.image, tmp_path / "batched.mp4", STEP_BATCH)
-    assert [c[1:] for c in batched] == [c[1:] for c in one_by_one]
-    # The same arithmetic rounded differently (fp32 matrix products of another height): at most one
-    # level of 255 apart.
-    apart = [np.abs(a[0].astype(int) - b[0].astype(int)).max() for a, b in zip(batched, one_by_one)]
-    assert max(apart) <= 1
-
-    path, state = tmp_path / "video.mp4", tmp_path / "video.mp4.resume"
-    head, stream = _run(four_clips, tiny.image, path, STEP_BATCH, stop_after=6, resume_path=state)
-    assert not stream.finished and state.is_file()
-    saved = torch.load(state, weights_only=True)
-    assert saved["meta"]["sampler"]["inflight"]  # stopped with blocks in the pipeline
-    tail, resumed = _run(four_clips, tiny.image, path, STEP_BATCH, resume_from=state, resume_path=state)
-    assert resumed.finished and _same_chunks(head + tail, batched)
-    _assert_same_video(path, tmp_path / "batched.mp4")
-    # The command line's flag: the same video (on this machine's BLAS it also tells the two apart,
-    # where their rounding differs).
-    assert main(_cli(tiny, tmp_path / "cli.mp4", "--num_clip", str(STEP_BATCH.num_clips), "--step_batch")) == 0
-    _assert_same_video(tmp_path / "cli.mp4", tmp_path / "batched.mp4")

@@ -1,7 +1,6 @@
 """Block sampler behaviour on the fixture DiT at a small latent size: records, determinism, clip
 counts, sink refresh policies, refusals, resume and flat memory."""
 
-import functools
 import itertools
 
 import numpy as np
@@ -10,7 +9,6 @@ import torch
 
 from liveavatar_core.encoders.audio import AudioFeatures
 from liveavatar_core.errors import InputError
-from liveavatar_core.model.cache import make_step_caches
 from liveavatar_core.sampling.config import SamplerConfig
 from liveavatar_core.sampling.generator import BlockSampler
 from liveavatar_core.sampling.scheduler import flow_match_schedule
@@ -41,10 +39,10 @@ def inputs(model):
     )
 
 
-def _sampler(model, inputs, on_clip_end=None, step_batch=False, **config):
+def _sampler(model, inputs, on_clip_end=None, **config):
     config = {**FAST, **config}
     return BlockSampler(model, inputs["context"], inputs["ref"], inputs["motion"], SamplerConfig(**config),
-                        on_clip_end=on_clip_end, step_batch=step_batch)
+                        on_clip_end=on_clip_end)
 
 
 def _audio(inputs, clips, frames_per_clip=24):
@@ -356,66 +354,3 @@ def test_memory_flat_over_many_clips(model, inputs):
     assert len(set(held[1:])) == 1, held  # constant from clip 1 on (after the clip-1 sink refresh)
     assert held[1] > 0
     assert max(rss[2:]) - rss[2] < RSS_GROWTH_BOUND, [r - rss[2] for r in rss]
-
-
-# --- the step pipeline on one device (step_batch) --------------------------------------------------
-
-# 3 steps, 2 blocks per clip, rings of one clip: from block 1 on the rings are full and the
-# pipeline batches; 6 clips = 12 blocks.
-PIPELINE = dict(steps=3, frames_per_clip=24, seed=11)
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
-
-def _caller_hook(sampler, clip, latents):
-    if clip == 0:
-        sampler.refresh_condition(latents[:, :, :1], sampler.motion_latents * 0.5)
-
-
-@pytest.mark.parametrize("refresh", ["first_clip_output", "caller", "never"])
-def test_step_batch_gives_the_blocks_of_one_by_one(model, inputs, refresh):
-    hook = _caller_hook if refresh == "caller" else None
-    audio = _audio(inputs, 6)
-    one_by_one = _latents(_sampler(model, inputs, hook, sink_refresh=refresh, **PIPELINE).run(audio))
-    sampler = _sampler(model, inputs, hook, step_batch=True, sink_refresh=refresh, **PIPELINE)
-    blocks, in_flight = [], []
-    for block in sampler.run(audio):
-        blocks.append(block)
-        in_flight.append(len(sampler.inflight))
-    assert [(b.clip, b.block) for b in blocks] == [(r, b) for r in range(6) for b in range(2)]
-    # Full from clip 2 on: two more blocks in flight at every yield (the first block goes through
-    # alone; a refresh drains the pipeline at clip 1).
-    assert in_flight[4:-2] == [2] * 6 and in_flight[0] == 0 and in_flight[-1] == 0
-    # The same arithmetic; matrix products of another height round differently (fp32).
-    assert max(_rel(b.latents, ref) for b, ref in zip(blocks, one_by_one)) < 1e-5
-    assert (sampler.clip, sampler.block) == (6, 0)
-
-
-@pytest.mark.parametrize("stop", [1, 2, 3, 5, 8])
-def test_step_batch_resumes_with_blocks_in_flight(model, inputs, tmp_path, stop):
-    """A state saved while blocks are in flight continues the same rounds: bit-identical blocks."""
-    audio = _audio(inputs, 6)
-    whole = _latents(_sampler(model, inputs, step_batch=True, **PIPELINE).run(audio))
-    first = _sampler(model, inputs, step_batch=True, **PIPELINE)
-    head = _latents(itertools.islice(first.run(audio), stop))
-    in_flight = len(first.inflight)
-    first.save(tmp_path / "state.pt")
-    resumed = _sampler(model, inputs, step_batch=True, **PIPELINE)
-    resumed.load(tmp_path / "state.pt")
-    assert len(resumed.inflight) == in_flight and (resumed.clip, resumed.block) == (first.clip, first.block)
-    assert _same(head + _latents(resumed.run(audio)), whole)
-    if in_flight:
-        with pytest.raises(InputError, match="step_batch on"):
-            _sampler(model, inputs, **PIPELINE).load(tmp_path / "state.pt")
-
-
-def test_step_batch_refuses_a_stage_and_an_fp8_cache(model, inputs):
-    with pytest.raises(InputError, match="all of them in one process"):
-        BlockSampler(model, inputs["context"], inputs["ref"], inputs["motion"], SamplerConfig(**PIPELINE),
-                     steps=(0, 1), step_batch=True)
-    with pytest.raises(InputError, match="FP8 cache"):
-        BlockSampler(model, inputs["context"], inputs["ref"], inputs["motion"], SamplerConfig(**PIPELINE),
-                     step_batch=True, cache_factory=functools.partial(make_step_caches,
-                                                                      storage_dtype=torch.float8_e4m3fn))

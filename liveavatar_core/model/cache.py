@@ -15,7 +15,6 @@ spec/parallel.md 2); layers are always addressed by their global index.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -110,17 +109,11 @@ class KVCache:
 
     def __init__(self, num_layers: int, batch: int, length: int, num_heads: int, head_dim: int,
                  dtype: torch.dtype, device=None, cond: CondCache | None = None,
-                 compute_dtype: torch.dtype | None = None, fused: bool = True, first_layer: int = 0,
-                 stack: RingStack | None = None, stack_row: int = 0):
+                 compute_dtype: torch.dtype | None = None, fused: bool = True, first_layer: int = 0):
         shape = (num_layers, batch, length, num_heads, head_dim)
         self.layers = range(first_layer, first_layer + num_layers)
-        # In a stack (`make_step_caches(stacked=True)`) the rings are batch rows of its tensors.
-        self.stack, self.stack_row = stack, stack_row
-        if stack is None:
-            self.k = torch.zeros(shape, dtype=dtype, device=device)
-            self.v = torch.zeros(shape, dtype=dtype, device=device)
-        else:
-            self.k, self.v = (t[:, stack_row:stack_row + batch] for t in (stack.k, stack.v))
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.cond = cond
         self.compute_dtype = kv_compute_dtype(dtype, compute_dtype)
         self.fused = fused
@@ -172,40 +165,10 @@ class KVCache:
         self.v[j, :, row:row + v.shape[1]] = v
         return self.k[j, :, :visible], self.v[j, :, :visible]
 
-    def full(self, current_start: int, num_tokens: int) -> bool:
-        """Whether a block at `current_start` attends to the whole ring (the steady state)."""
-        return self.window(current_start, num_tokens)[1] == self.length
-
     def tensors(self) -> dict[str, torch.Tensor]:
         """The ring's tensors by name (k, v, and with an FP8 ring k_scale, v_scale), for resume files."""
         names = ("k", "v", "k_scale", "v_scale") if self.quantized else ("k", "v")
         return {name: getattr(self, name) for name in names}
-
-
-@dataclass
-class RingStack:
-    """The rings of several step caches side by side, `[layers, caches * B, rows, H, HD]`, so that
-    one call can attend through all of them without a copy (`LiveAvatarDiT.denoise_batch`)."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-
-
-def stacked_history(caches: Sequence[KVCache], layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's rings of `caches`, in their order, as one batch `[N * B, rows, H, HD]` (a view).
-
-    The caches must be consecutive members of one `RingStack`.
-    """
-    first = caches[0]
-    batch = first.k.shape[1]
-    expected = [first.stack_row + n * batch for n in range(len(caches))]
-    if first.stack is None or any(c.stack is not first.stack for c in caches) \
-            or [c.stack_row for c in caches] != expected:
-        raise InputError("kv_cache", "the step caches of a batched call are not consecutive rings of one stack.",
-                         "allocate them with make_step_caches(stacked=True) and pass them in step order.")
-    j = first.local(layer)
-    rows = slice(first.stack_row, first.stack_row + len(caches) * batch)
-    return first.stack.k[j, rows], first.stack.v[j, rows]
 
 
 def store_fp8(k_ring: torch.Tensor, k_scale: torch.Tensor, v_ring: torch.Tensor, v_scale: torch.Tensor,
@@ -255,26 +218,14 @@ def ring_length(cfg: DiTConfig, lat_h: int, lat_w: int, cache_frames: int) -> in
 def make_step_caches(cfg: DiTConfig, lat_h: int, lat_w: int, *, num_steps: int, cache_frames: int,
                      batch: int = 1, dtype: torch.dtype = torch.bfloat16, device=None,
                      storage_dtype: torch.dtype | None = None, fused: bool = True,
-                     layers: range | None = None, stacked: bool = False) -> list[KVCache]:
+                     layers: range | None = None) -> list[KVCache]:
     """One `KVCache` per denoising step, `cache_frames` latent frames long (12 for 48-frame clips).
 
     `dtype` is the DiT's compute dtype, `storage_dtype` the rings' (default the same;
     `torch.float8_e4m3fn` for an FP8 cache; `fused`: see `KVCache`); `layers`: the range of layers
-    stored (default all); `stacked`: all rings in one `RingStack`, in step order (the same memory).
-    The condition cache is attached by `LiveAvatarDiT.sink`, shared by all of them.
+    stored (default all). The condition cache is attached by `LiveAvatarDiT.sink`, shared by all of them.
     """
     length = ring_length(cfg, lat_h, lat_w, cache_frames)
     layers = check_layers(range(cfg.num_layers) if layers is None else layers, cfg.num_layers)
-    storage = storage_dtype or dtype
-    stack = None
-    if stacked:
-        if storage == E4M3:
-            raise InputError("kv_cache_dtype", "the steps of a block batch attend through their rings in one "
-                             "call, which an FP8 cache (dequantised per ring) does not allow.",
-                             "keep the KV cache in the model dtype, or turn the step batch off.")
-        shape = (len(layers), num_steps * batch, length, cfg.num_heads, cfg.head_dim)
-        stack = RingStack(torch.zeros(shape, dtype=storage, device=device),
-                          torch.zeros(shape, dtype=storage, device=device))
-    return [KVCache(len(layers), batch, length, cfg.num_heads, cfg.head_dim, storage, device,
-                    compute_dtype=dtype, fused=fused, first_layer=layers.start, stack=stack, stack_row=s * batch)
-            for s in range(num_steps)]
+    return [KVCache(len(layers), batch, length, cfg.num_heads, cfg.head_dim, storage_dtype or dtype, device,
+                    compute_dtype=dtype, fused=fused, first_layer=layers.start) for _ in range(num_steps)]

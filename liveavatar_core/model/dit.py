@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -32,7 +32,7 @@ from ..ops.attention import AttentionFn, get_attention, merge_attention
 from ..ops.transfer import upload
 from .audio import AudioInjector, CausalAudioEncoder, inject
 from .blocks import DiTBlock, modulate
-from .cache import CondCache, KVCache, TextCache, check_layers, stacked_history, tokens_per_frame
+from .cache import CondCache, KVCache, TextCache, check_layers, tokens_per_frame
 from .framepack import FramePacker
 from .layers import Attention, Fp32Linear, Linear, layer_norm
 from .offset import reference_time
@@ -132,18 +132,6 @@ class BlockCall:
     text: TextCache
     current_start: int
     shape: tuple[int, int, int, int]  # (B, F, H_l, W_l) of the latents
-
-
-@dataclass(frozen=True)
-class BlockJob:
-    """One block's `denoise_block` arguments inside `denoise_batch` (see `denoise_block`)."""
-
-    x: torch.Tensor
-    t: torch.Tensor
-    audio: torch.Tensor
-    cache: KVCache
-    current_start: int
-    ref_offset: int
 
 
 @dataclass
@@ -469,53 +457,6 @@ class LiveAvatarDiT(nn.Module):
             h = self.audio_injector(i, h, call.audio_tokens, call.audio_global)
         call.h = h
         return h
-
-    @torch.no_grad()
-    def denoise_batch(self, jobs: Sequence[BlockJob], text: TextCache) -> list[torch.Tensor]:
-        """`denoise_block` of several blocks in one pass through the layers, one flow prediction per job.
-
-        Each job is a call as `denoise_block` takes it, through its own step cache (one per step:
-        the cells of the step pipeline that do not depend on each other, spec/parallel.md 2); the
-        caches are consecutive rings of one `RingStack`, each block attending to its whole ring.
-        Larger matrix products and one kernel launch per layer for all of them; every job's result
-        is the same function of its inputs as its own `denoise_block` call.
-        """
-        if not jobs:
-            raise InputError("jobs", "no block to denoise.", "pass at least one BlockJob.")
-        calls = []
-        for job in jobs:
-            calls.append(self.begin_block(job.x, job.t, text, job.audio, None, job.cache, job.current_start,
-                                          job.ref_offset))
-            b, f, lat_h, lat_w = calls[-1].shape
-            if b != 1 or not job.cache.full(job.current_start, f * tokens_per_frame(self.cfg, lat_h, lat_w)):
-                raise InputError("jobs", f"the block at token {job.current_start} does not attend to its whole ring "
-                                 "(or has a batch of several videos).",
-                                 "batch only single-video blocks whose step caches are full; run the first "
-                                 "blocks of a stream one by one.")
-        cat = functools.partial(torch.cat, dim=0)
-        e0 = cat([c.e0 for c in calls])
-        rope = tuple(torch.stack(r) for r in zip(*(c.rope for c in calls)))
-        cond_cos, cond_sin = (torch.stack(r) for r in zip(*(c.cond_rope for c in calls)))
-        audio_tokens, audio_global = cat([c.audio_tokens for c in calls]), cat([c.audio_global for c in calls])
-        caches = [job.cache for job in jobs]
-        cond = caches[0].cond
-        if any(c.cond is not cond for c in caches):
-            raise InputError("jobs", "the blocks of a batch see different condition caches (a sink refresh "
-                             "between them).", "finish the blocks before the refresh, then batch the later ones.")
-        h = cat([c.h for c in calls])
-        for i in range(self.cfg.num_layers):
-            def self_kv(k_rot, k, v, i=i):
-                for n, job in enumerate(jobs):
-                    job.cache.update(i, job.current_start, k_rot[n:n + 1], v[n:n + 1])
-                cond_k, cond_v = cond.layer_kv(i)
-                # One key set rotated to every block's positions at once; the values are shared.
-                cond_k = self._rotate(cond_k, cond_cos, cond_sin, v.dtype)
-                return stacked_history(caches, i), (cond_k, cond_v.expand(len(jobs), *cond_v.shape[1:]))
-
-            h = self.blocks[i](h, e0, rope, self_kv, text.layer_kv(i))
-            h = self.audio_injector(i, h, audio_tokens, audio_global)
-        batch = replace(calls[0], h=h, e=cat([c.e for c in calls]), shape=(len(jobs), *calls[0].shape[1:]))
-        return list(self.finish_block(batch).split(1))
 
     def finish_block(self, call: BlockCall) -> torch.Tensor:
         """Head (fp32) and unpatchify of the last layer's output: `[B, 16, F, H_l, W_l]`."""

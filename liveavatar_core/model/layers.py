@@ -111,12 +111,7 @@ class Attention(nn.Module):
         return attend(self.attn, q, segments, self.merge)
 
     def output(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Attend and project: heads re-concatenated in order, then `o`. Keys of batch 1 serve
-        every query row (several blocks over one prompt, `LiveAvatarDiT.denoise_batch`)."""
-        b, lq = q.shape[:2]
-        if k.shape[0] == 1 < b:
-            # The batch's queries as one sequence: one kernel call, no copies of the keys.
-            return self.o(self.attn(q.reshape(1, b * lq, *q.shape[2:]), k, v).reshape(b, lq, -1))
+        """Attend and project: heads re-concatenated in order, then `o`."""
         return self.o(self.attn(q, k, v).flatten(2))
 
     def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

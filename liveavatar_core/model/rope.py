@@ -117,8 +117,7 @@ def _cached(cache: OrderedDict, key, size: int, build):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved channel pairs of `x [B, L, H, D]` by per-token `cos/sin [L, D/2]`
-    (or `[B, L, D/2]`: each batch row at its own positions).
+    """Rotate interleaved channel pairs of `x [B, L, H, D]` by per-token `cos/sin [L, D/2]`.
 
     Official numerics: the rotation runs in float64 on the upcast input and is rounded to fp32, then
     to the input dtype. For half inputs the products with fp16 cos/sin are exact in fp32, so fp32
@@ -127,7 +126,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else torch.float64
     pairs = x.to(work).unflatten(-1, (-1, 2))
     a, b = pairs[..., 0], pairs[..., 1]
-    c = cos.to(device=x.device, dtype=work).unsqueeze(-2)
-    s = sin.to(device=x.device, dtype=work).unsqueeze(-2)
+    c = cos.to(device=x.device, dtype=work)[None, :, None, :]
+    s = sin.to(device=x.device, dtype=work)[None, :, None, :]
     out = torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2)
     return out.to(torch.float32).to(x.dtype)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -19,7 +18,7 @@ import torch
 
 from ..errors import InputError
 from ..model.cache import KVCache, TextCache, make_step_caches, tokens_per_frame
-from ..model.dit import BlockJob, LiveAvatarDiT
+from ..model.dit import LiveAvatarDiT
 from ..model.offset import RefOffsetPolicy
 from ..ops.transfer import upload
 from .config import SamplerConfig
@@ -42,20 +41,6 @@ class LatentBlock:
     frame: int
     latents: torch.Tensor
     last_in_clip: bool
-
-
-@dataclass(eq=False)
-class Cell:
-    """A block inside the step pipeline (`BlockSampler(step_batch=True)`): its latents after `step`
-    of its denoising steps, its audio and the reference offsets drawn for it."""
-
-    clip: int
-    block: int
-    frame: int
-    x: torch.Tensor
-    audio: torch.Tensor
-    offsets: list[int]
-    step: int = 0
 
 
 # Called after the last block of a clip, before that block is yielded: (sampler, clip, clip
@@ -84,19 +69,12 @@ class BlockSampler:
     `TextCache` from `model.encode_text`; ref_latents `[1, 16, 1, h, w]`; motion_latents
     `[1, 16, T, h, w]` (the last 19 frames feed FramePack). Nothing heavy runs before the first
     block except the text embedding; the sink runs lazily at stream start.
-
-    `step_batch`: run the step pipeline on this one device. Block n's step s does not depend on
-    block n + 1's step s - 1, so up to `steps` blocks are in flight, each one step further than the
-    next, and one `LiveAvatarDiT.denoise_batch` call advances all of them whose rings are full (the
-    rings are stacked for it). The blocks are the same as one by one up to rounding (matrix
-    products of another height); the first block of a run still goes through alone (first frames
-    as early as before), and the pipeline drains before a sink refresh.
     """
 
     def __init__(self, model: LiveAvatarDiT, context, ref_latents: torch.Tensor, motion_latents: torch.Tensor,
                  config: SamplerConfig | None = None, schedule: FlowMatchSchedule | None = None,
                  on_clip_end: ClipEndHook | None = None, cache_factory: CacheFactory = make_step_caches,
-                 steps: Sequence[int] | None = None, step_batch: bool = False):
+                 steps: Sequence[int] | None = None):
         self.config = config = config or SamplerConfig()
         self.model = model
         cfg = model.cfg
@@ -124,19 +102,9 @@ class BlockSampler:
         # layer by placement.make_streamed_step_caches); the sampler only needs the KVCache interface.
         # The denoising steps run here: all of them, or a pipeline stage's (parallel/stage.py).
         self.steps = tuple(range(config.steps)) if steps is None else tuple(steps)
-        if step_batch and self.steps != tuple(range(config.steps)):
-            raise InputError("step_batch", "a pipeline stage runs only some of the steps; the step batch needs "
-                             "all of them in one process.", "turn step_batch off for parallel layouts.")
-        self.step_batch = step_batch
-        stacked = {"stacked": True} if step_batch else {}
         self.caches: list[KVCache] = cache_factory(cfg, *self.lat_hw, num_steps=len(self.steps),
                                                    cache_frames=self.latent_frames, dtype=self.dtype,
-                                                   device=model.device, **stacked)
-        # The step pipeline's blocks, oldest (furthest denoised) first; empty one by one.
-        self.inflight: deque[Cell] = deque()
-        # Denoising rounds run so far (a block, or a round of the step pipeline): a resume state
-        # taken after a yield stays valid while at most one more round has run (pipeline.py).
-        self.rounds = 0
+                                                   device=model.device)
         self.policy = self._new_policy()
         self.ref_latents, self.motion_latents = self._keep(ref_latents, motion_latents)
         self.clip_latents = torch.zeros(1, cfg.out_dim, self.latent_frames, *self.lat_hw,
@@ -172,9 +140,6 @@ class BlockSampler:
         return self._stream(clip_audio, self.config.num_clips)
 
     def _stream(self, clip_audio: Iterable[torch.Tensor], limit: int | None) -> Iterator[LatentBlock]:
-        if self.step_batch:
-            yield from self._pipelined(iter(clip_audio), limit)
-            return
         clips = iter(clip_audio)
         # The limit is checked before the next clip's audio is asked for: streamed features
         # compute nothing past the last clip.
@@ -200,94 +165,22 @@ class BlockSampler:
             # Every step's offset is drawn, also those of steps run elsewhere: the draws are
             # counted per call, so each stage replays the single-process sequence.
             offsets = [self.policy.draw() for _ in range(self.config.steps)]
-            self.rounds += 1
             for i, cache in zip(self.steps, self.caches):
-                v = model.denoise_block(x, self._timesteps(i), self.text, block_audio, None, cache, frame * self.fs,
-                                        offsets[i])
+                t = self.schedule.timesteps[i].expand(1, nfb)
+                v = model.denoise_block(x, t, self.text, block_audio, None, cache, frame * self.fs, offsets[i])
                 x = self.schedule.step(x, v, i)
-            yield self._finish(r, b, frame, x)
+            if self.finishes_blocks:
+                self.clip_latents[:, :, b * nfb:(b + 1) * nfb] = x
+            last = b == self.blocks_per_clip - 1
+            # Counters move before the yield so that a state saved while the consumer holds this
+            # block resumes at the next one.
+            self.block = b + 1
+            if last:
+                self.clip, self.block = r + 1, 0
+                if self.on_clip_end is not None:
+                    self.on_clip_end(self, r, self.clip_latents)
+            yield LatentBlock(r, b, frame, x, last)
         return False
-
-    def _finish(self, r: int, b: int, frame: int, x: torch.Tensor) -> LatentBlock:
-        """Block b of clip r denoised: into the clip buffer, counters moved, clip-end hook."""
-        nfb = self.frames_per_block
-        if self.finishes_blocks:
-            self.clip_latents[:, :, b * nfb:(b + 1) * nfb] = x
-        last = b == self.blocks_per_clip - 1
-        # Counters move before the yield so that a state saved while the consumer holds this
-        # block resumes at the next one.
-        self.block = b + 1
-        if last:
-            self.clip, self.block = r + 1, 0
-            if self.on_clip_end is not None:
-                self.on_clip_end(self, r, self.clip_latents)
-        return LatentBlock(r, b, frame, x, last)
-
-    # ----------------------------------------------------------------------------------------
-    # the step pipeline (step_batch)
-
-    def _pipelined(self, clips: Iterator, limit: int | None) -> Iterator[LatentBlock]:
-        """Blocks as `_stream` yields them, denoised in rounds of the step pipeline."""
-        steps, nfb = self.config.steps, self.frames_per_block
-        # Clips whose blocks are all in flight already (a resumed pipeline) are not asked for again.
-        entry = self.inflight[-1] if self.inflight else None
-        clip, block = (self.clip, self.block) if entry is None else divmod(
-            entry.clip * self.blocks_per_clip + entry.block + 1, self.blocks_per_clip)
-        for _ in range(self.clip, clip):
-            next(clips, None)
-        audio = None
-        # The stream's first block goes through by itself (its first frames as early as one by one);
-        # a resumed run continues the rounds of the run it resumes.
-        alone = not self.inflight and (self.clip, self.block) == (0, 0)
-        ended = False
-        while True:
-            # One block enters per round, into step 0: the steps in flight stay one apart.
-            if not ended and len(self.inflight) < steps and not (alone and self.inflight) \
-                    and not (block == 0 and self.inflight and self._refreshes_before(clip)):
-                if block == 0 or audio is None:  # a new clip, or a resumed pipeline in the middle of one
-                    audio = None if limit is not None and clip >= limit else next(clips, None)
-                    if audio is not None and torch.is_tensor(audio):
-                        audio = self._check_clip_audio(audio)
-                block_audio = None if audio is None else (
-                    audio[..., block * nfb * VIDEO_PER_LATENT:(block + 1) * nfb * VIDEO_PER_LATENT]
-                    if torch.is_tensor(audio) else audio.block(block))
-                if block_audio is None:
-                    ended = True
-                else:
-                    if block == 0:
-                        self._begin_clip(clip)
-                    self.inflight.append(Cell(clip, block, clip * self.latent_frames + block * nfb,
-                                              self._block_input(clip, block), block_audio,
-                                              [self.policy.draw() for _ in range(steps)]))
-                    clip, block = divmod(clip * self.blocks_per_clip + block + 1, self.blocks_per_clip)
-            if not self.inflight:
-                return
-            self._round()
-            if self.inflight[0].step == steps:
-                done = self.inflight.popleft()
-                alone = False
-                yield self._finish(done.clip, done.block, done.frame, done.x)
-
-    def _round(self) -> None:
-        """Every block in flight one step further: those whose rings are full in one batched call."""
-        n = self.frames_per_block * self.fs
-        cells = sorted(self.inflight, key=lambda c: c.step)  # the stacked rings' order
-        batch = [c for c in cells if self.caches[c.step].full(c.frame * self.fs, n)]
-        if len(batch) < 2:
-            batch = []
-        jobs = [BlockJob(c.x, self._timesteps(c.step), c.audio, self.caches[c.step], c.frame * self.fs,
-                         c.offsets[c.step]) for c in batch]
-        preds = list(zip(batch, self.model.denoise_batch(jobs, self.text))) if batch else []
-        preds += [(c, self.model.denoise_block(c.x, self._timesteps(c.step), self.text, c.audio, None,
-                                               self.caches[c.step], c.frame * self.fs, c.offsets[c.step]))
-                  for c in cells if all(c is not b for b in batch)]
-        for cell, v in preds:
-            cell.x = self.schedule.step(cell.x, v, cell.step)
-            cell.step += 1
-        self.rounds += 1
-
-    def _timesteps(self, step: int) -> torch.Tensor:
-        return self.schedule.timesteps[step].expand(1, self.frames_per_block)
 
     @property
     def block_shape(self) -> tuple[int, ...]:
@@ -304,17 +197,12 @@ class BlockSampler:
         nfb = self.frames_per_block
         return self._clip_noise(clip)[:, :, block * nfb:(block + 1) * nfb]
 
-    def _refreshes_before(self, r: int) -> bool:
-        """Whether the condition is refreshed before clip r begins (the configured refresh, spec 3.5)."""
-        return r == 1 and self.refreshed_at != r and self.config.sink_refresh != "never" \
-            and self.caches[0].cond is not None
-
     def _begin_clip(self, r: int) -> None:
         """Sink at stream start; the configured refresh before clip 1 (spec 3.5)."""
         if self.caches[0].cond is None:
             self._sink()
             return
-        if not self._refreshes_before(r):
+        if r != 1 or self.refreshed_at == r:
             return
         policy = self.config.sink_refresh
         if policy == "caller":
@@ -401,14 +289,6 @@ class BlockSampler:
         self.clip_latents.copy_(tensors["clip_latents"])
         self.clip, self.block = int(meta["clip"]), int(meta["block"])
         self.refreshed_at = meta["refreshed_at"]
-        cells = meta.get("inflight", [])
-        if cells and not self.step_batch:
-            raise InputError("resume_state", f"the state was saved by the step pipeline with {len(cells)} blocks "
-                             "in flight.", "resume with step_batch on.")
-        dev = self.model.device
-        self.inflight = deque(Cell(c["clip"], c["block"], c["frame"], tensors[f"inflight{n}.x"].to(dev, self.dtype),
-                                   tensors[f"inflight{n}.audio"].to(dev), list(c["offsets"]), c["step"])
-                              for n, c in enumerate(cells))
         self.policy = self._new_policy()
         for _ in range(int(meta["offset_calls"])):
             self.policy.draw()

@@ -4,8 +4,6 @@ What is kept (enough to continue bit-identically, spec/pipeline.md 3.4-3.9):
 * every step cache's k/v ring (with an FP8 ring its scales) and the shared condition cache
   (un-rotated k/v and its RoPE layout);
 * the clip/block counters and the clip boundary of the last sink refresh;
-* with the step pipeline (`step_batch`), the blocks in flight: their latents, audio, offsets and
-  the steps they have done (their rows are in the rings already);
 * the reference-offset source as (its config, number of draws so far): a fresh source replays the
   draws, so no private RNG state is serialised;
 * the current reference/motion latents and the clip's output buffer (needed by sink refreshes).
@@ -69,11 +67,6 @@ def snapshot(sampler: "BlockSampler") -> SamplerState:
             tensors[f"cond.k.layer{i}"], tensors[f"cond.v.layer{i}"] = k, v
     if layers != range(total):
         meta["layers"] = _layer_meta(layers, total)
-    if sampler.inflight:
-        meta["inflight"] = [{"clip": c.clip, "block": c.block, "frame": c.frame, "step": c.step,
-                             "offsets": list(c.offsets)} for c in sampler.inflight]
-        for n, c in enumerate(sampler.inflight):
-            tensors[f"inflight{n}.x"], tensors[f"inflight{n}.audio"] = c.x, c.audio
     tensors["ref_latents"] = sampler.ref_latents
     tensors["motion_latents"] = sampler.motion_latents
     tensors["clip_latents"] = sampler.clip_latents
@@ -99,8 +92,7 @@ def restore_cond(meta: dict, tensors: dict[str, torch.Tensor], device, dtype: to
 
 def save_state(state: SamplerState, path: str | os.PathLike) -> None:
     """Write a state to `path` (tensors moved to the CPU one at a time)."""
-    # contiguous: a ring of a stack is a view, and torch.save would write the whole stack for it.
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state["tensors"].items()}
+    tensors = {k: v.detach().cpu() for k, v in state["tensors"].items()}
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     torch.save({"meta": state["meta"], "tensors": tensors}, tmp)
@@ -183,9 +175,6 @@ def stage_part(state: SamplerState, steps: tuple[int, ...], layers: range | None
     if "layers" in state["meta"]:
         raise InputError("resume_state", "this state is already one rank's part of a layer layout.",
                          "merge the parts with merge_stage_states before splitting them again.")
-    if state["meta"].get("inflight"):
-        raise InputError("resume_state", "this state was saved by the one-GPU step pipeline with blocks in flight.",
-                         "resume it on one GPU with step_batch on.")
     mine = {f"cache{i}." for i in steps}
     tensors = {k: v for k, v in state["tensors"].items() if not k.startswith("cache") or k[:k.index(".") + 1] in mine}
     if layers is None:
