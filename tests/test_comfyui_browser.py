@@ -93,6 +93,7 @@ class Page:
         folder = os.environ.get("LIVEAVATAR_SCREENSHOTS")
         if folder:
             data = (await self.call("Page.captureScreenshot", format="png"))["data"]
+            Path(folder).mkdir(parents=True, exist_ok=True)
             Path(folder, f"{name}.png").write_bytes(base64.b64decode(data))
 
 
