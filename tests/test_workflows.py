@@ -176,7 +176,8 @@ def test_nodes_do_not_overlap_at_their_recorded_sizes(path):
 def test_overlap_check_sees_a_covered_node():
     graph = json.loads(UI_FILES[0].read_text())
     loader = next(n for n in graph["nodes"] if n["type"] == "LiveAvatarModelLoader")
-    loader["size"] = [loader["size"][0], loader["size"][1] + 100]
+    below = next(n for n in graph["nodes"] if n["type"] == "LiveAvatarTextEncode")
+    loader["size"] = [loader["size"][0], below["pos"][1] - loader["pos"][1]]  # reaches its title bar
     assert overlaps(node_boxes(graph))
 
 
